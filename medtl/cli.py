@@ -1,0 +1,176 @@
+"""The `medtl` command: argument parsing and dispatch only. User errors print one line, exit 2."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+
+import medtl
+from medtl.errors import MedtlError
+
+REPO_JOBS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs")
+
+
+def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--config", required=required, help="job config YAML (see jobs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.batch_size=16 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="medtl", description="Distributed transfer learning for multi-label medical image classification.")
+    parser.add_argument("--version", action="version", version=f"medtl {medtl.__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("synth", help="write procedurally generated chest-X-ray-like studies",
+                       description="Write N synthetic studies to OUT/images and OUT/labels.csv "
+                                   "(ChestX-ray14 layout). The same seed gives the same files.")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--n", type=int, default=1000, help="number of images (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
+    p.add_argument("--dicom", action="store_true",
+                   help="write 16-bit DICOM files carrying fake patient identifiers instead of PNG")
+
+    p = sub.add_parser("ingest", help="studies + labels table -> sharded, de-identified TFRecords",
+                       description="Decode, de-identify, split by patient and shard studies into TFRecords.")
+    p.add_argument("--images", required=True, help="folder holding the image files named in the table")
+    p.add_argument("--labels", required=True, help="labels table (CSV)")
+    p.add_argument("--format", default="chestxray14", help="labels table layout (default chestxray14)")
+    p.add_argument("--out", required=True, help="records folder to write")
+    p.add_argument("--image-size", type=int, default=512, help="stored image side in pixels (default 512)")
+    p.add_argument("--bit-depth", type=int, default=16, choices=(8, 16), help="stored PNG bit depth (default 16)")
+    p.add_argument("--aspect", default="pad", choices=("pad", "crop", "stretch"),
+                   help="non-square images: pad (letterbox, default), crop (centre) or stretch")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="fraction of patients for val (default 0.1)")
+    p.add_argument("--test-fraction", type=float, default=0.2, help="fraction of patients for test (default 0.2)")
+    p.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
+    p.add_argument("--shard-mb", type=float, default=150.0, help="target shard size in MB (default 150)")
+    p.add_argument("--workers", type=int, default=1, help="local decode processes (default 1)")
+    p.add_argument("--max-bad-fraction", type=float, default=0.01,
+                   help="fail if more than this fraction of inputs is quarantined (default 0.01)")
+    p.add_argument("--salt-file", default=None,
+                   help="secret salt for ID hashes (default $MEDTL_ID_SALT or ~/.config/medtl/id_salt)")
+
+    p = sub.add_parser("train", help="phased transfer-learning training (horovodrun-aware)",
+                       description="Train the phases of a job config. Run under horovodrun for several ranks.")
+    _add_config_args(p)
+    p.add_argument("--workdir", required=True, help="run folder for config, history and checkpoints")
+
+    p = sub.add_parser("evaluate", help="per-label metrics and an HTML report for a trained run",
+                       description="Evaluate a run's best checkpoint on a split.")
+    p.add_argument("--workdir", required=True, help="run folder written by `medtl train`")
+    p.add_argument("--split", default="test", help="split to evaluate (default test)")
+    p.add_argument("--out", required=True, help="report folder (metrics.json, report.html)")
+
+    p = sub.add_parser("demo", help="synth -> ingest -> train -> evaluate on built-in synthetic data",
+                       description="Run the main job end to end on synthetic studies (about 10 minutes on 2 cores).")
+    p.add_argument("--out", required=True, help="demo folder")
+    p.add_argument("--config", default=os.path.join(REPO_JOBS, "demo.yaml"), help="job config (default jobs/demo.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value (repeatable)")
+    p.add_argument("--n", type=int, default=5000, help="synthetic studies (default 5000)")
+    p.add_argument("--seed", type=int, default=0, help="seed for data and training (default 0)")
+
+    sub.add_parser("env", help="print versions of the stack and the GPUs seen",
+                   description="Print TensorFlow, tf-keras, Horovod, tensorflow-io and albumentations versions.")
+    return parser
+
+
+def load_job_config(path: str, overrides: list[str]):
+    """Load a job config and make local paths absolute (the run folder may be read from elsewhere)."""
+    from medtl.config import load_config
+
+    cfg = load_config(path, overrides)
+    records = cfg.data.records
+    if records and "://" not in records:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, records=os.path.abspath(records)))
+    weights = cfg.model.weights
+    if weights not in ("imagenet", "none") and "://" not in weights:
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, weights=os.path.abspath(weights)))
+    return cfg
+
+
+def cmd_synth(args) -> int:
+    from medtl.data.synth import synthesize
+    from medtl.utils.log import log
+    from medtl.utils.progress import Progress
+
+    if args.n < 1:
+        raise MedtlError(f"--n must be >= 1, got {args.n}")
+    if args.size < 32:
+        raise MedtlError(f"--size must be >= 32, got {args.size}")
+    with Progress(args.n, "synth") as bar:
+        info = synthesize(args.out, args.n, args.seed, args.size, args.dicom, progress=bar)
+    log(f"synth: {info['images']} images of {info['patients']} patients in {args.out}; prevalence "
+        + ", ".join(f"{k} {v:.1%}" for k, v in info["prevalence"].items()))
+    return 0
+
+
+def cmd_ingest(args) -> int:
+    from medtl.data.ingest import IngestOptions, ingest
+
+    ingest(IngestOptions(
+        images=args.images, labels=args.labels, out=args.out, format=args.format, image_size=args.image_size,
+        bit_depth=args.bit_depth, aspect=args.aspect, val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction, seed=args.seed, shard_mb=args.shard_mb, workers=args.workers,
+        max_bad_fraction=args.max_bad_fraction, salt_file=args.salt_file))
+    return 0
+
+
+def cmd_train(args) -> int:
+    cfg = load_job_config(args.config, args.overrides)
+    if not cfg.data.records:
+        raise MedtlError("data.records is empty; set it in the config or with --set data.records=DIR")
+    from medtl.train.loop import train
+
+    train(cfg, args.workdir)
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from medtl.evaluate.report import evaluate_run
+
+    evaluate_run(args.workdir, args.split, args.out)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from medtl.demo import run_demo
+
+    run_demo(args.out, args.config, args.overrides, n=args.n, seed=args.seed)
+    return 0
+
+
+def cmd_env(args) -> int:
+    from medtl.env import describe
+
+    print(describe())
+    return 0
+
+
+COMMANDS = {"synth": cmd_synth, "ingest": cmd_ingest, "train": cmd_train, "evaluate": cmd_evaluate,
+            "demo": cmd_demo, "env": cmd_env}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except MedtlError as exc:
+        from medtl.utils.log import error
+
+        error(str(exc))
+        return exc.exit_code
+    except KeyboardInterrupt:
+        from medtl.utils.log import error
+
+        error("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,437 @@
+"""Job configs: typed, frozen dataclasses loaded from YAML, with `--set` overrides.
+
+The YAML tree in jobs/*.yaml mirrors these classes. Every field has a comment;
+the README's config reference is generated from the same comments.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+
+from medtl.errors import ConfigError
+
+_MISSING = dataclasses.MISSING
+
+
+@dataclass(frozen=True)
+class Trainable:
+    """Which part of the base a phase trains: none, all, or the top N blocks.
+
+    YAML forms: `none`, `all`, `{top_blocks: N}`.
+    """
+
+    kind: Literal["none", "all", "top_blocks"] = "none"
+    value: int = 0
+    yaml_type = "none, all or {top_blocks: N}"
+
+    @classmethod
+    def from_yaml(cls, raw: Any, key: str) -> "Trainable":
+        if raw in ("none", "all"):
+            return cls(kind=raw)
+        if isinstance(raw, dict) and len(raw) == 1:
+            (kind, value), = raw.items()
+            if kind == "top_blocks":
+                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                    raise ConfigError(f"'{key}.top_blocks' must be an int >= 1, got {value!r}")
+                return cls(kind=kind, value=value)
+        raise ConfigError(
+            f"'{key}' must be 'none', 'all' or {{top_blocks: N}}, got {raw!r}"
+        )
+
+    def to_yaml(self) -> Any:
+        return self.kind if self.kind in ("none", "all") else {self.kind: self.value}
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    # Folder (or s3:// / gs:// prefix) holding the shards and manifest.json written by `medtl ingest`.
+    records: str = ""
+    # Side of the square image the model sees, in pixels. Shards are resized to it on the fly.
+    image_size: int = 224
+    # 3 to feed grayscale studies to ImageNet-style backbones (gray repeated), or 1.
+    channels: int = 3
+    # Training shuffle buffer, in records.
+    shuffle_buffer: int = 1024
+
+    def check(self) -> list[tuple[str, str]]:
+        problems = []
+        if self.image_size < 32:
+            problems.append(("image_size", f"must be >= 32, got {self.image_size}"))
+        if self.channels not in (1, 3):
+            problems.append(("channels", f"must be 1 or 3, got {self.channels}"))
+        if self.shuffle_buffer < 1:
+            problems.append(("shuffle_buffer", f"must be >= 1, got {self.shuffle_buffer}"))
+        return problems
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    # Global pooling of the base's feature map: avg, max, or gem (generalised mean, p learned).
+    pooling: Literal["avg", "max", "gem"] = "avg"
+    # Filters of a 1x1 conv applied to the feature map before pooling; 0 means no conv.
+    conv_filters: int = 0
+    # Sizes of the inner dense layers between pooling and the output layer, e.g. [512] or [].
+    dense: tuple[int, ...] = ()
+    # Activation of the 1x1 conv and inner dense layers.
+    activation: Literal["relu", "swish", "gelu", "elu"] = "relu"
+    # Dropout rate before each dense layer (inner and output); 0 disables it.
+    dropout: float = 0.2
+    # Batch norm after pooling and after each inner dense layer.
+    batch_norm: bool = False
+
+    def check(self) -> list[tuple[str, str]]:
+        problems = []
+        if not 0.0 <= self.dropout < 1.0:
+            problems.append(("dropout", f"must be in [0, 1), got {self.dropout}"))
+        if self.conv_filters < 0:
+            problems.append(("conv_filters", f"must be >= 0, got {self.conv_filters}"))
+        if any(units < 1 for units in self.dense):
+            problems.append(("dense", f"sizes must be >= 1, got {list(self.dense)}"))
+        return problems
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # A tf.keras.applications backbone name, e.g. EfficientNetB4, EfficientNetB0, ResNet50, DenseNet121.
+    backbone: str = "EfficientNetB0"
+    # Base weights: imagenet (Keras cache ~/.keras/models, downloaded if online), none (random), or a .h5 path.
+    weights: str = "imagenet"
+    # The multi-label classification head on top of the base.
+    head: HeadConfig = field(default_factory=HeadConfig)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # Images per rank per step. The global batch is this times the number of Horovod ranks.
+    batch_size: int = 32
+    # float32, or mixed_float16 for GPUs (the head's output stays float32).
+    precision: Literal["float32", "mixed_float16"] = "float32"
+    # How learning rates grow with the number of ranks: linear (x ranks) or none.
+    lr_scaling: Literal["linear", "none"] = "linear"
+
+    def check(self) -> list[tuple[str, str]]:
+        if self.batch_size < 1:
+            return [("batch_size", f"must be >= 1, got {self.batch_size}")]
+        return []
+
+
+@dataclass(frozen=True)
+class PhaseConfig:
+    # Name of the phase, used in logs, history.jsonl and checkpoint names.
+    name: str
+    # Epochs to train in this phase.
+    epochs: int
+    # Base learning rate (for one rank; scaled by train.lr_scaling).
+    learning_rate: float
+    # What of the base trains: none (head only), all, or {top_blocks: N}.
+    trainable: Trainable = field(default_factory=Trainable)
+    # Let BatchNorm layers of the base train (batch statistics). Off keeps them in inference mode.
+    train_batch_norm: bool = False
+    # Learning-rate schedule within the phase: cosine (decay to 0 over the phase) or constant.
+    schedule: Literal["cosine", "constant"] = "cosine"
+    # Epochs of linear warmup from 0 to the learning rate at the start of the phase (may be fractional).
+    warmup_epochs: float = 0.0
+
+    def check(self) -> list[tuple[str, str]]:
+        problems = []
+        if not 0 <= self.warmup_epochs <= self.epochs:
+            problems.append(("warmup_epochs", f"must be in [0, epochs], got {self.warmup_epochs}"))
+        if self.epochs < 1:
+            problems.append(("epochs", f"must be >= 1, got {self.epochs}"))
+        if not self.learning_rate > 0:
+            problems.append(("learning_rate", f"must be > 0, got {self.learning_rate}"))
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", self.name):
+            problems.append(("name", f"must be letters, digits, _ or -, got {self.name!r}"))
+        return problems
+
+
+@dataclass(frozen=True)
+class Config:
+    # Seed for model initialisation, shuffling and augmentation.
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    # Training phases, run in order; each starts from the best weights of the one before.
+    phases: tuple[PhaseConfig, ...] = ()
+
+    def check(self) -> list[tuple[str, str]]:
+        problems = []
+        if not self.phases:
+            problems.append(("phases", "must list at least one phase"))
+        names = [p.name for p in self.phases]
+        for name in {n for n in names if names.count(n) > 1}:
+            problems.append(("phases", f"phase name {name!r} is used twice"))
+        return problems
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _type_name(tp: Any) -> str:
+    if hasattr(tp, "yaml_type"):
+        return tp.yaml_type
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if dataclasses.is_dataclass(tp):
+        return "mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _convert(tp: Any, raw: Any, key: str) -> Any:
+    """Turn a YAML value into `tp`, or raise ConfigError naming `key`."""
+    origin = typing.get_origin(tp)
+    if hasattr(tp, "from_yaml"):
+        return tp.from_yaml(raw, key)
+    if dataclasses.is_dataclass(tp):
+        return _from_dict(tp, raw, key)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if raw is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(inner, raw, key)
+    if origin is Literal:
+        if raw not in typing.get_args(tp):
+            raise ConfigError(f"'{key}' must be {_type_name(tp)}, got {raw!r}")
+        return raw
+    if origin is tuple:
+        if not isinstance(raw, (list, tuple)):
+            raise ConfigError(f"'{key}' must be {_type_name(tp)}, got {raw!r} ({type(raw).__name__})")
+        inner = typing.get_args(tp)[0]
+        return tuple(_convert(inner, item, f"{key}.{i}") for i, item in enumerate(raw))
+    if tp is float:
+        # YAML 1.1 reads 1e-3 (no dot) as a string; accept any number spelled as one.
+        if isinstance(raw, bool):
+            pass
+        elif isinstance(raw, (int, float)):
+            return float(raw)
+        elif isinstance(raw, str):
+            try:
+                return float(raw)
+            except ValueError:
+                pass
+    elif tp is int:
+        if isinstance(raw, int) and not isinstance(raw, bool):
+            return raw
+    elif tp is bool:
+        if isinstance(raw, bool):
+            return raw
+    elif tp is str:
+        if isinstance(raw, str):
+            return raw
+    else:  # pragma: no cover - a schema bug, not a user error
+        raise TypeError(f"config field {key} has unsupported type {tp}")
+    raise ConfigError(
+        f"'{key}' must be {_type_name(tp)}, got {raw!r} ({type(raw).__name__})"
+    )
+
+
+def _from_dict(cls: type, raw: Any, prefix: str) -> Any:
+    where = f"'{prefix}'" if prefix else "the config"
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a mapping, got {raw!r} ({type(raw).__name__})")
+    hints = _hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for name in raw:
+        if name not in fields:
+            key = f"{prefix}.{name}" if prefix else str(name)
+            raise ConfigError(
+                f"unknown key '{key}'; valid keys {('under ' + repr(prefix)) if prefix else 'at the top'}"
+                f" are: {', '.join(sorted(fields))}"
+            )
+    values = {}
+    for name, f in fields.items():
+        key = f"{prefix}.{name}" if prefix else name
+        if name in raw:
+            values[name] = _convert(hints[name], raw[name], key)
+        elif f.default is _MISSING and f.default_factory is _MISSING:
+            raise ConfigError(f"missing required key '{key}'")
+    obj = cls(**values)
+    check = getattr(obj, "check", None)
+    for name, message in (check() if check else []):
+        key = f"{prefix}.{name}" if prefix else name
+        raise ConfigError(f"'{key}' {message}")
+    return obj
+
+
+def _field_type(cls: type, name: str) -> Any:
+    return _hints(cls)[name]
+
+
+def _apply_override(tree: dict, assignment: str) -> None:
+    """Apply one `a.b.c=value` to the raw YAML tree, checking the path exists in the schema."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. --set train.batch_size=16")
+    dotted, _, text = assignment.partition("=")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    parts = dotted.strip().split(".")
+    node: Any = tree
+    tp: Any = Config
+    for depth, part in enumerate(parts):
+        here = ".".join(parts[: depth + 1])
+        last = depth == len(parts) - 1
+        if typing.get_origin(tp) is tuple:
+            if not part.isdigit():
+                raise ConfigError(f"--set {dotted}: '{here}' must be a list index (0, 1, ...)")
+            index = int(part)
+            if not isinstance(node, list) or index >= len(node):
+                size = len(node) if isinstance(node, list) else 0
+                raise ConfigError(
+                    f"--set {dotted}: '{here}' does not exist; "
+                    f"'{'.'.join(parts[:depth])}' has {size} entries"
+                )
+            tp = typing.get_args(tp)[0]
+            if last:
+                node[index] = value
+            else:
+                if node[index] is None:
+                    node[index] = {}
+                node = node[index]
+            continue
+        if not dataclasses.is_dataclass(tp):
+            raise ConfigError(f"--set {dotted}: '{'.'.join(parts[:depth])}' is not a mapping")
+        valid = [f.name for f in dataclasses.fields(tp)]
+        if part not in valid:
+            raise ConfigError(
+                f"--set {dotted}: unknown key '{here}'; valid keys"
+                f"{' under ' + repr('.'.join(parts[:depth])) if depth else ''} are: {', '.join(sorted(valid))}"
+            )
+        tp = _field_type(tp, part)
+        if last:
+            node[part] = value
+        else:
+            child = node.get(part)
+            if child is None:
+                if typing.get_origin(tp) is tuple:
+                    raise ConfigError(f"--set {dotted}: '{here}' is empty; set the whole list instead")
+                child = node[part] = {}
+            node = child
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: typing.Sequence[str] = (),
+                raw: dict | None = None) -> Config:
+    """Load a job config from YAML (or a raw dict), apply `--set` overrides, validate."""
+    tree: Any = {} if raw is None else raw
+    if path is not None:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                tree = yaml.safe_load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist; pick one from jobs/") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}".splitlines()[0]) from None
+    if tree is None:
+        tree = {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top, got {type(tree).__name__}")
+    tree = _deepcopy(tree)
+    for assignment in overrides:
+        _apply_override(tree, assignment)
+    try:
+        return _from_dict(Config, tree, "")
+    except ConfigError as exc:
+        if path is not None:
+            raise ConfigError(f"{path}: {exc}") from None
+        raise
+
+
+def _deepcopy(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _deepcopy(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_deepcopy(v) for v in node]
+    return node
+
+
+def to_tree(obj: Any) -> Any:
+    """A config as plain YAML-able data (tuples become lists)."""
+    if hasattr(obj, "to_yaml"):
+        return obj.to_yaml()
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_tree(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_tree(v) for v in obj]
+    return obj
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(to_tree(cfg), sort_keys=False)
+
+
+def save_config(cfg: Config, path: str) -> None:
+    """Write the resolved config (atomically) so a run folder records exactly what ran."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(dump_config(cfg))
+    os.replace(tmp, path)
+
+
+def field_docs(cls: type = Config, prefix: str = "") -> list[tuple[str, str, Any, str]]:
+    """(key, type, default, comment) for every leaf field, read from this file's comments."""
+    import inspect
+
+    source = inspect.getsource(cls).splitlines()
+    comments: dict[str, str] = {}
+    pending: list[str] = []
+    for line in source:
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            pending.append(stripped.lstrip("# ").rstrip())
+            continue
+        match = re.match(r"(\w+):", stripped)
+        if match and pending:
+            comments[match.group(1)] = " ".join(pending)
+        pending = []
+    rows = []
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp) and not hasattr(tp, "from_yaml"):
+            rows.extend(field_docs(tp, key + "."))
+            continue
+        if f.default is not _MISSING:
+            default = f.default
+        elif f.default_factory is not _MISSING:
+            default = to_tree(f.default_factory())
+        else:
+            default = "(required)"
+        if typing.get_origin(tp) is tuple and dataclasses.is_dataclass(typing.get_args(tp)[0]):
+            rows.append((key, "list of phases", [], comments.get(f.name, "")))
+            rows.extend(field_docs(typing.get_args(tp)[0], key + "[]."))
+            continue
+        rows.append((key, _type_name(tp), default, comments.get(f.name, "")))
+    return rows
+
+
+def reference_markdown() -> str:
+    """The README's config reference table, generated from the field comments above."""
+    lines = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+    for key, type_name, default, comment in field_docs():
+        shown = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
+        lines.append(f"| `{key}` | {type_name} | `{shown}` | {comment} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m medtl.config  (regenerates the README's reference table)
+    print(reference_markdown())

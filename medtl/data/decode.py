@@ -1,0 +1,186 @@
+"""Study files (DICOM, PNG, JPEG) to display-ready grayscale pixels, and back to stored PNG bytes.
+
+One decode path serves ingest and `medtl predict`, so a model sees the same
+pixels at training and at inference time.
+
+DICOM policy (documented in the README):
+  stored value -> modality LUT (rescale slope/intercept or LUT) -> VOI LUT or
+  window (first one in the file; the image's full range when it has none) ->
+  MONOCHROME1 inverted -> scaled to [0, 1]. Multi-frame: the middle frame.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+JPEG_MAGIC = b"\xff\xd8\xff"
+ASPECT_POLICIES = ("pad", "crop", "stretch")
+
+
+class DecodeError(Exception):
+    """A study file that cannot be turned into pixels. `reason` is a stable code."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+def _normalise(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Map lo -> 0 and hi -> 1 (hi < lo flips, as pydicom's negative-slope windowing does)."""
+    values = values.astype(np.float64)
+    if hi == lo:
+        return np.zeros(values.shape, np.float32)
+    return np.clip((values - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+
+
+def _to_gray(pixels: np.ndarray) -> np.ndarray:
+    if pixels.ndim == 3 and pixels.shape[-1] in (3, 4):
+        rgb = pixels[..., :3].astype(np.float64)
+        return rgb @ np.array([0.299, 0.587, 0.114])
+    return pixels
+
+
+def decode_dicom(path: str) -> np.ndarray:
+    """A DICOM file as float32 (H, W) in [0, 1], following the policy in the module docstring."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    try:
+        ds = pydicom.dcmread(path)
+    except InvalidDicomError:
+        raise DecodeError("not_dicom", "not a DICOM file (no DICM preamble)") from None
+    except Exception as exc:  # pydicom raises many types for garbage input
+        raise DecodeError("not_dicom", f"DICOM header unreadable: {type(exc).__name__}") from None
+    if "PixelData" not in ds:
+        raise DecodeError("no_pixel_data", "DICOM file has no pixel data (PixelData element)")
+    syntax = ds.file_meta.get("TransferSyntaxUID", "unknown") if hasattr(ds, "file_meta") else "unknown"
+    try:
+        pixels = ds.pixel_array
+    except (NotImplementedError, RuntimeError) as exc:
+        raise DecodeError(
+            "unsupported_transfer_syntax",
+            f"no installed decoder handles transfer syntax {syntax} ({str(exc).splitlines()[0][:120]})",
+        ) from None
+    except (ValueError, EOFError) as exc:
+        text = str(exc).splitlines()[0][:160]
+        reason = "truncated_pixel_data" if "length" in text.lower() or "truncat" in text.lower() else "undecodable_pixels"
+        raise DecodeError(reason, f"pixel data unreadable: {text}") from None
+    except Exception as exc:
+        raise DecodeError("undecodable_pixels", f"pixel data unreadable: {type(exc).__name__}") from None
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    if frames > 1:
+        pixels = pixels[frames // 2]
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
+    if samples > 1:
+        gray = _to_gray(pixels)
+        return _normalise(gray, float(gray.min()), float(gray.max()))
+    values = apply_modality_lut(pixels, ds)
+    lo, hi = float(np.min(values)), float(np.max(values))
+    if "VOILUTSequence" in ds or "WindowCenter" in ds:
+        values = apply_voi_lut(values, ds, index=0, prefer_lut=True)
+        lo, hi = _voi_output_range(ds)
+    image = _normalise(values, lo, hi)
+    if photometric == "MONOCHROME1":
+        image = 1.0 - image
+    return image
+
+
+def _voi_output_range(ds) -> tuple[float, float]:
+    """The (y_min, y_max) that pydicom's VOI LUT or windowing maps its output onto."""
+    if "VOILUTSequence" in ds:
+        bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
+        return 0.0, float(2 ** bits - 1)
+    if ds.get("ModalityLUTSequence"):
+        return 0.0, float(2 ** int(ds.ModalityLUTSequence[0].LUTDescriptor[2]) - 1)
+    bits = int(ds.BitsStored)
+    if int(ds.PixelRepresentation) == 0:
+        y_min, y_max = 0.0, float(2 ** bits - 1)
+    else:
+        y_min, y_max = float(-(2 ** (bits - 1))), float(2 ** (bits - 1) - 1)
+    if ds.get("RescaleSlope") is not None and ds.get("RescaleIntercept") is not None:
+        slope, intercept = float(ds.RescaleSlope), float(ds.RescaleIntercept)
+        y_min, y_max = y_min * slope + intercept, y_max * slope + intercept
+    return y_min, y_max
+
+
+def decode_raster(path: str) -> np.ndarray:
+    """A PNG or JPEG file (8 or 16 bit, gray or colour) as float32 (H, W) in [0, 1]."""
+    import cv2
+
+    data = np.fromfile(path, dtype=np.uint8)
+    pixels = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    if pixels is None:
+        raise DecodeError("unreadable_image", "PNG/JPEG data could not be decoded (corrupt or truncated)")
+    if pixels.ndim == 3:
+        pixels = pixels[..., 2::-1] if pixels.shape[-1] >= 3 else pixels[..., 0]  # BGR(A) -> RGB
+    top = float(np.iinfo(pixels.dtype).max) if np.issubdtype(pixels.dtype, np.integer) else 1.0
+    return _normalise(_to_gray(pixels), 0.0, top)
+
+
+def sniff(path: str) -> str:
+    """'png', 'jpeg', 'dicom' or 'unknown', from the file's first bytes (not its name)."""
+    with open(path, "rb") as fh:
+        head = fh.read(132)
+    if head.startswith(PNG_MAGIC):
+        return "png"
+    if head.startswith(JPEG_MAGIC):
+        return "jpeg"
+    if head[128:132] == b"DICM":
+        return "dicom"
+    if path.lower().endswith((".dcm", ".dicom")):
+        return "dicom"
+    return "unknown"
+
+
+def decode_file(path: str) -> np.ndarray:
+    """Any supported study file as float32 (H, W) in [0, 1]. Raises DecodeError."""
+    if not os.path.exists(path):
+        raise DecodeError("missing_file", "listed in the labels table but not found on disk")
+    kind = sniff(path)
+    if kind in ("png", "jpeg"):
+        return decode_raster(path)
+    if kind == "dicom":
+        return decode_dicom(path)
+    raise DecodeError("not_dicom", "not a DICOM, PNG or JPEG file")
+
+
+def resize(image: np.ndarray, size: int, aspect: str = "pad") -> np.ndarray:
+    """Square `size` x `size` image. aspect: pad (letterbox, black), crop (centre), stretch."""
+    import cv2
+
+    if aspect not in ASPECT_POLICIES:
+        raise ValueError(f"aspect must be one of {ASPECT_POLICIES}, got {aspect!r}")
+    h, w = image.shape
+    if aspect == "crop":
+        side = min(h, w)
+        top, left = (h - side) // 2, (w - side) // 2
+        image = image[top:top + side, left:left + side]
+    elif aspect == "pad" and h != w:
+        side = max(h, w)
+        canvas = np.zeros((side, side), image.dtype)
+        top, left = (side - h) // 2, (side - w) // 2
+        canvas[top:top + h, left:left + w] = image
+        image = canvas
+    if image.shape[0] == size and image.shape[1] == size:
+        return image.astype(np.float32)
+    shrinking = image.shape[0] > size
+    interp = cv2.INTER_AREA if shrinking else cv2.INTER_CUBIC
+    out = cv2.resize(image.astype(np.float32), (size, size), interpolation=interp)
+    return np.clip(out, 0.0, 1.0)
+
+
+def encode_png(image: np.ndarray, bit_depth: int) -> bytes:
+    """A [0, 1] float image as lossless grayscale PNG bytes of the given bit depth (8 or 16)."""
+    import cv2
+
+    top = (1 << bit_depth) - 1
+    dtype = np.uint8 if bit_depth == 8 else np.uint16
+    ok, buf = cv2.imencode(".png", np.round(image * top).astype(dtype))
+    if not ok:  # pragma: no cover - cv2 only fails on invalid arrays
+        raise RuntimeError("PNG encoding failed")
+    return buf.tobytes()

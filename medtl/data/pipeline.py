@@ -1,0 +1,90 @@
+"""tf.data input pipelines over the ingested shards.
+
+Training streams are shuffled, repeated and batched with drop_remainder; eval
+streams read every record of the split exactly once, in shard order.
+Elements are (image, labels, mask): image (batch, size, size, channels) float32
+in [0, 255], labels and mask (batch, num_labels) float32. Keras uses the mask
+as the loss's sample weight.
+"""
+from __future__ import annotations
+
+from medtl.config import Config
+from medtl.data.records import IMAGE, LABELS, MASK, feature_spec
+from medtl.errors import MedtlError
+from medtl.tf import tf
+from medtl.utils.log import log
+
+AUTOTUNE = tf.data.AUTOTUNE
+
+
+def shard_paths(records: str, manifest: dict, split: str) -> list[str]:
+    """Full paths of a split's shards, checked to exist (the cheap part of `medtl verify`)."""
+    if split not in manifest["splits"]:
+        raise MedtlError(
+            f"split {split!r} is not in {records}/manifest.json; it has: {', '.join(manifest['splits'])}"
+        )
+    paths = []
+    for shard in manifest["splits"][split]["shards"]:
+        path = f"{records.rstrip('/')}/{shard['file']}"
+        if not tf.io.gfile.exists(path):
+            raise MedtlError(f"shard {path} listed in the manifest is missing; re-run `medtl ingest`")
+        paths.append(path)
+    return paths
+
+
+def split_size(manifest: dict, split: str) -> int:
+    return int(manifest["splits"][split]["records"])
+
+
+def _decode_fn(manifest: dict, image_size: int, channels: int):
+    num_labels = len(manifest["labels"])
+    spec = feature_spec(num_labels)
+    dtype = tf.uint16 if int(manifest["bit_depth"]) == 16 else tf.uint8
+    scale = 255.0 / float((1 << int(manifest["bit_depth"])) - 1)
+    stored = int(manifest["image_size"])
+
+    def parse_fn(record):
+        ex = tf.io.parse_single_example(record, spec)
+        image = tf.io.decode_png(ex[IMAGE], channels=1, dtype=dtype)  # (stored, stored, 1)
+        image = tf.cast(image, tf.float32) * scale
+        if stored != image_size:
+            image = tf.image.resize(image, (image_size, image_size), method="area" if stored > image_size
+                                    else "bilinear")
+        image = tf.ensure_shape(image, (image_size, image_size, 1))
+        if channels == 3:
+            image = tf.image.grayscale_to_rgb(image)
+        return image, tf.cast(ex[LABELS], tf.float32), tf.cast(ex[MASK], tf.float32)
+
+    return parse_fn
+
+
+def build_dataset(cfg: Config, split: str, rank: int = 0, num_ranks: int = 1, manifest: dict | None = None,
+                  training: bool | None = None) -> tf.data.Dataset:
+    """The batched dataset of `split` for one rank. Training streams repeat forever."""
+    from medtl.data.ingest import read_manifest
+
+    manifest = manifest or read_manifest(cfg.data.records)
+    training = split == "train" if training is None else training
+    files = shard_paths(cfg.data.records, manifest, split)
+    by_file = len(files) >= num_ranks
+    if num_ranks > 1 and not by_file and rank == 0:
+        log(f"warning: {split} has {len(files)} shard(s) for {num_ranks} ranks; sharding by record, "
+            "so every rank reads every shard. Re-ingest with smaller --shard-mb for file sharding.")
+    ds = tf.data.Dataset.from_tensor_slices(files)
+    if num_ranks > 1 and by_file:
+        ds = ds.shard(num_ranks, rank)
+    if training:
+        ds = ds.shuffle(len(files), seed=cfg.seed, reshuffle_each_iteration=True)
+        ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=min(len(files), 8),
+                           num_parallel_calls=AUTOTUNE, deterministic=False)
+    else:
+        ds = ds.flat_map(tf.data.TFRecordDataset)  # shard order, every record once
+    if num_ranks > 1 and not by_file:
+        ds = ds.shard(num_ranks, rank)
+    if training:
+        ds = ds.shuffle(cfg.data.shuffle_buffer, seed=cfg.seed + rank, reshuffle_each_iteration=True)
+        ds = ds.repeat()
+    ds = ds.map(_decode_fn(manifest, cfg.data.image_size, cfg.data.channels), num_parallel_calls=AUTOTUNE,
+                deterministic=not training)
+    ds = ds.batch(cfg.train.batch_size, drop_remainder=training)
+    return ds.prefetch(AUTOTUNE)

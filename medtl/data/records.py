@@ -1,0 +1,43 @@
+"""The TFRecord schema: what one record carries, and nothing more.
+
+Allow-list: the stored image, labels, label mask, a salted hash of the patient
+and a salted hash of the image key. Patient names, IDs, dates and accession
+numbers have no field to go into.
+"""
+from __future__ import annotations
+
+from medtl.tf import tf
+
+IMAGE = "image/png"
+LABELS = "labels"
+MASK = "mask"
+PATIENT = "patient"
+KEY = "key"
+ALLOWED_FEATURES = (IMAGE, LABELS, MASK, PATIENT, KEY)
+
+
+def encode_example(png: bytes, labels, mask, patient_hash: str, key_hash: str) -> bytes:
+    """One serialised tf.train.Example (deterministic bytes for the same inputs)."""
+    feature = {
+        IMAGE: tf.train.Feature(bytes_list=tf.train.BytesList(value=[png])),
+        LABELS: tf.train.Feature(int64_list=tf.train.Int64List(value=list(labels))),
+        MASK: tf.train.Feature(int64_list=tf.train.Int64List(value=list(mask))),
+        PATIENT: tf.train.Feature(bytes_list=tf.train.BytesList(value=[patient_hash.encode()])),
+        KEY: tf.train.Feature(bytes_list=tf.train.BytesList(value=[key_hash.encode()])),
+    }
+    example = tf.train.Example(features=tf.train.Features(feature=feature))
+    return example.SerializeToString(deterministic=True)
+
+
+def feature_spec(num_labels: int) -> dict:
+    return {
+        IMAGE: tf.io.FixedLenFeature([], tf.string),
+        LABELS: tf.io.FixedLenFeature([num_labels], tf.int64),
+        MASK: tf.io.FixedLenFeature([num_labels], tf.int64),
+        PATIENT: tf.io.FixedLenFeature([], tf.string),
+        KEY: tf.io.FixedLenFeature([], tf.string),
+    }
+
+
+def shard_name(split: str, index: int, count: int) -> str:
+    return f"{split}-{index:05d}-of-{count:05d}.tfrecord"

@@ -1,0 +1,60 @@
+"""Shared fixtures: a fixed ID salt, the CLI runner, and small synthetic records built once."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+# Tests never touch the user's salt file; the value is arbitrary but fixed.
+os.environ.setdefault("MEDTL_ID_SALT", "medtl-tests-salt-0123456789")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+JOBS = os.path.join(REPO, "jobs")
+
+
+def cli_env(**extra) -> dict:
+    env = dict(os.environ)
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def run_cli(*args, env: dict | None = None, timeout: float = 900, cwd: str | None = None,
+            launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+    """Run `medtl ARGS` the way a user does (a fresh process), capturing output."""
+    cmd = (launcher or []) + [sys.executable, "-m", "medtl", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env or cli_env(), timeout=timeout,
+                          cwd=cwd or REPO)
+
+
+def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
+    """A user error: non-zero exit, one `medtl: error:` line naming the thing, no traceback."""
+    assert result.returncode != 0, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("medtl: error:")]
+    assert len(errors) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    return errors[0]
+
+
+@pytest.fixture(scope="session")
+def studies(tmp_path_factory) -> str:
+    """240 synthetic PNG studies (ChestX-ray14 layout) at 96 px."""
+    from medtl.data.synth import synthesize
+
+    out = str(tmp_path_factory.mktemp("studies"))
+    synthesize(out, 240, seed=7, size=96)
+    return out
+
+
+@pytest.fixture(scope="session")
+def records(studies, tmp_path_factory) -> str:
+    """Those studies ingested at 64 px, in several shards per split."""
+    from medtl.data.ingest import IngestOptions, ingest
+
+    out = str(tmp_path_factory.mktemp("records"))
+    ingest(IngestOptions(images=os.path.join(studies, "images"), labels=os.path.join(studies, "labels.csv"),
+                         out=out, image_size=64, bit_depth=16, shard_mb=0.1, progress=False))
+    return out
