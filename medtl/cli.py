@@ -18,6 +18,43 @@ def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
                    help="override a config value, e.g. --set train.batch_size=16 (repeatable)")
 
 
+def _add_ingest_args(p: argparse.ArgumentParser) -> None:
+    from medtl.data import decode, tables
+
+    p.add_argument("--images", required=True,
+                   help="folder holding the image files named in the table (for medmnist: the .npz file)")
+    p.add_argument("--labels", default=None, help="labels table (CSV); not used by --format medmnist")
+    p.add_argument("--format", default="chestxray14", choices=tables.FORMATS,
+                   help="labels table layout (default chestxray14)")
+    p.add_argument("--out", required=True, help="records folder to write (local, s3:// or gs://)")
+    p.add_argument("--image-size", type=int, default=512, help="stored image side in pixels (default 512)")
+    p.add_argument("--bit-depth", type=int, default=16, choices=(8, 16), help="stored PNG bit depth (default 16)")
+    p.add_argument("--aspect", default="pad", choices=decode.ASPECT_POLICIES,
+                   help="non-square images: pad (letterbox, default), crop (centre) or stretch")
+    p.add_argument("--frame", default="middle", choices=decode.FRAME_POLICIES,
+                   help="which frame of a multi-frame DICOM to keep (default middle)")
+    p.add_argument("--label-names", default=None,
+                   help="comma-separated labels to keep, in this order (default: all in the table)")
+    p.add_argument("--uncertain", default="ones", choices=tables.UNCERTAIN_POLICIES,
+                   help="chexpert: uncertain (-1) labels become 1, 0, or are ignored (masked) (default ones)")
+    p.add_argument("--blank", default="mask", choices=tables.BLANK_POLICIES,
+                   help="chexpert/multihot: blank labels are masked out of the loss, or read as 0 (default mask)")
+    p.add_argument("--image-column", default=None, help="multihot: the image path column")
+    p.add_argument("--patient-column", default=None, help="multihot: the patient ID column")
+    p.add_argument("--split-file", default=None,
+                   help="CSV with 'split' and 'patient' (or 'file') columns: use these splits instead of stratifying")
+    p.add_argument("--keep-fields", default="",
+                   help=f"comma-separated safe acquisition fields to store: {', '.join(decode.SAFE_FIELDS)}")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="fraction of patients for val (default 0.1)")
+    p.add_argument("--test-fraction", type=float, default=0.2, help="fraction of patients for test (default 0.2)")
+    p.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
+    p.add_argument("--shard-mb", type=float, default=150.0, help="target shard size in MB (default 150)")
+    p.add_argument("--max-bad-fraction", type=float, default=0.01,
+                   help="fail if more than this fraction of inputs is quarantined (default 0.01)")
+    p.add_argument("--salt-file", default=None,
+                   help="secret salt for ID hashes (default $MEDTL_ID_SALT or ~/.config/medtl/id_salt)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="medtl", description="Distributed transfer learning for multi-label medical image classification.")
@@ -35,24 +72,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write 16-bit DICOM files carrying fake patient identifiers instead of PNG")
 
     p = sub.add_parser("ingest", help="studies + labels table -> sharded, de-identified TFRecords",
-                       description="Decode, de-identify, split by patient and shard studies into TFRecords.")
-    p.add_argument("--images", required=True, help="folder holding the image files named in the table")
-    p.add_argument("--labels", required=True, help="labels table (CSV)")
-    p.add_argument("--format", default="chestxray14", help="labels table layout (default chestxray14)")
-    p.add_argument("--out", required=True, help="records folder to write")
-    p.add_argument("--image-size", type=int, default=512, help="stored image side in pixels (default 512)")
-    p.add_argument("--bit-depth", type=int, default=16, choices=(8, 16), help="stored PNG bit depth (default 16)")
-    p.add_argument("--aspect", default="pad", choices=("pad", "crop", "stretch"),
-                   help="non-square images: pad (letterbox, default), crop (centre) or stretch")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="fraction of patients for val (default 0.1)")
-    p.add_argument("--test-fraction", type=float, default=0.2, help="fraction of patients for test (default 0.2)")
-    p.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
-    p.add_argument("--shard-mb", type=float, default=150.0, help="target shard size in MB (default 150)")
+                       description="Decode, de-identify, split by patient and shard studies into TFRecords. "
+                                   "With --num-workers K, run K of these (--worker-index 0..K-1, e.g. a Kubernetes "
+                                   "Indexed Job), then `medtl ingest-finalize`.")
+    _add_ingest_args(p)
     p.add_argument("--workers", type=int, default=1, help="local decode processes (default 1)")
-    p.add_argument("--max-bad-fraction", type=float, default=0.01,
-                   help="fail if more than this fraction of inputs is quarantined (default 0.01)")
-    p.add_argument("--salt-file", default=None,
-                   help="secret salt for ID hashes (default $MEDTL_ID_SALT or ~/.config/medtl/id_salt)")
+    p.add_argument("--worker-index", type=int, default=None,
+                   help="this worker's index in a partitioned ingest (0..K-1); finalize afterwards")
+    p.add_argument("--num-workers", type=int, default=1, help="workers in a partitioned ingest (default 1)")
+
+    p = sub.add_parser("ingest-finalize", help="merge the parts of a partitioned ingest into the final records",
+                       description="After K `medtl ingest --worker-index i --num-workers K` runs: name the shards, "
+                                   "write manifest.json and quarantine.csv. Pass the same ingest options.")
+    _add_ingest_args(p)
+    p.add_argument("--num-workers", type=int, required=True, help="number of workers that wrote parts")
+
+    p = sub.add_parser("verify", help="check every shard against the manifest",
+                       description="Check existence, byte size, SHA-256 and every record of every shard listed in "
+                                   "RECORDS/manifest.json. Exits 2 naming the first damaged shard.")
+    p.add_argument("records", help="records folder (local, s3:// or gs://)")
+    p.add_argument("--quick", action="store_true", help="only existence and sizes (what training checks at start)")
 
     p = sub.add_parser("train", help="phased transfer-learning training (horovodrun-aware)",
                        description="Train the phases of a job config. Run under horovodrun for several ranks.")
@@ -73,6 +112,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config value (repeatable)")
     p.add_argument("--n", type=int, default=5000, help="synthetic studies (default 5000)")
     p.add_argument("--seed", type=int, default=0, help="seed for data and training (default 0)")
+
+    p = sub.add_parser("bench", help="throughput benchmarks, as ratios against a baseline in the same run",
+                       description="Benchmarks print ratios against a baseline measured in the same run.")
+    bench = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    b = bench.add_parser("ingest", help="ingest images/s: N local workers against 1",
+                         description="Ingest the same synthetic DICOM studies with 1 worker and with N; print images/s "
+                                     "and the ratio.")
+    b.add_argument("--n", type=int, default=400, help="studies (default 400)")
+    b.add_argument("--workers", type=int, default=0, help="workers to compare with 1 (default: all cores)")
+    b.add_argument("--source-size", type=int, default=1024, help="DICOM side in pixels (default 1024)")
+    b.add_argument("--image-size", type=int, default=512, help="stored side in pixels (default 512)")
+    b.add_argument("--repeats", type=int, default=1, help="runs per setting; the best counts (default 1)")
+    b.add_argument("--keep", default=None, help="work folder to keep (and reuse) the studies and records in")
 
     sub.add_parser("env", help="print versions of the stack and the GPUs seen",
                    description="Print TensorFlow, tf-keras, Horovod, tensorflow-io and albumentations versions.")
@@ -109,14 +161,46 @@ def cmd_synth(args) -> int:
     return 0
 
 
-def cmd_ingest(args) -> int:
-    from medtl.data.ingest import IngestOptions, ingest
+def _ingest_options(args):
+    from medtl.data.ingest import IngestOptions
 
-    ingest(IngestOptions(
+    def names(text):
+        return tuple(n.strip() for n in text.split(",") if n.strip()) if text else ()
+
+    return IngestOptions(
         images=args.images, labels=args.labels, out=args.out, format=args.format, image_size=args.image_size,
-        bit_depth=args.bit_depth, aspect=args.aspect, val_fraction=args.val_fraction,
-        test_fraction=args.test_fraction, seed=args.seed, shard_mb=args.shard_mb, workers=args.workers,
-        max_bad_fraction=args.max_bad_fraction, salt_file=args.salt_file))
+        bit_depth=args.bit_depth, aspect=args.aspect, frame=args.frame, val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction, seed=args.seed, shard_mb=args.shard_mb,
+        workers=getattr(args, "workers", 1), max_bad_fraction=args.max_bad_fraction, salt_file=args.salt_file,
+        label_names=names(args.label_names) or None, uncertain=args.uncertain, blank=args.blank,
+        image_column=args.image_column, patient_column=args.patient_column, split_file=args.split_file,
+        keep_fields=names(args.keep_fields))
+
+
+def cmd_ingest(args) -> int:
+    from medtl.data.ingest import ingest, ingest_part
+
+    opt = _ingest_options(args)
+    if args.worker_index is None:
+        if args.num_workers != 1:
+            raise MedtlError("--num-workers needs --worker-index (this worker's index, 0..K-1)")
+        ingest(opt)
+    else:
+        ingest_part(opt, args.worker_index, args.num_workers)
+    return 0
+
+
+def cmd_ingest_finalize(args) -> int:
+    from medtl.data.ingest import finalize
+
+    finalize(_ingest_options(args), args.num_workers)
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from medtl.data.verify import verify_records
+
+    verify_records(args.records, deep=not args.quick)
     return 0
 
 
@@ -144,6 +228,16 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    if args.bench == "ingest":
+        from medtl.bench import ingest as bench_ingest
+
+        if args.n < 1:
+            raise MedtlError(f"--n must be >= 1, got {args.n}")
+        bench_ingest.run(args.n, args.workers, args.source_size, args.image_size, args.repeats, args.keep)
+    return 0
+
+
 def cmd_env(args) -> int:
     from medtl.env import describe
 
@@ -151,25 +245,32 @@ def cmd_env(args) -> int:
     return 0
 
 
-COMMANDS = {"synth": cmd_synth, "ingest": cmd_ingest, "train": cmd_train, "evaluate": cmd_evaluate,
-            "demo": cmd_demo, "env": cmd_env}
+COMMANDS = {"synth": cmd_synth, "ingest": cmd_ingest, "ingest-finalize": cmd_ingest_finalize, "verify": cmd_verify,
+            "train": cmd_train, "evaluate": cmd_evaluate, "demo": cmd_demo, "bench": cmd_bench, "env": cmd_env}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
     except MedtlError as exc:
         from medtl.utils.log import error
 
         error(str(exc))
-        return exc.exit_code
+        code = exc.exit_code
     except KeyboardInterrupt:
         from medtl.utils.log import error
 
         error("interrupted")
-        return 130
+        code = 130
+    if "tensorflow_io" in sys.modules:
+        # tensorflow-io's s3 filesystem aborts at interpreter exit ("pure virtual method
+        # called"), turning a success into a crash; leave before that teardown runs.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

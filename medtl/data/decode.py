@@ -6,7 +6,8 @@ pixels at training and at inference time.
 DICOM policy (documented in the README):
   stored value -> modality LUT (rescale slope/intercept or LUT) -> VOI LUT or
   window (first one in the file; the image's full range when it has none) ->
-  MONOCHROME1 inverted -> scaled to [0, 1]. Multi-frame: the middle frame.
+  MONOCHROME1 inverted -> scaled to [0, 1]. Multi-frame: the middle frame (or
+  the first, by option). Colour images (secondary captures) become luminance.
 """
 from __future__ import annotations
 
@@ -28,12 +29,13 @@ class DecodeError(Exception):
         self.message = message
 
 
-def _normalise(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """Map lo -> 0 and hi -> 1 (hi < lo flips, as pydicom's negative-slope windowing does)."""
+def _normalise(values: np.ndarray, lo: float, hi: float, invert: bool = False) -> np.ndarray:
+    """Map lo -> 0 and hi -> 1 (hi < lo flips, as pydicom's negative-slope windowing does), in float64."""
     values = values.astype(np.float64)
     if hi == lo:
         return np.zeros(values.shape, np.float32)
-    return np.clip((values - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+    image = np.clip((values - lo) / (hi - lo), 0.0, 1.0)
+    return (1.0 - image if invert else image).astype(np.float32)
 
 
 def _to_gray(pixels: np.ndarray) -> np.ndarray:
@@ -43,51 +45,101 @@ def _to_gray(pixels: np.ndarray) -> np.ndarray:
     return pixels
 
 
-def decode_dicom(path: str) -> np.ndarray:
-    """A DICOM file as float32 (H, W) in [0, 1], following the policy in the module docstring."""
+FRAME_POLICIES = ("middle", "first")
+# Header fields safe to keep in records if asked (no identity, no dates).
+SAFE_FIELDS = {"view_position": "ViewPosition", "modality": "Modality", "sex": "PatientSex"}
+
+
+def _read_dataset(path: str, stop_before_pixels: bool = False):
+    """pydicom Dataset; files without the 128-byte preamble/meta are read with force."""
     import pydicom
     from pydicom.errors import InvalidDicomError
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     try:
-        ds = pydicom.dcmread(path)
+        return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
     except InvalidDicomError:
-        raise DecodeError("not_dicom", "not a DICOM file (no DICM preamble)") from None
+        pass
     except Exception as exc:  # pydicom raises many types for garbage input
-        raise DecodeError("not_dicom", f"DICOM header unreadable: {type(exc).__name__}") from None
-    if "PixelData" not in ds:
-        raise DecodeError("no_pixel_data", "DICOM file has no pixel data (PixelData element)")
-    syntax = ds.file_meta.get("TransferSyntaxUID", "unknown") if hasattr(ds, "file_meta") else "unknown"
+        raise DecodeError("not_dicom", f"DICOM header unreadable ({type(exc).__name__})") from None
     try:
-        pixels = ds.pixel_array
-    except (NotImplementedError, RuntimeError) as exc:
-        raise DecodeError(
-            "unsupported_transfer_syntax",
-            f"no installed decoder handles transfer syntax {syntax} ({str(exc).splitlines()[0][:120]})",
-        ) from None
-    except (ValueError, EOFError) as exc:
-        text = str(exc).splitlines()[0][:160]
-        reason = "truncated_pixel_data" if "length" in text.lower() or "truncat" in text.lower() else "undecodable_pixels"
-        raise DecodeError(reason, f"pixel data unreadable: {text}") from None
+        ds = pydicom.dcmread(path, force=True, stop_before_pixels=stop_before_pixels)
     except Exception as exc:
-        raise DecodeError("undecodable_pixels", f"pixel data unreadable: {type(exc).__name__}") from None
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    samples = int(ds.get("SamplesPerPixel", 1) or 1)
-    if frames > 1:
-        pixels = pixels[frames // 2]
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
-    if samples > 1:
-        gray = _to_gray(pixels)
-        return _normalise(gray, float(gray.min()), float(gray.max()))
-    values = apply_modality_lut(pixels, ds)
-    lo, hi = float(np.min(values)), float(np.max(values))
-    if "VOILUTSequence" in ds or "WindowCenter" in ds:
-        values = apply_voi_lut(values, ds, index=0, prefer_lut=True)
-        lo, hi = _voi_output_range(ds)
-    image = _normalise(values, lo, hi)
-    if photometric == "MONOCHROME1":
-        image = 1.0 - image
-    return image
+        raise DecodeError("not_dicom", f"not a DICOM file ({type(exc).__name__})") from None
+    if len(ds) == 0 or ("PixelData" not in ds and "Rows" not in ds and "SOPClassUID" not in ds):
+        raise DecodeError("not_dicom", "not a DICOM file (no DICM preamble and no recognisable elements)")
+    return ds
+
+
+def _pixels(ds):
+    """ds.pixel_array, with failures mapped to quarantine reasons."""
+    meta = getattr(ds, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    if syntax is None and not getattr(ds, "is_little_endian", None) is not None:
+        raise DecodeError("unsupported_transfer_syntax", "no Transfer Syntax UID in the file meta")
+    try:
+        return ds.pixel_array
+    except (NotImplementedError, RuntimeError) as exc:
+        lines = [l.strip() for l in str(exc).splitlines() if l.strip()]
+        detail = "; ".join(lines[1:3]) if len(lines) > 1 else lines[0] if lines else type(exc).__name__
+        raise DecodeError("unsupported_transfer_syntax",
+                          f"no installed decoder handles transfer syntax {syntax}: {detail[:200]}") from None
+    except AttributeError as exc:
+        text = str(exc).splitlines()[0][:200]
+        if "Transfer Syntax" in text:
+            raise DecodeError("unsupported_transfer_syntax", "no Transfer Syntax UID in the file meta") from None
+        raise DecodeError("bad_image_header", f"image attributes missing or invalid: {text}") from None
+    except (ValueError, EOFError, KeyError, TypeError) as exc:
+        text = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        low = text.lower()
+        if "less than expected" in low or "truncat" in low or "length of the pixel data" in low:
+            raise DecodeError("truncated_pixel_data", f"pixel data shorter than the header says: {text}") from None
+        raise DecodeError("bad_image_header", f"pixel data unreadable: {text}") from None
+    except Exception as exc:
+        raise DecodeError("undecodable_pixels", f"pixel data unreadable ({type(exc).__name__})") from None
+
+
+def decode_dicom(path: str, frame: str = "middle") -> np.ndarray:
+    """A DICOM file as float32 (H, W) in [0, 1], following the policy in the module docstring."""
+    import warnings
+
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    with warnings.catch_warnings():
+        # pydicom warns about fixable oddities (padding, VR mismatches); the outcome is what counts.
+        warnings.simplefilter("ignore")
+        ds = _read_dataset(path)
+        if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+            raise DecodeError("no_pixel_data", "DICOM file has no pixel data (PixelData element)")
+        pixels = _pixels(ds)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        if frames > 1:
+            pixels = pixels[frames // 2 if frame == "middle" else 0]
+        photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
+        if samples > 1:
+            gray = _to_gray(pixels)
+            return _normalise(gray, float(gray.min()), float(gray.max()))
+        if pixels.ndim != 2:
+            raise DecodeError("bad_image_header", f"pixel array has shape {pixels.shape}, expected one 2-D frame")
+        try:
+            values = apply_modality_lut(pixels, ds)
+            lo, hi = float(np.min(values)), float(np.max(values))
+            if "VOILUTSequence" in ds or "WindowCenter" in ds:
+                values = apply_voi_lut(values, ds, index=0, prefer_lut=True)
+                lo, hi = _voi_output_range(ds)
+        except (ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
+            raise DecodeError("bad_image_header", f"modality/VOI LUT unusable: {str(exc).splitlines()[0][:160]}") from None
+    return _normalise(values, lo, hi, invert=photometric == "MONOCHROME1")
+
+
+def dicom_fields(path: str, names: tuple[str, ...]) -> dict[str, str]:
+    """Allow-listed, non-identifying header fields (see SAFE_FIELDS) of a DICOM file."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = _read_dataset(path, stop_before_pixels=True)
+    return {name: str(ds.get(SAFE_FIELDS[name], "") or "").strip() for name in names}
 
 
 def _voi_output_range(ds) -> tuple[float, float]:
@@ -124,6 +176,8 @@ def decode_raster(path: str) -> np.ndarray:
 
 def sniff(path: str) -> str:
     """'png', 'jpeg', 'dicom' or 'unknown', from the file's first bytes (not its name)."""
+    if os.path.isdir(path):
+        return "unknown"
     with open(path, "rb") as fh:
         head = fh.read(132)
     if head.startswith(PNG_MAGIC):
@@ -137,7 +191,7 @@ def sniff(path: str) -> str:
     return "unknown"
 
 
-def decode_file(path: str) -> np.ndarray:
+def decode_file(path: str, frame: str = "middle") -> np.ndarray:
     """Any supported study file as float32 (H, W) in [0, 1]. Raises DecodeError."""
     if not os.path.exists(path):
         raise DecodeError("missing_file", "listed in the labels table but not found on disk")
@@ -145,8 +199,27 @@ def decode_file(path: str) -> np.ndarray:
     if kind in ("png", "jpeg"):
         return decode_raster(path)
     if kind == "dicom":
-        return decode_dicom(path)
-    raise DecodeError("not_dicom", "not a DICOM, PNG or JPEG file")
+        return decode_dicom(path, frame)
+    if os.path.isdir(path):
+        raise DecodeError("not_dicom", "is a folder, not an image file")
+    # No magic bytes and no .dcm suffix: DICOM without preamble is still possible.
+    try:
+        return decode_dicom(path, frame)
+    except DecodeError as exc:
+        if exc.reason == "not_dicom":
+            raise DecodeError("not_dicom", "not a DICOM, PNG or JPEG file") from None
+        raise
+
+
+def decode_array(pixels: np.ndarray) -> np.ndarray:
+    """An in-memory image (e.g. a MedMNIST array, uint8/uint16, gray or RGB) as float32 (H, W) in [0, 1]."""
+    pixels = np.asarray(pixels)
+    if pixels.ndim == 3 and pixels.shape[-1] == 1:
+        pixels = pixels[..., 0]
+    if pixels.ndim not in (2, 3):
+        raise DecodeError("bad_image_header", f"array image has shape {pixels.shape}, expected (H, W) or (H, W, 3)")
+    top = float(np.iinfo(pixels.dtype).max) if np.issubdtype(pixels.dtype, np.integer) else 1.0
+    return _normalise(_to_gray(pixels), 0.0, top)
 
 
 def resize(image: np.ndarray, size: int, aspect: str = "pad") -> np.ndarray:

@@ -1,19 +1,25 @@
 """Ingest: study files + a labels table -> de-identified, patient-split, sharded TFRecords.
 
-Outputs in the records folder:
-  {train,val,test}-NNNNN-of-MMMMM.tfrecord   shards (written as .tmp, renamed when complete)
+Outputs in the records folder (local path, s3:// or gs://):
+  {train,val,test}-NNNNN-of-MMMMM.tfrecord   shards
   manifest.json                              labels, counts, prevalence, shard sizes and SHA-256
   quarantine.csv                             every input that could not be used, with a reason
+
+Every ingest runs as k worker parts (k=1 locally; k pods in a Kubernetes Indexed
+Job with --worker-index/--num-workers) and a finalize step. Parts write shards
+under .parts/ with temporary names; finalize gives them their final names and
+writes the manifest last, so a killed ingest never leaves a partial shard under
+a final name, and a folder without manifest.json is never mistaken for records.
 """
 from __future__ import annotations
 
 import concurrent.futures as futures
 import csv
-import hashlib
 import io
 import json
 import multiprocessing
 import os
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,24 +27,28 @@ import numpy as np
 import medtl
 from medtl.data import decode, deid, splits, tables
 from medtl.errors import MedtlError
+from medtl.utils import fs
 from medtl.utils.log import log
 from medtl.utils.progress import Progress
 
 SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.json"
 QUARANTINE = "quarantine.csv"
+PARTS = ".parts"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
+FINAL_SHARD = re.compile(r"^(train|val|test)-\d{5}-of-\d{5}\.tfrecord$")
 
 
 @dataclass(frozen=True)
 class IngestOptions:
     images: str
-    labels: str
+    labels: str | None
     out: str
     format: str = "chestxray14"
     image_size: int = 512
     bit_depth: int = 16
     aspect: str = "pad"
+    frame: str = "middle"
     val_fraction: float = 0.1
     test_fraction: float = 0.2
     seed: int = 0
@@ -46,42 +56,84 @@ class IngestOptions:
     workers: int = 1
     max_bad_fraction: float = 0.01
     salt_file: str | None = None
+    label_names: tuple[str, ...] | None = None
+    uncertain: str = "ones"
+    blank: str = "mask"
+    image_column: str | None = None
+    patient_column: str | None = None
+    split_file: str | None = None
+    keep_fields: tuple[str, ...] = ()
     progress: bool = True
 
 
-def _decode_one(args: tuple[str, int, int, str]) -> tuple[bytes | None, str, str]:
-    """(png, reason, message) for one file; runs in worker processes, so no TensorFlow here."""
-    path, size, bit_depth, aspect = args
+# ----------------------------------------------------------------------------- decoding (worker processes)
+
+
+def _decode_one(job: tuple) -> tuple[bytes | None, dict, str, str]:
+    """(png, fields, reason, message) for one study; runs in worker processes, so no TensorFlow here."""
+    source, size, bit_depth, aspect, frame, field_names = job
     try:
-        image = decode.decode_file(path)
+        if isinstance(source, np.ndarray):
+            image, fields = decode.decode_array(source), {}
+        else:
+            image = decode.decode_file(source, frame)
+            dicom = field_names and decode.sniff(source) == "dicom"
+            fields = decode.dicom_fields(source, field_names) if dicom else {}
         image = decode.resize(image, size, aspect)
-        return decode.encode_png(image, bit_depth), "", ""
+        return decode.encode_png(image, bit_depth), fields, "", ""
     except decode.DecodeError as exc:
-        return None, exc.reason, exc.message
+        return None, {}, exc.reason, exc.message
+    except MemoryError:
+        return None, {}, "too_large", "image too large to decode in memory"
     except Exception as exc:  # never let one file take the whole ingest down
-        return None, "decode_failed", f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+        text = str(exc).splitlines()[0][:160] if str(exc) else ""
+        return None, {}, "decode_failed", f"{type(exc).__name__}: {text}"
+
+
+class _Pool:
+    """Local decode processes (spawned: no TensorFlow state is forked). Order is preserved."""
+
+    def __init__(self, workers: int):
+        self.workers = workers
+        self.executor = None
+
+    def __enter__(self):
+        if self.workers > 1:
+            self.executor = futures.ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+        return self
+
+    def map(self, jobs):
+        if self.executor is None:
+            return map(_decode_one, jobs)
+        return self.executor.map(_decode_one, jobs, chunksize=4)
+
+    def __exit__(self, *exc):
+        if self.executor is not None:
+            self.executor.shutdown(cancel_futures=True)
+        return False
+
+
+# ----------------------------------------------------------------------------- shards
 
 
 class _ShardWriter:
-    """Buffers records of one split into shards of about `target_bytes`, under temporary names."""
+    """Records of one split into shards of about `target_bytes`: written as .tmp, renamed when closed."""
 
-    def __init__(self, out: str, split: str, target_bytes: int):
-        self.out, self.split, self.target = out, split, target_bytes
-        self.pending: list[tuple[str, int, int, str]] = []  # (tmp path, records, bytes, sha256)
+    def __init__(self, folder: str, split: str, target_bytes: int):
+        self.folder, self.split, self.target = folder, split, target_bytes
+        self.shards: list[dict] = []
         self._writer = None
-        self._count = 0
-        self._bytes = 0
-        self._hash = None
-        self._path = ""
+        self._count = self._bytes = 0
+
+    def _path(self, index: int) -> str:
+        return fs.join(self.folder, f"{self.split}-{index:05d}.tfrecord")
 
     def write(self, record: bytes) -> None:
         from medtl.tf import tf
 
         if self._writer is None:
-            self._path = os.path.join(self.out, f".{self.split}-{len(self.pending):05d}.tfrecord.tmp")
-            self._writer = tf.io.TFRecordWriter(self._path)
-            self._count = 0
-            self._bytes = 0
+            self._writer = tf.io.TFRecordWriter(self._path(len(self.shards)) + ".tmp")
+            self._count = self._bytes = 0
         self._writer.write(record)
         self._count += 1
         self._bytes += len(record) + 16  # TFRecord framing: length, two CRCs
@@ -93,40 +145,24 @@ class _ShardWriter:
             return
         self._writer.close()
         self._writer = None
-        self.pending.append((self._path, self._count, os.path.getsize(self._path), _sha256(self._path)))
+        path = self._path(len(self.shards))
+        fs.rename(path + ".tmp", path)
+        self.shards.append({"part_file": os.path.basename(path), "records": self._count,
+                            "bytes": fs.size(path), "sha256": fs.sha256(path)})
 
     def finish(self) -> list[dict]:
-        """Close the last shard and rename all to their final `-of-` names."""
         self._close()
-        from medtl.data.records import shard_name
-
-        shards = []
-        for i, (tmp, count, size, digest) in enumerate(self.pending):
-            name = shard_name(self.split, i, len(self.pending))
-            os.replace(tmp, os.path.join(self.out, name))
-            shards.append({"file": name, "records": count, "bytes": size, "sha256": digest})
-        return shards
+        return self.shards
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _files_on_disk(images: str) -> set[str]:
-    found = set()
-    for root, _, files in os.walk(images):
-        for name in files:
-            if name.lower().endswith(IMAGE_EXTENSIONS):
-                found.add(os.path.relpath(os.path.join(root, name), images))
-    return found
+# ----------------------------------------------------------------------------- planning
 
 
 def _check_options(opt: IngestOptions) -> None:
-    if not os.path.isdir(opt.images):
+    if opt.format == "medmnist":
+        if not os.path.isfile(opt.images):
+            raise MedtlError(f"MedMNIST file {opt.images} does not exist; pass the .npz file with --images")
+    elif not os.path.isdir(opt.images):
         raise MedtlError(f"images folder {opt.images} does not exist; pass the folder holding the studies with --images")
     if opt.bit_depth not in (8, 16):
         raise MedtlError(f"--bit-depth must be 8 or 16, got {opt.bit_depth}")
@@ -134,156 +170,280 @@ def _check_options(opt: IngestOptions) -> None:
         raise MedtlError(f"--image-size must be >= 32, got {opt.image_size}")
     if opt.aspect not in decode.ASPECT_POLICIES:
         raise MedtlError(f"--aspect must be one of {', '.join(decode.ASPECT_POLICIES)}, got {opt.aspect}")
+    if opt.frame not in decode.FRAME_POLICIES:
+        raise MedtlError(f"--frame must be one of {', '.join(decode.FRAME_POLICIES)}, got {opt.frame}")
+    if opt.blank not in tables.BLANK_POLICIES:
+        raise MedtlError(f"--blank must be one of {', '.join(tables.BLANK_POLICIES)}, got {opt.blank}")
+    unknown = [f for f in opt.keep_fields if f not in decode.SAFE_FIELDS]
+    if unknown:
+        raise MedtlError(f"--keep-fields {', '.join(unknown)} not allowed; safe fields are: "
+                         f"{', '.join(decode.SAFE_FIELDS)}")
     if not 0 <= opt.max_bad_fraction <= 1:
         raise MedtlError(f"--max-bad-fraction must be in [0, 1], got {opt.max_bad_fraction}")
     if opt.workers < 1:
         raise MedtlError(f"--workers must be >= 1, got {opt.workers}")
+    if opt.shard_mb <= 0:
+        raise MedtlError(f"--shard-mb must be > 0, got {opt.shard_mb}")
 
 
-def ingest(opt: IngestOptions) -> dict:
-    """Run ingest; returns the manifest. Raises MedtlError when too many inputs are bad."""
-    _check_options(opt)
-    table = tables.read_table(opt.labels, opt.format)
-    salt = deid.load_salt(opt.salt_file)
-    os.makedirs(opt.out, exist_ok=True)
-    num_labels = len(table.label_names)
+def _files_on_disk(images: str, listed: set[str]) -> set[str]:
+    """Image files in the folders the table points into (so CheXpert's valid/ is not 'extra' for train.csv)."""
+    folders = {os.path.dirname(f) for f in listed}
+    found = set()
+    for folder in folders:
+        full = os.path.join(images, folder)
+        if not os.path.isdir(full):
+            continue
+        for name in os.listdir(full):
+            if name.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(full, name)):
+                found.add(os.path.join(folder, name) if folder else name)
+    return found
 
-    quarantine: list[tuple[str, str, str]] = list(table.rejected)
-    listed = {s.file for s in table.studies} | {f for f, _, _ in table.rejected}
-    for extra in sorted(_files_on_disk(opt.images) - listed):
-        quarantine.append((extra, "not_in_labels", "image file on disk but not in the labels table"))
 
-    before_decode = len(quarantine)
+def _table_options(opt: IngestOptions) -> tables.TableOptions:
+    return tables.TableOptions(format=opt.format, label_names=opt.label_names, uncertain=opt.uncertain,
+                               blank=opt.blank, image_column=opt.image_column, patient_column=opt.patient_column,
+                               keep_fields=opt.keep_fields)
 
-    # Patient-level split on the union of each patient's labels.
+
+def _assign_splits(table: tables.LabelTable, opt: IngestOptions) -> tuple[dict[str, str], list]:
+    """{study file: split}, plus quarantine rows for studies a split file does not mention."""
+    rejected = []
+    if opt.split_file:
+        given = tables.read_split_file(opt.split_file)
+        out = {}
+        for s in table.studies:
+            split = given.get(f"patient:{s.patient}") or given.get(f"file:{s.file}")
+            if split is None:
+                rejected.append((s.file, "not_in_split_file", f"not listed in {os.path.basename(opt.split_file)}"))
+            else:
+                out[s.file] = split
+        _check_patient_disjoint(table, out)
+        return out, rejected
+    if all(s.split for s in table.studies):
+        return {s.file: s.split for s in table.studies}, rejected
     union: dict[str, np.ndarray] = {}
     for s in table.studies:
-        union.setdefault(s.patient, np.zeros(num_labels, int))
-        union[s.patient] |= np.array(s.labels, int)
-    assignment = splits.split_patients(union, opt.val_fraction, opt.test_fraction, opt.seed)
+        union.setdefault(s.patient, np.zeros(len(table.label_names), int))
+        union[s.patient] |= np.array(s.labels, int) * np.array(s.mask, int)
+    by_patient = splits.split_patients(union, opt.val_fraction, opt.test_fraction, opt.seed)
+    return {s.file: by_patient[s.patient] for s in table.studies}, rejected
 
-    # Seeded record order within a split, so shards are already mixed for streaming.
+
+def _check_patient_disjoint(table: tables.LabelTable, assignment: dict[str, str]) -> None:
+    seen: dict[str, tuple[str, str]] = {}
+    for s in table.studies:
+        split = assignment.get(s.file)
+        if split is None:
+            continue
+        if s.patient in seen and seen[s.patient][1] != split:
+            other = seen[s.patient][0]
+            raise MedtlError(f"split file puts {other} in {seen[s.patient][1]} and {s.file} in {split}, "
+                             "but they belong to the same patient; assign splits per patient")
+        seen.setdefault(s.patient, (s.file, split))
+
+
+@dataclass
+class _Plan:
+    table: tables.LabelTable
+    order: dict[str, list]          # split -> studies, seeded order
+    table_rejects: list             # (file, reason, message) decided before decoding
+
+
+def _plan(opt: IngestOptions) -> _Plan:
+    """Everything every worker computes identically: the table, the split and the record order."""
+    table = tables.read_table(opt.labels, opt.images, _table_options(opt))
+    rejects = list(table.rejected)
+    assignment, split_rejects = _assign_splits(table, opt)
+    rejects += split_rejects
+    if opt.format != "medmnist":
+        listed = {s.file for s in table.studies} | {f for f, _, _ in table.rejected}
+        for extra in sorted(_files_on_disk(opt.images, listed) - listed):
+            rejects.append((extra, "not_in_labels", "image file on disk but not in the labels table"))
     order = {split: [] for split in SPLITS}
     for s in sorted(table.studies, key=lambda s: s.file):
-        order[assignment[s.patient]].append(s)
+        if s.file in assignment:
+            order[assignment[s.file]].append(s)
     rng = np.random.default_rng(opt.seed)
-    for split in SPLITS:
+    for split in SPLITS:  # seeded record order, so shards are already mixed for streaming
         rng.shuffle(order[split])
+    return _Plan(table, order, rejects)
 
+
+# ----------------------------------------------------------------------------- one worker's part
+
+
+def _part_dir(out: str, worker_index: int, num_workers: int) -> str:
+    return fs.join(out, PARTS, f"worker-{worker_index:05d}-of-{num_workers:05d}")
+
+
+def ingest_part(opt: IngestOptions, worker_index: int = 0, num_workers: int = 1) -> dict:
+    """Decode and write this worker's patients (every num_workers-th, in sorted patient order)."""
+    if not 0 <= worker_index < num_workers:
+        raise MedtlError(f"--worker-index must be in [0, {num_workers}), got {worker_index}")
+    _check_options(opt)
+    plan = _plan(opt)
+    salt = deid.load_salt(opt.salt_file)
+    names = plan.table.label_names
+    patients = sorted({s.patient for studies in plan.order.values() for s in studies})
+    mine = {p for i, p in enumerate(patients) if i % num_workers == worker_index}
+    folder = _part_dir(opt.out, worker_index, num_workers)
+    fs.remove(folder)  # a re-run starts this part from scratch
+    fs.makedirs(folder)
     from medtl.data.records import encode_example
 
-    manifest_splits = {}
-    total = sum(len(v) for v in order.values())
+    quarantine = plan.table_rejects if worker_index == 0 else []
+    quarantine = list(quarantine)
+    part = {"worker_index": worker_index, "num_workers": num_workers, "labels": list(names), "splits": {}}
+    total = sum(sum(1 for s in v if s.patient in mine) for v in plan.order.values())
     target = int(opt.shard_mb * 1024 * 1024)
-    log(f"ingest: {total} images of {len(union)} patients, {num_labels} labels -> {opt.out}")
-    with Progress(total, "ingest", enabled=opt.progress) as bar, _pool(opt.workers) as pool:
+    where = f" (worker {worker_index + 1}/{num_workers})" if num_workers > 1 else ""
+    log(f"ingest{where}: {total} images of {len(mine)} patients, {len(names)} labels -> {opt.out}")
+    with Progress(total, "ingest", enabled=opt.progress) as bar, _Pool(opt.workers) as pool:
         for split in SPLITS:
-            studies = order[split]
-            writer = _ShardWriter(opt.out, split, target)
-            jobs = [(os.path.join(opt.images, s.file), opt.image_size, opt.bit_depth, opt.aspect) for s in studies]
-            results = pool.map(_decode_one, jobs, chunksize=8) if pool else map(_decode_one, jobs)
-            positives = np.zeros(num_labels, int)
-            known = np.zeros(num_labels, int)
-            patients = set()
-            written = 0
-            for study, (png, reason, message) in zip(studies, results):
+            studies = [s for s in plan.order[split] if s.patient in mine]
+            writer = _ShardWriter(folder, split, target)
+            jobs = [(plan.table.arrays[s.file] if plan.table.arrays else os.path.join(opt.images, s.file),
+                     opt.image_size, opt.bit_depth, opt.aspect, opt.frame,
+                     tuple(f for f in opt.keep_fields if f not in dict(s.fields))) for s in studies]
+            positives, known = np.zeros(len(names), int), np.zeros(len(names), int)
+            patients_written = set()
+            for study, (png, fields, reason, message) in zip(studies, pool.map(jobs)):
                 bar(1)
                 if png is None:
                     quarantine.append((study.file, reason, message))
                     continue
-                writer.write(encode_example(png, study.labels, study.mask,
-                                            deid.salted_hash(salt, study.patient),
-                                            deid.salted_hash(salt, study.file)))
-                written += 1
+                keep = {**dict(study.fields), **fields}
+                writer.write(encode_example(png, study.labels, study.mask, deid.salted_hash(salt, study.patient),
+                                            deid.salted_hash(salt, study.file), keep))
                 positives += np.array(study.labels) * np.array(study.mask)
                 known += np.array(study.mask)
-                patients.add(study.patient)
+                patients_written.add(study.patient)
             shards = writer.finish()
-            manifest_splits[split] = {
-                "records": written,
-                "patients": len(patients),
-                "positives": dict(zip(table.label_names, positives.tolist())),
-                "prevalence": {n: round(p / k, 6) if k else None
-                               for n, p, k in zip(table.label_names, positives.tolist(), known.tolist())},
-                "shards": shards,
-            }
+            part["splits"][split] = {"records": sum(s["records"] for s in shards), "shards": shards,
+                                     "patients": len(patients_written), "positives": positives.tolist(),
+                                     "known": known.tolist()}
+    part["considered"] = total + (len(plan.table_rejects) if worker_index == 0 else 0)
+    part["quarantine"] = sorted(quarantine)
+    fs.write_text_atomic(fs.join(folder, "part.json"), json.dumps(part, sort_keys=True))
+    return part
 
+
+# ----------------------------------------------------------------------------- finalize
+
+
+def finalize(opt: IngestOptions, num_workers: int) -> dict:
+    """Merge the k parts: final shard names, manifest.json (written last) and quarantine.csv."""
+    parts = []
+    missing = []
+    for w in range(num_workers):
+        path = fs.join(_part_dir(opt.out, w, num_workers), "part.json")
+        if not fs.exists(path):
+            missing.append(w)
+        else:
+            parts.append(json.loads(fs.read_text(path)))
+    if missing:
+        others = sorted({m.group(1) for name in fs.listdir(fs.join(opt.out, PARTS))
+                         if (m := re.match(r"worker-\d{5}-of-(\d{5})$", name)) and int(m.group(1)) != num_workers})
+        hint = f" (parts of a {int(others[0])}-worker ingest are there: pass --num-workers {int(others[0])})" if others else ""
+        raise MedtlError(f"ingest parts {', '.join(map(str, missing))} of {num_workers} are missing or unfinished in "
+                         f"{fs.join(opt.out, PARTS)}{hint}; re-run those workers "
+                         f"(--worker-index N --num-workers {num_workers})")
+    labels = parts[0]["labels"]
+    if any(p["labels"] != labels for p in parts):
+        raise MedtlError(f"ingest parts in {opt.out} disagree on the label list; re-run all workers with the same inputs")
+    fs.remove(fs.join(opt.out, MANIFEST))  # no manifest while shards are being renamed
+    manifest_splits = {}
+    final_names = set()
+    for split in SPLITS:
+        shards = [(p, s) for p in parts for s in p["splits"][split]["shards"]]
+        entries = []
+        from medtl.data.records import shard_name
+
+        for i, (p, shard) in enumerate(shards):
+            name = shard_name(split, i, len(shards))
+            src = fs.join(_part_dir(opt.out, p["worker_index"], num_workers), shard["part_file"])
+            fs.rename(src, fs.join(opt.out, name))
+            final_names.add(name)
+            entries.append({"file": name, "records": shard["records"], "bytes": shard["bytes"],
+                            "sha256": shard["sha256"]})
+        positives = np.sum([p["splits"][split]["positives"] for p in parts], axis=0)
+        known = np.sum([p["splits"][split]["known"] for p in parts], axis=0)
+        records = sum(e["records"] for e in entries)
+        manifest_splits[split] = {
+            "records": records,
+            "patients": sum(p["splits"][split]["patients"] for p in parts),
+            "positives": dict(zip(labels, map(int, positives))),
+            "masked": {n: records - int(k) for n, k in zip(labels, known)},
+            "prevalence": {n: round(int(pos) / int(k), 6) if k else None for n, pos, k in zip(labels, positives, known)},
+            "shards": entries,
+        }
+    for stale in fs.listdir(opt.out):  # shards of an earlier ingest that this one does not list
+        if FINAL_SHARD.match(stale) and stale not in final_names:
+            fs.remove(fs.join(opt.out, stale))
+    quarantine = sorted(q for p in parts for q in p["quarantine"])
     manifest = {
         "medtl_version": medtl.__version__,
         "format": opt.format,
-        "labels": list(table.label_names),
+        "labels": labels,
         "image_size": opt.image_size,
         "bit_depth": opt.bit_depth,
         "channels": 1,
         "aspect": opt.aspect,
+        "frame": opt.frame,
+        "uncertain": opt.uncertain if opt.format == "chexpert" else None,
+        "blank": opt.blank if opt.format in ("chexpert", "multihot") else None,
+        "fields": sorted(opt.keep_fields),
         "split_seed": opt.seed,
+        "split_source": "file" if opt.split_file else "given" if opt.format == "medmnist" else "stratified",
         "val_fraction": opt.val_fraction,
         "test_fraction": opt.test_fraction,
         "quarantined": len(quarantine),
         "splits": manifest_splits,
     }
-    _write_atomic(os.path.join(opt.out, MANIFEST), json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    _write_quarantine(os.path.join(opt.out, QUARANTINE), quarantine)
+    _write_quarantine(fs.join(opt.out, QUARANTINE), quarantine)
+    fs.write_text_atomic(fs.join(opt.out, MANIFEST), json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    fs.remove(fs.join(opt.out, PARTS))
 
-    considered = total + before_decode
-    bad_fraction = len(quarantine) / max(considered, 1)
+    considered = sum(p["considered"] for p in parts)
     kept = sum(s["records"] for s in manifest_splits.values())
-    log(f"ingest: wrote {kept} records "
-        + ", ".join(f"{k}={v['records']}" for k, v in manifest_splits.items())
-        + f"; quarantined {len(quarantine)} (see {os.path.join(opt.out, QUARANTINE)})")
+    log(f"ingest: wrote {kept} records ("
+        + ", ".join(f"{k} {v['records']} in {len(v['shards'])} shard(s)" for k, v in manifest_splits.items())
+        + f"); quarantined {len(quarantine)} of {considered} inputs (see {fs.join(opt.out, QUARANTINE)})")
+    bad_fraction = len(quarantine) / max(considered, 1)
     if bad_fraction > opt.max_bad_fraction:
         first = quarantine[0]
         raise MedtlError(
             f"{len(quarantine)} of {considered} inputs quarantined ({bad_fraction:.1%} > --max-bad-fraction "
-            f"{opt.max_bad_fraction:.1%}); first: {first[0]}: {first[1]}: {first[2]}. "
-            f"Fix the inputs listed in {os.path.join(opt.out, QUARANTINE)} or raise --max-bad-fraction."
+            f"{opt.max_bad_fraction:.1%}); first: {first[0]}: {first[1]}: {first[2]}. Fix the inputs listed in "
+            f"{fs.join(opt.out, QUARANTINE)} or raise --max-bad-fraction."
         )
+    if kept == 0:
+        raise MedtlError(f"no records were written to {opt.out}; see {fs.join(opt.out, QUARANTINE)}")
     return manifest
 
 
-class _pool:
-    """A process pool for decoding when workers > 1 (spawned: no TensorFlow state is forked)."""
-
-    def __init__(self, workers: int):
-        self.workers = workers
-        self.executor = None
-
-    def __enter__(self):
-        if self.workers > 1:
-            self.executor = futures.ProcessPoolExecutor(
-                self.workers, mp_context=multiprocessing.get_context("spawn"))
-        return self.executor
-
-    def __exit__(self, *exc):
-        if self.executor is not None:
-            self.executor.shutdown(cancel_futures=True)
-        return False
+def ingest(opt: IngestOptions) -> dict:
+    """A whole ingest on this machine: one part (with opt.workers local processes), then finalize."""
+    ingest_part(opt, 0, 1)
+    return finalize(opt, 1)
 
 
-def _write_atomic(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-
-
-def _write_quarantine(path: str, rows: list[tuple[str, str, str]]) -> None:
+def _write_quarantine(path: str, rows: list) -> None:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["file", "reason", "message"])
-    writer.writerows(sorted(rows))
-    _write_atomic(path, buf.getvalue())
+    writer.writerows(rows)
+    fs.write_text_atomic(path, buf.getvalue())
 
 
 def read_manifest(records: str) -> dict:
     """The manifest of a records folder, with a clear error when it is missing or unreadable."""
-    from medtl.tf import tf
-
-    path = f"{records.rstrip('/')}/{MANIFEST}"
-    if not tf.io.gfile.exists(path):
-        raise MedtlError(f"no {MANIFEST} in {records}; point data.records at a folder written by `medtl ingest`")
+    path = fs.join(records, MANIFEST)
+    if not fs.exists(path):
+        hint = " (an ingest is unfinished: run `medtl ingest-finalize`)" if fs.exists(fs.join(records, PARTS)) else ""
+        raise MedtlError(f"no {MANIFEST} in {records}{hint}; point data.records at a folder written by `medtl ingest`")
     try:
-        with tf.io.gfile.GFile(path, "r") as fh:
-            return json.load(fh)
+        return json.loads(fs.read_text(path))
     except json.JSONDecodeError as exc:
         raise MedtlError(f"{path} is not valid JSON ({exc}); re-run `medtl ingest`") from None

@@ -1,11 +1,12 @@
 """The TFRecord schema: what one record carries, and nothing more.
 
-Allow-list: the stored image, labels, label mask, a salted hash of the patient
-and a salted hash of the image key. Patient names, IDs, dates and accession
-numbers have no field to go into.
+Allow-list: the stored image, labels, label mask, a salted hash of the patient,
+a salted hash of the image key, and (only if asked for) a few safe acquisition
+fields. Patient names, IDs, dates and accession numbers have no field to go into.
 """
 from __future__ import annotations
 
+from medtl.data.decode import SAFE_FIELDS as _DICOM_FIELDS
 from medtl.tf import tf
 
 IMAGE = "image/png"
@@ -13,11 +14,17 @@ LABELS = "labels"
 MASK = "mask"
 PATIENT = "patient"
 KEY = "key"
-ALLOWED_FEATURES = (IMAGE, LABELS, MASK, PATIENT, KEY)
+FIELD_PREFIX = "field/"
+SAFE_FIELDS = tuple(_DICOM_FIELDS)
+ALLOWED_FEATURES = (IMAGE, LABELS, MASK, PATIENT, KEY) + tuple(FIELD_PREFIX + f for f in SAFE_FIELDS)
 
 
-def encode_example(png: bytes, labels, mask, patient_hash: str, key_hash: str) -> bytes:
+def encode_example(png: bytes, labels, mask, patient_hash: str, key_hash: str,
+                   fields: dict[str, str] | None = None) -> bytes:
     """One serialised tf.train.Example (deterministic bytes for the same inputs)."""
+    unknown = set(fields or {}) - set(SAFE_FIELDS)
+    if unknown:  # the allow-list is enforced here, whatever the caller passes
+        raise ValueError(f"fields {sorted(unknown)} are not on the record allow-list {SAFE_FIELDS}")
     feature = {
         IMAGE: tf.train.Feature(bytes_list=tf.train.BytesList(value=[png])),
         LABELS: tf.train.Feature(int64_list=tf.train.Int64List(value=list(labels))),
@@ -25,6 +32,8 @@ def encode_example(png: bytes, labels, mask, patient_hash: str, key_hash: str) -
         PATIENT: tf.train.Feature(bytes_list=tf.train.BytesList(value=[patient_hash.encode()])),
         KEY: tf.train.Feature(bytes_list=tf.train.BytesList(value=[key_hash.encode()])),
     }
+    for name, value in sorted((fields or {}).items()):
+        feature[FIELD_PREFIX + name] = tf.train.Feature(bytes_list=tf.train.BytesList(value=[value.encode()]))
     example = tf.train.Example(features=tf.train.Features(feature=feature))
     return example.SerializeToString(deterministic=True)
 

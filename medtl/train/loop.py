@@ -18,6 +18,7 @@ import numpy as np
 from medtl import dist
 from medtl.config import Config, save_config
 from medtl.data.ingest import read_manifest
+from medtl.data import verify
 from medtl.data.pipeline import build_dataset, split_size
 from medtl.errors import MedtlError
 from medtl.models.build import build_model, set_precision
@@ -72,6 +73,9 @@ def train(cfg: Config, workdir: str) -> dict:
     """Run every phase of `cfg`; returns {'best_val_auroc', 'epochs', 'workdir'}."""
     ctx = dist.init()
     manifest = read_manifest(cfg.data.records)
+    damaged = verify.check_cheap(cfg.data.records, manifest, ["train", "val"])
+    if damaged:
+        raise MedtlError(f"{damaged[0]}; run `medtl verify {cfg.data.records}` and re-ingest or restore it")
     label_names = manifest["labels"]
     checkpoints = os.path.join(workdir, CHECKPOINT_DIR)
     if ctx.primary:
@@ -109,8 +113,12 @@ def train(cfg: Config, workdir: str) -> dict:
         if ctx.primary:
             callbacks.append(cb.HistoryWriter(os.path.join(workdir, HISTORY_FILE), index, phase.name, epoch,
                                               metrics))
-        model.fit(train_ds, epochs=epoch + phase.epochs, initial_epoch=epoch, steps_per_epoch=steps,
-                  callbacks=callbacks, verbose=_verbosity(ctx))
+        try:
+            model.fit(train_ds, epochs=epoch + phase.epochs, initial_epoch=epoch, steps_per_epoch=steps,
+                      callbacks=callbacks, verbose=_verbosity(ctx))
+        except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as exc:
+            # A damaged shard met mid-training: name it (deep check) rather than skip it.
+            verify.raise_if_damaged(cfg.data.records, manifest, ["train", "val"], exc)
         epoch += phase.epochs
         overall_best = best.overall_best
         best.restore()  # the next phase starts from this phase's best weights

@@ -1,0 +1,98 @@
+"""Files on local disk or object storage (s3://, gs://) through tf.io.gfile.
+
+tensorflow-io registers the s3:// filesystem when imported; it is imported here,
+only when such a path is used. Credentials come from the environment only.
+"""
+from __future__ import annotations
+
+import hashlib
+import sys
+
+from medtl.errors import MedtlError
+
+REMOTE_SCHEMES = ("s3://", "gs://")
+
+
+def is_remote(path: str) -> bool:
+    return str(path).startswith(REMOTE_SCHEMES)
+
+
+def _gfile():
+    from medtl.tf import tf
+
+    return tf.io.gfile
+
+
+def ensure_filesystem(path: str) -> None:
+    """Register the filesystem for `path` (tensorflow-io for s3://)."""
+    if str(path).startswith("s3://") and "tensorflow_io" not in sys.modules:
+        try:
+            import tensorflow_io  # noqa: F401  (registers s3://)
+        except Exception as exc:
+            raise MedtlError(f"s3:// paths need tensorflow-io, which failed to import: {exc}") from None
+
+
+def join(base: str, *parts: str) -> str:
+    base = str(base)
+    return "/".join([base.rstrip("/"), *parts]) if is_remote(base) else __import__("os").path.join(base, *parts)
+
+
+def exists(path: str) -> bool:
+    ensure_filesystem(path)
+    return _gfile().exists(path)
+
+
+def makedirs(path: str) -> None:
+    ensure_filesystem(path)
+    _gfile().makedirs(path)
+
+
+def listdir(path: str) -> list[str]:
+    ensure_filesystem(path)
+    return [p.rstrip("/") for p in _gfile().listdir(path)] if _gfile().exists(path) else []
+
+
+def size(path: str) -> int:
+    ensure_filesystem(path)
+    return int(_gfile().stat(path).length)
+
+
+def rename(src: str, dst: str) -> None:
+    """Atomic on local disk; copy-then-delete on object stores (still never a partial final name)."""
+    ensure_filesystem(src)
+    _gfile().rename(src, dst, overwrite=True)
+
+
+def remove(path: str) -> None:
+    ensure_filesystem(path)
+    if _gfile().exists(path):
+        if _gfile().isdir(path):
+            _gfile().rmtree(path)
+        else:
+            _gfile().remove(path)
+
+
+def read_text(path: str) -> str:
+    ensure_filesystem(path)
+    with _gfile().GFile(path, "r") as fh:
+        return fh.read()
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    ensure_filesystem(path)
+    tmp = path + ".tmp"
+    with _gfile().GFile(tmp, "w") as fh:
+        fh.write(text)
+    rename(tmp, path)
+
+
+def sha256(path: str) -> str:
+    ensure_filesystem(path)
+    digest = hashlib.sha256()
+    with _gfile().GFile(path, "rb") as fh:
+        while True:
+            chunk = fh.read(1 << 22)
+            if not chunk:
+                break
+            digest.update(chunk)
+    return digest.hexdigest()
