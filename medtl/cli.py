@@ -126,6 +126,18 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=1, help="runs per setting; the best counts (default 1)")
     b.add_argument("--keep", default=None, help="work folder to keep (and reuse) the studies and records in")
 
+    b = bench.add_parser("train", help="medtl train against plain model.fit, and 2 ranks against 1",
+                         description="Images/s of medtl's training path against a plain model.fit on in-memory "
+                                     "tensors (same model, phase, batch); with --scaling, horovodrun -np 2 against "
+                                     "-np 1 at one thread per rank.")
+    _add_config_args(b)
+    b.add_argument("--records", default=None, help="records to train on (default: synthesised and ingested)")
+    b.add_argument("--epochs", type=int, default=4, help="epochs per measurement; the first is excluded (default 4)")
+    b.add_argument("--n", type=int, default=800, help="synthetic studies when --records is not given (default 800)")
+    b.add_argument("--phase", type=int, default=-1, help="index of the config's phase to time (default: the last)")
+    b.add_argument("--scaling", action="store_true", help="also measure horovodrun -np 2 against -np 1")
+    b.add_argument("--keep", default=None, help="work folder to keep (and reuse)")
+
     sub.add_parser("env", help="print versions of the stack and the GPUs seen",
                    description="Print TensorFlow, tf-keras, Horovod, tensorflow-io and albumentations versions.")
     return parser
@@ -235,6 +247,16 @@ def cmd_bench(args) -> int:
         if args.n < 1:
             raise MedtlError(f"--n must be >= 1, got {args.n}")
         bench_ingest.run(args.n, args.workers, args.source_size, args.image_size, args.repeats, args.keep)
+    elif args.bench == "train":
+        from medtl.bench import train as bench_train
+
+        if args.epochs < 2:
+            raise MedtlError(f"--epochs must be >= 2 (the first epoch is excluded), got {args.epochs}")
+        cfg = load_job_config(args.config, args.overrides)
+        records = os.path.abspath(args.records) if args.records and "://" not in args.records else args.records
+        if not -len(cfg.phases) <= args.phase < len(cfg.phases):
+            raise MedtlError(f"--phase {args.phase}: the config has {len(cfg.phases)} phase(s)")
+        bench_train.run(cfg, records, args.epochs, args.n, args.scaling, args.keep, args.phase)
     return 0
 
 

@@ -22,14 +22,18 @@ _MISSING = dataclasses.MISSING
 
 @dataclass(frozen=True)
 class Trainable:
-    """Which part of the base a phase trains: none, all, or the top N blocks.
+    """Which part of the base a phase trains.
 
-    YAML forms: `none`, `all`, `{top_blocks: N}`.
+    YAML forms: `none`, `all`, `{top_blocks: N}` (the backbone's last N blocks, e.g.
+    EfficientNet's block7, block6, ... with top_conv), `{top_fraction: F}` (the top F
+    of the base's layers), `{regex: PATTERN}` (layers whose name matches).
     """
 
-    kind: Literal["none", "all", "top_blocks"] = "none"
-    value: int = 0
-    yaml_type = "none, all or {top_blocks: N}"
+    kind: Literal["none", "all", "top_blocks", "top_fraction", "regex"] = "none"
+    blocks: int = 0
+    fraction: float = 0.0
+    pattern: str = ""
+    yaml_type = "none, all, {top_blocks: N}, {top_fraction: F} or {regex: PATTERN}"
 
     @classmethod
     def from_yaml(cls, raw: Any, key: str) -> "Trainable":
@@ -40,13 +44,26 @@ class Trainable:
             if kind == "top_blocks":
                 if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                     raise ConfigError(f"'{key}.top_blocks' must be an int >= 1, got {value!r}")
-                return cls(kind=kind, value=value)
-        raise ConfigError(
-            f"'{key}' must be 'none', 'all' or {{top_blocks: N}}, got {raw!r}"
-        )
+                return cls(kind=kind, blocks=value)
+            if kind == "top_fraction":
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+                    raise ConfigError(f"'{key}.top_fraction' must be a number in (0, 1], got {value!r}")
+                return cls(kind=kind, fraction=float(value))
+            if kind == "regex":
+                if not isinstance(value, str) or not value:
+                    raise ConfigError(f"'{key}.regex' must be a non-empty pattern, got {value!r}")
+                try:
+                    re.compile(value)
+                except re.error as exc:
+                    raise ConfigError(f"'{key}.regex' is not a valid regular expression ({exc}): {value!r}") from None
+                return cls(kind=kind, pattern=value)
+        raise ConfigError(f"'{key}' must be {cls.yaml_type}, got {raw!r}")
 
     def to_yaml(self) -> Any:
-        return self.kind if self.kind in ("none", "all") else {self.kind: self.value}
+        if self.kind in ("none", "all"):
+            return self.kind
+        value = {"top_blocks": self.blocks, "top_fraction": self.fraction, "regex": self.pattern}[self.kind]
+        return {self.kind: value}
 
 
 @dataclass(frozen=True)
@@ -108,18 +125,71 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class LossConfig:
+    # bce; weighted_bce (positives weighted by the train split's (1-p)/p from the manifest);
+    # focal (Lin et al. 2017); asl (asymmetric loss, Ridnik et al. 2021). All honour the label mask.
+    name: Literal["bce", "weighted_bce", "focal", "asl"] = "bce"
+    # weighted_bce: cap on a label's positive weight (rare labels would otherwise dominate).
+    max_pos_weight: float = 50.0
+    # focal: focusing exponent gamma.
+    gamma: float = 2.0
+    # focal: weight of positives (negatives get 1 - alpha); a negative value disables it.
+    alpha: float = -1.0
+    # asl: focusing exponent for positives.
+    gamma_pos: float = 0.0
+    # asl: focusing exponent for negatives.
+    gamma_neg: float = 4.0
+    # asl: probability margin shifted off easy negatives.
+    clip: float = 0.05
+
+    def check(self) -> list[tuple[str, str]]:
+        problems = []
+        if self.max_pos_weight < 1:
+            problems.append(("max_pos_weight", f"must be >= 1, got {self.max_pos_weight}"))
+        for name in ("gamma", "gamma_pos", "gamma_neg"):
+            if getattr(self, name) < 0:
+                problems.append((name, f"must be >= 0, got {getattr(self, name)}"))
+        if self.alpha > 1:
+            problems.append(("alpha", f"must be <= 1 (negative disables it), got {self.alpha}"))
+        if not 0 <= self.clip < 1:
+            problems.append(("clip", f"must be in [0, 1), got {self.clip}"))
+        return problems
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     # Images per rank per step. The global batch is this times the number of Horovod ranks.
     batch_size: int = 32
-    # float32, or mixed_float16 for GPUs (the head's output stays float32).
+    # float32, or mixed_float16 for GPUs (the head's output stays float32; loss scaling is dynamic).
     precision: Literal["float32", "mixed_float16"] = "float32"
-    # How learning rates grow with the number of ranks: linear (x ranks) or none.
-    lr_scaling: Literal["linear", "none"] = "linear"
+    # How learning rates grow with the number of ranks: linear (x ranks), sqrt, or none.
+    lr_scaling: Literal["linear", "sqrt", "none"] = "linear"
+    # Compile the train step with XLA.
+    jit_compile: bool = False
+    # Send gradients between ranks as float16 (halves allreduce traffic).
+    fp16_allreduce: bool = False
+    # The multi-label loss.
+    loss: LossConfig = field(default_factory=LossConfig)
+    # Epoch checkpoints kept (the newest); the best weights are kept as well.
+    keep_checkpoints: int = 2
+    # Consecutive steps with a non-finite loss or gradient (updates skipped) before training stops.
+    nonfinite_patience: int = 20
+    # Seconds Horovod waits for a missing rank before ending the job (0 waits forever).
+    stall_shutdown_seconds: int = 120
+    # TensorFlow intra-op threads per rank; 0 lets TensorFlow choose.
+    intra_op_threads: int = 0
+    # TensorFlow inter-op threads per rank; 0 lets TensorFlow choose.
+    inter_op_threads: int = 0
 
     def check(self) -> list[tuple[str, str]]:
-        if self.batch_size < 1:
-            return [("batch_size", f"must be >= 1, got {self.batch_size}")]
-        return []
+        problems = []
+        for name in ("batch_size", "keep_checkpoints", "nonfinite_patience"):
+            if getattr(self, name) < 1:
+                problems.append((name, f"must be >= 1, got {getattr(self, name)}"))
+        for name in ("stall_shutdown_seconds", "intra_op_threads", "inter_op_threads"):
+            if getattr(self, name) < 0:
+                problems.append((name, f"must be >= 0, got {getattr(self, name)}"))
+        return problems
 
 
 @dataclass(frozen=True)
@@ -130,7 +200,7 @@ class PhaseConfig:
     epochs: int
     # Base learning rate (for one rank; scaled by train.lr_scaling).
     learning_rate: float
-    # What of the base trains: none (head only), all, or {top_blocks: N}.
+    # What of the base trains: none (head only), all, {top_blocks: N}, {top_fraction: F} or {regex: PATTERN}.
     trainable: Trainable = field(default_factory=Trainable)
     # Let BatchNorm layers of the base train (batch statistics). Off keeps them in inference mode.
     train_batch_norm: bool = False
@@ -138,9 +208,23 @@ class PhaseConfig:
     schedule: Literal["cosine", "constant"] = "cosine"
     # Epochs of linear warmup from 0 to the learning rate at the start of the phase (may be fractional).
     warmup_epochs: float = 0.0
+    # adam, adamw (decoupled weight decay) or sgd (with momentum).
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    # Decoupled weight decay (adamw, sgd); 0 disables it.
+    weight_decay: float = 0.0
+    # sgd: momentum.
+    momentum: float = 0.9
+    # Stop the phase when val macro AUROC has not improved for this many epochs; 0 never stops early.
+    early_stopping_patience: int = 0
 
     def check(self) -> list[tuple[str, str]]:
         problems = []
+        if self.weight_decay < 0:
+            problems.append(("weight_decay", f"must be >= 0, got {self.weight_decay}"))
+        if self.early_stopping_patience < 0:
+            problems.append(("early_stopping_patience", f"must be >= 0, got {self.early_stopping_patience}"))
+        if self.weight_decay and self.optimizer == "adam":
+            problems.append(("weight_decay", "needs optimizer adamw or sgd (adam has no decoupled decay)"))
         if not 0 <= self.warmup_epochs <= self.epochs:
             problems.append(("warmup_epochs", f"must be in [0, epochs], got {self.warmup_epochs}"))
         if self.epochs < 1:

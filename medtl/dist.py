@@ -24,7 +24,7 @@ class Context:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
-    hvd: Any = None  # horovod.tensorflow.keras when distributed
+    hvd: Any = None  # the horovod.tensorflow module when distributed
 
     @property
     def primary(self) -> bool:
@@ -37,14 +37,21 @@ class Context:
 
 _context: Context | None = None
 
+# Seconds a rank may wait on a missing peer before Horovod shuts the job down (0 = never).
+DEFAULT_STALL_SHUTDOWN_SECONDS = 120
+
 
 def launched() -> bool:
     """True when a launcher started this process as one rank of several."""
     return any(name in os.environ for name in _LAUNCH_ENV)
 
 
-def init() -> Context:
-    """Initialise Horovod if launched by horovodrun/mpirun, pin one GPU per local rank."""
+def init(stall_shutdown_seconds: int = DEFAULT_STALL_SHUTDOWN_SECONDS) -> Context:
+    """Initialise Horovod if launched by horovodrun/mpirun, pin one GPU per local rank.
+
+    The stall shutdown is on by default: a dead or blocked rank ends the job with an
+    error naming the missing ranks instead of hanging it.
+    """
     global _context
     if _context is not None:
         return _context
@@ -52,8 +59,10 @@ def init() -> Context:
         _context = Context()
         set_primary(True)
         return _context
+    os.environ.setdefault("HOROVOD_STALL_CHECK_TIME_SECONDS", str(max(1, min(60, stall_shutdown_seconds // 2 or 60))))
+    os.environ.setdefault("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", str(stall_shutdown_seconds))
     try:
-        import horovod.tensorflow.keras as hvd
+        import horovod.tensorflow as hvd
     except ImportError as exc:
         raise MedtlError(
             f"this process was started by a launcher (horovodrun/mpirun) but Horovod cannot be imported "
@@ -67,23 +76,38 @@ def init() -> Context:
         tf.config.set_visible_devices(gpus[hvd.local_rank() % len(gpus)], "GPU")
     _context = Context(rank=hvd.rank(), size=hvd.size(), local_rank=hvd.local_rank(), hvd=hvd)
     set_primary(_context.primary)
+    if not _context.primary:  # other ranks print errors only
+        import warnings
+
+        warnings.simplefilter("ignore")
+        tf.get_logger().setLevel("ERROR")
     return _context
 
 
-def wrap_optimizer(ctx: Context, optimizer, fp16_compression: bool = False):
-    """Average gradients across ranks. Wrap the plain optimizer: Keras adds loss scaling itself
-    for mixed_float16 at compile time (wrapping a LossScaleOptimizer fails, see docs/stack.md)."""
+def gradient_reducer(ctx: Context, fp16_compression: bool = False):
+    """A function (list of gradients -> their average over ranks) for the train step.
+
+    medtl averages gradients itself, in the train step and before the finite check,
+    instead of wrapping the optimizer in hvd.DistributedOptimizer: under a
+    LossScaleOptimizer that wrapper allreduces only when a rank's *own* gradients are
+    finite, so a NaN on one rank would leave the others waiting in the collective.
+    Averaged first, every rank takes (or skips) the same update.
+    """
     if not ctx.distributed:
-        return optimizer
-    compression = ctx.hvd.Compression.fp16 if fp16_compression else ctx.hvd.Compression.none
-    return ctx.hvd.DistributedOptimizer(optimizer, compression=compression)
+        return None
+    hvd = ctx.hvd
+    compression = hvd.Compression.fp16 if fp16_compression else hvd.Compression.none
+
+    def reduce_fn(grads):
+        return hvd.grouped_allreduce(list(grads), op=hvd.Average, compression=compression)
+
+    return reduce_fn
 
 
-def broadcast_callbacks(ctx: Context) -> list:
-    """Keras callbacks that copy rank 0's initial weights and optimizer state to every rank."""
-    if not ctx.distributed:
-        return []
-    return [ctx.hvd.callbacks.BroadcastGlobalVariablesCallback(0)]
+def broadcast_variables(ctx: Context, variables) -> None:
+    """Copy rank 0's values of `variables` (weights and optimizer state) to every rank."""
+    if ctx.distributed:
+        ctx.hvd.broadcast_variables(variables, root_rank=0)
 
 
 def allgather(ctx: Context, array: np.ndarray) -> np.ndarray:
@@ -108,7 +132,17 @@ def broadcast_object(ctx: Context, obj: Any, name: str) -> Any:
 
 
 def lr_scale(ctx: Context, policy: str) -> float:
-    return float(ctx.size) if policy == "linear" else 1.0
+    """Learning-rate multiplier for `ctx.size` ranks: linear (x size), sqrt, or none."""
+    if policy == "linear":
+        return float(ctx.size)
+    if policy == "sqrt":
+        return float(ctx.size) ** 0.5
+    return 1.0
+
+
+def fingerprints_agree(ctx: Context, fingerprint: float) -> list[float]:
+    """Every rank's value of `fingerprint`, in rank order (to check that weights are in sync)."""
+    return [float(v) for v in allgather(ctx, np.array([fingerprint], np.float64))]
 
 
 def horovod_info() -> dict:

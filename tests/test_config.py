@@ -73,13 +73,19 @@ def test_phase_fields_and_trainable_forms():
     cfg = load_config(raw={"phases": [
         {"name": "a", "epochs": 1, "learning_rate": 1e-3, "trainable": "none"},
         {"name": "b", "epochs": 2, "learning_rate": 1e-4, "trainable": {"top_blocks": 3}},
-        {"name": "c", "epochs": 1, "learning_rate": 1e-5, "trainable": "all"}]})
-    assert [p.trainable for p in cfg.phases] == [Trainable("none"), Trainable("top_blocks", 3), Trainable("all")]
-    with pytest.raises(ConfigError, match="'phases.0.trainable' must be 'none', 'all' or"):
+        {"name": "c", "epochs": 1, "learning_rate": 1e-5, "trainable": "all"},
+        {"name": "d", "epochs": 1, "learning_rate": 1e-5, "trainable": {"top_fraction": 0.25}},
+        {"name": "e", "epochs": 1, "learning_rate": 1e-5, "trainable": {"regex": "^block7"}}]})
+    assert [p.trainable for p in cfg.phases] == [
+        Trainable("none"), Trainable("top_blocks", blocks=3), Trainable("all"),
+        Trainable("top_fraction", fraction=0.25), Trainable("regex", pattern="^block7")]
+    with pytest.raises(ConfigError, match="'phases.0.trainable' must be none, all, .top_blocks"):
         load_config(raw={"phases": [{"name": "a", "epochs": 1, "learning_rate": 1e-3, "trainable": "some"}]})
-    with pytest.raises(ConfigError, match="top_blocks' must be an int >= 1"):
-        load_config(raw={"phases": [{"name": "a", "epochs": 1, "learning_rate": 1e-3,
-                                     "trainable": {"top_blocks": 0}}]})
+    for bad, message in (({"top_blocks": 0}, "top_blocks' must be an int >= 1"),
+                         ({"top_fraction": 1.5}, "top_fraction' must be a number in"),
+                         ({"regex": "block[7"}, "regex' is not a valid regular expression")):
+        with pytest.raises(ConfigError, match=message):
+            load_config(raw={"phases": [{"name": "a", "epochs": 1, "learning_rate": 1e-3, "trainable": bad}]})
 
 
 def test_missing_required_phase_field():
@@ -105,7 +111,7 @@ def test_set_overrides_nested_values_and_list_items():
     assert cfg.train.batch_size == 8
     assert cfg.model.head.dense == (64, 32)
     assert cfg.phases[1].learning_rate == pytest.approx(3e-5)
-    assert cfg.phases[1].trainable == Trainable("top_blocks", 1)
+    assert cfg.phases[1].trainable == Trainable("top_blocks", blocks=1)
     assert cfg.data.records == "/tmp/x"
     assert cfg.model.head.pooling == "gem"
 

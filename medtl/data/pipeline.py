@@ -59,8 +59,9 @@ def _decode_fn(manifest: dict, image_size: int, channels: int):
 
 
 def build_dataset(cfg: Config, split: str, rank: int = 0, num_ranks: int = 1, manifest: dict | None = None,
-                  training: bool | None = None) -> tf.data.Dataset:
-    """The batched dataset of `split` for one rank. Training streams repeat forever."""
+                  training: bool | None = None, first_epoch: int = 0) -> tf.data.Dataset:
+    """The batched dataset of `split` for one rank. Training streams repeat forever; their order is
+    seeded by (seed, rank, first_epoch), so a resumed run does not replay epoch 1's order."""
     from medtl.data.ingest import read_manifest
 
     manifest = manifest or read_manifest(cfg.data.records)
@@ -73,8 +74,9 @@ def build_dataset(cfg: Config, split: str, rank: int = 0, num_ranks: int = 1, ma
     ds = tf.data.Dataset.from_tensor_slices(files)
     if num_ranks > 1 and by_file:
         ds = ds.shard(num_ranks, rank)
+    seed = (cfg.seed * 1_000_003 + first_epoch * 7919 + rank) % (2 ** 31)
     if training:
-        ds = ds.shuffle(len(files), seed=cfg.seed, reshuffle_each_iteration=True)
+        ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
         ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=min(len(files), 8),
                            num_parallel_calls=AUTOTUNE, deterministic=False)
     else:
@@ -82,7 +84,7 @@ def build_dataset(cfg: Config, split: str, rank: int = 0, num_ranks: int = 1, ma
     if num_ranks > 1 and not by_file:
         ds = ds.shard(num_ranks, rank)
     if training:
-        ds = ds.shuffle(cfg.data.shuffle_buffer, seed=cfg.seed + rank, reshuffle_each_iteration=True)
+        ds = ds.shuffle(cfg.data.shuffle_buffer, seed=seed + 1, reshuffle_each_iteration=True)
         ds = ds.repeat()
     ds = ds.map(_decode_fn(manifest, cfg.data.image_size, cfg.data.channels), num_parallel_calls=AUTOTUNE,
                 deterministic=not training)

@@ -12,6 +12,74 @@ def set_precision(precision: str) -> None:
     tf.keras.mixed_precision.set_global_policy(precision)
 
 
+@tf.keras.utils.register_keras_serializable(package="medtl")
+class Classifier(tf.keras.Model):
+    """The functional classifier with a train step fit for Horovod and mixed precision.
+
+    Gradients are averaged across ranks (`reduce_gradients`, set by the trainer) before
+    anything looks at them, so the finite check is global: every rank applies the
+    update, or every rank skips it (a NaN on one rank cannot desynchronise the others).
+    Non-finite steps are counted in `nonfinite_streak` for the trainer's NaN guard.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.reduce_gradients = None  # list of gradients -> their average over ranks
+        # XLA for the forward/backward pass only: Horovod's collectives have no XLA kernels,
+        # so under Horovod the allreduce stays outside the compiled cluster.
+        self.jit_gradients = False
+        self._xla_gradients = None
+        # The epoch's loss over the steps that were applied (a skipped NaN step changes nothing).
+        self.applied_loss = tf.keras.metrics.Mean(name="loss")
+        self.nonfinite_streak = tf.Variable(0, trainable=False, dtype=tf.int64, name="nonfinite_streak")
+        self.nonfinite_total = tf.Variable(0, trainable=False, dtype=tf.int64, name="nonfinite_total")
+
+    def _gradients(self, x, y, sample_weight):
+        """(loss, predictions, gradients of the possibly scaled loss) for one local batch."""
+        scaled = isinstance(self.optimizer, tf.keras.mixed_precision.LossScaleOptimizer)
+        with tf.GradientTape() as tape:
+            y_pred = self(x, training=True)
+            loss = self.compute_loss(x, y, y_pred, sample_weight)
+            target = self.optimizer.get_scaled_loss(loss) if scaled else loss
+        return loss, y_pred, tape.gradient(target, self.trainable_variables)
+
+    def train_step(self, data):
+        x, y, sample_weight = tf.keras.utils.unpack_x_y_sample_weight(data)
+        scaled = isinstance(self.optimizer, tf.keras.mixed_precision.LossScaleOptimizer)
+        if self.jit_gradients:
+            if self._xla_gradients is None:
+                self._xla_gradients = tf.function(self._gradients, jit_compile=True)
+            loss, y_pred, grads = self._xla_gradients(x, y, sample_weight)
+        else:
+            loss, y_pred, grads = self._gradients(x, y, sample_weight)
+        variables = self.trainable_variables
+        if self.reduce_gradients is not None:
+            grads = self.reduce_gradients(grads)
+        finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
+        if scaled:
+            # The LossScaleOptimizer skips non-finite updates and lowers the scale itself;
+            # its check now sees the same averaged gradients on every rank.
+            self.optimizer.apply_gradients(zip(self.optimizer.get_unscaled_gradients(grads), variables))
+        else:
+            tf.cond(finite, lambda: self._apply(grads, variables), lambda: tf.constant(False))
+        self.nonfinite_streak.assign(tf.where(finite, tf.constant(0, tf.int64), self.nonfinite_streak + 1))
+        self.nonfinite_total.assign_add(tf.cast(tf.logical_not(finite), tf.int64))
+        applied = tf.cast(finite, tf.float32)
+        self.applied_loss.update_state(tf.where(finite, tf.cast(loss, tf.float32), 0.0), sample_weight=applied)
+        results = self.compute_metrics(x, y, y_pred, sample_weight)
+        results["loss"] = self.applied_loss.result()
+        return results
+
+    @property
+    def metrics(self):
+        found = super().metrics  # reset with the others at each epoch
+        return found if any(m is self.applied_loss for m in found) else found + [self.applied_loss]
+
+    def _apply(self, grads, variables):
+        self.optimizer.apply_gradients(zip(grads, variables))
+        return tf.constant(True)
+
+
 def build_model(cfg: Config, num_labels: int, weights: str | None = None) -> tf.keras.Model:
     """The classifier for `cfg`. `weights` overrides cfg.model.weights (e.g. none when a checkpoint follows)."""
     size, channels = cfg.data.image_size, cfg.data.channels
@@ -21,7 +89,7 @@ def build_model(cfg: Config, num_labels: int, weights: str | None = None) -> tf.
     base = build_backbone(cfg.model.backbone, weights or cfg.model.weights, size, channels)
     features = base(x)  # (batch, h, w, c) feature map
     logits = build_head(features, cfg.model.head, num_labels)
-    return tf.keras.Model(inputs, logits, name="medtl_classifier")
+    return Classifier(inputs, logits, name="medtl_classifier")
 
 
 def get_base(model: tf.keras.Model) -> tf.keras.Model:

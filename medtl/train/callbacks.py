@@ -1,7 +1,6 @@
-"""Keras callbacks for a phase: exact validation AUROC, best-weights tracking, history, throughput."""
+"""Keras callbacks for a phase: metrics, best weights and checkpoints, the NaN guard, TensorBoard."""
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -12,43 +11,8 @@ from medtl import dist
 from medtl.evaluate.metrics import mean_bce, summary_metrics
 from medtl.evaluate.predict import predict_split
 from medtl.tf import tf
-
-
-class EpochMetrics(tf.keras.callbacks.Callback):
-    """Adds throughput, learning rate and exact validation metrics (scikit-learn AUROC on the
-    whole val split, gathered from all ranks) to the epoch logs, the same on every rank."""
-
-    def __init__(self, cfg, manifest, ctx: dist.Context, images_per_epoch: int):
-        super().__init__()
-        self.cfg, self.manifest, self.ctx = cfg, manifest, ctx
-        self.images_per_epoch = images_per_epoch
-        self.label_names = manifest["labels"]
-        self._start = 0.0
-        # Per-epoch values kept out of the Keras logs so the progress bar stays readable.
-        self.extra: dict = {}
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._start = time.monotonic()
-
-    def on_epoch_end(self, epoch, logs=None):
-        logs = logs if logs is not None else {}
-        seconds = time.monotonic() - self._start
-        # Every rank took as long as the slowest; average the view anyway for stable logs.
-        seconds = dist.allreduce_mean(self.ctx, seconds, "epoch_seconds")
-        logs["images_per_second"] = self.images_per_epoch / seconds if seconds > 0 else 0.0
-        logs["lr"] = current_learning_rate(self.model.optimizer)
-        out = predict_split(self.model, self.cfg, self.manifest, "val", self.ctx)
-        summary = summary_metrics(out["labels"], out["probs"], self.label_names, out["mask"])
-        logs["val_loss"] = mean_bce(out["labels"], out["probs"], out["mask"])
-        macro = summary["macro"]["auroc"]
-        logs["val_auroc"] = macro if macro is not None else math.nan
-        self.extra = {
-            "seconds": seconds,
-            "images_per_second_per_rank": logs["images_per_second"] / self.ctx.size,
-            "ranks": self.ctx.size,
-            "val_auroc_per_label": {name: row["auroc"] for name, row in summary["labels"].items()},
-            "val_auprc": summary["macro"]["auprc"],
-        }
+from medtl.train import checkpoints as ckpt
+from medtl.utils import faults
 
 
 def current_learning_rate(optimizer) -> float:
@@ -59,61 +23,165 @@ def current_learning_rate(optimizer) -> float:
     return float(tf.keras.backend.get_value(lr))
 
 
-class BestWeights(tf.keras.callbacks.Callback):
-    """Keeps the phase's best weights (by val_auroc) in memory on every rank, so the next
-    phase can start from them without reading a file; rank 0 also saves them."""
+class FaultHooks(tf.keras.callbacks.Callback):
+    """Scheduled kills and stalls for the reliability tests (no-op unless MEDTL_FAULTS is set)."""
 
-    def __init__(self, ctx: dist.Context, path: str, overall_path: str, overall_best: float):
+    def __init__(self, rank: int, steps_per_epoch: int):
         super().__init__()
-        self.ctx, self.path, self.overall_path = ctx, path, overall_path
-        self.best = -math.inf
-        self.best_epoch = -1
-        self.weights = None
-        self.overall_best = overall_best
+        self.rank, self.steps_per_epoch = rank, steps_per_epoch
+        self._epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_begin(self, batch, logs=None):
+        faults.before_step(self.rank, self._epoch * self.steps_per_epoch + batch)
+
+
+class NonFiniteGuard(tf.keras.callbacks.Callback):
+    """Stops training on every rank when the last `patience` steps of an epoch were all skipped
+    (the loss or gradients stayed NaN/Inf). The streak comes from gradients averaged over all
+    ranks, so every rank sees the same value. Checked at epoch end, not per batch, so the
+    train step never waits on the host; skipped steps leave the weights untouched meanwhile."""
+
+    def __init__(self, patience: int):
+        super().__init__()
+        self.patience = patience
+        self.tripped: tuple[int, int] | None = None
 
     def on_epoch_end(self, epoch, logs=None):
-        value = (logs or {}).get("val_auroc", math.nan)
-        if math.isnan(value) or value <= self.best:
-            return
-        self.best, self.best_epoch = value, epoch
-        self.weights = [w.copy() for w in self.model.get_weights()]
-        if self.ctx.primary:
-            _save_weights_atomic(self.model, self.path)
-        if value > self.overall_best:
-            self.overall_best = value
-            if self.ctx.primary:
-                _save_weights_atomic(self.model, self.overall_path)
+        streak = int(self.model.nonfinite_streak.numpy())
+        if streak >= self.patience and self.tripped is None:
+            self.tripped = (epoch, streak)
+            self.model.stop_training = True
 
-    def restore(self) -> None:
+
+class EpochMetrics(tf.keras.callbacks.Callback):
+    """Adds throughput, learning rate, the rank-averaged loss and exact validation metrics
+    (scikit-learn AUROC on the whole val split, gathered from all ranks) to the epoch logs,
+    identically on every rank."""
+
+    def __init__(self, cfg, manifest, ctx: dist.Context, images_per_epoch: int, guard: NonFiniteGuard):
+        super().__init__()
+        self.cfg, self.manifest, self.ctx, self.guard = cfg, manifest, ctx, guard
+        self.images_per_epoch = images_per_epoch
+        self.label_names = manifest["labels"]
+        self._start = 0.0
+        # Per-epoch values kept out of the Keras logs so the progress bar stays readable.
+        self.extra: dict = {}
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.monotonic()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.guard.tripped:
+            return
+        logs = logs if logs is not None else {}
+        seconds = dist.allreduce_mean(self.ctx, time.monotonic() - self._start, "epoch_seconds")
+        logs["loss"] = dist.allreduce_mean(self.ctx, float(logs.get("loss", math.nan)), "epoch_loss")
+        logs["images_per_second"] = self.images_per_epoch / seconds if seconds > 0 else 0.0
+        logs["lr"] = current_learning_rate(self.model.optimizer)
+        out = predict_split(self.model, self.cfg, self.manifest, "val", self.ctx)
+        summary = summary_metrics(out["labels"], out["probs"], self.label_names, out["mask"])
+        logs["val_loss"] = mean_bce(out["labels"], out["probs"], out["mask"])
+        macro = summary["macro"]["auroc"]
+        logs["val_auroc"] = macro if macro is not None else math.nan
+        optimizer = self.model.optimizer
+        self.extra = {
+            "seconds": seconds,
+            "images_per_second_per_rank": logs["images_per_second"] / self.ctx.size,
+            "ranks": self.ctx.size,
+            "val_auroc_per_label": {name: row["auroc"] for name, row in summary["labels"].items()},
+            "val_auprc": summary["macro"]["auprc"],
+            "skipped_steps_total": int(self.model.nonfinite_total.numpy()),
+            "loss_scale": float(optimizer.loss_scale) if hasattr(optimizer, "loss_scale") else None,
+        }
+
+
+class PhaseTracker(tf.keras.callbacks.Callback):
+    """Per epoch: tracks the phase's best weights (in memory on every rank, on disk on rank 0),
+    stops the phase early after `patience` epochs without improvement, and has rank 0 commit
+    the epoch checkpoint, the history line and the resume pointer."""
+
+    def __init__(self, ctx, workdir, phase, index: int, phase_start: int, state: ckpt.RunState,
+                 metrics: EpochMetrics, guard: NonFiniteGuard, keep: int):
+        super().__init__()
+        self.ctx, self.workdir, self.phase, self.index = ctx, workdir, phase, index
+        self.phase_start, self.state, self.metrics, self.guard, self.keep = phase_start, state, metrics, guard, keep
+        best = state.phase_best.get(str(index), {})
+        self.best = best.get("metric", -math.inf)
+        self.best_epoch = best.get("epoch", -1)
+        self.weights = None  # the phase's best weights, when reached in this process
+        folder = os.path.join(workdir, ckpt.CHECKPOINT_DIR)
+        self.phase_path = os.path.join(folder, ckpt.phase_weights_name(index, phase.name))
+        self.overall_path = os.path.join(folder, ckpt.BEST_WEIGHTS)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.guard.tripped:
+            return  # a partial epoch is never committed
+        logs = logs or {}
+        value = float(logs.get("val_auroc", math.nan))
+        if not math.isnan(value) and value > self.best:
+            self.best, self.best_epoch = value, epoch
+            self.weights = [w.copy() for w in self.model.get_weights()]
+            if self.ctx.primary:
+                ckpt.save_weights_atomic(self.model, self.phase_path)
+            if self.state.overall_best is None or value > self.state.overall_best:
+                self.state.overall_best = value
+                if self.ctx.primary:
+                    ckpt.save_weights_atomic(self.model, self.overall_path)
+        in_phase = epoch - self.phase_start + 1
+        stale = epoch - self.best_epoch
+        early = bool(self.phase.early_stopping_patience) and stale >= self.phase.early_stopping_patience
+        if early:
+            self.model.stop_training = True
+        state = self.state
+        state.epochs_done, state.phase_index, state.epoch_in_phase = epoch + 1, self.index, in_phase
+        state.phase_done = early or in_phase >= self.phase.epochs
+        state.phase_best[str(self.index)] = {"metric": self.best, "epoch": self.best_epoch}
+        state.ranks = self.ctx.size
+        if self.ctx.primary:
+            row = {"phase": self.phase.name, "phase_index": self.index, "epoch": epoch, "epoch_in_phase": in_phase - 1,
+                   "stopped_early": early and in_phase < self.phase.epochs}
+            row.update({k: _clean(v) for k, v in logs.items()})
+            for key, value in self.metrics.extra.items():
+                row[key] = {k: _clean(v) for k, v in value.items()} if isinstance(value, dict) else _clean(value)
+            ckpt.commit_epoch(self.model, self.workdir, state, row, self.keep)
+
+    def restore_best(self) -> None:
+        """Leave the model at the phase's best weights, on every rank."""
         if self.weights is not None:
             self.model.set_weights(self.weights)
+        elif self.ctx.primary and os.path.exists(self.phase_path):
+            self.model.load_weights(self.phase_path)  # reached before a resume
+        if self.weights is None:
+            dist.broadcast_variables(self.ctx, self.model.variables)
 
 
-def _save_weights_atomic(model, path: str) -> None:
-    # Keras picks the format from the suffix: .weights.h5 stores variables by object path,
-    # so a file saved with some layers frozen loads into a model with other flags.
-    tmp = path[: -len(".weights.h5")] + ".tmp.weights.h5"
-    model.save_weights(tmp)
-    os.replace(tmp, path)
+class TensorBoardWriter(tf.keras.callbacks.Callback):
+    """Scalars per epoch (rank 0): loss, val AUROC (macro and per label), learning rate,
+    loss scale, images/s (global and per rank)."""
 
-
-class HistoryWriter(tf.keras.callbacks.Callback):
-    """One JSON line per epoch in history.jsonl (rank 0 only)."""
-
-    def __init__(self, path: str, phase_index: int, phase_name: str, first_epoch: int, metrics: EpochMetrics):
+    def __init__(self, logdir: str, metrics: EpochMetrics, guard: NonFiniteGuard):
         super().__init__()
-        self.path, self.phase_index, self.phase_name = path, phase_index, phase_name
-        self.first_epoch = first_epoch
-        self.metrics = metrics
+        self.writer = tf.summary.create_file_writer(logdir)
+        self.metrics, self.guard = metrics, guard
 
     def on_epoch_end(self, epoch, logs=None):
-        row = {"phase": self.phase_name, "phase_index": self.phase_index, "epoch": epoch,
-               "epoch_in_phase": epoch - self.first_epoch}
-        row.update({key: _clean(value) for key, value in (logs or {}).items()})
-        for key, value in self.metrics.extra.items():
-            row[key] = {k: _clean(v) for k, v in value.items()} if isinstance(value, dict) else _clean(value)
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(row, sort_keys=True) + "\n")
+        if self.guard.tripped:
+            return
+        extra = self.metrics.extra
+        with self.writer.as_default(step=epoch):
+            for key in ("loss", "val_loss", "val_auroc", "lr", "images_per_second"):
+                if key in (logs or {}):
+                    tf.summary.scalar(key, float(logs[key]))
+            tf.summary.scalar("images_per_second_per_rank", extra.get("images_per_second_per_rank", 0.0))
+            if extra.get("loss_scale") is not None:
+                tf.summary.scalar("loss_scale", extra["loss_scale"])
+            for name, value in extra.get("val_auroc_per_label", {}).items():
+                if value is not None:
+                    tf.summary.scalar(f"val_auroc/{name}", value)
+        self.writer.flush()
 
 
 def _clean(value):

@@ -1,41 +1,35 @@
 """`medtl train`: phased transfer learning over the shards, single process or under Horovod.
 
-    medtl train --config jobs/smoke.yaml --workdir runs/smoke
-    horovodrun -np 2 -H localhost:2 --gloo medtl train --config jobs/smoke.yaml --workdir runs/smoke
+    medtl train --config jobs/smoke.yaml --workdir runs/smoke --set data.records=records/
+    horovodrun -np 2 -H localhost:2 --gloo medtl train --config jobs/smoke.yaml --workdir runs/smoke ...
 
-Run folder: config.yaml (resolved), history.jsonl (one line per epoch),
-checkpoints/best.weights.h5 (weights with the best val macro AUROC over all phases) and
-checkpoints/phase<i>-<name>.weights.h5 (best of each phase).
+Re-running the same command with the same --workdir resumes after the last
+completed epoch (with any number of ranks); a finished run is left as it is.
+Run folder: config.yaml, history.jsonl, trainable.json, tensorboard/, checkpoints/.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
-import math
 import os
 
 import numpy as np
 
 from medtl import dist
 from medtl.config import Config, save_config
-from medtl.data.ingest import read_manifest
 from medtl.data import verify
+from medtl.data.ingest import read_manifest
 from medtl.data.pipeline import build_dataset, split_size
 from medtl.errors import MedtlError
 from medtl.models.build import build_model, set_precision
 from medtl.models.losses import build_loss
 from medtl.tf import tf
 from medtl.train import callbacks as cb
-from medtl.train.phases import apply_phase, check_phases_trainable
+from medtl.train import checkpoints as ckpt
+from medtl.train.phases import apply_phase, check_phases_trainable, trainable_variable_names
+from medtl.utils import faults
 from medtl.utils.log import log
-
-CONFIG_FILE = "config.yaml"
-HISTORY_FILE = "history.jsonl"
-CHECKPOINT_DIR = "checkpoints"
-BEST_WEIGHTS = "best.weights.h5"
-
-
-def phase_weights_name(index: int, name: str) -> str:
-    return f"phase{index}-{name}.weights.h5"
 
 
 def _steps_per_epoch(manifest: dict, cfg: Config, ctx: dist.Context) -> int:
@@ -63,71 +57,181 @@ def build_schedule(phase, learning_rate: float, steps_per_epoch: int):
         warmup_target=learning_rate if warmup else None, warmup_steps=warmup)
 
 
-def _build_optimizer(ctx: dist.Context, phase, learning_rate: float, steps_per_epoch: int):
-    # Horovod averages the gradients; mixed precision loss scaling is added by compile().
+def build_optimizer(phase, learning_rate: float, steps_per_epoch: int):
+    """The phase's optimizer. Gradients are averaged across ranks in the train step, and
+    compile() adds loss scaling for mixed_float16."""
     schedule = build_schedule(phase, learning_rate, steps_per_epoch)
-    return dist.wrap_optimizer(ctx, tf.keras.optimizers.Adam(schedule))
+    if phase.optimizer == "sgd":
+        return tf.keras.optimizers.SGD(schedule, momentum=phase.momentum, weight_decay=phase.weight_decay or None)
+    if phase.optimizer == "adamw":
+        return tf.keras.optimizers.AdamW(schedule, weight_decay=phase.weight_decay)
+    return tf.keras.optimizers.Adam(schedule)
+
+
+def _configure_threads(cfg: Config) -> None:
+    # Must run before TensorFlow executes its first op.
+    if cfg.train.intra_op_threads:
+        tf.config.threading.set_intra_op_parallelism_threads(cfg.train.intra_op_threads)
+    if cfg.train.inter_op_threads:
+        tf.config.threading.set_inter_op_parallelism_threads(cfg.train.inter_op_threads)
+
+
+def _prepare_run(ctx: dist.Context, cfg: Config, workdir: str) -> ckpt.RunState:
+    """Rank 0 reads (or starts) the run folder; every rank gets the same resume state."""
+    state = None
+    if ctx.primary:
+        os.makedirs(os.path.join(workdir, ckpt.CHECKPOINT_DIR), exist_ok=True)
+        state = ckpt.read_state(workdir)
+        if state is None:
+            save_config(cfg, os.path.join(workdir, ckpt.CONFIG_FILE))
+            ckpt.trim_history(workdir, 0)
+            state = ckpt.RunState(seed=cfg.seed)
+        else:
+            changed = ckpt.check_same_config(workdir, cfg)
+            if changed:
+                log(f"train: resuming with changed execution settings: {', '.join(changed)}")
+                save_config(cfg, os.path.join(workdir, ckpt.CONFIG_FILE))
+            ckpt.trim_history(workdir, state.history_lines)
+    shared = dist.broadcast_object(ctx, dataclasses.asdict(state) if state else None, "run_state")
+    return ckpt.RunState(**shared)
+
+
+def _phase_plan(cfg: Config, state: ckpt.RunState) -> list[tuple[int, int]]:
+    """(phase index, epochs already done in it) for the phases still to run."""
+    plan = []
+    for index in range(len(cfg.phases)):
+        if index < state.phase_index or (index == state.phase_index and state.phase_done and state.epochs_done):
+            continue
+        done = state.epoch_in_phase if index == state.phase_index and state.epochs_done else 0
+        plan.append((index, done))
+    return plan
+
+
+def _weights_fingerprint(model) -> str:
+    """Hash of the network's layer weights (not per-rank bookkeeping such as metric totals)."""
+    digest = hashlib.sha256()
+    for layer in model.layers:
+        for w in layer.get_weights():
+            digest.update(np.ascontiguousarray(w).tobytes())
+    return digest.hexdigest()[:13]
+
+
+def _check_in_sync(ctx: dist.Context, model, phase_name: str) -> str:
+    """Every rank must hold the same weights after a phase; returns the fingerprint."""
+    fingerprint = _weights_fingerprint(model)
+    values = dist.fingerprints_agree(ctx, float(int(fingerprint, 16)))
+    if len(set(values)) != 1:
+        raise MedtlError(f"ranks hold different weights after phase {phase_name!r} (fingerprints "
+                         f"{', '.join(f'{int(v):013x}' for v in values)}); training is not synchronised")
+    log(f"phase {phase_name!r}: weights identical on {ctx.size} rank(s) (fingerprint {fingerprint})")
+    return fingerprint
 
 
 def train(cfg: Config, workdir: str) -> dict:
-    """Run every phase of `cfg`; returns {'best_val_auroc', 'epochs', 'workdir'}."""
-    ctx = dist.init()
+    """Run (or resume) every phase of `cfg`; returns a summary."""
+    _configure_threads(cfg)
+    ctx = dist.init(cfg.train.stall_shutdown_seconds)
     manifest = read_manifest(cfg.data.records)
     damaged = verify.check_cheap(cfg.data.records, manifest, ["train", "val"])
     if damaged:
         raise MedtlError(f"{damaged[0]}; run `medtl verify {cfg.data.records}` and re-ingest or restore it")
-    label_names = manifest["labels"]
-    checkpoints = os.path.join(workdir, CHECKPOINT_DIR)
-    if ctx.primary:
-        os.makedirs(checkpoints, exist_ok=True)
-        save_config(cfg, os.path.join(workdir, CONFIG_FILE))
-        history_path = os.path.join(workdir, HISTORY_FILE)
-        if os.path.exists(history_path):
-            os.remove(history_path)
+    state = _prepare_run(ctx, cfg, workdir)
+    if state.finished(cfg):
+        log(f"train: {workdir} is complete ({state.epochs_done} epochs, best val macro AUROC "
+            f"{state.overall_best:.4f}); nothing to do. Train into a new --workdir to start again.")
+        return {"best_val_auroc": state.overall_best, "epochs": state.epochs_done, "workdir": workdir, "resumed": False}
 
-    tf.keras.utils.set_random_seed(cfg.seed)
+    tf.keras.utils.set_random_seed(cfg.seed + 1000 * state.epochs_done)
     set_precision(cfg.train.precision)
-    model = build_model(cfg, len(label_names))
+    model = build_model(cfg, len(manifest["labels"]))
     check_phases_trainable(model, cfg)
+    loss = build_loss(cfg.train.loss, manifest)
     steps = _steps_per_epoch(manifest, cfg, ctx)
-    train_ds = build_dataset(cfg, "train", ctx.rank, ctx.size, manifest)
     global_batch_size = cfg.train.batch_size * ctx.size
     log(f"train: {split_size(manifest, 'train')} train / {split_size(manifest, 'val')} val records, "
-        f"{len(label_names)} labels, {ctx.size} rank(s), global batch {global_batch_size}, "
-        f"{steps} steps per epoch, {cfg.model.backbone} at {cfg.data.image_size} px, {cfg.train.precision}")
+        f"{len(manifest['labels'])} labels, {ctx.size} rank(s), global batch {global_batch_size}, "
+        f"{steps} steps per epoch, {cfg.model.backbone} at {cfg.data.image_size} px, {cfg.train.precision}, "
+        f"loss {cfg.train.loss.name}")
+    if state.epochs_done:
+        log(f"train: resuming {workdir} after epoch {state.epochs_done} (phase {state.phase_index + 1}, "
+            f"checkpoint {state.checkpoint}, written by {state.ranks} rank(s))")
 
-    epoch = 0
-    overall_best = -math.inf
-    for index, phase in enumerate(cfg.phases):
+    fingerprints = {}
+    for position, (index, done_in_phase) in enumerate(_phase_plan(cfg, state)):
+        phase = cfg.phases[index]
+        first_epoch = state.epochs_done
+        phase_start = first_epoch - done_in_phase
+        if position == 0 and index > 0 and not done_in_phase:
+            _restore_previous_best(ctx, model, workdir, cfg, index)
         trainable = apply_phase(model, cfg, phase)
         learning_rate = phase.learning_rate * dist.lr_scale(ctx, cfg.train.lr_scaling)
-        model.compile(optimizer=_build_optimizer(ctx, phase, learning_rate, steps), loss=build_loss())
+        model.compile(optimizer=build_optimizer(phase, learning_rate, steps), loss=loss,
+                      jit_compile=cfg.train.jit_compile and not ctx.distributed)
+        model.reduce_gradients = dist.gradient_reducer(ctx, cfg.train.fp16_allreduce)
+        model.jit_gradients = cfg.train.jit_compile and ctx.distributed
+        model._xla_gradients = None  # retrace for this phase's trainable variables
+        model.optimizer.build(model.trainable_variables)
+        if done_in_phase and ctx.primary:
+            model.load_weights(os.path.join(workdir, ckpt.CHECKPOINT_DIR, state.checkpoint))
+        dist.broadcast_variables(ctx, model.variables + list(model.optimizer.variables))
+        _record_trainable(ctx, workdir, phase.name, model)
         params = int(sum(np.prod(v.shape) for v in model.trainable_variables))
-        log(f"phase {index + 1}/{len(cfg.phases)} '{phase.name}': {phase.epochs} epoch(s), lr {learning_rate:g}, "
-            f"{len(trainable)} base layers trainable ({params:,} trainable parameters with the head), "
-            f"BatchNorm {'training' if phase.train_batch_norm else 'frozen'}")
-        metrics = cb.EpochMetrics(cfg, manifest, ctx, steps * global_batch_size)
-        best = cb.BestWeights(ctx, os.path.join(checkpoints, phase_weights_name(index, phase.name)),
-                              os.path.join(checkpoints, BEST_WEIGHTS), overall_best)
-        callbacks = dist.broadcast_callbacks(ctx) + [metrics, best]
+        log(f"phase {index + 1}/{len(cfg.phases)} '{phase.name}': epoch(s) {done_in_phase + 1}..{phase.epochs} of "
+            f"{phase.epochs}, "
+            f"{phase.optimizer} lr {learning_rate:g}, {len(trainable)} base layers trainable ({params:,} trainable "
+            f"parameters with the head), BatchNorm {'training' if phase.train_batch_norm else 'frozen'}")
+        guard = cb.NonFiniteGuard(cfg.train.nonfinite_patience)
+        metrics = cb.EpochMetrics(cfg, manifest, ctx, steps * global_batch_size, guard)
+        tracker = cb.PhaseTracker(ctx, workdir, phase, index, phase_start, state, metrics, guard,
+                                  cfg.train.keep_checkpoints)
+        callbacks = [guard, metrics, tracker]
+        if faults.active("kill") or faults.active("stall"):
+            callbacks.insert(0, cb.FaultHooks(ctx.rank, steps))
         if ctx.primary:
-            callbacks.append(cb.HistoryWriter(os.path.join(workdir, HISTORY_FILE), index, phase.name, epoch,
-                                              metrics))
+            callbacks.append(cb.TensorBoardWriter(os.path.join(workdir, "tensorboard"), metrics, guard))
+        train_ds = build_dataset(cfg, "train", ctx.rank, ctx.size, manifest, first_epoch=first_epoch)
+        train_ds = faults.corrupt_inputs(train_ds, ctx.rank, first_epoch * steps)
         try:
-            model.fit(train_ds, epochs=epoch + phase.epochs, initial_epoch=epoch, steps_per_epoch=steps,
+            model.fit(train_ds, epochs=phase_start + phase.epochs, initial_epoch=first_epoch, steps_per_epoch=steps,
                       callbacks=callbacks, verbose=_verbosity(ctx))
         except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as exc:
             # A damaged shard met mid-training: name it (deep check) rather than skip it.
             verify.raise_if_damaged(cfg.data.records, manifest, ["train", "val"], exc)
-        epoch += phase.epochs
-        overall_best = best.overall_best
-        best.restore()  # the next phase starts from this phase's best weights
-        log(f"phase '{phase.name}' done: best val macro AUROC {best.best:.4f} (epoch {best.best_epoch + 1})")
-    summary = {"best_val_auroc": overall_best, "epochs": epoch, "workdir": workdir}
+        if guard.tripped:
+            epoch, streak = guard.tripped
+            raise MedtlError(
+                f"the loss or gradients were not finite for the last {streak} steps of epoch {epoch + 1} (phase "
+                f"'{phase.name}'; those updates were skipped); training stopped on all ranks. The last "
+                f"good checkpoint is {state.checkpoint or 'none (no epoch completed)'} and the best weights are "
+                f"untouched. Lower the learning rate (phases.{index}.learning_rate) or check the data.")
+        tracker.restore_best()  # the next phase starts from this phase's best weights
+        fingerprints[phase.name] = _check_in_sync(ctx, model, phase.name)
+        log(f"phase '{phase.name}' done: best val macro AUROC {tracker.best:.4f} (epoch {tracker.best_epoch + 1})")
+    summary = {"best_val_auroc": state.overall_best, "epochs": state.epochs_done, "workdir": workdir,
+               "ranks": ctx.size, "weights_fingerprint": fingerprints}
     if ctx.primary:
         with open(os.path.join(workdir, "train_summary.json"), "w", encoding="utf-8") as fh:
             json.dump(summary, fh, indent=2)
     return summary
+
+
+def _restore_previous_best(ctx, model, workdir, cfg, index: int) -> None:
+    """A run resumed at a phase boundary starts the phase from the previous phase's best weights
+    (within one process they are kept in memory; see PhaseTracker.restore_best)."""
+    path = os.path.join(workdir, ckpt.CHECKPOINT_DIR, ckpt.phase_weights_name(index - 1, cfg.phases[index - 1].name))
+    if ctx.primary and os.path.exists(path):
+        model.load_weights(path)
+    dist.broadcast_variables(ctx, model.variables)
+
+
+def _record_trainable(ctx, workdir: str, phase_name: str, model) -> None:
+    if not ctx.primary:
+        return
+    path = os.path.join(workdir, "trainable.json")
+    record = json.load(open(path)) if os.path.exists(path) else {}
+    record[phase_name] = trainable_variable_names(model)
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(record, fh, indent=1)
 
 
 def _verbosity(ctx: dist.Context) -> int:

@@ -1,0 +1,87 @@
+"""Scheduled fault injection for the reliability tests (as Horovod's own tests kill ranks on purpose).
+
+Set MEDTL_FAULTS to ';'-separated faults, each `kind:key=value,...`:
+  nan_batch:rank=R,step=S       that rank's input batch at global step S is NaN (once)
+  nan_from:step=S               every rank's inputs are NaN from global step S on (persistent)
+  kill:rank=R,step=S            that rank SIGKILLs itself before global step S
+  stall:rank=R,step=S,seconds=T that rank sleeps T seconds before global step S (before its allreduce)
+  kill_in_checkpoint:epoch=E    rank 0 SIGKILLs itself after writing epoch E's weights, before the pointer
+Never set in production; with it unset every hook here is a no-op.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from dataclasses import dataclass
+
+ENV = "MEDTL_FAULTS"
+
+
+@dataclass(frozen=True)
+class Fault:
+    kind: str
+    rank: int | None = None
+    step: int | None = None
+    epoch: int | None = None
+    seconds: float = 0.0
+
+
+def parse(text: str) -> list[Fault]:
+    faults = []
+    for item in filter(None, (part.strip() for part in text.split(";"))):
+        kind, _, args = item.partition(":")
+        values = dict(pair.split("=", 1) for pair in args.split(",") if pair)
+        faults.append(Fault(kind=kind, rank=_int(values.get("rank")), step=_int(values.get("step")),
+                            epoch=_int(values.get("epoch")), seconds=float(values.get("seconds", 0))))
+    return faults
+
+
+def _int(value):
+    return None if value is None else int(value)
+
+
+def active(kind: str) -> list[Fault]:
+    return [f for f in parse(os.environ.get(ENV, "")) if f.kind == kind]
+
+
+def _mine(fault: Fault, rank: int) -> bool:
+    return fault.rank is None or fault.rank == rank
+
+
+def corrupt_inputs(ds, rank: int, first_step: int):
+    """Wrap a training dataset of (image, labels, mask) batches with the NaN faults for this rank."""
+    nan_batch = [f.step for f in active("nan_batch") if _mine(f, rank)]
+    nan_from = [f.step for f in active("nan_from") if _mine(f, rank)]
+    if not nan_batch and not nan_from:
+        return ds
+    from medtl.tf import tf
+
+    def inject_fn(index, batch):
+        step = index + first_step
+        bad = tf.constant(False)
+        for s in nan_batch:
+            bad = tf.logical_or(bad, tf.equal(step, s))
+        for s in nan_from:
+            bad = tf.logical_or(bad, step >= s)
+        image = tf.where(bad, tf.fill(tf.shape(batch[0]), float("nan")), batch[0])
+        return (image,) + tuple(batch[1:])
+
+    return ds.enumerate().map(inject_fn)
+
+
+def before_step(rank: int, step: int) -> None:
+    """Kill or stall this rank before a global step, if scheduled."""
+    for fault in active("kill"):
+        if _mine(fault, rank) and fault.step == step:
+            os.kill(os.getpid(), signal.SIGKILL)
+    for fault in active("stall"):
+        if _mine(fault, rank) and fault.step == step:
+            time.sleep(fault.seconds)
+
+
+def in_checkpoint(epoch: int) -> None:
+    """Die between a checkpoint's weights and its pointer, if scheduled."""
+    for fault in active("kill_in_checkpoint"):
+        if fault.epoch == epoch:
+            os.kill(os.getpid(), signal.SIGKILL)
