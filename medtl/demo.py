@@ -33,7 +33,7 @@ def run_demo(out: str, config: str, overrides: list[str], n: int = 5000, seed: i
 
     train(cfg, run)
     log(f"demo 4/4: evaluating the test split into {report}")
-    from medtl.evaluate.report import evaluate_run
+    from medtl.evaluate.run import evaluate_run
 
     summary = evaluate_run(run, "test", report)
     minutes = (time.monotonic() - started) / 60
