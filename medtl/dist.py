@@ -104,7 +104,10 @@ def broadcast_object(ctx: Context, obj: Any, name: str) -> Any:
     """Rank 0's Python object, on every rank."""
     if not ctx.distributed:
         return obj
-    return ctx.hvd.broadcast_object(obj, root_rank=0, name=name)
+    # horovod.tensorflow.keras does not re-export broadcast_object; the TF module has it.
+    import horovod.tensorflow as hvd_tf
+
+    return hvd_tf.broadcast_object(obj, root_rank=0, name=name)
 
 
 def lr_scale(ctx: Context, policy: str) -> float:

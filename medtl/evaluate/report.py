@@ -54,7 +54,7 @@ def write_metrics_json(path: str, report: dict) -> None:
 # --------------------------------------------------------------------------- HTML
 
 
-def _fmt(value, digits: int = 3) -> str:
+def fmt(value, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
@@ -79,19 +79,19 @@ def _summary_rows(report: dict) -> str:
             f"<td>{_pct(r['prevalence'])}</td><td>{_with_ci(r['auroc'], r.get('auroc_ci'))}</td>"
             f"<td>{_with_ci(r['auprc'], r.get('auprc_ci'))}</td><td>{r['threshold']:.3f}</td>"
             f"<td>{_pct(r['sensitivity'])}</td><td>{_pct(r['specificity'])}</td><td>{_pct(r['ppv'])}</td>"
-            f"<td>{_pct(r['npv'])}</td><td>{_fmt(r['f1'])}</td><td>{_fmt(r['ece'])}</td>"
+            f"<td>{_pct(r['npv'])}</td><td>{fmt(r['f1'])}</td><td>{fmt(r['ece'])}</td>"
             f"<td class=note>{note}</td></tr>")
     for kind in ("macro", "micro"):
         m = report[kind]
         cells = (f"<td>{_pct(m.get('sensitivity'))}</td><td>{_pct(m.get('specificity'))}</td>"
-                 f"<td>{_pct(m.get('ppv'))}</td><td>{_pct(m.get('npv'))}</td><td>{_fmt(m.get('f1'))}</td>"
+                 f"<td>{_pct(m.get('ppv'))}</td><td>{_pct(m.get('npv'))}</td><td>{fmt(m.get('f1'))}</td>"
                  if kind == "macro" else "<td></td>" * 5)
         explain = (f"mean over the {m['labels_averaged']} labels with both classes" if kind == "macro"
                    else "all known (image, label) pairs pooled")
         rows.append(
             f"<tr class=avg><th>{kind} average</th><td colspan=4 class=note>{explain}</td>"
             f"<td>{_with_ci(m['auroc'], m.get('auroc_ci'))}</td><td>{_with_ci(m['auprc'], m.get('auprc_ci'))}</td>"
-            f"<td></td>{cells}<td>{_fmt(m.get('ece'))}</td><td></td></tr>")
+            f"<td></td>{cells}<td>{fmt(m.get('ece'))}</td><td></td></tr>")
     return "\n".join(rows)
 
 
@@ -139,9 +139,9 @@ def render_html(report: dict, figures: dict, config_yaml: str) -> str:
 
     macro, micro = report["macro"], report["micro"]
     cards = [(f"{report['split']} images", str(report["n"])), ("patients", str(report["patients"])),
-             ("macro AUROC" + ci(macro, "auroc"), _fmt(macro["auroc"])),
-             ("micro AUROC" + ci(micro, "auroc"), _fmt(micro["auroc"])),
-             ("macro AUPRC" + ci(macro, "auprc"), _fmt(macro["auprc"]))]
+             ("macro AUROC" + ci(macro, "auroc"), fmt(macro["auroc"])),
+             ("micro AUROC" + ci(micro, "auroc"), fmt(micro["auroc"])),
+             ("macro AUPRC" + ci(macro, "auprc"), fmt(macro["auprc"]))]
     headline = "".join(f"<div class=card><div class=v>{v}</div><div class=k>{html.escape(k)}</div></div>"
                        for k, v in cards)
     figs = [

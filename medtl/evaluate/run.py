@@ -217,7 +217,7 @@ def evaluate(source: Source, split: str, out: str, ctx: dist.Context) -> dict:
     macro = report["macro"]
     ci = macro.get("auroc_ci")
     level = f"{report['bootstrap']['confidence']:.0%}"
-    log(f"evaluate: {split} macro AUROC {rep._fmt(macro['auroc'])}"
+    log(f"evaluate: {split} macro AUROC {rep.fmt(macro['auroc'])}"
         f"{f' ({level} CI {ci[0]:.3f}-{ci[1]:.3f})' if ci else ''} on {report['n']} images; report {path}")
     return report
 
