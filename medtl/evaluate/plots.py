@@ -84,7 +84,7 @@ def pr_grid(y, probs, keep, label_names, labels: dict) -> str:
         ax.plot(recall, precision, lw=1.6, color=COLOR, drawstyle="steps-post")
         if row["ppv"] is not None:
             ax.plot(row["sensitivity"], row["ppv"], "o", color=ACCENT, ms=6, label=f"t={row['threshold']:.3f}")
-            ax.legend(loc="upper right", fontsize=7, frameon=False)
+            ax.legend(loc="lower left", fontsize=7, frameon=False)
         ax.set_title(f"{name}  AUPRC {row['auprc']:.3f}")
         ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="recall (sensitivity)", ylabel="precision (PPV)")
     fig.tight_layout()
@@ -182,7 +182,7 @@ def training_curves(rows: list[dict]) -> str:
     for ax in axes:
         for epoch, phase in starts:
             ax.axvline(epoch - 0.5, color=MUTED, lw=0.8, ls=":")
-            ax.text(epoch - 0.4, 1.0, phase, transform=ax.get_xaxis_transform(), fontsize=7, color=MUTED,
-                    va="top")
+            ax.text(epoch - 0.4, 0.98, phase, transform=ax.get_xaxis_transform(), fontsize=7, color=MUTED,
+                    va="top", rotation=90)
     fig.tight_layout()
     return to_png(fig)

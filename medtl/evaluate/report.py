@@ -139,9 +139,9 @@ def render_html(report: dict, figures: dict, config_yaml: str) -> str:
 
     macro, micro = report["macro"], report["micro"]
     cards = [(f"{report['split']} images", str(report["n"])), ("patients", str(report["patients"])),
-             ("macro AUROC" + ci(macro, "auroc"), fmt(macro["auroc"])),
-             ("micro AUROC" + ci(micro, "auroc"), fmt(micro["auroc"])),
-             ("macro AUPRC" + ci(macro, "auprc"), fmt(macro["auprc"]))]
+             ("Macro AUROC" + ci(macro, "auroc"), fmt(macro["auroc"])),
+             ("Micro AUROC" + ci(micro, "auroc"), fmt(micro["auroc"])),
+             ("Macro AUPRC" + ci(macro, "auprc"), fmt(macro["auprc"]))]
     headline = "".join(f"<div class=card><div class=v>{v}</div><div class=k>{html.escape(k)}</div></div>"
                        for k, v in cards)
     figs = [
