@@ -14,6 +14,8 @@ HOROVOD_VERSION := 0.28.1
 HOROVOD_BUILD_ENV := HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITHOUT_MPI=1 \
 	HOROVOD_WITHOUT_PYTORCH=1 HOROVOD_WITHOUT_MXNET=1
 APT_PACKAGES := cmake g++ gcc make
+# Headless Chromium renders report.html in the report test (tests/test_evaluate_cli.py).
+APT_BROWSER := chromium
 DEMO_OUT ?= demo_out
 PYTEST_ARGS ?=
 
@@ -21,13 +23,14 @@ PYTEST_ARGS ?=
 
 all: test
 
-# Debian packages Horovod's build needs; installed only when missing (needs root or sudo).
+# Debian packages Horovod's build and the report test need; installed only when missing (root or sudo).
 system-deps:
-	@missing=""; for tool in cmake g++ gcc; do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
-	if [ -n "$$missing" ]; then \
-		echo "installing build tools:$$missing"; \
+	@packages=""; for tool in cmake g++ gcc; do command -v $$tool >/dev/null || packages="$(APT_PACKAGES)"; done; \
+	command -v chromium >/dev/null || packages="$$packages $(APT_BROWSER)"; \
+	if [ -n "$$packages" ]; then \
+		echo "installing Debian packages:$$packages"; \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq $(APT_PACKAGES); \
+		$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$packages; \
 	fi
 
 $(BIN)/python:
@@ -52,8 +55,8 @@ horovod: $(VENV)/.horovod
 demo: venv
 	$(BIN)/medtl demo --out $(DEMO_OUT)
 
-# The whole suite, slow end-to-end tests (real CLI, 2-rank horovodrun) included.
-test: venv
+# The whole suite, slow end-to-end tests (real CLI, 2-rank horovodrun, headless Chromium) included.
+test: venv system-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Unit tests only (seconds to a few minutes).

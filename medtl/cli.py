@@ -98,11 +98,49 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--workdir", required=True, help="run folder for config, history and checkpoints")
 
-    p = sub.add_parser("evaluate", help="per-label metrics and an HTML report for a trained run",
-                       description="Evaluate a run's best checkpoint on a split.")
-    p.add_argument("--workdir", required=True, help="run folder written by `medtl train`")
+    p = sub.add_parser("evaluate", help="per-label metrics with intervals and an HTML report",
+                       description="Evaluate a run's best checkpoint (--workdir), or an exported model "
+                                   "(--model) on a records folder (--records), on one split. Operating "
+                                   "thresholds are tuned on the val split (never test) and saved in "
+                                   "RUN/thresholds.json when missing or stale.")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--workdir", help="run folder written by `medtl train`")
+    source.add_argument("--model", help="SavedModel folder written by `medtl export` (needs --records)")
+    p.add_argument("--records", help="records folder to evaluate an exported model on (with --model)")
     p.add_argument("--split", default="test", help="split to evaluate (default test)")
-    p.add_argument("--out", required=True, help="report folder (metrics.json, report.html)")
+    p.add_argument("--out", required=True,
+                   help="report folder (report.html, metrics.json, per_label.csv, predictions.npz)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override an evaluate.* setting, e.g. --set evaluate.tta=flip (repeatable)")
+
+    p = sub.add_parser("compare", help="per-label AUROC of several reports side by side, paired bootstrap",
+                       description="Compare evaluation reports of the same split (e.g. two heads, phases "
+                                   "or runs): per-label AUROC, differences to the first report, and a paired "
+                                   "patient-level bootstrap test of each difference.")
+    p.add_argument("reports", nargs="+", metavar="REPORT", help="report folders written by `medtl evaluate`")
+    p.add_argument("--out", help="also write the comparison as CSV (one row per label and report)")
+    p.add_argument("--resamples", type=int, default=None,
+                   help="bootstrap resamples (default: the first report's evaluate.bootstrap)")
+    p.add_argument("--seed", type=int, default=None, help="bootstrap seed (default: the first report's)")
+
+    p = sub.add_parser("export", help="a TensorFlow SavedModel with preprocessing, labels and thresholds",
+                       description="Export a run's best checkpoint as a SavedModel whose signatures take "
+                                   "encoded PNG/JPEG bytes or float images and return per-label "
+                                   "probabilities and decisions at the val-tuned thresholds.")
+    p.add_argument("--workdir", required=True, help="run folder written by `medtl train`")
+    p.add_argument("--out", required=True, help="SavedModel folder to write (must not exist or be empty)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override an evaluate.* setting (threshold policy, tta), e.g. --set evaluate.tta=flip")
+
+    p = sub.add_parser("predict", help="batch inference of an exported model on DICOM/PNG/JPEG files",
+                       description="Predict new studies with a `medtl export` SavedModel, through the same "
+                                   "decode path as ingest. One CSV row per file; files that cannot be "
+                                   "decoded get a row with the reason.")
+    p.add_argument("--model", required=True, help="SavedModel folder written by `medtl export`")
+    p.add_argument("--images", required=True,
+                   help="folder of study files (searched recursively), or a CSV with a 'path' column")
+    p.add_argument("--out", required=True, help="predictions CSV to write")
+    p.add_argument("--batch-size", type=int, default=32, help="images per model call (default 32)")
 
     p = sub.add_parser("demo", help="synth -> ingest -> train -> evaluate on built-in synthetic data",
                        description="Run the main job end to end on synthetic studies (about 10 minutes on 2 cores).")
@@ -227,9 +265,41 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from medtl.evaluate.report import evaluate_run
+    if args.workdir:
+        if args.records:
+            raise MedtlError("--records goes with --model; a run folder (--workdir) evaluates its own records")
+        from medtl.evaluate.run import evaluate_run
 
-    evaluate_run(args.workdir, args.split, args.out)
+        evaluate_run(args.workdir, args.split, args.out, args.overrides)
+        return 0
+    if not args.records:
+        raise MedtlError("--model needs --records: the records folder (from `medtl ingest`) to evaluate it on")
+    from medtl.evaluate.run import evaluate_export
+
+    evaluate_export(args.model, args.records, args.split, args.out, args.overrides)
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from medtl.evaluate.compare import compare_reports
+
+    print(compare_reports(args.reports, args.out, args.resamples, args.seed))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from medtl.serve.export import export_run
+
+    export_run(args.workdir, args.out, args.overrides)
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from medtl.serve.predict import predict_files
+
+    if args.batch_size < 1:
+        raise MedtlError(f"--batch-size must be >= 1, got {args.batch_size}")
+    predict_files(args.model, args.images, args.out, args.batch_size)
     return 0
 
 
@@ -268,7 +338,8 @@ def cmd_env(args) -> int:
 
 
 COMMANDS = {"synth": cmd_synth, "ingest": cmd_ingest, "ingest-finalize": cmd_ingest_finalize, "verify": cmd_verify,
-            "train": cmd_train, "evaluate": cmd_evaluate, "demo": cmd_demo, "bench": cmd_bench, "env": cmd_env}
+            "train": cmd_train, "evaluate": cmd_evaluate, "compare": cmd_compare, "export": cmd_export,
+            "predict": cmd_predict, "demo": cmd_demo, "bench": cmd_bench, "env": cmd_env}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -237,6 +237,36 @@ class PhaseConfig:
 
 
 @dataclass(frozen=True)
+class EvaluateConfig:
+    # How `medtl evaluate` picks each label's operating threshold on the val split: youden (max sensitivity + specificity - 1), sensitivity or specificity (reach evaluate.target), or f1 (max F1).
+    threshold_policy: Literal["youden", "sensitivity", "specificity", "f1"] = "youden"
+    # Target for the sensitivity and specificity policies, e.g. 0.9 for 90% sensitivity on val.
+    target: float = 0.9
+    # Test-time augmentation: none, or flip (mean probability of the image and its left-right mirror).
+    tta: Literal["none", "flip"] = "none"
+    # Bootstrap resamples of patients for the confidence intervals and `medtl compare`; 0 turns intervals off.
+    bootstrap: int = 1000
+    # Confidence level of the bootstrap intervals.
+    confidence: float = 0.95
+    # Seed of the bootstrap resampling (the same seed gives the same intervals).
+    seed: int = 0
+    # Equal-width probability bins of the reliability diagram and the expected calibration error.
+    calibration_bins: int = 10
+
+    def check(self) -> list[tuple[str, str]]:
+        problems = []
+        if not 0.0 < self.target < 1.0:
+            problems.append(("target", f"must be in (0, 1), got {self.target}"))
+        if self.bootstrap != 0 and self.bootstrap < 50:
+            problems.append(("bootstrap", f"must be 0 (off) or >= 50, got {self.bootstrap}"))
+        if not 0.5 <= self.confidence < 1.0:
+            problems.append(("confidence", f"must be in [0.5, 1), got {self.confidence}"))
+        if not 2 <= self.calibration_bins <= 100:
+            problems.append(("calibration_bins", f"must be in [2, 100], got {self.calibration_bins}"))
+        return problems
+
+
+@dataclass(frozen=True)
 class Config:
     # Seed for model initialisation, shuffling and augmentation.
     seed: int = 0
@@ -245,6 +275,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     # Training phases, run in order; each starts from the best weights of the one before.
     phases: tuple[PhaseConfig, ...] = ()
+    # Evaluation, operating thresholds and export (`medtl evaluate`, `medtl export`).
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
     def check(self) -> list[tuple[str, str]]:
         problems = []

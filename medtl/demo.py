@@ -1,4 +1,7 @@
-"""`medtl demo`: synth -> ingest -> train -> evaluate on built-in synthetic studies."""
+"""`medtl demo`: synth -> ingest -> train -> evaluate on built-in synthetic studies.
+
+Ends by printing the report path and the test macro AUROC with its bootstrap interval.
+"""
 from __future__ import annotations
 
 import os
@@ -33,12 +36,15 @@ def run_demo(out: str, config: str, overrides: list[str], n: int = 5000, seed: i
 
     train(cfg, run)
     log(f"demo 4/4: evaluating the test split into {report}")
-    from medtl.evaluate.report import evaluate_run
+    from medtl.evaluate.run import evaluate_run
 
     summary = evaluate_run(run, "test", report)
     minutes = (time.monotonic() - started) / 60
-    macro = summary["macro"]["auroc"]
-    print(f"\nmedtl demo finished in {minutes:.1f} min: test macro AUROC {macro:.3f} "
-          f"over {len(summary['labels'])} findings, {summary['n']} test images.")
+    macro = summary["macro"]
+    ci = macro.get("auroc_ci")
+    interval = (f" ({summary['bootstrap']['confidence']:.0%} CI {ci[0]:.3f}-{ci[1]:.3f}, "
+                f"patient-level bootstrap)" if ci else "")
+    print(f"\nmedtl demo finished in {minutes:.1f} min: test macro AUROC {macro['auroc']:.3f}{interval} "
+          f"over {len(summary['labels'])} findings, {summary['n']} test images of {summary['patients']} patients.")
     print(f"report: {os.path.abspath(os.path.join(report, 'report.html'))}")
     return summary

@@ -9,7 +9,7 @@ as the loss's sample weight.
 from __future__ import annotations
 
 from medtl.config import Config
-from medtl.data.records import IMAGE, LABELS, MASK, feature_spec
+from medtl.data.records import IMAGE, KEY, LABELS, MASK, PATIENT, feature_spec
 from medtl.errors import MedtlError
 from medtl.tf import tf
 from medtl.utils.log import log
@@ -36,32 +36,62 @@ def split_size(manifest: dict, split: str) -> int:
     return int(manifest["splits"][split]["records"])
 
 
-def _decode_fn(manifest: dict, image_size: int, channels: int):
-    num_labels = len(manifest["labels"])
-    spec = feature_spec(num_labels)
-    dtype = tf.uint16 if int(manifest["bit_depth"]) == 16 else tf.uint8
-    scale = 255.0 / float((1 << int(manifest["bit_depth"])) - 1)
-    stored = int(manifest["image_size"])
+def decode_stored_png(png, bit_depth: int):
+    """PNG bytes at the stored bit depth -> (h, w, 1) float32 in [0, 255]."""
+    dtype = tf.uint16 if int(bit_depth) == 16 else tf.uint8
+    scale = 255.0 / float((1 << int(bit_depth)) - 1)
+    return tf.cast(tf.io.decode_png(png, channels=1, dtype=dtype), tf.float32) * scale
 
-    def parse_fn(record):
-        ex = tf.io.parse_single_example(record, spec)
-        image = tf.io.decode_png(ex[IMAGE], channels=1, dtype=dtype)  # (stored, stored, 1)
-        image = tf.cast(image, tf.float32) * scale
-        if stored != image_size:
-            image = tf.image.resize(image, (image_size, image_size), method="area" if stored > image_size
+
+def build_resize_fn(stored_size: int, image_size: int, channels: int):
+    """(stored, stored, 1) float32 in [0, 255] -> (image_size, image_size, channels), what the model sees."""
+
+    def resize_fn(image):
+        if stored_size != image_size:
+            image = tf.image.resize(image, (image_size, image_size), method="area" if stored_size > image_size
                                     else "bilinear")
         image = tf.ensure_shape(image, (image_size, image_size, 1))
         if channels == 3:
             image = tf.image.grayscale_to_rgb(image)
-        return image, tf.cast(ex[LABELS], tf.float32), tf.cast(ex[MASK], tf.float32)
+        return image
+
+    return resize_fn
+
+
+def build_image_fn(bit_depth: int, stored_size: int, image_size: int, channels: int):
+    """PNG bytes as stored by ingest -> (image_size, image_size, channels) float32 in [0, 255].
+
+    The model's input preprocessing; the exported SavedModel (medtl.serve.export) uses
+    the same two steps, so serving sees exactly the pixels training saw.
+    """
+    resize_fn = build_resize_fn(stored_size, image_size, channels)
+
+    def image_fn(png):
+        return resize_fn(decode_stored_png(png, bit_depth))  # (stored, stored, 1) -> model input
+
+    return image_fn
+
+
+def _decode_fn(manifest: dict, image_size: int, channels: int, with_ids: bool = False):
+    num_labels = len(manifest["labels"])
+    spec = feature_spec(num_labels)
+    image_fn = build_image_fn(int(manifest["bit_depth"]), int(manifest["image_size"]), image_size, channels)
+
+    def parse_fn(record):
+        ex = tf.io.parse_single_example(record, spec)
+        out = (image_fn(ex[IMAGE]), tf.cast(ex[LABELS], tf.float32), tf.cast(ex[MASK], tf.float32))
+        return out + ((ex[PATIENT], ex[KEY]) if with_ids else ())
 
     return parse_fn
 
 
 def build_dataset(cfg: Config, split: str, rank: int = 0, num_ranks: int = 1, manifest: dict | None = None,
-                  training: bool | None = None, first_epoch: int = 0) -> tf.data.Dataset:
+                  training: bool | None = None, first_epoch: int = 0, with_ids: bool = False) -> tf.data.Dataset:
     """The batched dataset of `split` for one rank. Training streams repeat forever; their order is
-    seeded by (seed, rank, first_epoch), so a resumed run does not replay epoch 1's order."""
+    seeded by (seed, rank, first_epoch), so a resumed run does not replay epoch 1's order.
+
+    with_ids adds the salted patient and record-key hashes: (image, labels, mask, patient, key).
+    """
     from medtl.data.ingest import read_manifest
 
     manifest = manifest or read_manifest(cfg.data.records)
@@ -86,7 +116,7 @@ def build_dataset(cfg: Config, split: str, rank: int = 0, num_ranks: int = 1, ma
     if training:
         ds = ds.shuffle(cfg.data.shuffle_buffer, seed=seed + 1, reshuffle_each_iteration=True)
         ds = ds.repeat()
-    ds = ds.map(_decode_fn(manifest, cfg.data.image_size, cfg.data.channels), num_parallel_calls=AUTOTUNE,
+    ds = ds.map(_decode_fn(manifest, cfg.data.image_size, cfg.data.channels, with_ids), num_parallel_calls=AUTOTUNE,
                 deterministic=not training)
     ds = ds.batch(cfg.train.batch_size, drop_remainder=training)
     return ds.prefetch(AUTOTUNE)

@@ -1,5 +1,11 @@
-"""Batch inference over a split: each rank predicts its shards, rank-order gather on all ranks."""
+"""Batch inference over a split: each rank predicts its shards, rank-order gather on all ranks.
+
+Every record is counted once: the gathered count must equal the manifest's, and
+no record key may appear twice.
+"""
 from __future__ import annotations
+
+import weakref
 
 import numpy as np
 
@@ -9,40 +15,95 @@ from medtl.data.pipeline import build_dataset, split_size
 from medtl.errors import MedtlError
 from medtl.tf import tf
 
+# Salted hashes are hex strings of 20 characters (medtl.data.deid); gathered as fixed-width bytes.
+ID_WIDTH = 32
 
-def predict_split(model: tf.keras.Model, cfg: Config, manifest: dict, split: str,
-                  ctx: dist.Context) -> dict[str, np.ndarray]:
-    """{'probs', 'labels', 'mask'}: (n, L) arrays for every record of `split`, checked against the manifest."""
-    ds = build_dataset(cfg, split, ctx.rank, ctx.size, manifest, training=False)
-    probs, labels, masks = [], [], []
-    predict_fn = _predict_fn(model)
-    for images, y, mask in ds:
-        probs.append(predict_fn(images).numpy())
-        labels.append(y.numpy())
-        masks.append(mask.numpy())
+
+def predict_split(model, cfg: Config, manifest: dict, split: str, ctx: dist.Context, tta: str = "none",
+                  with_ids: bool = False) -> dict[str, np.ndarray]:
+    """{'probs', 'labels', 'mask'}: (n, L) arrays for every record of `split`, checked against the manifest.
+
+    `model` is a Keras model (logits) or a callable from images to probabilities (an exported model).
+    with_ids adds 'patient' and 'key': (n,) salted hashes, to pair records across reports.
+    """
+    ds = build_dataset(cfg, split, ctx.rank, ctx.size, manifest, training=False, with_ids=with_ids)
+    predict_fn = build_predict_fn(model, tta)
+    parts: dict[str, list] = {"probs": [], "labels": [], "mask": [], "patient": [], "key": []}
+    for batch in ds:
+        images, y, mask = batch[:3]
+        parts["probs"].append(predict_fn(images).numpy())
+        parts["labels"].append(y.numpy())
+        parts["mask"].append(mask.numpy())
+        if with_ids:
+            parts["patient"].append(_encode_ids(batch[3].numpy()))
+            parts["key"].append(_encode_ids(batch[4].numpy()))
     num_labels = len(manifest["labels"])
-    local = {
-        "probs": np.concatenate(probs) if probs else np.zeros((0, num_labels), np.float32),
-        "labels": np.concatenate(labels) if labels else np.zeros((0, num_labels), np.float32),
-        "mask": np.concatenate(masks) if masks else np.zeros((0, num_labels), np.float32),
-    }
+    empty = {"probs": (0, num_labels), "labels": (0, num_labels), "mask": (0, num_labels),
+             "patient": (0, ID_WIDTH), "key": (0, ID_WIDTH)}
+    keys = ("probs", "labels", "mask") + (("patient", "key") if with_ids else ())
+    local = {k: np.concatenate(parts[k]) if parts[k] else
+             np.zeros(empty[k], np.uint8 if k in ("patient", "key") else np.float32) for k in keys}
     out = {k: dist.allgather(ctx, v) for k, v in local.items()}
+    _check_complete(out, manifest, split, cfg.data.records)
+    for k in ("patient", "key"):
+        if k in out:
+            out[k] = _decode_ids(out[k])
+    if with_ids and len(set(out["key"])) != len(out["key"]):
+        raise MedtlError(f"split {split!r} holds the same record key more than once; re-run `medtl ingest`")
+    return out
+
+
+def _check_complete(out: dict, manifest: dict, split: str, records: str) -> None:
     expected = split_size(manifest, split)
     if len(out["probs"]) != expected:
         raise MedtlError(
             f"read {len(out['probs'])} records of split {split!r} but the manifest lists {expected}; "
-            f"run `medtl verify {cfg.data.records}`"
+            f"run `medtl verify {records}`"
         )
+
+
+def _encode_ids(values: np.ndarray) -> np.ndarray:
+    """(n,) bytes -> (n, ID_WIDTH) uint8, so Horovod can gather them (it has no string tensors)."""
+    out = np.zeros((len(values), ID_WIDTH), np.uint8)
+    for i, v in enumerate(values):
+        raw = np.frombuffer(bytes(v)[:ID_WIDTH], np.uint8)
+        out[i, :len(raw)] = raw
     return out
 
 
-def _predict_fn(model):
-    @tf.function(reduce_retracing=True)
-    def fn(images):  # (batch, size, size, c) -> (batch, L) probabilities
-        return tf.sigmoid(tf.cast(model(images, training=False), tf.float32))
+def _decode_ids(array: np.ndarray) -> np.ndarray:
+    return np.array([bytes(row).rstrip(b"\0").decode("ascii") for row in array], dtype=f"<U{ID_WIDTH}")
 
-    cache = getattr(model, "_medtl_predict_fn", None)
-    if cache is None:
-        model._medtl_predict_fn = fn
-        cache = fn
-    return cache
+
+_PREDICT_FNS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def build_predict_fn(model, tta: str = "none"):
+    """images (batch, size, size, c) in [0, 255] -> (batch, L) float32 probabilities.
+
+    tta='flip' averages the probabilities of each image and its left-right mirror.
+    A Keras model's tf.function is cached on it, so per-epoch validation does not retrace.
+    """
+    # Kept beside the model, not on it: a dict attribute would be tracked and break SavedModel export.
+    cache = _PREDICT_FNS.setdefault(model, {}) if isinstance(model, tf.keras.Model) else {}
+    if tta not in cache:
+        cache[tta] = _make_predict_fn(model, tta)
+    return cache[tta]
+
+
+def _make_predict_fn(model, tta: str):
+    is_keras = isinstance(model, tf.keras.Model)
+
+    def probabilities(images):
+        if is_keras:
+            return tf.sigmoid(tf.cast(model(images, training=False), tf.float32))
+        return model(images)
+
+    @tf.function(reduce_retracing=True)
+    def fn(images):
+        probs = probabilities(images)  # (batch, L)
+        if tta == "flip":
+            probs = (probs + probabilities(tf.image.flip_left_right(images))) / 2.0
+        return probs
+
+    return fn

@@ -1,132 +1,202 @@
-"""`medtl evaluate`: metrics.json and a self-contained report.html (inline PNG plots)."""
+"""The report folder: report.html (self-contained, inline PNG plots), metrics.json, per_label.csv,
+and predictions.npz (per-record probabilities for `medtl compare`; salted hashes only)."""
 from __future__ import annotations
 
-import base64
-import hashlib
+import csv
 import html
-import io
 import json
 import os
 
 import numpy as np
 
-import medtl
-from medtl import dist
-from medtl.evaluate.metrics import summary_metrics
-from medtl.evaluate.predict import predict_split
-from medtl.utils.log import log
+from medtl.evaluate import plots
+
+METRICS_FILE = "metrics.json"
+PER_LABEL_FILE = "per_label.csv"
+PREDICTIONS_FILE = "predictions.npz"
+REPORT_FILE = "report.html"
+PER_LABEL_COLUMNS = ("label", "n", "excluded", "positives", "prevalence", "auroc", "auroc_ci_low",
+                     "auroc_ci_high", "auprc", "auprc_ci_low", "auprc_ci_high", "threshold", "sensitivity",
+                     "specificity", "ppv", "npv", "f1", "tp", "fp", "tn", "fn", "ece", "note")
+SECTIONS = ("summary", "provenance", "auroc", "prevalence", "roc", "pr", "calibration", "training")
 
 
-def _png(fig) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
+def write_predictions(out: str, preds: dict, label_names, thresholds) -> None:
+    """Per-record arrays (no raw identifiers: patient and key are salted hashes)."""
+    np.savez_compressed(os.path.join(out, PREDICTIONS_FILE), probs=preds["probs"], labels=preds["labels"],
+                        mask=preds["mask"], patient=preds["patient"], key=preds["key"],
+                        label_names=np.array(label_names), thresholds=np.asarray(thresholds, np.float64))
 
 
-def _roc_grid(y, probs, mask, label_names, summary) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import roc_curve
-
-    cols = 4
-    rows = int(np.ceil(len(label_names) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.0 * rows), squeeze=False)
-    for i, name in enumerate(label_names):
-        ax = axes[i // cols][i % cols]
-        keep = mask[:, i] > 0
-        row = summary["labels"][name]
-        if row["auroc"] is not None:
-            fpr, tpr, _ = roc_curve(y[keep, i], probs[keep, i])
-            ax.plot(fpr, tpr, lw=1.6)
-            ax.set_title(f"{name}\nAUROC {row['auroc']:.3f}", fontsize=9)
-        else:
-            ax.text(0.5, 0.5, row["note"], ha="center", va="center", fontsize=8)
-            ax.set_title(name, fontsize=9)
-        ax.plot([0, 1], [0, 1], ls="--", lw=0.8, color="grey")
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1)
-        ax.tick_params(labelsize=7)
-        ax.set_xlabel("1 - specificity", fontsize=7)
-        ax.set_ylabel("sensitivity", fontsize=7)
-    for j in range(len(label_names), rows * cols):
-        axes[j // cols][j % cols].axis("off")
-    fig.tight_layout()
-    return _png(fig)
+def read_predictions(folder: str) -> dict:
+    path = os.path.join(folder, PREDICTIONS_FILE)
+    with np.load(path, allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}
 
 
-def _fmt(value) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
+def write_per_label_csv(path: str, labels: dict) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(PER_LABEL_COLUMNS)
+        for name, row in labels.items():
+            flat = {"label": name, **row}
+            for key in ("auroc", "auprc"):
+                ci = row.get(f"{key}_ci") or (None, None)
+                flat[f"{key}_ci_low"], flat[f"{key}_ci_high"] = ci
+            writer.writerow(["" if flat.get(c) is None else flat[c] for c in PER_LABEL_COLUMNS])
 
 
-def render_html(summary: dict, provenance: dict, roc_png: str) -> str:
-    rows = "\n".join(
-        f"<tr><td>{html.escape(name)}</td><td>{r['n']}</td><td>{r['positives']}</td>"
-        f"<td>{_fmt(r['prevalence'])}</td><td>{_fmt(r['auroc'])}</td><td>{_fmt(r['auprc'])}</td>"
-        f"<td>{html.escape(r['note'])}</td></tr>"
-        for name, r in summary["labels"].items()
-    )
-    prov = "\n".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>"
+def write_metrics_json(path: str, report: dict) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(report, fh, indent=2)
+
+
+# --------------------------------------------------------------------------- HTML
+
+
+def fmt(value, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _pct(value) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
+
+
+def _with_ci(value, ci) -> str:
+    if value is None:
+        return "n/a"
+    if not ci:
+        return f"<b>{value:.3f}</b>"
+    return f"<b>{value:.3f}</b> <span class=ci>[{ci[0]:.3f}, {ci[1]:.3f}]</span>"
+
+
+def _summary_rows(report: dict) -> str:
+    rows = []
+    for name, r in report["labels"].items():
+        note = html.escape(r["note"]) + (f" {html.escape(r['threshold_note'])}" if r.get("threshold_note") else "")
+        rows.append(
+            f"<tr><th>{html.escape(name)}</th><td>{r['n']}</td><td>{r['excluded']}</td><td>{r['positives']}</td>"
+            f"<td>{_pct(r['prevalence'])}</td><td>{_with_ci(r['auroc'], r.get('auroc_ci'))}</td>"
+            f"<td>{_with_ci(r['auprc'], r.get('auprc_ci'))}</td><td>{r['threshold']:.3f}</td>"
+            f"<td>{_pct(r['sensitivity'])}</td><td>{_pct(r['specificity'])}</td><td>{_pct(r['ppv'])}</td>"
+            f"<td>{_pct(r['npv'])}</td><td>{fmt(r['f1'])}</td><td>{fmt(r['ece'])}</td>"
+            f"<td class=note>{note}</td></tr>")
+    for kind in ("macro", "micro"):
+        m = report[kind]
+        cells = (f"<td>{_pct(m.get('sensitivity'))}</td><td>{_pct(m.get('specificity'))}</td>"
+                 f"<td>{_pct(m.get('ppv'))}</td><td>{_pct(m.get('npv'))}</td><td>{fmt(m.get('f1'))}</td>"
+                 if kind == "macro" else "<td></td>" * 5)
+        explain = (f"mean over the {m['labels_averaged']} labels with both classes" if kind == "macro"
+                   else "all known (image, label) pairs pooled")
+        rows.append(
+            f"<tr class=avg><th>{kind} average</th><td colspan=4 class=note>{explain}</td>"
+            f"<td>{_with_ci(m['auroc'], m.get('auroc_ci'))}</td><td>{_with_ci(m['auprc'], m.get('auprc_ci'))}</td>"
+            f"<td></td>{cells}<td>{fmt(m.get('ece'))}</td><td></td></tr>")
+    return "\n".join(rows)
+
+
+def _provenance_rows(provenance: dict) -> str:
+    return "\n".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>"
                      for k, v in provenance.items())
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>medtl evaluation report</title>
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }}
-table {{ border-collapse: collapse; margin: 1em 0; }}
-td, th {{ border: 1px solid #ccc; padding: 4px 10px; text-align: left; font-size: 14px; }}
-th {{ background: #f4f4f4; }}
-.big {{ font-size: 20px; }}
-</style></head><body>
-<h1>medtl evaluation report</h1>
-<section id="summary"><h2>Summary</h2>
-<p class="big">Split <b>{html.escape(provenance['split'])}</b>, {summary['n']} images.
-Macro AUROC <b>{_fmt(summary['macro']['auroc'])}</b>, micro AUROC {_fmt(summary['micro']['auroc'])};
-macro AUPRC {_fmt(summary['macro']['auprc'])}, micro AUPRC {_fmt(summary['micro']['auprc'])}.</p>
-<table><tr><th>label</th><th>n</th><th>positives</th><th>prevalence</th><th>AUROC</th><th>AUPRC</th><th>note</th></tr>
-{rows}
-</table></section>
-<section id="roc"><h2>ROC curves</h2><img alt="ROC curves per label" src="data:image/png;base64,{roc_png}"></section>
-<section id="provenance"><h2>Provenance</h2><table>{prov}</table></section>
-</body></html>
+
+
+def _figure(section: str, title: str, png: str | None, caption: str, missing: str = "") -> str:
+    body = (f'<img alt="{html.escape(title)}" src="data:image/png;base64,{png}">' if png
+            else f"<p class=missing>{html.escape(missing)}</p>")
+    return (f'<section id="{section}"><h2>{html.escape(title)}</h2><p class=caption>{caption}</p>'
+            f"{body}</section>")
+
+
+STYLE = """
+body { font-family: "DejaVu Sans", system-ui, sans-serif; margin: 0; color: #1d2330; background: #f6f7f9; }
+main { max-width: 1180px; margin: 0 auto; padding: 24px 32px 48px; background: #fff; }
+h1 { font-size: 26px; margin: 8px 0 4px; } h2 { font-size: 19px; margin: 32px 0 6px; border-bottom: 2px solid #e3e6eb; padding-bottom: 4px; }
+.headline { display: flex; gap: 14px; flex-wrap: wrap; margin: 14px 0; }
+.card { border: 1px solid #dde1e7; border-radius: 8px; padding: 10px 16px; min-width: 150px; background: #fafbfc; }
+.card .v { font-size: 24px; font-weight: bold; color: #1f5fa8; } .card .k { font-size: 12px; color: #5b6270; }
+table { border-collapse: collapse; margin: 8px 0; font-size: 13px; }
+td, th { border-bottom: 1px solid #e3e6eb; padding: 5px 8px; text-align: right; vertical-align: top; }
+th { text-align: left; } thead th { background: #eef1f5; text-align: center; font-size: 12px; }
+tr.avg th, tr.avg td { background: #f3f6fb; }
+.ci { color: #5b6270; font-size: 11px; white-space: nowrap; }
+td.note { text-align: left; color: #8a3b12; font-size: 12px; }
+table.prov td { text-align: left; font-family: monospace; font-size: 12px; }
+.caption { color: #5b6270; font-size: 13px; margin: 2px 0 8px; } .missing { color: #8a3b12; }
+img { max-width: 100%; height: auto; display: block; }
+pre { background: #f3f5f8; padding: 10px; font-size: 12px; overflow-x: auto; }
 """
 
 
-def manifest_hash(manifest: dict) -> str:
-    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
+def render_html(report: dict, figures: dict, config_yaml: str) -> str:
+    """The whole page; `figures` maps a section id to base64 PNG (or None when unavailable)."""
+    prov, boot, thr = report["provenance"], report["bootstrap"], report["thresholds"]
+    ci_text = (f"{boot['confidence']:.0%} intervals from {boot['resamples']} patient-level bootstrap resamples "
+               f"(seed {boot['seed']})" if boot["resamples"] else "bootstrap intervals off (evaluate.bootstrap: 0)")
+    target = f" (target {thr['target']:.0%})" if thr["policy"] in ("sensitivity", "specificity") else ""
+    def ci(m, key):
+        c = m.get(f"{key}_ci")
+        return f" [{c[0]:.3f}, {c[1]:.3f}]" if c else ""
+
+    macro, micro = report["macro"], report["micro"]
+    cards = [(f"{report['split']} images", str(report["n"])), ("patients", str(report["patients"])),
+             ("Macro AUROC" + ci(macro, "auroc"), fmt(macro["auroc"])),
+             ("Micro AUROC" + ci(micro, "auroc"), fmt(micro["auroc"])),
+             ("Macro AUPRC" + ci(macro, "auprc"), fmt(macro["auprc"]))]
+    headline = "".join(f"<div class=card><div class=v>{v}</div><div class=k>{html.escape(k)}</div></div>"
+                       for k, v in cards)
+    figs = [
+        ("auroc", "AUROC per label", f"Bars from 0.5 (chance); whiskers: {ci_text}."),
+        ("prevalence", "Label prevalence", f"Positives among known labels in {report['split']}, beside train."),
+        ("roc", "ROC curves", "The dot is the operating point at the threshold chosen on val."),
+        ("pr", "Precision-recall curves", "Dashed: prevalence (a random model). The dot is the operating point."),
+        ("calibration", "Reliability diagram",
+         f"{report['calibration_bins']} equal-width probability bins; marker area ~ images in the bin. "
+         "On the diagonal = calibrated. ECE: expected calibration error."),
+        ("training", "Training curves", "From history.jsonl; dotted lines start a phase."),
+    ]
+    body = "\n".join(_figure(sec, title, figures.get(sec), cap, figures.get(f"{sec}_missing", ""))
+                     for sec, title, cap in figs)
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>medtl evaluation report: {html.escape(report['split'])}</title>
+<style>{STYLE}</style></head><body><main>
+<h1>medtl evaluation report</h1>
+<p class=caption>Split <b>{html.escape(report['split'])}</b> of {html.escape(str(prov['data records']))},
+model {html.escape(str(prov['model']))}. Thresholds: <b>{html.escape(thr['policy'])}</b>{target}, tuned per label on
+<b>{html.escape(thr['tuned_on'])}</b>. {html.escape(ci_text)}.</p>
+<div class=headline>{headline}</div>
+<section id="summary"><h2>Summary</h2>
+<table><thead><tr><th>label</th><th>n</th><th>masked</th><th>positives</th><th>prevalence</th>
+<th>AUROC [CI]</th><th>AUPRC [CI]</th><th>threshold</th><th>sensitivity</th><th>specificity</th><th>PPV</th>
+<th>NPV</th><th>F1</th><th>ECE</th><th>note</th></tr></thead>
+<tbody>
+{_summary_rows(report)}
+</tbody></table>
+<p class=caption>n: images with a known label; masked: uncertain labels left out of that label's metrics.
+Sensitivity to F1 at the val-chosen threshold (probability &ge; threshold is positive).</p></section>
+<section id="provenance"><h2>Provenance</h2><table class=prov>{_provenance_rows(prov)}</table>
+<details><summary>resolved config</summary><pre>{html.escape(config_yaml)}</pre></details></section>
+{body}
+</main></body></html>
+"""
 
 
-def evaluate_run(workdir: str, split: str, out: str) -> dict:
-    """Predict `split` with the run's best model; write metrics.json and report.html into `out`."""
-    from medtl.train.checkpoints import load_run
-
-    ctx = dist.init()
-    cfg, manifest, model = load_run(workdir)
-    log(f"evaluate: predicting split {split!r} with {workdir}")
-    preds = predict_split(model, cfg, manifest, split, ctx)
-    label_names = manifest["labels"]
-    summary = summary_metrics(preds["labels"], preds["probs"], label_names, preds["mask"])
-    if not ctx.primary:
-        return summary
-    os.makedirs(out, exist_ok=True)
-    provenance = {
-        "split": split,
-        "run": os.path.abspath(workdir),
-        "checkpoint": "checkpoints/best.weights.h5",
-        "backbone": cfg.model.backbone,
-        "image size": cfg.data.image_size,
-        "data manifest sha256": manifest_hash(manifest),
-        "medtl version": medtl.__version__,
+def build_figures(report: dict, preds: dict, label_names, train_prevalence: dict | None,
+                  history: list[dict] | None) -> dict:
+    """Every plot of the report, as base64 PNG by section id."""
+    y, probs = preds["labels"], preds["probs"]
+    keep = preds["mask"] > 0
+    labels = report["labels"]
+    figures = {
+        "auroc": plots.auroc_bars(label_names, labels, report["macro"], report["bootstrap"]["confidence"]),
+        "prevalence": plots.prevalence_bars(label_names, report["split"], labels, train_prevalence),
+        "roc": plots.roc_grid(y, probs, keep, label_names, labels),
+        "pr": plots.pr_grid(y, probs, keep, label_names, labels),
+        "calibration": plots.reliability_grid(y, probs, keep, label_names, labels, report["calibration_bins"],
+                                              report["micro"]["ece"]),
     }
-    with open(os.path.join(out, "metrics.json"), "w", encoding="utf-8") as fh:
-        json.dump({**summary, "provenance": provenance}, fh, indent=2)
-    page = render_html(summary, provenance, _roc_grid(preds["labels"], preds["probs"], preds["mask"],
-                                                      label_names, summary))
-    with open(os.path.join(out, "report.html"), "w", encoding="utf-8") as fh:
-        fh.write(page)
-    log(f"evaluate: macro AUROC {_fmt(summary['macro']['auroc'])} on {summary['n']} {split} images; "
-        f"report {os.path.join(out, 'report.html')}")
-    return summary
+    if history:
+        figures["training"] = plots.training_curves(history)
+    else:
+        figures["training"] = None
+        figures["training_missing"] = "No training history: this model has no history.jsonl beside it."
+    return figures

@@ -1,0 +1,188 @@
+"""The report's figures (matplotlib, Agg), each returned as base64 PNG for inline <img> tags."""
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+
+COLOR = "#1f5fa8"
+ACCENT = "#d1495b"
+MUTED = "#8a8f98"
+GRID_COLUMNS = 4
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({"font.size": 9, "axes.spines.top": False, "axes.spines.right": False,
+                         "axes.titleweight": "bold", "figure.dpi": 100})
+    return plt
+
+
+def to_png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight", facecolor="white")
+    _plt().close(fig)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _grid(count: int, panel=(2.7, 2.6)):
+    plt = _plt()
+    rows = int(np.ceil(count / GRID_COLUMNS))
+    fig, axes = plt.subplots(rows, GRID_COLUMNS, figsize=(panel[0] * GRID_COLUMNS, panel[1] * rows),
+                             squeeze=False)
+    for j in range(count, rows * GRID_COLUMNS):
+        axes[j // GRID_COLUMNS][j % GRID_COLUMNS].axis("off")
+    return fig, [axes[i // GRID_COLUMNS][i % GRID_COLUMNS] for i in range(count)]
+
+
+def _na(ax, title: str, note: str) -> None:
+    ax.text(0.5, 0.5, note, ha="center", va="center", color=MUTED, transform=ax.transAxes)
+    ax.set_title(title)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def roc_grid(y, probs, keep, label_names, labels: dict) -> str:
+    """Per-label ROC curves with the operating point (val-chosen threshold) marked."""
+    from sklearn.metrics import roc_curve
+
+    fig, axes = _grid(len(label_names))
+    for i, (ax, name) in enumerate(zip(axes, label_names)):
+        row = labels[name]
+        if row["auroc"] is None:
+            _na(ax, name, row["note"])
+            continue
+        fpr, tpr, _ = roc_curve(y[keep[:, i], i], probs[keep[:, i], i])
+        ax.plot([0, 1], [0, 1], ls="--", lw=0.8, color=MUTED)
+        ax.plot(fpr, tpr, lw=1.6, color=COLOR)
+        ax.plot(1 - row["specificity"], row["sensitivity"], "o", color=ACCENT, ms=6,
+                label=f"t={row['threshold']:.3f}")
+        ax.set_title(f"{name}  AUROC {row['auroc']:.3f}")
+        ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="1 - specificity", ylabel="sensitivity")
+        ax.legend(loc="lower right", fontsize=7, frameon=False)
+    fig.tight_layout()
+    return to_png(fig)
+
+
+def pr_grid(y, probs, keep, label_names, labels: dict) -> str:
+    """Per-label precision-recall curves, prevalence as the chance line, operating point marked."""
+    from sklearn.metrics import precision_recall_curve
+
+    fig, axes = _grid(len(label_names))
+    for i, (ax, name) in enumerate(zip(axes, label_names)):
+        row = labels[name]
+        if row["auprc"] is None:
+            _na(ax, name, row["note"])
+            continue
+        precision, recall, _ = precision_recall_curve(y[keep[:, i], i], probs[keep[:, i], i])
+        ax.axhline(row["prevalence"], ls="--", lw=0.8, color=MUTED)
+        ax.plot(recall, precision, lw=1.6, color=COLOR, drawstyle="steps-post")
+        if row["ppv"] is not None:
+            ax.plot(row["sensitivity"], row["ppv"], "o", color=ACCENT, ms=6, label=f"t={row['threshold']:.3f}")
+            ax.legend(loc="lower left", fontsize=7, frameon=False)
+        ax.set_title(f"{name}  AUPRC {row['auprc']:.3f}")
+        ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="recall (sensitivity)", ylabel="precision (PPV)")
+    fig.tight_layout()
+    return to_png(fig)
+
+
+def reliability_grid(y, probs, keep, label_names, labels: dict, bins: int, pooled_ece) -> str:
+    """Reliability diagrams: per label, and all labels pooled; marker area ~ images in the bin."""
+    from medtl.evaluate.metrics import calibration_bins
+
+    panels = [(name, y[keep[:, i], i], probs[keep[:, i], i], labels[name]["ece"])
+              for i, name in enumerate(label_names)]
+    panels.append(("all labels (pooled)", y[keep], probs[keep], pooled_ece))
+    fig, axes = _grid(len(panels))
+    for ax, (name, yi, pi, ece) in zip(axes, panels):
+        if len(yi) == 0:
+            _na(ax, name, "n/a: no known labels")
+            continue
+        b = calibration_bins(yi, pi, bins)
+        full = b["count"] > 0
+        ax.plot([0, 1], [0, 1], ls="--", lw=0.8, color=MUTED)
+        ax.plot(b["mean_predicted"][full], b["fraction_positive"][full], lw=1.2, color=COLOR)
+        sizes = 12 + 120 * b["count"][full] / b["count"].max()
+        ax.scatter(b["mean_predicted"][full], b["fraction_positive"][full], s=sizes, color=COLOR, zorder=3)
+        ax.set_title(f"{name}  ECE {ece:.3f}" if ece is not None else name)
+        ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="mean predicted probability", ylabel="fraction positive")
+    fig.tight_layout()
+    return to_png(fig)
+
+
+def auroc_bars(label_names, labels: dict, macro: dict, confidence: float) -> str:
+    """AUROC per label with its bootstrap interval; the macro average as a line."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(10, 0.42 * len(label_names) + 1.2))
+    pos = np.arange(len(label_names))[::-1]
+    for p, name in zip(pos, label_names):
+        row = labels[name]
+        if row["auroc"] is None:
+            ax.text(0.51, p, row["note"], va="center", color=MUTED)
+            continue
+        ci = row.get("auroc_ci")
+        err = None if ci is None else [[row["auroc"] - ci[0]], [ci[1] - row["auroc"]]]
+        ax.barh(p, row["auroc"] - 0.5, left=0.5, color=COLOR, height=0.6, alpha=0.85)
+        ax.errorbar(row["auroc"], p, xerr=err, fmt="none", ecolor="#222", capsize=3, lw=1)
+        ax.text(1.005, p, f"{row['auroc']:.3f}", va="center", fontsize=8)
+    if macro.get("auroc") is not None:
+        ax.axvline(macro["auroc"], color=ACCENT, lw=1.2, ls="--", label=f"macro {macro['auroc']:.3f}")
+        ax.legend(loc="lower left", frameon=False)
+    lows = [v for n in label_names for v in [labels[n]["auroc"], *(labels[n].get("auroc_ci") or [])]
+            if v is not None]
+    left = min([0.5, *lows])
+    ax.axvline(0.5, color=MUTED, lw=0.8)
+    ax.set_yticks(pos, label_names)
+    ax.set(xlim=(np.floor(left * 10) / 10, 1.0), xlabel=f"AUROC ({confidence:.0%} bootstrap interval)")
+    fig.tight_layout()
+    return to_png(fig)
+
+
+def prevalence_bars(label_names, split: str, labels: dict, train_prevalence: dict | None) -> str:
+    """Positive rate of each label in the evaluated split, beside the train split's."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(10, 0.42 * len(label_names) + 1.2))
+    pos = np.arange(len(label_names))[::-1]
+    here = [labels[n]["prevalence"] or 0.0 for n in label_names]
+    height = 0.38 if train_prevalence else 0.6
+    ax.barh(pos + (height / 2 if train_prevalence else 0), here, height=height, color=COLOR, label=split)
+    for p, v in zip(pos, here):
+        ax.text(v + 0.003, p + (height / 2 if train_prevalence else 0), f"{v:.1%}", va="center", fontsize=8)
+    if train_prevalence:
+        train = [train_prevalence.get(n) or 0.0 for n in label_names]
+        ax.barh(pos - height / 2, train, height=height, color=MUTED, label="train")
+    ax.set_yticks(pos, label_names)
+    ax.set_xlabel("prevalence (positives / known labels)")
+    ax.xaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:.0%}"))
+    ax.legend(loc="lower right", frameon=False)
+    fig.tight_layout()
+    return to_png(fig)
+
+
+def training_curves(rows: list[dict]) -> str:
+    """Loss, validation AUROC and learning rate per epoch from history.jsonl, phases marked."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.1))
+    epochs = [r["epoch"] + 1 for r in rows]
+    series = [("loss", "train loss", COLOR), ("val_loss", "val loss", ACCENT)]
+    for key, name, color in series:
+        axes[0].plot(epochs, [r.get(key) for r in rows], "o-", ms=3, color=color, label=name)
+    axes[0].set(title="loss", xlabel="epoch")
+    axes[0].legend(frameon=False)
+    axes[1].plot(epochs, [r.get("val_auroc") for r in rows], "o-", ms=3, color=COLOR)
+    axes[1].set(title="val macro AUROC", xlabel="epoch")
+    axes[2].plot(epochs, [r.get("lr") for r in rows], "o-", ms=3, color=COLOR)
+    axes[2].set(title="learning rate (end of epoch)", xlabel="epoch")
+    starts = [(r["epoch"] + 1, r["phase"]) for k, r in enumerate(rows) if k == 0 or r["phase"] != rows[k - 1]["phase"]]
+    for ax in axes:
+        for epoch, phase in starts:
+            ax.axvline(epoch - 0.5, color=MUTED, lw=0.8, ls=":")
+            ax.text(epoch - 0.4, 0.98, phase, transform=ax.get_xaxis_transform(), fontsize=7, color=MUTED,
+                    va="top", rotation=90)
+    fig.tight_layout()
+    return to_png(fig)

@@ -1,0 +1,187 @@
+"""`medtl export`: a run's best model as a TensorFlow SavedModel that carries everything serving needs.
+
+Signatures (all return {'probabilities': (batch, L) float32, 'decisions': (batch, L) int32 0/1}):
+  serving_default / predict_bytes  image_bytes: (batch,) string, encoded PNG (8/16-bit) or JPEG
+  predict_images                   images: (batch, size, size, channels) float32 in [0, 255]
+  metadata                         label_names, thresholds, image sizes, bit depth, aspect policy
+Bytes in the stored format (what `medtl predict` sends: the ingest decode path, resized
+to the stored size, PNG at the stored bit depth) go through exactly the training
+pipeline's steps. Other sizes are first brought to the stored size with the aspect
+policy in TensorFlow, which is close to but not bit-identical with ingest's OpenCV path.
+assets/medtl_export.json holds the same metadata, the thresholds' provenance and the config.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+
+import medtl
+from medtl import dist
+from medtl.config import to_tree
+from medtl.data.pipeline import build_resize_fn, decode_stored_png
+from medtl.errors import MedtlError
+from medtl.tf import tf
+from medtl.utils.log import log
+
+META_FILE = "medtl_export.json"
+FORMAT_VERSION = 1
+
+
+def _to_stored_size(image, stored_size: int, aspect: str, bit_depth: int):
+    """(h, w, 1) in [0, 255] of any size -> (stored, stored, 1), quantised like ingest stores it."""
+    h, w = tf.shape(image)[0], tf.shape(image)[1]
+    if aspect == "crop":
+        side = tf.minimum(h, w)
+        image = tf.image.crop_to_bounding_box(image, (h - side) // 2, (w - side) // 2, side, side)
+    elif aspect == "pad":
+        side = tf.maximum(h, w)
+        image = tf.image.pad_to_bounding_box(image, (side - h) // 2, (side - w) // 2, side, side)
+    shrinking = tf.shape(image)[0] > stored_size
+    image = tf.cond(shrinking, lambda: tf.image.resize(image, (stored_size, stored_size), method="area"),
+                    lambda: tf.image.resize(image, (stored_size, stored_size), method="bicubic"))
+    top = float((1 << bit_depth) - 1)
+    return tf.round(tf.clip_by_value(image, 0.0, 255.0) * (top / 255.0)) * (255.0 / top)
+
+
+class ExportModule(tf.Module):
+    """The Keras classifier plus preprocessing, TTA, label names and thresholds."""
+
+    def __init__(self, model: tf.keras.Model, meta: dict, meta_path: str):
+        super().__init__(name="medtl_export")
+        self.model = model
+        self.meta_asset = tf.saved_model.Asset(meta_path)
+        self.label_names = tf.constant(meta["label_names"])
+        self.thresholds = tf.constant(meta["thresholds"], tf.float32)
+        self._meta = meta
+        size, channels = meta["image_size"], meta["channels"]
+        self._resize_fn = build_resize_fn(meta["stored_image_size"], size, channels)
+        self.predict_images = tf.function(self._predict_images, input_signature=[
+            tf.TensorSpec((None, size, size, channels), tf.float32, name="images")])
+        self.predict_bytes = tf.function(self._predict_bytes, input_signature=[
+            tf.TensorSpec((None,), tf.string, name="image_bytes")])
+        self.metadata = tf.function(self._metadata, input_signature=[])
+
+    def _probabilities(self, images):  # (batch, size, size, c) -> (batch, L)
+        probs = tf.sigmoid(tf.cast(self.model(images, training=False), tf.float32))
+        if self._meta["tta"] == "flip":
+            flipped = tf.sigmoid(tf.cast(self.model(tf.image.flip_left_right(images), training=False), tf.float32))
+            probs = (probs + flipped) / 2.0
+        return probs
+
+    def _predict_images(self, images):
+        probs = self._probabilities(images)
+        return {"probabilities": probs, "decisions": tf.cast(probs >= self.thresholds, tf.int32)}
+
+    def _decode_one(self, data):
+        meta = self._meta
+        stored, bit_depth = meta["stored_image_size"], meta["bit_depth"]
+        image = tf.cond(tf.io.is_jpeg(data),
+                        lambda: tf.cast(tf.io.decode_jpeg(data, channels=1), tf.float32),
+                        lambda: decode_stored_png(data, bit_depth))  # (h, w, 1) in [0, 255]
+        shape = tf.shape(image)
+        image = tf.cond(tf.logical_and(shape[0] == stored, shape[1] == stored), lambda: image,
+                        lambda: _to_stored_size(image, stored, meta["aspect"], bit_depth))
+        return self._resize_fn(tf.ensure_shape(image, (stored, stored, 1)))
+
+    def _predict_bytes(self, image_bytes):
+        spec = tf.TensorSpec((self._meta["image_size"], self._meta["image_size"], self._meta["channels"]),
+                             tf.float32)
+        images = tf.map_fn(self._decode_one, image_bytes, fn_output_signature=spec)
+        return self._predict_images(images)
+
+    def _metadata(self):
+        m = self._meta
+        return {"label_names": self.label_names, "thresholds": self.thresholds,
+                "image_size": tf.constant(m["image_size"]), "channels": tf.constant(m["channels"]),
+                "stored_image_size": tf.constant(m["stored_image_size"]), "bit_depth": tf.constant(m["bit_depth"]),
+                "aspect": tf.constant(m["aspect"]), "tta": tf.constant(m["tta"])}
+
+
+def build_meta(cfg, manifest: dict, thresholds: dict, history: list | None) -> dict:
+    """What predict and evaluate need to use the export without the run folder."""
+    from medtl.evaluate.run import manifest_hash
+
+    names = manifest["labels"]
+    return {
+        "format": "medtl-export", "format_version": FORMAT_VERSION, "medtl_version": medtl.__version__,
+        "label_names": list(names), "thresholds": [float(thresholds["labels"][n]["threshold"]) for n in names],
+        "threshold_notes": [thresholds["labels"][n]["note"] for n in names],
+        "threshold_policy": thresholds["policy"], "threshold_target": thresholds["target"],
+        "thresholds_tuned_on": thresholds["tuned_on"], "val_records": thresholds["val_records"],
+        "tta": thresholds["tta"], "image_size": cfg.data.image_size, "channels": cfg.data.channels,
+        "stored_image_size": int(manifest["image_size"]), "bit_depth": int(manifest["bit_depth"]),
+        "aspect": manifest.get("aspect", "pad"), "backbone": cfg.model.backbone,
+        "checkpoint_sha256": thresholds["checkpoint_sha256"], "data_manifest_sha256": manifest_hash(manifest),
+        "config": to_tree(cfg), "history": history or [],
+    }
+
+
+def read_meta(model_dir: str) -> dict:
+    """The export's metadata, with a clear error when the folder is not a medtl export."""
+    path = os.path.join(model_dir, "assets", META_FILE)
+    if not os.path.isfile(os.path.join(model_dir, "saved_model.pb")) or not os.path.isfile(path):
+        raise MedtlError(f"{model_dir} is not a model written by `medtl export` (no saved_model.pb or "
+                         f"assets/{META_FILE}); export one with `medtl export --workdir RUN --out DIR`")
+    with open(path, encoding="utf-8") as fh:
+        meta = json.load(fh)
+    if meta.get("format") != "medtl-export" or meta.get("format_version", 0) > FORMAT_VERSION:
+        raise MedtlError(f"{path} is not a medtl export this version ({medtl.__version__}) can read")
+    return meta
+
+
+def _check_out(out: str) -> None:
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise MedtlError(f"export folder {out} already exists and is not empty; pick a new --out or remove it")
+
+
+def export_run(workdir: str, out: str, overrides: list[str] | None = None) -> dict:
+    """Write the SavedModel of a run (thresholds tuned on val first if missing); returns the metadata."""
+    from medtl.evaluate.run import load_or_tune_thresholds, read_history, with_evaluate_overrides
+    from medtl.train.checkpoints import load_run
+    from medtl.train.checkpoints import BEST_WEIGHTS, CHECKPOINT_DIR, HISTORY_FILE
+
+    _check_out(out)
+    ctx = dist.init()
+    cfg, manifest, model = load_run(workdir)
+    cfg = with_evaluate_overrides(cfg, overrides or [])
+    thresholds = load_or_tune_thresholds(workdir, cfg, manifest, model, ctx,
+                                         os.path.join(workdir, CHECKPOINT_DIR, BEST_WEIGHTS))
+    meta = build_meta(cfg, manifest, thresholds, read_history(os.path.join(workdir, HISTORY_FILE)))
+    if not ctx.primary:
+        return meta
+    staging = os.path.join(os.path.dirname(os.path.abspath(out)), f".{os.path.basename(out)}.staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(staging)
+    meta_path = os.path.join(staging, META_FILE)
+    with open(meta_path, "w", encoding="utf-8") as fh:
+        json.dump(meta, fh, indent=2)
+    module = ExportModule(model, meta, meta_path)
+    tf.saved_model.save(module, os.path.join(staging, "model"), signatures={
+        "serving_default": module.predict_bytes, "predict_bytes": module.predict_bytes,
+        "predict_images": module.predict_images, "metadata": module.metadata})
+    os.makedirs(out, exist_ok=True)
+    for name in os.listdir(os.path.join(staging, "model")):
+        os.replace(os.path.join(staging, "model", name), os.path.join(out, name))
+    shutil.rmtree(staging, ignore_errors=True)
+    _verify(out, model, meta)
+    log(f"export: {out} ({cfg.model.backbone}, {len(meta['label_names'])} labels, thresholds "
+        f"{meta['threshold_policy']} on {meta['thresholds_tuned_on']}, tta {meta['tta']})")
+    return meta
+
+
+def _verify(out: str, model: tf.keras.Model, meta: dict) -> None:
+    """Reload the SavedModel and check it reproduces the Keras model on a random batch."""
+    rng = np.random.default_rng(0)
+    size, channels = meta["image_size"], meta["channels"]
+    images = tf.constant(rng.uniform(0, 255, (2, size, size, channels)).astype(np.float32))
+    loaded = tf.saved_model.load(out)
+    got = loaded.signatures["predict_images"](images=images)["probabilities"].numpy()
+    want = tf.sigmoid(model(images, training=False)).numpy()
+    if meta["tta"] == "flip":
+        want = (want + tf.sigmoid(model(tf.image.flip_left_right(images), training=False)).numpy()) / 2
+    if not np.allclose(got, want, atol=1e-5):
+        raise MedtlError(f"the SavedModel in {out} does not reproduce the Keras model "
+                         f"(max difference {np.abs(got - want).max():.2g}); please report this")

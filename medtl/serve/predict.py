@@ -1,0 +1,98 @@
+"""`medtl predict`: an exported model on new DICOM/PNG/JPEG files, one CSV row per file.
+
+Files go through ingest's decode path (medtl.data.decode: decode_file -> resize with
+the export's aspect policy and stored size -> PNG at its bit depth) and then the
+export's bytes signature, so a study is seen as it would have been in training.
+A file that cannot be decoded gets a row with status 'error' and the reason.
+"""
+from __future__ import annotations
+
+import csv
+import os
+
+import numpy as np
+
+from medtl.data import decode
+from medtl.errors import MedtlError
+from medtl.utils.log import log
+from medtl.utils.progress import Progress
+
+
+def list_inputs(images: str) -> tuple[str, list[str]]:
+    """(base folder, file paths relative to it): every non-hidden file of a folder (recursively,
+    since DICOM files often have no extension), or the 'path' column of a CSV (relative to the CSV)."""
+    if os.path.isdir(images):
+        found = []
+        for root, dirs, files in os.walk(images):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            found += [os.path.relpath(os.path.join(root, f), images) for f in sorted(files) if not f.startswith(".")]
+        if not found:
+            raise MedtlError(f"images folder {images} holds no files; pass a folder of DICOM/PNG/JPEG studies")
+        return images, found
+    if not os.path.isfile(images):
+        raise MedtlError(f"--images {images} does not exist; pass a folder of studies or a CSV with a 'path' column")
+    try:
+        with open(images, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            if "path" not in (reader.fieldnames or []):
+                raise MedtlError(f"--images {images}: a CSV needs a 'path' column (one study file per row); "
+                                 f"found columns {reader.fieldnames}")
+            paths = [row["path"] for row in reader if (row["path"] or "").strip()]
+    except UnicodeDecodeError:
+        raise MedtlError(f"--images {images} is neither a folder nor a UTF-8 CSV") from None
+    if not paths:
+        raise MedtlError(f"--images {images} lists no files in its 'path' column")
+    return os.path.dirname(os.path.abspath(images)), paths
+
+
+def prepare(path: str, meta: dict) -> tuple[bytes | None, str]:
+    """(stored-format PNG bytes, '') or (None, 'reason: message')."""
+    try:
+        image = decode.decode_file(path)
+        image = decode.resize(image, meta["stored_image_size"], meta["aspect"])
+        return decode.encode_png(image, meta["bit_depth"]), ""
+    except decode.DecodeError as exc:
+        return None, f"{exc.reason}: {exc.message}"
+    except Exception as exc:  # one bad file must not stop the batch
+        return None, f"decode_failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+
+
+def output_columns(label_names) -> list[str]:
+    return (["file", "status", "reason"] + [f"{n}_probability" for n in label_names]
+            + [f"{n}_decision" for n in label_names])
+
+
+def predict_files(model_dir: str, images: str, out: str, batch_size: int = 32) -> dict:
+    """Write `out` (CSV); returns {'files', 'predicted', 'errors'}."""
+    from medtl.serve.export import read_meta
+    from medtl.tf import tf
+
+    meta = read_meta(model_dir)
+    base, files = list_inputs(images)
+    loaded = tf.saved_model.load(model_dir)  # keep a reference: signatures do not own the variables
+    signature = loaded.signatures["predict_bytes"]
+    names = meta["label_names"]
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    errors = 0
+    with open(out, "w", newline="", encoding="utf-8") as fh, Progress(len(files), "predict") as bar:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(output_columns(names))
+        for start in range(0, len(files), batch_size):
+            chunk = files[start:start + batch_size]
+            prepared = [prepare(os.path.join(base, f), meta) for f in chunk]
+            ok = [png for png, _ in prepared if png is not None]
+            if ok:
+                result = signature(image_bytes=tf.constant(ok))
+                probs, decisions = result["probabilities"].numpy(), result["decisions"].numpy()
+            row_of_ok = iter(range(len(ok)))
+            for f, (png, reason) in zip(chunk, prepared):
+                if png is None:
+                    errors += 1
+                    writer.writerow([f, "error", reason] + [""] * (2 * len(names)))
+                    continue
+                j = next(row_of_ok)
+                writer.writerow([f, "ok", ""] + [f"{p:.8f}" for p in probs[j]] + [int(d) for d in decisions[j]])
+            bar(len(chunk))
+    log(f"predict: {len(files) - errors} of {len(files)} files predicted, {errors} could not be decoded "
+        f"(status 'error' with the reason in {out})")
+    return {"files": len(files), "predicted": len(files) - errors, "errors": errors}
