@@ -19,11 +19,13 @@ APT_BROWSER := chromium
 DEMO_OUT ?= demo_out
 PYTEST_ARGS ?=
 
-.PHONY: all demo test test-fast reliability venv horovod system-deps clean
+.PHONY: all demo test test-fast reliability venv horovod system-deps image clean
 
 all: test
 
 # Debian packages Horovod's build and the report test need; installed only when missing (root or sudo).
+# kubectl (with kustomize v5 built in) is what the k8s/ tests compare `medtl k8s render` with;
+# Debian's own kubernetes-client is too old (kustomize v2), so it comes from the kubectl package.
 system-deps:
 	@packages=""; for tool in cmake g++ gcc; do command -v $$tool >/dev/null || packages="$(APT_PACKAGES)"; done; \
 	command -v chromium >/dev/null || packages="$$packages $(APT_BROWSER)"; \
@@ -32,6 +34,9 @@ system-deps:
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$packages; \
 	fi
+	@command -v kubectl >/dev/null || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get install -y -qq kubectl || \
+		{ echo "kubectl >= 1.27 is needed by the k8s tests: install it from your Kubernetes apt source"; exit 1; }; }
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +56,11 @@ $(VENV)/.horovod: $(VENV)/.installed | system-deps
 
 venv: $(VENV)/.horovod
 horovod: $(VENV)/.horovod
+
+# The container image for clusters (needs a Docker engine; see the README's Kubernetes section).
+IMAGE ?= medtl:$(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' medtl/__init__.py)
+image:
+	docker build -t $(IMAGE) .
 
 demo: venv
 	$(BIN)/medtl demo --out $(DEMO_OUT)

@@ -176,6 +176,19 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--scaling", action="store_true", help="also measure horovodrun -np 2 against -np 1")
     b.add_argument("--keep", default=None, help="work folder to keep (and reuse)")
 
+    p = sub.add_parser("k8s", help="Kubernetes manifests (k8s/): render an overlay",
+                       description="The kustomize base and overlays in k8s/ run ingest, training and evaluation "
+                                   "on a cluster with the Kubeflow mpi-operator; see the README.")
+    k8s = p.add_subparsers(dest="k8s", required=True, metavar="ACTION")
+    r = k8s.add_parser("render", help="print an overlay's manifests, as `kubectl kustomize k8s/overlays/NAME` does",
+                       description="Print the manifests of k8s/overlays/NAME (multi-document YAML) from the same "
+                                   "kustomization files, for review or `kubectl apply -f -` without kustomize.")
+    r.add_argument("--overlay", required=True, help="folder name in k8s/overlays, e.g. cpu-smoke, gpu, chestxray14-b4")
+    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override added to the training command, checked against its job config "
+                        "(repeatable), e.g. --set train.batch_size=16")
+    r.add_argument("--image", default=None, help="image of every container, e.g. registry.local/medtl:0.1.0")
+
     sub.add_parser("env", help="print versions of the stack and the GPUs seen",
                    description="Print TensorFlow, tf-keras, Horovod, tensorflow-io and albumentations versions.")
     return parser
@@ -330,6 +343,16 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_k8s(args) -> int:
+    from medtl.k8s.render import render, to_yaml
+
+    objects = render(args.overlay, args.overrides, args.image)
+    command = " ".join(["medtl k8s render --overlay", args.overlay, *(f"--set {o}" for o in args.overrides),
+                        *([f"--image {args.image}"] if args.image else [])])
+    sys.stdout.write(to_yaml(objects, header=f"{command}  (from k8s/overlays/{args.overlay})"))
+    return 0
+
+
 def cmd_env(args) -> int:
     from medtl.env import describe
 
@@ -339,7 +362,7 @@ def cmd_env(args) -> int:
 
 COMMANDS = {"synth": cmd_synth, "ingest": cmd_ingest, "ingest-finalize": cmd_ingest_finalize, "verify": cmd_verify,
             "train": cmd_train, "evaluate": cmd_evaluate, "compare": cmd_compare, "export": cmd_export,
-            "predict": cmd_predict, "demo": cmd_demo, "bench": cmd_bench, "env": cmd_env}
+            "predict": cmd_predict, "demo": cmd_demo, "bench": cmd_bench, "k8s": cmd_k8s, "env": cmd_env}
 
 
 def main(argv: list[str] | None = None) -> int:
