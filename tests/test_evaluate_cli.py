@@ -176,7 +176,7 @@ def test_export_round_trip_matches_keras_and_training_pipeline(exported, run, re
 
 
 def test_predict_png_dicom_and_bad_files(exported, studies, tmp_path):
-    from medtl.data.ingest import _decode_one
+    from medtl.data.decode import to_stored_png
     from medtl.serve.export import read_meta
     from medtl.serve.predict import prepare
 
@@ -211,7 +211,7 @@ def test_predict_png_dicom_and_bad_files(exported, studies, tmp_path):
                 assert int(row[f"{label}_decision"]) == int(p >= threshold)
     # predict decodes exactly as ingest does.
     path = str(folder / "sub" / dicoms[0])
-    stored = _decode_one((path, meta["stored_image_size"], meta["bit_depth"], meta["aspect"]))[0]
+    stored = to_stored_png(path, meta["stored_image_size"], meta["bit_depth"], meta["aspect"])[0]
     assert prepare(path, meta)[0] == stored
     # No identifier planted in the DICOMs (names, MRNs) reaches the output or the log.
     text = open(tmp_path / "preds.csv").read() + r.stderr

@@ -257,3 +257,18 @@ def encode_png(image: np.ndarray, bit_depth: int) -> bytes:
     if not ok:  # pragma: no cover - cv2 only fails on invalid arrays
         raise RuntimeError("PNG encoding failed")
     return buf.tobytes()
+
+
+def to_stored_png(source, size: int, bit_depth: int, aspect: str, frame: str = "middle") -> tuple[bytes | None, str, str]:
+    """The one path from a study (file path or in-memory array) to the PNG bytes ingest stores:
+    (png, "", "") or (None, reason, message). Used by ingest and by `medtl predict`."""
+    try:
+        image = decode_array(source) if isinstance(source, np.ndarray) else decode_file(source, frame)
+        return encode_png(resize(image, size, aspect), bit_depth), "", ""
+    except DecodeError as exc:
+        return None, exc.reason, exc.message
+    except MemoryError:
+        return None, "too_large", "image too large to decode in memory"
+    except Exception as exc:  # one bad file must not stop the batch
+        text = str(exc).splitlines()[0][:160] if str(exc) else ""
+        return None, "decode_failed", f"{type(exc).__name__}: {text}"

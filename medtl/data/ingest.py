@@ -72,22 +72,11 @@ class IngestOptions:
 def _decode_one(job: tuple) -> tuple[bytes | None, dict, str, str]:
     """(png, fields, reason, message) for one study; runs in worker processes, so no TensorFlow here."""
     source, size, bit_depth, aspect, frame, field_names = job
-    try:
-        if isinstance(source, np.ndarray):
-            image, fields = decode.decode_array(source), {}
-        else:
-            image = decode.decode_file(source, frame)
-            dicom = field_names and decode.sniff(source) == "dicom"
-            fields = decode.dicom_fields(source, field_names) if dicom else {}
-        image = decode.resize(image, size, aspect)
-        return decode.encode_png(image, bit_depth), fields, "", ""
-    except decode.DecodeError as exc:
-        return None, {}, exc.reason, exc.message
-    except MemoryError:
-        return None, {}, "too_large", "image too large to decode in memory"
-    except Exception as exc:  # never let one file take the whole ingest down
-        text = str(exc).splitlines()[0][:160] if str(exc) else ""
-        return None, {}, "decode_failed", f"{type(exc).__name__}: {text}"
+    png, reason, message = decode.to_stored_png(source, size, bit_depth, aspect, frame)
+    fields = {}
+    if png is not None and field_names and not isinstance(source, np.ndarray) and decode.sniff(source) == "dicom":
+        fields = decode.dicom_fields(source, field_names)
+    return png, fields, reason, message
 
 
 class _Pool:

@@ -113,7 +113,7 @@ def build_meta(cfg, manifest: dict, thresholds: dict, history: list | None) -> d
         "thresholds_tuned_on": thresholds["tuned_on"], "val_records": thresholds["val_records"],
         "tta": thresholds["tta"], "image_size": cfg.data.image_size, "channels": cfg.data.channels,
         "stored_image_size": int(manifest["image_size"]), "bit_depth": int(manifest["bit_depth"]),
-        "aspect": manifest.get("aspect", "pad"), "backbone": cfg.model.backbone,
+        "aspect": manifest.get("aspect", "pad"), "frame": manifest.get("frame", "middle"), "backbone": cfg.model.backbone,
         "checkpoint_sha256": thresholds["checkpoint_sha256"], "data_manifest_sha256": manifest_hash(manifest),
         "config": to_tree(cfg), "history": history or [],
     }

@@ -47,14 +47,9 @@ def list_inputs(images: str) -> tuple[str, list[str]]:
 
 def prepare(path: str, meta: dict) -> tuple[bytes | None, str]:
     """(stored-format PNG bytes, '') or (None, 'reason: message')."""
-    try:
-        image = decode.decode_file(path)
-        image = decode.resize(image, meta["stored_image_size"], meta["aspect"])
-        return decode.encode_png(image, meta["bit_depth"]), ""
-    except decode.DecodeError as exc:
-        return None, f"{exc.reason}: {exc.message}"
-    except Exception as exc:  # one bad file must not stop the batch
-        return None, f"decode_failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+    png, reason, message = decode.to_stored_png(path, meta["stored_image_size"], meta["bit_depth"], meta["aspect"],
+                                                meta.get("frame", "middle"))
+    return (png, "") if png is not None else (None, f"{reason}: {message}")
 
 
 def output_columns(label_names) -> list[str]:
