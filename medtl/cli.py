@@ -176,6 +176,24 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--scaling", action="store_true", help="also measure horovodrun -np 2 against -np 1")
     b.add_argument("--keep", default=None, help="work folder to keep (and reuse)")
 
+    b = bench.add_parser("input", help="images/s of each input-pipeline stage vs naive loaders",
+                         description="Images/s, per run and per CPU core, of (a) read + parse, (b) + decode + resize, "
+                                     "(c) + the default augmentation, (d) image_dataset_from_directory and (e) a PIL "
+                                     "loop over the same images, with the ratios (c)/(b) and (c)/(d).")
+    b.add_argument("--records", default=None,
+                   help="records folder to read (its train split); default: synthesise --n studies at --source-size")
+    b.add_argument("--image-size", type=int, default=380, help="side the stream resizes to (default 380)")
+    b.add_argument("--batch-size", type=int, default=32, help="images per batch (default 32)")
+    b.add_argument("--seconds", type=float, default=8.0, help="measured seconds per stage and round (default 8)")
+    b.add_argument("--rounds", type=int, default=3, help="rounds over all stages; medians are kept (default 3)")
+    b.add_argument("--n", type=int, default=256, help="synthetic studies without --records (default 256)")
+    b.add_argument("--source-size", type=int, default=512,
+                   help="side of the synthetic 16-bit shards without --records (default 512)")
+    b.add_argument("--max-png", type=int, default=512, help="records exported as PNG files for (d), (e) (default 512)")
+    b.add_argument("--work", default=None, help="folder for the synthetic shards and PNG files (default: temporary)")
+    b.add_argument("--alternatives", action="store_true",
+                   help="also measure other ways to augment: one numpy_function call per image, TF-native ops")
+
     p = sub.add_parser("k8s", help="Kubernetes manifests (k8s/): render an overlay",
                        description="The kustomize base and overlays in k8s/ run ingest, training and evaluation "
                                    "on a cluster with the Kubeflow mpi-operator; see the README.")
@@ -340,6 +358,12 @@ def cmd_bench(args) -> int:
         if not -len(cfg.phases) <= args.phase < len(cfg.phases):
             raise MedtlError(f"--phase {args.phase}: the config has {len(cfg.phases)} phase(s)")
         bench_train.run(cfg, records, args.epochs, args.n, args.scaling, args.keep, args.phase)
+    elif args.bench == "input":
+        from medtl.bench.input import BenchOptions, run_bench
+
+        run_bench(BenchOptions(records=args.records, image_size=args.image_size, batch_size=args.batch_size,
+                               seconds=args.seconds, rounds=args.rounds, n=args.n, source_size=args.source_size,
+                               max_png=args.max_png, work=args.work, alternatives=args.alternatives))
     return 0
 
 

@@ -66,6 +66,74 @@ class Trainable:
         return {self.kind: value}
 
 
+def _freeze(value: Any) -> Any:
+    """YAML lists -> tuples, so a transform's arguments are immutable and comparable."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+def _thaw(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_thaw(v) for v in value]
+    return value
+
+
+@dataclass(frozen=True)
+class Transform:
+    """One albumentations transform of the augmentation policy: class name and keyword arguments.
+
+    YAML forms: `Name` or `{Name: {argument: value, ...}}`. Checked against albumentations
+    by DataConfig.check (medtl.data.augment.check_policy).
+    """
+
+    name: str
+    args: tuple[tuple[str, Any], ...] = ()
+    yaml_type = "albumentations transforms: Name or {Name: {arg: value}}"
+
+    @classmethod
+    def from_yaml(cls, raw: Any, key: str) -> "Transform":
+        if isinstance(raw, str) and raw:
+            return cls(raw)
+        if isinstance(raw, dict) and len(raw) == 1:
+            (name, args), = raw.items()
+            if args is None:
+                args = {}
+            if isinstance(name, str) and isinstance(args, dict) and all(isinstance(k, str) for k in args):
+                return cls(name, tuple((k, _freeze(v)) for k, v in args.items()))
+        raise ConfigError(
+            f"'{key}' must be a transform name or {{Name: {{argument: value}}}}, e.g. "
+            f"{{Affine: {{rotate: [-7, 7]}}}}; got {raw!r}"
+        )
+
+    def to_yaml(self) -> Any:
+        return {self.name: {k: _thaw(v) for k, v in self.args}} if self.args else self.name
+
+    def kwargs(self) -> dict[str, Any]:
+        return dict(self.args)
+
+
+def _t(name: str, **args: Any) -> Transform:
+    return Transform(name, tuple((k, _freeze(v)) for k, v in args.items()))
+
+
+# The default training augmentation, for chest radiographs (albumentations names and arguments).
+# No HorizontalFlip: laterality is anatomy in a chest X-ray. The heart, aortic arch and gastric
+# bubble sit on the left, so a mirrored film looks like dextrocardia / situs inversus (a finding
+# in itself), and a model trained on mirrored films learns to ignore the side of a finding.
+DEFAULT_AUGMENT: tuple[Transform, ...] = (
+    # Patient positioning: small rotations, shifts and magnification differences.
+    _t("Affine", rotate=(-7, 7), translate_percent=(-0.05, 0.05), scale=(0.9, 1.1), p=0.7),
+    # Exposure and post-processing differ between machines and sites.
+    _t("RandomBrightnessContrast", brightness_limit=0.1, contrast_limit=0.1, p=0.5),
+    _t("RandomGamma", gamma_limit=(85, 118), p=0.3),
+    # Some sites send contrast-enhanced (CLAHE-like) films.
+    _t("CLAHE", clip_limit=(1, 2), tile_grid_size=(8, 8), p=0.2),
+    # Light detector noise.
+    _t("GaussNoise", std_range=(0.01, 0.03), p=0.2),
+)
+
+
 @dataclass(frozen=True)
 class DataConfig:
     # Folder (or s3:// / gs:// prefix) holding the shards and manifest.json written by `medtl ingest`.
@@ -76,15 +144,24 @@ class DataConfig:
     channels: int = 3
     # Training shuffle buffer, in records.
     shuffle_buffer: int = 1024
+    # Training augmentation: albumentations transforms applied in order to each training image (never
+    # to val/test); [] turns it off. The default suits chest radiographs (see README, Augmentation).
+    augment: tuple[Transform, ...] = DEFAULT_AUGMENT
+    # Keep decoded, resized images (before augmentation) after the first pass: none, memory, or a
+    # folder for cache files on local disk. For datasets that fit; see README, Input pipeline.
+    cache: str = "none"
+    # Read, shuffle and augment in a fixed order, so runs with the same seed and ranks see the same
+    # batches (a little slower: no out-of-order parallelism).
+    deterministic: bool = False
 
     def check(self) -> list[tuple[str, str]]:
         problems = []
-        if self.image_size < 32:
-            problems.append(("image_size", f"must be >= 32, got {self.image_size}"))
         if self.channels not in (1, 3):
             problems.append(("channels", f"must be 1 or 3, got {self.channels}"))
         if self.shuffle_buffer < 1:
             problems.append(("shuffle_buffer", f"must be >= 1, got {self.shuffle_buffer}"))
+        if not self.cache.strip():
+            problems.append(("cache", "must be none, memory or a folder, got ''"))
         return problems
 
 
@@ -280,12 +357,31 @@ class Config:
 
     def check(self) -> list[tuple[str, str]]:
         problems = []
+        if self.seed < 0:
+            problems.append(("seed", f"must be >= 0, got {self.seed}"))
+        min_size = _backbone_min_size(self.model.backbone)
+        if self.data.image_size < min_size:
+            problems.append(("data.image_size", f"is {self.data.image_size} but {self.model.backbone} needs at least "
+                                                f"{min_size} px; set data.image_size to {min_size} or more"))
+        elif self.data.augment:
+            from medtl.data.augment import check_policy  # imports albumentations
+
+            problems.extend((f"data.{key}", message) for key, message in check_policy(self.data.augment,
+                                                                                     self.data.image_size))
         if not self.phases:
             problems.append(("phases", "must list at least one phase"))
         names = [p.name for p in self.phases]
         for name in {n for n in names if names.count(n) > 1}:
             problems.append(("phases", f"phase name {name!r} is used twice"))
         return problems
+
+
+def _backbone_min_size(backbone: str) -> int:
+    """The backbone's smallest input side (32 for a name medtl does not know: build_model reports it)."""
+    from medtl.models.backbones import BACKBONES  # imports TensorFlow
+
+    spec = BACKBONES.get(backbone)
+    return spec.min_size if spec else 32
 
 
 # --------------------------------------------------------------------------- loading
@@ -527,12 +623,13 @@ def field_docs(cls: type = Config, prefix: str = "") -> list[tuple[str, str, Any
             rows.extend(field_docs(tp, key + "."))
             continue
         if f.default is not _MISSING:
-            default = f.default
+            default = to_tree(f.default)
         elif f.default_factory is not _MISSING:
             default = to_tree(f.default_factory())
         else:
             default = "(required)"
-        if typing.get_origin(tp) is tuple and dataclasses.is_dataclass(typing.get_args(tp)[0]):
+        inner = typing.get_args(tp)[0] if typing.get_origin(tp) is tuple else None
+        if dataclasses.is_dataclass(inner) and not hasattr(inner, "from_yaml"):
             rows.append((key, "list of phases", [], comments.get(f.name, "")))
             rows.extend(field_docs(typing.get_args(tp)[0], key + "[]."))
             continue
@@ -544,7 +641,8 @@ def reference_markdown() -> str:
     """The README's config reference table, generated from the field comments above."""
     lines = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
     for key, type_name, default, comment in field_docs():
-        shown = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
+        shown = yaml.safe_dump(default, default_flow_style=True, width=10**6, sort_keys=False)
+        shown = shown.strip().removesuffix("...").strip()
         lines.append(f"| `{key}` | {type_name} | `{shown}` | {comment} |")
     return "\n".join(lines)
 

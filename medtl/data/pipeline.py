@@ -1,20 +1,39 @@
-"""tf.data input pipelines over the ingested shards.
+"""tf.data input pipelines over the ingested shards: rank sharding, decode, cache, shuffle, augment, batch.
 
-Training streams are shuffled, repeated and batched with drop_remainder; eval
-streams read every record of the split exactly once, in shard order.
-Elements are (image, labels, mask): image (batch, size, size, channels) float32
-in [0, 255], labels and mask (batch, num_labels) float32. Keras uses the mask
-as the loss's sample weight.
+Training streams are shuffled, repeated, augmented (data.augment) and batched with
+drop_remainder; eval streams read every record of the split exactly once, in shard order.
+Elements are (image, labels, mask): image (batch, size, size, channels) float32 in [0, 255],
+labels and mask (batch, num_labels) float32. Keras uses the mask as the loss's sample weight.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
+import re
+
+import numpy as np
+
 from medtl.config import Config
-from medtl.data.records import IMAGE, KEY, LABELS, MASK, PATIENT, feature_spec
+from medtl.data.augment import build_augment_fn
+from medtl.data.records import IMAGE, KEY, LABELS, MASK, PATIENT
 from medtl.errors import MedtlError
 from medtl.tf import tf
 from medtl.utils.log import log
 
 AUTOTUNE = tf.data.AUTOTUNE
+# Shards a training stream reads at once, so records of several shards meet in the shuffle
+# buffer. Reading is ~25x cheaper than decoding (docs/benchmarks.md): more buys nothing locally.
+CYCLE_LENGTH = 8
+# File sharding a training split needs ranks to get about as many records each: a rank with
+# fewer would show each of its records more often per epoch.
+MAX_RANK_IMBALANCE = 1.1
+# Delimit the message of a failed in-stream shard check inside TensorFlow's error text.
+_CHECK_START, _CHECK_END = "<medtl-check>", "</medtl-check>"
+# Decoded, cached streams by what they hold. A memory cache lives in its dataset object, and
+# training and val streams are rebuilt per phase and per epoch, so they must share one.
+_CACHED: dict[tuple, tf.data.Dataset] = {}
+_WARNED: set[tuple] = set()
 
 
 def shard_paths(records: str, manifest: dict, split: str) -> list[str]:
@@ -36,87 +55,266 @@ def split_size(manifest: dict, split: str) -> int:
     return int(manifest["splits"][split]["records"])
 
 
+def plan_shards(manifest: dict, split: str, files: list[str], rank: int, num_ranks: int,
+                training: bool) -> tuple[list[str], bool]:
+    """(this rank's files, by_file). By file when every rank gets files (and, for training, about
+    as many records); otherwise every rank reads every file and keeps every num_ranks-th record."""
+    if num_ranks == 1:
+        return files, True
+    counts = [int(s["records"]) for s in manifest["splits"][split]["shards"]]
+    per_rank = [sum(counts[r::num_ranks]) for r in range(num_ranks)]
+    enough = len(files) >= num_ranks
+    balanced = enough and max(per_rank) <= MAX_RANK_IMBALANCE * max(min(per_rank), 1)
+    if enough and (balanced or not training):
+        return files[rank::num_ranks], True
+    key = (tuple(files), num_ranks)
+    if rank == 0 and key not in _WARNED:
+        _WARNED.add(key)
+        reason = (f"{len(files)} shard(s) for {num_ranks} ranks" if not enough else
+                  f"by file, ranks would get {min(per_rank)} to {max(per_rank)} records")
+        log(f"warning: {split}: {reason}; sharding by record instead, so every rank reads every shard "
+            f"({num_ranks}x the reads). Re-ingest with a smaller --shard-mb for file sharding.")
+    return files, False
+
+
+def _seed(*parts: int) -> int:
+    """A 32-bit seed mixed from several integers (the seed, rank, epoch, ...)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+def _read_fn(path):
+    """(shard path, serialised record) pairs of one shard; the path travels along for error messages."""
+    return tf.data.Dataset.zip((tf.data.Dataset.from_tensors(path).repeat(), tf.data.TFRecordDataset(path)))
+
+
+def build_records(files: list[str], by_file: bool, rank: int, num_ranks: int, training: bool,
+                  shuffle_seed: int | None, deterministic: bool) -> tf.data.Dataset:
+    """This rank's (shard, record) pairs. Training interleaves shards (shuffled per pass when
+    shuffle_seed is given); eval reads them one after another, in order."""
+    ds = tf.data.Dataset.from_tensor_slices(files)
+    if not training:
+        ds = ds.flat_map(_read_fn)
+    else:
+        if shuffle_seed is not None:
+            ds = ds.shuffle(len(files), seed=shuffle_seed, reshuffle_each_iteration=True)
+        # Record sharding needs the same record order on every rank, hence deterministic then.
+        ds = ds.interleave(_read_fn, cycle_length=min(len(files), CYCLE_LENGTH), num_parallel_calls=AUTOTUNE,
+                           deterministic=deterministic or not by_file)
+    if not by_file:
+        ds = ds.shard(num_ranks, rank)
+    return ds
+
+
+def _require(ok, shard, *message):
+    """An op that fails the stream, naming the shard, when `ok` is false."""
+    text = tf.strings.join([_CHECK_START, "shard ", shard, ": ", *message, _CHECK_END])
+    return tf.debugging.Assert(ok, [text])
+
+
+def _checked_vector(values, expected: int, shard, name: str):
+    found = tf.size(values)
+    check = _require(tf.equal(found, expected), shard, "a record has ", tf.strings.as_string(found),
+                     f" values in '{name}' but manifest.json lists {expected} labels; shards of different "
+                     "ingests cannot be mixed: re-run `medtl ingest` for this folder")
+    with tf.control_dependencies([check]):
+        return tf.reshape(values, [expected])  # (num_labels,)
+
+
+def _checked_image(image, stored: int, shard):
+    height, width = tf.shape(image)[0], tf.shape(image)[1]
+    check = _require(tf.logical_and(tf.equal(height, stored), tf.equal(width, stored)), shard,
+                     "a record holds a ", tf.strings.as_string(height), "x", tf.strings.as_string(width),
+                     f" px image but manifest.json says the shards hold {stored}x{stored} images; shards of different "
+                     "ingests cannot be mixed: re-run `medtl ingest` for this folder")
+    with tf.control_dependencies([check]):
+        return tf.ensure_shape(tf.identity(image), (stored, stored, 1))
+
+
+def _record_spec(with_ids: bool = False) -> dict:
+    spec = {IMAGE: tf.io.FixedLenFeature([], tf.string, default_value=""),
+            LABELS: tf.io.VarLenFeature(tf.int64), MASK: tf.io.VarLenFeature(tf.int64)}
+    if with_ids:
+        spec.update({PATIENT: tf.io.FixedLenFeature([], tf.string), KEY: tf.io.FixedLenFeature([], tf.string)})
+    return spec
+
+
 def decode_stored_png(png, bit_depth: int):
     """PNG bytes at the stored bit depth -> (h, w, 1) float32 in [0, 255]."""
     dtype = tf.uint16 if int(bit_depth) == 16 else tf.uint8
-    scale = 255.0 / float((1 << int(bit_depth)) - 1)
-    return tf.cast(tf.io.decode_png(png, channels=1, dtype=dtype), tf.float32) * scale
+    return tf.cast(tf.io.decode_png(png, channels=1, dtype=dtype), tf.float32) * (255.0 / ((1 << int(bit_depth)) - 1))
+
+
+def resize_stored(image, stored_size: int, image_size: int):
+    """(stored, stored, 1) -> (image_size, image_size, 1): area averages when shrinking (no aliasing),
+    bilinear when enlarging."""
+    if stored_size != image_size:
+        image = tf.image.resize(image, (image_size, image_size), method="area" if stored_size > image_size
+                                else "bilinear")
+    return tf.ensure_shape(image, (image_size, image_size, 1))
+
+
+def to_channels(images, channels: int):
+    """Gray images to the model's channel count (repeated for RGB backbones)."""
+    images = tf.cast(images, tf.float32)
+    return tf.image.grayscale_to_rgb(images) if channels == 3 else images
 
 
 def build_resize_fn(stored_size: int, image_size: int, channels: int):
-    """(stored, stored, 1) float32 in [0, 255] -> (image_size, image_size, channels), what the model sees."""
+    """(stored, stored, 1) float32 in [0, 255] -> the model input: the eval stream's preprocessing,
+    also used by the exported SavedModel (medtl.serve.export) so serving sees training's pixels."""
 
     def resize_fn(image):
-        if stored_size != image_size:
-            image = tf.image.resize(image, (image_size, image_size), method="area" if stored_size > image_size
-                                    else "bilinear")
-        image = tf.ensure_shape(image, (image_size, image_size, 1))
-        if channels == 3:
-            image = tf.image.grayscale_to_rgb(image)
-        return image
+        return to_channels(resize_stored(image, stored_size, image_size), channels)
 
     return resize_fn
 
 
-def build_image_fn(bit_depth: int, stored_size: int, image_size: int, channels: int):
-    """PNG bytes as stored by ingest -> (image_size, image_size, channels) float32 in [0, 255].
-
-    The model's input preprocessing; the exported SavedModel (medtl.serve.export) uses
-    the same two steps, so serving sees exactly the pixels training saw.
-    """
-    resize_fn = build_resize_fn(stored_size, image_size, channels)
-
-    def image_fn(png):
-        return resize_fn(decode_stored_png(png, bit_depth))  # (stored, stored, 1) -> model input
-
-    return image_fn
-
-
-def _decode_fn(manifest: dict, image_size: int, channels: int, with_ids: bool = False):
+def build_parse_fn(manifest: dict, with_ids: bool = False):
+    """parse_fn(shard, record) -> (png bytes, labels (L,) int64, mask (L,) int64[, patient, key]),
+    checked against the manifest."""
     num_labels = len(manifest["labels"])
-    spec = feature_spec(num_labels)
-    image_fn = build_image_fn(int(manifest["bit_depth"]), int(manifest["image_size"]), image_size, channels)
+    spec = _record_spec(with_ids)
 
-    def parse_fn(record):
+    def parse_fn(shard, record):
         ex = tf.io.parse_single_example(record, spec)
-        out = (image_fn(ex[IMAGE]), tf.cast(ex[LABELS], tf.float32), tf.cast(ex[MASK], tf.float32))
-        return out + ((ex[PATIENT], ex[KEY]) if with_ids else ())
+        labels = _checked_vector(ex[LABELS].values, num_labels, shard, LABELS)
+        mask = _checked_vector(ex[MASK].values, num_labels, shard, MASK)
+        empty = _require(tf.strings.length(ex[IMAGE]) > 0, shard, "a record has no image; the shard is damaged or "
+                         "not written by medtl: re-run `medtl ingest` for this folder")
+        with tf.control_dependencies([empty]):
+            png = tf.identity(ex[IMAGE])
+        return (png, labels, mask) + ((ex[PATIENT], ex[KEY]) if with_ids else ())
 
     return parse_fn
 
 
+def build_decode_fn(manifest: dict, image_size: int, quantise: bool, with_ids: bool = False):
+    """decode_fn(shard, record) -> (image (size, size, 1), labels (L,), mask (L,)[, patient, key]).
+    The image is float32 in [0, 255], rounded to uint8 when `quantise` (what albumentations takes)."""
+    parse_fn = build_parse_fn(manifest, with_ids)
+    stored = int(manifest["image_size"])
+    bit_depth = int(manifest["bit_depth"])
+
+    def decode_fn(shard, record):
+        png, labels, mask, *ids = parse_fn(shard, record)
+        image = _checked_image(decode_stored_png(png, bit_depth), stored, shard)  # (stored, stored, 1)
+        image = resize_stored(image, stored, image_size)
+        if quantise:
+            image = tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
+        return (image, tf.cast(labels, tf.float32), tf.cast(mask, tf.float32), *ids)
+
+    return decode_fn
+
+
+def _cache_name(cfg: Config, manifest: dict, split: str, rank: int, num_ranks: int, training: bool,
+                quantise: bool) -> str:
+    """A cache file prefix that changes whenever what it holds would: tf.data never checks."""
+    content = json.dumps([cfg.data.records, manifest["splits"][split], manifest["image_size"],
+                          manifest["bit_depth"]], sort_keys=True)
+    digest = hashlib.sha256(content.encode()).hexdigest()[:12]
+    mode = "train" if training else "eval"
+    return (f"{cfg.data.cache.rstrip('/')}/{split}-{mode}-{cfg.data.image_size}px-{'u8' if quantise else 'f32'}"
+            f"-rank{rank}of{num_ranks}-{digest}")
+
+
+def build_decoded(cfg: Config, manifest: dict, split: str, rank: int, num_ranks: int, training: bool,
+                  quantise: bool, first_epoch: int, with_ids: bool = False) -> tf.data.Dataset:
+    """This rank's decoded (image, labels, mask[, patient, key]) records before the shuffle buffer,
+    cached if asked."""
+    files = shard_paths(cfg.data.records, manifest, split)
+    files, by_file = plan_shards(manifest, split, files, rank, num_ranks, training)
+    decode_fn = build_decode_fn(manifest, cfg.data.image_size, quantise, with_ids)
+    deterministic = cfg.data.deterministic or not training
+    if cfg.data.cache == "none":
+        # Shards are shuffled per pass only when this rank owns them: record sharding needs the same
+        # record order on every rank, so each rank keeps the same records every pass.
+        shuffle_seed = _seed(cfg.seed, rank, first_epoch) if by_file else None
+        ds = build_records(files, by_file, rank, num_ranks, training, shuffle_seed, deterministic)
+        return ds.map(decode_fn, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+    key = (cfg.data.records, split, rank, num_ranks, training, quantise, with_ids, cfg.data.image_size,
+           cfg.data.cache, deterministic, json.dumps(manifest["splits"][split], sort_keys=True))
+    if key not in _CACHED:
+        # Shard order is fixed when cached: the cache replays the first pass, the shuffle buffer mixes.
+        ds = build_records(files, by_file, rank, num_ranks, training, None, deterministic)
+        ds = ds.map(decode_fn, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+        if cfg.data.cache == "memory":
+            _CACHED[key] = ds.cache()
+        else:
+            tf.io.gfile.makedirs(cfg.data.cache)
+            _CACHED[key] = ds.cache(_cache_name(cfg, manifest, split, rank, num_ranks, training, quantise)
+                                    + ("-ids" if with_ids else ""))
+    return _CACHED[key]
+
+
+def build_model_input_fn(channels: int):
+    def model_input_fn(images, labels, mask, *ids):  # (batch, size, size, 1) -> (batch, size, size, channels)
+        return (to_channels(images, channels), labels, mask, *ids)
+
+    return model_input_fn
+
+
 def build_dataset(cfg: Config, split: str, rank: int = 0, num_ranks: int = 1, manifest: dict | None = None,
                   training: bool | None = None, first_epoch: int = 0, with_ids: bool = False) -> tf.data.Dataset:
-    """The batched dataset of `split` for one rank. Training streams repeat forever; their order is
-    seeded by (seed, rank, first_epoch), so a resumed run does not replay epoch 1's order.
+    """The batched dataset of `split` for one rank. Training streams repeat forever; their shuffles
+    and augmentations are seeded by (seed, rank, first_epoch, position in the stream), so build
+    one per phase with the epoch it starts at (a resumed run does not replay epoch 1).
 
-    with_ids adds the salted patient and record-key hashes: (image, labels, mask, patient, key).
+    with_ids (eval streams) adds the salted patient and record-key hashes: (image, labels, mask, patient, key).
     """
     from medtl.data.ingest import read_manifest
 
     manifest = manifest or read_manifest(cfg.data.records)
     training = split == "train" if training is None else training
-    files = shard_paths(cfg.data.records, manifest, split)
-    by_file = len(files) >= num_ranks
-    if num_ranks > 1 and not by_file and rank == 0:
-        log(f"warning: {split} has {len(files)} shard(s) for {num_ranks} ranks; sharding by record, "
-            "so every rank reads every shard. Re-ingest with smaller --shard-mb for file sharding.")
-    ds = tf.data.Dataset.from_tensor_slices(files)
-    if num_ranks > 1 and by_file:
-        ds = ds.shard(num_ranks, rank)
-    seed = (cfg.seed * 1_000_003 + first_epoch * 7919 + rank) % (2 ** 31)
+    augment = training and bool(cfg.data.augment)
+    deterministic = cfg.data.deterministic or not training
+    if with_ids and training:
+        raise ValueError("with_ids is for eval streams")
+    ds = build_decoded(cfg, manifest, split, rank, num_ranks, training, augment, first_epoch, with_ids)
     if training:
-        ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
-        ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=min(len(files), 8),
-                           num_parallel_calls=AUTOTUNE, deterministic=False)
+        ds = ds.shuffle(cfg.data.shuffle_buffer, seed=_seed(cfg.seed, rank, first_epoch),
+                        reshuffle_each_iteration=True)
+        # tf.data fuses shuffle + repeat into one op that refills the buffer from the next pass while
+        # it drains: no stall at pass ends, but a pass's last records may come after the next pass's first.
+        ds = ds.repeat().enumerate()  # (position, (image, labels, mask)): positions seed augmentation
+        ds = ds.batch(cfg.train.batch_size, drop_remainder=True)
+        if augment:
+            ds = ds.map(build_augment_fn(cfg.data.augment, (cfg.seed, rank, first_epoch)),
+                        num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+        else:
+            ds = ds.map(lambda positions, batch: batch)
     else:
-        ds = ds.flat_map(tf.data.TFRecordDataset)  # shard order, every record once
-    if num_ranks > 1 and not by_file:
-        ds = ds.shard(num_ranks, rank)
-    if training:
-        ds = ds.shuffle(cfg.data.shuffle_buffer, seed=seed + 1, reshuffle_each_iteration=True)
-        ds = ds.repeat()
-    ds = ds.map(_decode_fn(manifest, cfg.data.image_size, cfg.data.channels, with_ids), num_parallel_calls=AUTOTUNE,
-                deterministic=not training)
-    ds = ds.batch(cfg.train.batch_size, drop_remainder=training)
-    return ds.prefetch(AUTOTUNE)
+        ds = ds.batch(cfg.train.batch_size)
+    ds = ds.map(build_model_input_fn(cfg.data.channels), num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+    options = tf.data.Options()
+    options.deterministic = deterministic
+    return ds.with_options(options).prefetch(AUTOTUNE)
+
+
+def _unescape(text: str) -> str:
+    """Undo the C escapes TensorFlow applies to quotes and backslashes in assertion messages."""
+    return re.sub(r"\\(['\"\\])", r"\1", text)
+
+
+def as_user_error(exc: Exception) -> MedtlError | None:
+    """The MedtlError for a failed shard check or a locked cache met inside tf.data, else None."""
+    text = str(getattr(exc, "message", exc))
+    match = re.search(re.escape(_CHECK_START) + "(.*?)" + re.escape(_CHECK_END), text, re.S)
+    if match:
+        return MedtlError(_unescape(match.group(1)))
+    match = re.search(r"cache lockfile already exists \('([^']+)'\)", text)
+    if match:
+        return MedtlError(f"data.cache: {match.group(1)} exists: another run is writing this cache, or one was "
+                          "interrupted while writing it; if no other run uses it, delete that file")
+    return None
+
+
+@contextlib.contextmanager
+def pipeline_errors():
+    """Wrap code that iterates a dataset: input errors raised inside tf.data become one MedtlError."""
+    try:
+        yield
+    except tf.errors.OpError as exc:
+        converted = as_user_error(exc)
+        if converted is None:
+            raise
+        raise converted from None

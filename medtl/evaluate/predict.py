@@ -11,7 +11,7 @@ import numpy as np
 
 from medtl import dist
 from medtl.config import Config
-from medtl.data.pipeline import build_dataset, split_size
+from medtl.data.pipeline import build_dataset, pipeline_errors, split_size
 from medtl.errors import MedtlError
 from medtl.tf import tf
 
@@ -29,14 +29,15 @@ def predict_split(model, cfg: Config, manifest: dict, split: str, ctx: dist.Cont
     ds = build_dataset(cfg, split, ctx.rank, ctx.size, manifest, training=False, with_ids=with_ids)
     predict_fn = build_predict_fn(model, tta)
     parts: dict[str, list] = {"probs": [], "labels": [], "mask": [], "patient": [], "key": []}
-    for batch in ds:
-        images, y, mask = batch[:3]
-        parts["probs"].append(predict_fn(images).numpy())
-        parts["labels"].append(y.numpy())
-        parts["mask"].append(mask.numpy())
-        if with_ids:
-            parts["patient"].append(_encode_ids(batch[3].numpy()))
-            parts["key"].append(_encode_ids(batch[4].numpy()))
+    with pipeline_errors():
+        for batch in ds:
+            images, y, mask = batch[:3]
+            parts["probs"].append(predict_fn(images).numpy())
+            parts["labels"].append(y.numpy())
+            parts["mask"].append(mask.numpy())
+            if with_ids:
+                parts["patient"].append(_encode_ids(batch[3].numpy()))
+                parts["key"].append(_encode_ids(batch[4].numpy()))
     num_labels = len(manifest["labels"])
     empty = {"probs": (0, num_labels), "labels": (0, num_labels), "mask": (0, num_labels),
              "patient": (0, ID_WIDTH), "key": (0, ID_WIDTH)}

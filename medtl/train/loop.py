@@ -20,7 +20,7 @@ from medtl import dist
 from medtl.config import Config, save_config
 from medtl.data import verify
 from medtl.data.ingest import read_manifest
-from medtl.data.pipeline import build_dataset, split_size
+from medtl.data.pipeline import build_dataset, pipeline_errors, split_size
 from medtl.errors import MedtlError
 from medtl.models.build import build_model, set_precision
 from medtl.models.losses import build_loss
@@ -192,8 +192,9 @@ def train(cfg: Config, workdir: str) -> dict:
         train_ds = build_dataset(cfg, "train", ctx.rank, ctx.size, manifest, first_epoch=first_epoch)
         train_ds = faults.corrupt_inputs(train_ds, ctx.rank, first_epoch * steps)
         try:
-            model.fit(train_ds, epochs=phase_start + phase.epochs, initial_epoch=first_epoch, steps_per_epoch=steps,
-                      callbacks=callbacks, verbose=_verbosity(ctx))
+            with pipeline_errors():  # a shard check failing inside tf.data: one line naming the shard
+                model.fit(train_ds, epochs=phase_start + phase.epochs, initial_epoch=first_epoch,
+                          steps_per_epoch=steps, callbacks=callbacks, verbose=_verbosity(ctx))
         except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as exc:
             # A damaged shard met mid-training: name it (deep check) rather than skip it.
             verify.raise_if_damaged(cfg.data.records, manifest, ["train", "val"], exc)

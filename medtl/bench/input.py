@@ -1,0 +1,363 @@
+"""`medtl bench input`: images/s of each input-pipeline stage and of naive loaders, in one run.
+
+    medtl bench input --records DIR --image-size 380   # the train split of DIR
+    medtl bench input --image-size 380                  # synthesises 512 px 16-bit shards first
+
+Stages run in turn, for several rounds, and each keeps its median, so load from other
+processes spreads over all of them. "Per core" is images per CPU-second of this process:
+what one fully busy core delivers, however many cores the process got.
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import io
+import os
+import secrets
+import shutil
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from medtl.config import load_config
+from medtl.errors import MedtlError
+from medtl.utils.log import log
+
+# One A100 training EfficientNetB4 at 380 px in mixed precision (the issue's reference figure).
+GPU_IMAGES_PER_SECOND = 470.0
+GOAL_AUGMENT_RATIO = 0.85  # (c)/(b)
+GOAL_BASELINE_RATIO = 3.0  # (c)/(d)
+GOAL_CORES_PER_GPU = 4.0
+
+STAGES = {
+    "a": "read + parse, no decode",
+    "b": "+ decode + resize",
+    "c": "+ default augmentation",
+    "d": "naive: image_dataset_from_directory",
+    "e": "naive: PIL loop, one thread",
+}
+# With --alternatives: other ways to run the augmentation, to re-check the choice of (c).
+ALTERNATIVES = {
+    "c1": "(c), one numpy_function call per image",
+    "c2": "(b) + TF-native ops, batched, no CLAHE",
+}
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    records: str | None = None
+    image_size: int = 380
+    batch_size: int = 32
+    seconds: float = 8.0
+    rounds: int = 3
+    n: int = 256  # synthetic studies when records is None
+    source_size: int = 512
+    max_png: int = 512  # records exported as PNG files for the naive loaders
+    work: str | None = None
+    alternatives: bool = False
+
+
+@dataclass(frozen=True)
+class Run:
+    images: int
+    wall: float
+    cpu: float
+
+    @property
+    def rate(self) -> float:
+        return self.images / self.wall
+
+    @property
+    def per_core(self) -> float:
+        return self.images / max(self.cpu, 1e-9)
+
+
+def _check(opt: BenchOptions) -> None:
+    for name, value, low in (("--image-size", opt.image_size, 32), ("--batch-size", opt.batch_size, 1),
+                             ("--rounds", opt.rounds, 1), ("--n", opt.n, 1), ("--source-size", opt.source_size, 32),
+                             ("--max-png", opt.max_png, 1)):
+        if value < low:
+            raise MedtlError(f"{name} must be >= {low}, got {value}")
+    if opt.seconds <= 0:
+        raise MedtlError(f"--seconds must be > 0, got {opt.seconds}")
+
+
+def make_source(work: str, n: int, size: int) -> str:
+    """n synthetic studies ingested as size px 16-bit PNG shards, all in the train split."""
+    from medtl.data.ingest import IngestOptions, ingest
+    from medtl.data.synth import synthesize
+
+    studies, records = os.path.join(work, "studies"), os.path.join(work, "records")
+    salt = os.path.join(work, "salt")  # a throwaway secret: never the user's salt file
+    with open(salt, "w") as fh:
+        fh.write(secrets.token_hex(32))
+    log(f"bench: synthesising {n} studies at {size} px into {studies}")
+    synthesize(studies, n, seed=0, size=size)
+    ingest(IngestOptions(images=os.path.join(studies, "images"), labels=os.path.join(studies, "labels.csv"),
+                         out=records, image_size=size, bit_depth=16, val_fraction=0.0, test_fraction=0.0,
+                         shard_mb=16.0, salt_file=salt, progress=False))
+    return records
+
+
+def export_pngs(cfg, manifest: dict, out: str, limit: int) -> list[str]:
+    """The first `limit` train records' stored PNG bytes, as files (what the naive loaders read)."""
+    from medtl.data.pipeline import build_parse_fn, build_records, shard_paths
+
+    os.makedirs(out, exist_ok=True)
+    files = shard_paths(cfg.data.records, manifest, "train")
+    records = build_records(files, True, 0, 1, False, None, True).map(build_parse_fn(manifest))
+    paths = []
+    for i, (png, _, _) in enumerate(records.take(limit)):
+        paths.append(os.path.join(out, f"{i:05d}.png"))
+        with open(paths[-1], "wb") as fh:
+            fh.write(png.numpy())
+    return paths
+
+
+def _batch_sizes(ds):
+    """Iterate a dataset, yielding the number of images in each batch."""
+    for batch in ds:
+        first = batch[0] if isinstance(batch, tuple) else batch
+        yield int(first.shape[0])
+
+
+def pil_batches(paths: list[str], size: int, batch_size: int):
+    """The naive loader: open, decode and resize each PNG with PIL in a plain Python loop."""
+    from PIL import Image
+
+    i = 0
+    while True:
+        batch = []
+        for _ in range(batch_size):
+            with Image.open(paths[i % len(paths)]) as image:
+                top = 65535.0 if image.mode.startswith("I") else 255.0
+                pixels = np.asarray(image, dtype=np.float32) * (255.0 / top)
+            batch.append(np.asarray(Image.fromarray(pixels).resize((size, size), Image.BILINEAR)))
+            i += 1
+        yield len(np.stack(batch))  # (batch, size, size)
+
+
+def stage_streams(cfg, manifest: dict, pngs: list[str], alternatives: bool = False) -> dict:
+    """{stage: a function returning an endless iterator of batch sizes}, stages as in STAGES
+    (and ALTERNATIVES)."""
+    import dataclasses
+
+    from medtl.data.pipeline import AUTOTUNE, build_dataset, build_parse_fn, build_records, shard_paths
+    from medtl.tf import tf
+
+    size, batch_size = cfg.data.image_size, cfg.train.batch_size
+    plain = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, augment=()))
+
+    def parse_only():  # the training stream's reading and parsing, without the decode
+        files = shard_paths(cfg.data.records, manifest, "train")
+        ds = build_records(files, True, 0, 1, True, 0, False).repeat()
+        ds = ds.map(build_parse_fn(manifest), num_parallel_calls=AUTOTUNE, deterministic=False)
+        return _batch_sizes(ds.batch(batch_size).prefetch(AUTOTUNE))
+
+    def keras_loader():
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints "Found N files."
+            ds = tf.keras.utils.image_dataset_from_directory(
+                os.path.dirname(pngs[0]), labels=None, color_mode="grayscale", batch_size=batch_size,
+                image_size=(size, size), shuffle=False)
+        return _batch_sizes(ds.repeat())
+
+    streams = {"a": parse_only, "b": lambda: _batch_sizes(build_dataset(plain, "train")),
+               "c": lambda: _batch_sizes(build_dataset(cfg, "train")), "d": keras_loader,
+               "e": lambda: pil_batches(pngs, size, batch_size)}
+    if alternatives:
+        streams["c1"] = lambda: _alternative_stream(cfg, manifest, per_image_fn=build_per_image_fn(cfg))
+        streams["c2"] = lambda: _alternative_stream(cfg, manifest, batch_fn=build_tf_native_fn(size))
+    return streams
+
+
+def _alternative_stream(cfg, manifest: dict, per_image_fn=None, batch_fn=None):
+    """build_dataset's training stream with its augmentation step swapped for an alternative."""
+    from medtl.data.pipeline import AUTOTUNE, build_decoded, build_model_input_fn
+
+    ds = build_decoded(cfg, manifest, "train", 0, 1, True, True, 0)
+    ds = ds.shuffle(cfg.data.shuffle_buffer, seed=0).repeat().enumerate()
+    if per_image_fn is not None:
+        ds = ds.map(per_image_fn, num_parallel_calls=AUTOTUNE, deterministic=False)
+        ds = ds.batch(cfg.train.batch_size, drop_remainder=True)
+    else:
+        ds = ds.batch(cfg.train.batch_size, drop_remainder=True)
+        ds = ds.map(batch_fn, num_parallel_calls=AUTOTUNE, deterministic=False)
+    ds = ds.map(build_model_input_fn(cfg.data.channels), num_parallel_calls=AUTOTUNE, deterministic=False)
+    return _batch_sizes(ds.prefetch(AUTOTUNE))
+
+
+def build_per_image_fn(cfg):
+    """(c1): the same policy and seeding as (c), but one tf.numpy_function call per image."""
+    from medtl.data.augment import BatchAugmenter
+    from medtl.tf import tf
+
+    augmenter = BatchAugmenter(cfg.data.augment, (cfg.seed, 0, 0))
+
+    def per_image_fn(index, element):
+        image, labels, mask = element  # (size, size, 1) uint8
+        out = tf.numpy_function(lambda im, i: augmenter(im[None], i[None])[0], [image, index], tf.uint8,
+                                stateful=False)
+        return tf.ensure_shape(out, image.shape), labels, mask
+
+    return per_image_fn
+
+
+def build_tf_native_fn(size: int):
+    """(c2): the default policy's simple transforms as batched TF ops (affine, brightness/contrast,
+    gamma, noise; CLAHE has no TF op and is left out). For measuring only: it does not follow
+    albumentations' sampling exactly."""
+    from medtl.tf import tf
+
+    def pick(seed, n, p):  # (n, 1, 1, 1) 1.0 where the transform applies
+        return tf.cast(tf.random.stateless_uniform((n, 1, 1, 1), seed) < p, tf.float32)
+
+    def batch_fn(indices, batch):
+        images, labels, mask = batch
+        x = tf.cast(images, tf.float32)  # (batch, size, size, 1)
+        n, seed = tf.shape(x)[0], tf.stack([tf.constant(0, tf.int64), indices[0]])
+        u = lambda k, lo, hi, shape=(): tf.random.stateless_uniform((n, *shape), seed + k, lo, hi)  # noqa: E731
+        on = tf.cast(u(1, 0.0, 1.0) < 0.7, tf.float32)
+        angle, zoom = u(2, -0.122, 0.122) * on, 1.0 + u(3, -0.1, 0.1) * on
+        shift = u(4, -0.05 * size, 0.05 * size, (2,)) * on[:, None]
+        cos, sin, c = tf.cos(angle) / zoom, tf.sin(angle) / zoom, size / 2.0
+        zero = tf.zeros_like(cos)
+        matrix = tf.stack([cos, -sin, c - cos * c + sin * c + shift[:, 0],
+                           sin, cos, c - sin * c - cos * c + shift[:, 1], zero, zero], axis=1)
+        x = tf.raw_ops.ImageProjectiveTransformV3(images=x, transforms=matrix, output_shape=[size, size],
+                                                  fill_value=0.0, interpolation="BILINEAR", fill_mode="CONSTANT")
+        on = pick(seed + 5, n, 0.5)
+        x = x * (1.0 + on * u(6, -0.1, 0.1)[:, None, None, None]) + on * 255.0 * u(7, -0.1, 0.1)[:, None, None, None]
+        on = pick(seed + 8, n, 0.3)
+        gamma = 1.0 + on * (u(9, 0.85, 1.18)[:, None, None, None] - 1.0)
+        x = 255.0 * tf.pow(tf.clip_by_value(x, 0.0, 255.0) / 255.0, gamma)
+        x = x + pick(seed + 10, n, 0.2) * tf.random.stateless_normal(tf.shape(x), seed + 11) * 5.0
+        return tf.clip_by_value(x, 0.0, 255.0), labels, mask
+
+    return batch_fn
+
+
+def measure(make, seconds: float, warmup_batches: int = 2) -> Run:
+    """Images, wall seconds and process CPU seconds over `seconds` of one stream, after a warm-up
+    that also covers filling its shuffle buffer."""
+    batches = make()
+    for _ in range(warmup_batches):
+        next(batches)
+    images, wall, cpu = 0, time.perf_counter(), time.process_time()
+    while time.perf_counter() - wall < seconds:
+        images += next(batches)
+    run = Run(images, time.perf_counter() - wall, time.process_time() - cpu)
+    batches.close()
+    del batches
+    gc.collect()
+    time.sleep(0.5)  # the stream's background threads wind down before the next stage starts
+    return run
+
+
+def _machine() -> str:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    model = "unknown CPU"
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as fh:
+            model = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), model)
+    return f"{cores} CPU cores ({model})"
+
+
+def _load() -> str:
+    return " ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+
+
+def _config(records: str, opt: BenchOptions):
+    """The production job's input settings (EfficientNetB4, 3 channels, default augmentation)."""
+    return load_config(raw={
+        "data": {"records": records, "image_size": opt.image_size, "channels": 3},
+        "model": {"backbone": "EfficientNetB4", "weights": "none"},
+        "train": {"batch_size": opt.batch_size},
+        "phases": [{"name": "bench", "epochs": 1, "learning_rate": 1.0e-3}]})
+
+
+def summarise(runs: dict[str, list[Run]]) -> dict:
+    """Median img/s and per-core img/s of each stage, and the ratios the goals are about."""
+    out: dict = {stage: {"img_s": statistics.median(r.rate for r in rs),
+                         "per_core": statistics.median(r.per_core for r in rs),
+                         "cores_busy": statistics.median(r.cpu / r.wall for r in rs)} for stage, rs in runs.items()}
+    for top, bottom in (("c", "b"), ("c", "d"), ("c", "e"), ("c1", "b"), ("c2", "b")):
+        if top not in out:
+            continue
+        out[f"{top}/{bottom}"] = {k: out[top][k] / out[bottom][k] for k in ("img_s", "per_core")}
+    out["cores_per_gpu"] = GPU_IMAGES_PER_SECOND / out["c"]["per_core"]
+    return out
+
+
+def _verdict(ratio: dict, goal: float) -> str:
+    met = [ratio[k] >= goal for k in ("img_s", "per_core")]
+    return "met" if all(met) else "met per core, not in img/s" if met[1] else "not met"
+
+
+def report(result: dict, header: list[str]) -> str:
+    lines = header + ["", f"{'stage':44s} {'img/s':>8s} {'per core':>9s} {'cores busy':>11s}"]
+    for stage, label in {**STAGES, **ALTERNATIVES}.items():
+        if stage not in result:
+            continue
+        row = result[stage]
+        lines.append(f"({stage}) {label:{40 - len(stage) + 1}s} {row['img_s']:8.1f} {row['per_core']:9.1f} "
+                     f"{row['cores_busy']:11.2f}")
+    lines.append("per core: images per CPU-second of this process, i.e. what one fully busy core delivers")
+    lines.append("")
+    for key, goal in (("c/b", GOAL_AUGMENT_RATIO), ("c/d", GOAL_BASELINE_RATIO), ("c/e", None), ("c1/b", None),
+                      ("c2/b", None)):
+        if key not in result:
+            continue
+        ratio = result[key]
+        judged = f"goal >= {goal:g}: {_verdict(ratio, goal)}" if goal else "(for reference)"
+        lines.append(f"({key.replace('/', ')/(')}) = {ratio['img_s']:.2f} in img/s, {ratio['per_core']:.2f} per core"
+                     f"   {judged}")
+    cores = result["cores_per_gpu"]
+    lines.append(f"one {GPU_IMAGES_PER_SECOND:g} img/s GPU needs {GPU_IMAGES_PER_SECOND:g} / "
+                 f"{result['c']['per_core']:.1f} = {cores:.1f} cores at (c)   goal <= {GOAL_CORES_PER_GPU:g}: "
+                 f"{'met' if cores <= GOAL_CORES_PER_GPU else 'not met'}")
+    return "\n".join(lines)
+
+
+def run_bench(opt: BenchOptions) -> dict:
+    """Measure every stage (rounds x seconds each), print the report, return the figures."""
+    _check(opt)
+    work = opt.work or tempfile.mkdtemp(prefix="medtl-bench-")
+    os.makedirs(work, exist_ok=True)
+    try:
+        return _run(opt, work)
+    finally:
+        if opt.work is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _run(opt: BenchOptions, work: str) -> dict:
+    from medtl.data.ingest import read_manifest
+
+    records = opt.records or make_source(work, opt.n, opt.source_size)
+    records = records if "://" in records else os.path.abspath(records)
+    manifest = read_manifest(records)
+    count = int(manifest["splits"].get("train", {}).get("records", 0))
+    if count < opt.batch_size:
+        raise MedtlError(f"{records} has {count} train records, fewer than one batch of {opt.batch_size}; "
+                         "point --records at a bigger ingest or lower --batch-size")
+    cfg = _config(records, opt)
+    pngs = export_pngs(cfg, manifest, os.path.join(work, "png"), opt.max_png)
+    header = [f"medtl bench input: {opt.image_size} px from {manifest['image_size']} px {manifest['bit_depth']}-bit "
+              f"shards ({count} train records in {records}; (d) and (e) read {len(pngs)} of them as PNG files), "
+              f"batch {opt.batch_size}",
+              f"machine: {_machine()}; load average before: {_load()}",
+              f"{opt.rounds} round(s) x {opt.seconds:g} s per stage; medians over rounds"]
+    streams = stage_streams(cfg, manifest, pngs, opt.alternatives)
+    runs: dict[str, list[Run]] = {stage: [] for stage in streams}
+    for round_index in range(opt.rounds):
+        for stage, make in streams.items():
+            runs[stage].append(measure(make, opt.seconds))
+            log(f"bench: round {round_index + 1}/{opt.rounds} ({stage}) {({**STAGES, **ALTERNATIVES})[stage]}: "
+                f"{runs[stage][-1].rate:.1f} img/s, {runs[stage][-1].per_core:.1f} per core")
+    header[1] += f", after: {_load()}"
+    result = summarise(runs)
+    print(report(result, header), flush=True)
+    return result
