@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train the phases of a job config. Run under horovodrun for several ranks.")
     _add_config_args(p)
     p.add_argument("--workdir", required=True, help="run folder for config, history and checkpoints")
+    p.add_argument("--until-phase", metavar="NAME", default=None,
+                   help="stop after this phase (by name); the same command with the same --workdir resumes "
+                        "with the next phase (for clusters that limit job length)")
 
     p = sub.add_parser("evaluate", help="per-label metrics with intervals and an HTML report",
                        description="Evaluate a run's best checkpoint (--workdir), or an exported model "
@@ -291,7 +294,7 @@ def cmd_train(args) -> int:
         raise MedtlError("data.records is empty; set it in the config or with --set data.records=DIR")
     from medtl.train.loop import train
 
-    train(cfg, args.workdir)
+    train(cfg, args.workdir, until_phase=args.until_phase)
     return 0
 
 

@@ -20,12 +20,13 @@ from medtl.cli import build_parser
 from medtl.config import load_config
 from medtl.errors import MedtlError
 from medtl.k8s import kustomize
-from medtl.k8s.render import overlays, render
+from medtl.k8s.render import mounted_file, overlays, render
 
 from conftest import JOBS, REPO, assert_user_error, run_cli
 
 K8S = os.path.join(REPO, "k8s")
-OVERLAYS = ("chestxray14-b4", "cpu-smoke", "gpu")
+PHASED = ("chestxray14-b4-phase-head", "chestxray14-b4-phase-top", "chestxray14-b4-phase-all")
+OVERLAYS = ("chestxray14-b4", "cpu-smoke", "gpu", *PHASED)
 # The oldest Kubernetes the manifests are written for, and the newest kubernetes-validate knows.
 K8S_VERSIONS = ("1.29.0", "1.37.0")
 CRD = os.path.join(K8S, "crds", "mpijob-crd-v2beta1.yaml")
@@ -356,7 +357,7 @@ def job_command(objects, name, index=0):
 
 def mpi_train(objects):
     """(train args, -np, MPIJob spec, worker pod spec) of the overlay's MPIJob."""
-    obj = by_name(objects, "MPIJob", "medtl-train")
+    (obj,) = [o for o in objects if o["kind"] == "MPIJob"]  # medtl-train, or medtl-train-PHASE
     launcher = obj["spec"]["mpiReplicaSpecs"]["Launcher"]["template"]["spec"]["containers"][0]
     argv = expand(argv_of(launcher), launcher)
     assert argv[0] == "mpirun" and "-H" not in argv and "--hostfile" not in argv  # the operator's hostfile
@@ -410,11 +411,30 @@ def test_training_command_loads_its_config_and_fits_the_workers(rendered, overla
 def test_the_overlays_run_the_jobs_they_say(rendered):
     configs = {o: mpi_train(rendered[o])[0].config for o in OVERLAYS}
     assert configs == {"cpu-smoke": "/etc/medtl/jobs/smoke.yaml", "gpu": "/etc/medtl/jobs/chestxray14_b4.yaml",
-                       "chestxray14-b4": "/etc/medtl/jobs/chestxray14_b4.yaml"}
+                       "chestxray14-b4": "/etc/medtl/jobs/chestxray14_b4.yaml",
+                       **{o: "/etc/medtl/jobs/chestxray14_b4.yaml" for o in PHASED}}
     shapes = {o: (mpi_train(rendered[o])[1], mpi_train(rendered[o])[3]["replicas"]) for o in OVERLAYS}
-    assert shapes == {"cpu-smoke": (2, 1), "gpu": (16, 2), "chestxray14-b4": (16, 2)}
+    assert shapes == {"cpu-smoke": (2, 1), "gpu": (16, 2), "chestxray14-b4": (16, 2), **{o: (16, 2) for o in PHASED}}
     args = mpi_train(rendered["chestxray14-b4"])[0]
     assert "model.weights=/weights/efficientnetb4_notop.h5" in args.overrides  # offline: weights from a volume
+
+
+def test_phased_overlays_chain_every_phase_of_the_job_in_one_run(rendered):
+    """chestxray14-b4 as one MPIJob per phase: the phases in order, each the same training otherwise."""
+    whole, _, whole_spec, _ = mpi_train(rendered["chestxray14-b4"])
+    (text,) = {mounted_file(o, whole.config, rendered["chestxray14-b4"]) for o in rendered["chestxray14-b4"]
+               if o["kind"] == "MPIJob"}
+    phases = [p.name for p in load_config(raw=yaml.safe_load(text), overrides=whole.overrides).phases]
+    assert [mpi_train(rendered[o])[0].until_phase for o in PHASED] == phases
+    for overlay, phase in zip(PHASED, phases):
+        args, _, spec, _ = mpi_train(rendered[overlay])
+        (job,) = [o for o in rendered[overlay] if o["kind"] == "MPIJob"]
+        assert job["metadata"]["name"] == f"medtl-train-{phase}"
+        assert (args.config, args.workdir, args.overrides) == (whole.config, whole.workdir, whole.overrides)
+        assert 0 < spec["runPolicy"]["activeDeadlineSeconds"] < whole_spec["runPolicy"]["activeDeadlineSeconds"]
+        others = [o for o in rendered[overlay] if o["kind"] != "MPIJob"]
+        assert others == [o for o in rendered["chestxray14-b4"] if o["kind"] != "MPIJob"]
+    assert whole.until_phase is None
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -473,7 +493,8 @@ def test_render_adds_checked_overrides_to_training_and_sets_the_image():
 
 
 @pytest.mark.parametrize("argv, fragments", [
-    (["--overlay", "gpus"], ["unknown overlay 'gpus'", "chestxray14-b4, cpu-smoke, gpu"]),
+    (["--overlay", "gpus"], ["unknown overlay 'gpus'", "chestxray14-b4, chestxray14-b4-phase-all, "
+                             "chestxray14-b4-phase-head, chestxray14-b4-phase-top, cpu-smoke, gpu"]),
     (["--overlay", "gpu", "--set", "train.bath_size=16"], ["--set train.bath_size", "batch_size"]),
     (["--overlay", "cpu-smoke", "--set", "train.batch_size=many"], ["train.batch_size", "must be int"]),
     (["--overlay", "gpu", "--set", "phases.7.epochs=2"], ["phases.7", "3 entries"]),
@@ -494,12 +515,16 @@ def readme_section() -> str:
 
 def test_readme_walkthrough_names_what_the_overlays_have(rendered):
     section = readme_section()
-    assert set(re.findall(r"k8s/overlays/([\w-]+)", section)) - {"NAME"} == set(OVERLAYS)
+    named = {name for name in re.findall(r"k8s/overlays/([\w-]+)", section) if not name.endswith("-")}  # -$phase
+    assert named - {"NAME"} == set(OVERLAYS)
     components = {o["metadata"]["labels"]["app.kubernetes.io/component"] for objs in rendered.values() for o in objs}
     assert set(re.findall(r"app\.kubernetes\.io/component=(\w+)", section)) == components
     kinds = {"job": "Job", "mpijob": "MPIJob", "pod": "Pod"}
     existing = {(o["kind"], o["metadata"]["name"]) for objs in rendered.values() for o in objs}
     for kind, name in re.findall(r"\b(job|mpijob|pod)/([\w-]+)", section):
+        if name.endswith("-"):  # mpijob/medtl-train-$phase: one per phased overlay
+            assert all((kinds[kind], name + p) in existing for p in ("head", "top", "all"))
+            continue
         if name.endswith("-launcher"):  # the launcher Job the operator creates for MPIJob NAME
             kind, name = "mpijob", name.removesuffix("-launcher")
         assert (kinds[kind], name) in existing, f"README names {kind}/{name}, which no overlay has"

@@ -127,8 +127,21 @@ def _check_in_sync(ctx: dist.Context, model, phase_name: str) -> str:
     return fingerprint
 
 
-def train(cfg: Config, workdir: str) -> dict:
-    """Run (or resume) every phase of `cfg`; returns a summary."""
+def _last_phase(cfg: Config, until_phase: str | None) -> int:
+    """The index of the last phase this run may train (`--until-phase NAME`; default: the last)."""
+    names = [phase.name for phase in cfg.phases]
+    if until_phase is None:
+        return len(names) - 1
+    if until_phase not in names:
+        raise MedtlError(f"--until-phase {until_phase!r} is not a phase of this config; its phases are: "
+                         f"{', '.join(names)}")
+    return names.index(until_phase)
+
+
+def train(cfg: Config, workdir: str, until_phase: str | None = None) -> dict:
+    """Run (or resume) the phases of `cfg` up to and including `until_phase` (default: all of them);
+    returns a summary. A later run with the same workdir resumes where this one stopped."""
+    last = _last_phase(cfg, until_phase)
     _configure_threads(cfg)
     ctx = dist.init(cfg.train.stall_shutdown_seconds)
     manifest = read_manifest(cfg.data.records)
@@ -139,6 +152,11 @@ def train(cfg: Config, workdir: str) -> dict:
     if state.finished(cfg):
         log(f"train: {workdir} is complete ({state.epochs_done} epochs, best val macro AUROC "
             f"{state.overall_best:.4f}); nothing to do. Train into a new --workdir to start again.")
+        return {"best_val_auroc": state.overall_best, "epochs": state.epochs_done, "workdir": workdir, "resumed": False}
+    plan = [(index, done) for index, done in _phase_plan(cfg, state) if index <= last]
+    if not plan:
+        log(f"train: phase '{cfg.phases[last].name}' of {workdir} is already complete ({state.epochs_done} epochs); "
+            f"nothing to do. Run without --until-phase, or with a later phase, to continue.")
         return {"best_val_auroc": state.overall_best, "epochs": state.epochs_done, "workdir": workdir, "resumed": False}
 
     tf.keras.utils.set_random_seed(cfg.seed + 1000 * state.epochs_done)
@@ -157,7 +175,7 @@ def train(cfg: Config, workdir: str) -> dict:
             f"checkpoint {state.checkpoint}, written by {state.ranks} rank(s))")
 
     fingerprints = {}
-    for position, (index, done_in_phase) in enumerate(_phase_plan(cfg, state)):
+    for position, (index, done_in_phase) in enumerate(plan):
         phase = cfg.phases[index]
         first_epoch = state.epochs_done
         phase_start = first_epoch - done_in_phase
@@ -210,6 +228,11 @@ def train(cfg: Config, workdir: str) -> dict:
         log(f"phase '{phase.name}' done: best val macro AUROC {tracker.best:.4f} (epoch {tracker.best_epoch + 1})")
     summary = {"best_val_auroc": state.overall_best, "epochs": state.epochs_done, "workdir": workdir,
                "ranks": ctx.size, "weights_fingerprint": fingerprints}
+    if last < len(cfg.phases) - 1:
+        summary["stopped_after_phase"] = cfg.phases[last].name
+        log(f"train: stopped after phase '{cfg.phases[last].name}' (--until-phase); the same command with the "
+            f"same --workdir and a later --until-phase (or none) continues with phase "
+            f"'{cfg.phases[last + 1].name}'")
     if ctx.primary:
         with open(os.path.join(workdir, "train_summary.json"), "w", encoding="utf-8") as fh:
             json.dump(summary, fh, indent=2)
