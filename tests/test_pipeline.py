@@ -1,6 +1,7 @@
 """The input pipeline as training and evaluation use it: shapes, rank sharding, exactly-once eval,
 seeded augmentation, masks through to the loss, caches, and shards that do not match the manifest."""
 import glob
+import hashlib
 import json
 import os
 
@@ -57,7 +58,9 @@ def write_records(out, shards: dict[str, list[int]], size: int = 32, num_labels:
                     mask = (mask_of(index) + [1] * 8)[:broken.get("num_labels", num_labels)]
                     writer.write(encode_example(png, labels, mask, "p", str(index)))
                     index += 1
-            files.append({"file": name, "records": count})
+            path = os.path.join(out, name)
+            files.append({"file": name, "records": count, "bytes": os.path.getsize(path),
+                          "sha256": hashlib.sha256(open(path, "rb").read()).hexdigest()})
         splits[split] = {"records": sum(counts), "shards": files}
     manifest = {"labels": [f"L{i}" for i in range(num_labels)], "image_size": size, "bit_depth": 16,
                 "channels": 1, "splits": splits}
