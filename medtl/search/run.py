@@ -204,7 +204,7 @@ def _search(cfg, space, plan, workdir, storage_url, study_name, manifest, folder
                                 sampler=build_sampler(cfg, space), pruner=pruner, load_if_exists=True)
     _check_same_search(study, cfg, space, plan)
     retried = recover_interrupted(study)
-    done = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
     if done:
         log(f"search: resuming study '{study_name}': {len(done)} finished trial(s) kept"
             + (f", {retried} interrupted trial(s) queued again" if retried else ""))
