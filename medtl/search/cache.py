@@ -135,7 +135,8 @@ def _extract_rank(cfg: Config, manifest: dict, folder: str, ctx: dist.Context, l
     total = sum(int(manifest["splits"][s]["records"]) for s in SPLITS) + \
         int(manifest["splits"]["train"]["records"]) * (copies - 1)
     written = []
-    with Progress(max(total // ctx.size, 1), "extract features", enabled=ctx.primary) as bar:
+    # Rank 0 draws the bar for all ranks (its own count x ranks: ranks' shares are about equal).
+    with Progress(total, "extract features", enabled=ctx.primary) as bar:
         for split in SPLITS:
             for copy, ds in _streams(cfg, manifest, split, ctx):
                 buffers: dict[str, list] = {}
@@ -161,7 +162,7 @@ def _extract_rank(cfg: Config, manifest: dict, folder: str, ctx: dist.Context, l
                             buffers.setdefault(key, []).append(value.numpy().astype(np.float16))
                         buffers.setdefault("labels", []).append(labels.numpy().astype(np.uint8))
                         buffers.setdefault("mask", []).append(mask.numpy().astype(np.uint8))
-                        bar(int(labels.shape[0]))
+                        bar(min(int(labels.shape[0]) * ctx.size, total - bar.done))
                         if lock:
                             os.utime(lock)  # heartbeat: the extraction is alive
                         if sum(len(b) for b in buffers["labels"]) >= PART_IMAGES:
