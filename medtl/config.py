@@ -349,6 +349,8 @@ class SearchConfig:
     feature_cache: str = "~/.cache/medtl/features"
     # Cache pooled feature vectors instead of spatial maps (far smaller; heads with a 1x1 conv then cannot be searched).
     pooled_cache: bool = False
+    # Feature cache precision: float32 (exact), or float16 (half the space; fine for ImageNet bases, whose features are O(1), not for a random base's ~1e-6).
+    cache_dtype: Literal["float32", "float16"] = "float32"
     # Augmented copies of each train image in the cache (data.augment applied, seeded), besides the plain one.
     augmented_copies: int = 0
     # How heads are drawn from the space: grid (every head once, in seeded random order), tpe or random (seeded).

@@ -3,7 +3,7 @@
 With the base frozen (and BatchNorm in inference mode), an image's feature map never changes,
 so head trials can train on stored features instead of running the base every epoch. The cache
 holds the train and val splits, preprocessed as the eval stream does (no augmentation), plus
-`search.augmented_copies` augmented copies of each train image. Files are sharded .npz:
+`search.augmented_copies` augmented copies of each train image. Files are sharded .npz (float32, or float16 with search.cache_dtype):
 
     FEATURE_CACHE/<backbone>-<size>px-<key>/{train,val}-c<copy>-r<rank>of<ranks>-p<part>.npz
     FEATURE_CACHE/<backbone>-<size>px-<key>/cache.json   (written last: the cache is complete)
@@ -58,7 +58,8 @@ def cache_meta(cfg: Config, manifest: dict) -> dict:
                                                   "bit_depth": manifest["bit_depth"],
                                                   "splits": {s: manifest["splits"][s] for s in SPLITS}},
                                                  sort_keys=True).encode()).hexdigest(),
-            "pooled": cfg.search.pooled_cache, "augmented_copies": cfg.search.augmented_copies}
+            "pooled": cfg.search.pooled_cache, "augmented_copies": cfg.search.augmented_copies,
+            "dtype": cfg.search.cache_dtype}
     if cfg.search.augmented_copies:
         meta["augment"] = to_tree(cfg.data.augment)
         meta["seed"] = cfg.seed
@@ -159,7 +160,7 @@ def _extract_rank(cfg: Config, manifest: dict, folder: str, ctx: dist.Context, l
                         out = out if isinstance(out, (list, tuple)) else [out]  # one output: a bare tensor
                         feats = {"avg": out[0], "max": out[1]} if cfg.search.pooled_cache else {"maps": out[0]}
                         for key, value in feats.items():
-                            buffers.setdefault(key, []).append(value.numpy().astype(np.float16))
+                            buffers.setdefault(key, []).append(value.numpy().astype(cfg.search.cache_dtype))
                         buffers.setdefault("labels", []).append(labels.numpy().astype(np.uint8))
                         buffers.setdefault("mask", []).append(mask.numpy().astype(np.uint8))
                         bar(min(int(labels.shape[0]) * ctx.size, total - bar.done))
