@@ -189,7 +189,6 @@ def _search(cfg, space, plan, workdir, storage_url, study_name, manifest, folder
 
     from medtl.search.cache import load_split
     from medtl.search.report import write_outputs
-    from medtl.search.trial import train_on_cache
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     train, val = load_split(folder, index, "train"), load_split(folder, index, "val")
@@ -211,8 +210,31 @@ def _search(cfg, space, plan, workdir, storage_url, study_name, manifest, folder
     log(f"search: {space.size} heads in the space, budget {plan.budget_epochs / plan.full_epochs:g} full trainings "
         f"({plan.budget_epochs:g} epochs of {plan.full_epochs}), rungs at {', '.join(map(str, plan.rungs))} epochs "
         f"(keep 1/{cfg.search.reduction_factor}), up to {plan.trials} trials, sampler {cfg.search.sampler}")
+    objective = build_objective(cfg, space, plan, study, manifest, train, val, index)
+    ran = 0
+    while True:
+        trials = study.get_trials(deepcopy=False)
+        begun = [t for t in trials if t.state not in (TrialState.FAIL, TrialState.WAITING)]
+        waiting = [t for t in trials if t.state == TrialState.WAITING]  # interrupted trials queued again
+        if _spent(trials) + cfg.search.min_epochs > plan.budget_epochs:
+            break
+        if len(begun) >= plan.trials and not waiting:
+            break
+        study.optimize(objective, n_trials=1)
+        ran += 1
+    log(f"search: {ran} trial(s) run by this worker; spent "
+        f"{_spent(study.get_trials(deepcopy=False)) / plan.full_epochs:.2f} of {plan.budget_epochs / plan.full_epochs:g} full trainings")
+    return write_outputs(cfg, space, plan, study, workdir, index, extracted, folder)
+
+
+def build_objective(cfg: Config, space: SearchSpace, plan: Plan, study, manifest: dict, train, val, index: dict):
+    """The Optuna objective: train the trial's head on the cache epoch by epoch, report val AUROC,
+    stop when pruned, at the full schedule, or when the study's budget is spent."""
+    import optuna
+
+    from medtl.search.trial import train_on_cache
+
     pooled = bool(index["meta"]["pooled"])
-    state = {"started": 0}
     worker = _worker_id()
 
     def spent_now() -> int:
@@ -254,19 +276,7 @@ def _search(cfg, space, plan, workdir, storage_url, study_name, manifest, folder
             raise optuna.TrialPruned()
         return history[-1]
 
-    while True:
-        trials = study.get_trials(deepcopy=False)
-        started = [t for t in trials if t.state != TrialState.FAIL]
-        waiting = [t for t in trials if t.state == TrialState.WAITING]
-        if _spent(trials) + cfg.search.min_epochs > plan.budget_epochs:
-            break
-        if len(started) - len(waiting) >= plan.trials and not waiting:
-            break
-        study.optimize(objective, n_trials=1)
-        state["started"] += 1
-    log(f"search: {state['started']} trial(s) run by this worker; spent "
-        f"{spent_now() / plan.full_epochs:.2f} of {plan.budget_epochs / plan.full_epochs:g} full trainings")
-    return write_outputs(cfg, space, plan, study, workdir, index, extracted, folder)
+    return objective
 
 
 def _check_same_search(study, cfg: Config, space: SearchSpace, plan: Plan) -> None:
@@ -288,12 +298,10 @@ def _check_same_search(study, cfg: Config, space: SearchSpace, plan: Plan) -> No
 def best_trial(study, plan: Plan):
     """The trial with the best val AUROC at the highest rung any trial reached."""
     reached = [t for t in study.get_trials(deepcopy=False) if t.intermediate_values]
-    if not reached:
+    tops = [r for r in plan.rungs if any(r in t.intermediate_values for t in reached)]
+    if not tops:
         return None, 0
-    top = max(r for r in plan.rungs if any(r in t.intermediate_values for t in reached)) if any(
-        r in t.intermediate_values for t in reached for r in plan.rungs) else None
-    if top is None:
-        return None, 0
+    top = max(tops)
     candidates = [t for t in reached if top in t.intermediate_values and not math.isnan(t.intermediate_values[top])]
     return max(candidates, key=lambda t: (t.intermediate_values[top], -t.number)), top
 
