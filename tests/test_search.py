@@ -15,7 +15,7 @@ from medtl.errors import ConfigError
 from medtl.search.run import halving_cost, plan_search
 from medtl.search.space import defaults_from, load_space, parse_space
 
-from conftest import JOBS, REPO, assert_user_error, cli_env, run_cli
+from conftest import JOBS, assert_user_error, cli_env, run_cli
 
 SMOKE = os.path.join(JOBS, "smoke.yaml")
 TINY = os.path.join(JOBS, "search", "tiny.yaml")
@@ -186,4 +186,3 @@ def test_search_help():
     assert r.returncode == 0 and "--budget" in r.stdout and "--storage" in r.stdout
     r = run_cli("bench", "search", "--help")
     assert r.returncode == 0 and "--trial-epochs" in r.stdout
-    assert os.path.isdir(REPO)
