@@ -101,6 +101,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop after this phase (by name); the same command with the same --workdir resumes "
                         "with the next phase (for clusters that limit job length)")
 
+    p = sub.add_parser("search", help="budgeted search for a classification head, on cached base features",
+                       description="Successive halving over the head space of --space (Optuna), training heads on "
+                                   "a cache of the frozen base's features. --budget counts full trainings (phase 1's "
+                                   "epochs). Writes best.yaml (a job config for `medtl train`), leaderboard.csv and "
+                                   "search.html into --workdir. Re-run the same command to resume.")
+    _add_config_args(p)
+    p.add_argument("--space", required=True, help="search space YAML (see jobs/search/heads.yaml)")
+    p.add_argument("--budget", required=True, type=float, help="budget in full trainings of one head, e.g. 8")
+    p.add_argument("--workdir", required=True, help="search folder (study.db, best.yaml, leaderboard.csv, search.html)")
+    p.add_argument("--storage", default=None,
+                   help="Optuna storage URL shared by several workers, e.g. postgresql://USER:PASSWORD@HOST/DB "
+                        "(default $MEDTL_SEARCH_STORAGE, else sqlite:///WORKDIR/study.db)")
+    p.add_argument("--study-name", default=None, help="study name in the storage (default medtl-head-search)")
+
     p = sub.add_parser("evaluate", help="per-label metrics with intervals and an HTML report",
                        description="Evaluate a run's best checkpoint (--workdir), or an exported model "
                                    "(--model) on a records folder (--records), on one split. Operating "
@@ -177,6 +191,18 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--n", type=int, default=800, help="synthetic studies when --records is not given (default 800)")
     b.add_argument("--phase", type=int, default=-1, help="index of the config's phase to time (default: the last)")
     b.add_argument("--scaling", action="store_true", help="also measure horovodrun -np 2 against -np 1")
+    b.add_argument("--keep", default=None, help="work folder to keep (and reuse)")
+
+    b = bench.add_parser("search", help="head trials on cached features vs with the frozen base; search vs exhaustive",
+                         description="In one run: feature extraction time; one head trial on cached features against "
+                                     "the same trial with the frozen base run every epoch; and a search with a budget "
+                                     "of N/4 full trainings against training all N heads of the space on the cache.")
+    _add_config_args(b)
+    b.add_argument("--space", required=True, help="search space YAML (>= 24 heads for the comparison)")
+    b.add_argument("--records", default=None, help="records to use (default: synthesised and ingested)")
+    b.add_argument("--n", type=int, default=1000, help="synthetic studies when --records is not given (default 1000)")
+    b.add_argument("--trial-epochs", type=int, default=3, help="epochs of the timed trial, both ways (default 3)")
+    b.add_argument("--budget", type=float, default=None, help="search budget in full trainings (default N/4)")
     b.add_argument("--keep", default=None, help="work folder to keep (and reuse)")
 
     b = bench.add_parser("input", help="images/s of each input-pipeline stage vs naive loaders",
@@ -298,6 +324,16 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_search(args) -> int:
+    cfg = load_job_config(args.config, args.overrides)
+    if not cfg.data.records:
+        raise MedtlError("data.records is empty; set it in the config or with --set data.records=DIR")
+    from medtl.search.run import run_search
+
+    run_search(cfg, args.space, args.budget, args.workdir, args.storage, args.study_name)
+    return 0
+
+
 def cmd_evaluate(args) -> int:
     if args.workdir:
         if args.records:
@@ -361,6 +397,14 @@ def cmd_bench(args) -> int:
         if not -len(cfg.phases) <= args.phase < len(cfg.phases):
             raise MedtlError(f"--phase {args.phase}: the config has {len(cfg.phases)} phase(s)")
         bench_train.run(cfg, records, args.epochs, args.n, args.scaling, args.keep, args.phase)
+    elif args.bench == "search":
+        from medtl.bench import search as bench_search
+
+        cfg = load_job_config(args.config, args.overrides)
+        records = os.path.abspath(args.records) if args.records and "://" not in args.records else args.records
+        if args.trial_epochs < 1:
+            raise MedtlError(f"--trial-epochs must be >= 1, got {args.trial_epochs}")
+        bench_search.run(cfg, args.space, records, args.n, args.trial_epochs, args.budget, args.keep)
     elif args.bench == "input":
         from medtl.bench.input import BenchOptions, run_bench
 
@@ -388,7 +432,7 @@ def cmd_env(args) -> int:
 
 
 COMMANDS = {"synth": cmd_synth, "ingest": cmd_ingest, "ingest-finalize": cmd_ingest_finalize, "verify": cmd_verify,
-            "train": cmd_train, "evaluate": cmd_evaluate, "compare": cmd_compare, "export": cmd_export,
+            "train": cmd_train, "search": cmd_search, "evaluate": cmd_evaluate, "compare": cmd_compare, "export": cmd_export,
             "predict": cmd_predict, "demo": cmd_demo, "bench": cmd_bench, "k8s": cmd_k8s, "env": cmd_env}
 
 

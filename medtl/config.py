@@ -344,6 +344,36 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
+class SearchConfig:
+    # Folder of the feature cache (`medtl search`), shared by searches: one subfolder per backbone, weights, image size and records.
+    feature_cache: str = "~/.cache/medtl/features"
+    # Cache pooled feature vectors instead of spatial maps (far smaller; heads with a 1x1 conv then cannot be searched).
+    pooled_cache: bool = False
+    # Feature cache precision: float32 (exact), or float16 (half the space; fine for ImageNet bases, whose features are O(1), not for a random base's ~1e-6).
+    cache_dtype: Literal["float32", "float16"] = "float32"
+    # Augmented copies of each train image in the cache (data.augment applied, seeded), besides the plain one.
+    augmented_copies: int = 0
+    # How heads are drawn from the space: grid (every head once, in seeded random order), tpe or random (seeded).
+    sampler: Literal["grid", "tpe", "random"] = "grid"
+    # Successive halving: a rung keeps the best 1/reduction_factor of the heads that reached it.
+    reduction_factor: int = 3
+    # Epochs of the first rung; later rungs are min_epochs x reduction_factor^k, the last one phase 1's epochs.
+    min_epochs: int = 1
+
+    def check(self) -> list[tuple[str, str]]:
+        problems = []
+        if self.augmented_copies < 0:
+            problems.append(("augmented_copies", f"must be >= 0, got {self.augmented_copies}"))
+        if self.reduction_factor < 2:
+            problems.append(("reduction_factor", f"must be >= 2, got {self.reduction_factor}"))
+        if self.min_epochs < 1:
+            problems.append(("min_epochs", f"must be >= 1, got {self.min_epochs}"))
+        if not self.feature_cache.strip():
+            problems.append(("feature_cache", "must be a folder, got ''"))
+        return problems
+
+
+@dataclass(frozen=True)
 class Config:
     # Seed for model initialisation, shuffling and augmentation.
     seed: int = 0
@@ -354,6 +384,8 @@ class Config:
     phases: tuple[PhaseConfig, ...] = ()
     # Evaluation, operating thresholds and export (`medtl evaluate`, `medtl export`).
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    # Head search (`medtl search`): feature cache and successive halving.
+    search: SearchConfig = field(default_factory=SearchConfig)
 
     def check(self) -> list[tuple[str, str]]:
         problems = []

@@ -5,7 +5,7 @@ import pytest
 
 from conftest import JOBS, assert_user_error, cli_env, run_cli
 
-SUBCOMMANDS = ("synth", "ingest", "train", "evaluate", "compare", "export", "predict", "demo", "env")
+SUBCOMMANDS = ("synth", "ingest", "train", "search", "evaluate", "compare", "export", "predict", "demo", "env")
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS)

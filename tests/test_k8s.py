@@ -319,7 +319,7 @@ def test_images_are_the_release_and_labels_tell_the_stages(rendered, overlay):
         labels = obj["metadata"]["labels"]
         assert labels["app.kubernetes.io/part-of"] == "medtl", obj["metadata"]["name"]
         stages.add(labels["app.kubernetes.io/component"])
-    expected = {"setup", "ingest", "finalize", "train", "evaluate", "report"} | (
+    expected = {"setup", "ingest", "finalize", "train", "evaluate", "report", "search"} | (
         {"synth"} if overlay == "cpu-smoke" else set())
     assert stages == expected
     for _, spec in all_pods(rendered[overlay]):
@@ -456,6 +456,39 @@ def test_evaluation_reports_into_the_training_run(rendered, overlay):
     assert records == [(m["mountPath"], v["persistentVolumeClaim"]["claimName"])
                        for m, v in mounts(worker["template"]["spec"])
                        if v.get("persistentVolumeClaim", {}).get("claimName") == "medtl-records"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_search_pods_share_one_study_from_a_secret(rendered, overlay):
+    """The optional head search: parallel pods, the study's database URL from a Secret (never in the
+    manifest or the command), configs and space from ConfigMaps, records read-only, outputs writable."""
+    from medtl.search.space import defaults_from, load_space
+
+    objects = rendered[overlay]
+    job = by_name(objects, "Job", "medtl-search")
+    assert job["metadata"]["labels"]["app.kubernetes.io/component"] == "search"
+    assert job["spec"]["parallelism"] >= 2 and job["spec"]["completions"] == job["spec"]["parallelism"]
+    args, spec = job_command(objects, "medtl-search")
+    assert args.command == "search" and args.storage is None  # read from the environment
+    container = spec["containers"][0]
+    (storage,) = [e for e in container["env"] if e["name"] == "MEDTL_SEARCH_STORAGE"]
+    assert "value" not in storage and storage["valueFrom"]["secretKeyRef"] == {"name": "medtl-search-db", "key": "url"}
+    mount, volume = mount_for(spec, args.config)
+    cfg = load_config(raw=yaml.safe_load(by_name(objects, "ConfigMap", volume["configMap"]["name"])["data"][
+        os.path.relpath(args.config, mount["mountPath"])]), overrides=args.overrides)
+    mount, volume = mount_for(spec, args.space)
+    text = by_name(objects, "ConfigMap", volume["configMap"]["name"])["data"][os.path.relpath(args.space, mount["mountPath"])]
+    assert text == open(os.path.join(JOBS, "search", os.path.basename(args.space)), encoding="utf-8").read()
+    space_file = os.path.join(JOBS, "search", os.path.basename(args.space))
+    space = load_space(space_file, defaults_from(cfg.model.head, cfg.phases[0].learning_rate, cfg.train.loss.name))
+    assert args.budget <= space.size / 4
+    ingest, _ = job_command(objects, "medtl-ingest")
+    assert cfg.data.records == ingest.out and read_only(*mount_for(spec, cfg.data.records))
+    for path in (args.workdir, cfg.search.feature_cache):
+        assert not read_only(*mount_for(spec, path)), path
+        assert mount_for(spec, path)[1]["persistentVolumeClaim"]["claimName"] == "medtl-runs"  # shared by the pods
+    if cfg.model.weights not in ("imagenet", "none"):
+        assert read_only(*mount_for(spec, cfg.model.weights))
 
 
 def test_smoke_ingest_reads_what_synth_writes(rendered):

@@ -37,6 +37,13 @@ def build_head(features, head: HeadConfig, num_labels: int):
         x = tf.keras.layers.GlobalMaxPooling2D(name="head_pool")(x)
     else:
         x = GeMPooling(name="head_pool", dtype="float32")(x)  # x ** p overflows float16
+    return build_head_top(x, head, num_labels)
+
+
+def build_head_top(pooled, head: HeadConfig, num_labels: int):
+    """The head after pooling: (batch, c) pooled features -> (batch, num_labels) float32 logits.
+    Also what `medtl search` trains on a pooled feature cache."""
+    x = pooled
     if head.batch_norm:
         x = tf.keras.layers.BatchNormalization(name="head_pool_bn")(x)
     for i, units in enumerate(head.dense):

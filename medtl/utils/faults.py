@@ -6,6 +6,7 @@ Set MEDTL_FAULTS to ';'-separated faults, each `kind:key=value,...`:
   kill:rank=R,step=S            that rank SIGKILLs itself before global step S
   stall:rank=R,step=S,seconds=T that rank sleeps T seconds before global step S (before its allreduce)
   kill_in_checkpoint:epoch=E    rank 0 SIGKILLs itself after writing epoch E's weights, before the pointer
+  kill_trial:step=N,epoch=E     `medtl search` SIGKILLs itself after epoch E of trial number N
 Never set in production; with it unset every hook here is a no-op.
 """
 from __future__ import annotations
@@ -84,4 +85,11 @@ def in_checkpoint(epoch: int) -> None:
     """Die between a checkpoint's weights and its pointer, if scheduled."""
     for fault in active("kill_in_checkpoint"):
         if fault.epoch == epoch:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def in_trial(trial_number: int, epoch: int) -> None:
+    """Die in the middle of a search trial, if scheduled."""
+    for fault in active("kill_trial"):
+        if fault.step == trial_number and fault.epoch == epoch:
             os.kill(os.getpid(), signal.SIGKILL)

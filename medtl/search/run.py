@@ -1,0 +1,346 @@
+"""`medtl search`: budgeted successive halving over a head search space, on cached features.
+
+    medtl search --config jobs/chestxray14_b4.yaml --space jobs/search/heads.yaml --budget 8 --workdir runs/search
+
+The budget is in full trainings: one full training is phase 1's epochs (the head schedule).
+Trials run under Optuna's asynchronous successive halving pruner: a trial trains epoch by
+epoch on the feature cache, reports val macro AUROC, and continues past a rung
+(min_epochs x reduction_factor^k epochs) only while it is in the best 1/reduction_factor of
+the trials that reached that rung. The study lives in --storage (default a SQLite file in the
+workdir; a database URL lets several workers share it). Re-running the same command resumes:
+finished trials are kept, an interrupted one is run again.
+
+Workdir: study.db, best.yaml (a job config for `medtl train`), leaderboard.csv, search.html,
+search_summary.json.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import socket
+import time
+
+from medtl import dist
+from medtl.config import Config, dump_config
+from medtl.errors import ConfigError, MedtlError
+from medtl.search.space import SearchSpace, defaults_from, load_space, with_head
+from medtl.utils import faults
+from medtl.utils.log import log
+
+STORAGE_ENV = "MEDTL_SEARCH_STORAGE"
+DEFAULT_STUDY = "medtl-head-search"
+# Without a heartbeat for this long, another worker's RUNNING trial is taken as dead and retried.
+HEARTBEAT_SECONDS, GRACE_SECONDS = 30, 120
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    full_epochs: int           # one full training: phase 1's epochs
+    rungs: tuple[int, ...]     # epochs at which successive halving compares trials
+    budget_epochs: float       # the budget in epochs of head training
+    trials: int                # trials to start: the most whose successive halving fits the budget
+
+
+def halving_cost(n: int, rungs: tuple[int, ...], eta: int) -> int:
+    """Epochs synchronous successive halving spends on n heads (n, n/eta, ... heads per rung)."""
+    cost, alive, previous = 0, n, 0
+    for rung in rungs:
+        cost += alive * (rung - previous)
+        previous, alive = rung, max(1, alive // eta)
+    return cost
+
+
+def plan_search(cfg: Config, space: SearchSpace, budget: float) -> Plan:
+    """The rungs and trial count for a budget, or a ConfigError when it cannot buy one rung."""
+    full = cfg.phases[0].epochs
+    r, eta = cfg.search.min_epochs, cfg.search.reduction_factor
+    if r > full:
+        raise ConfigError(f"search.min_epochs ({r}) is more than phase 1's epochs ({full}, one full training); "
+                          f"lower search.min_epochs or raise phases.0.epochs")
+    rungs, rung = [], r
+    while rung < full:
+        rungs.append(rung)
+        rung *= eta
+    rungs.append(full)
+    budget_epochs = budget * full
+    if not budget > 0 or budget_epochs < r:
+        raise ConfigError(f"--budget {budget:g} full trainings is {budget_epochs:g} epochs, less than one rung "
+                          f"(search.min_epochs = {r} epoch(s) of one head); raise --budget to at least {r / full:g}")
+    n = 1
+    while n < space.size and halving_cost(n + 1, tuple(rungs), eta) <= budget_epochs:
+        n += 1
+    if halving_cost(n, tuple(rungs), eta) > budget_epochs:
+        n = min(space.size, max(1, int(budget_epochs // r)))  # not even one full training: first rung only
+    return Plan(full, tuple(rungs), budget_epochs, n)
+
+
+def check_space_fits_cache(cfg: Config, space: SearchSpace) -> None:
+    if not cfg.search.pooled_cache:
+        return
+    if space.uses_conv:
+        raise ConfigError("the search space has conv_filters "
+                          f"{[f for f in space.choices['conv_filters'] if f]} but search.pooled_cache is true: "
+                          "a 1x1 conv needs the spatial feature maps; use conv_filters: [0] or "
+                          "--set search.pooled_cache=false")
+    if "gem" in space.choices["pooling"]:
+        raise ConfigError("the search space has pooling 'gem' but search.pooled_cache is true: a pooled cache "
+                          "holds avg and max pooled vectors only; drop gem or --set search.pooled_cache=false")
+
+
+def open_storage(url: str):
+    import warnings
+
+    import optuna
+
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # the heartbeat
+
+    try:
+        if url.startswith(("sqlite:", "postgresql", "mysql", "oracle", "mssql")):
+            return optuna.storages.RDBStorage(
+                url, engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None,
+                heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS)
+        raise ValueError("not a database URL")
+    except Exception as exc:  # a bad URL, a missing driver, an unreachable server
+        shown = url.split("@")[-1] if "@" in url else url  # never print a password
+        raise MedtlError(f"search storage {shown!r} cannot be opened ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0][:160]}); give a database URL such as "
+                         "sqlite:///runs/search/study.db or postgresql://USER:PASSWORD@HOST/DB") from None
+
+
+def _worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recover_interrupted(study) -> int:
+    """Trials left RUNNING by a dead process on this host: marked failed and queued again."""
+    from optuna.trial import TrialState
+
+    host, me = socket.gethostname(), os.getpid()
+    retried = 0
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = t.user_attrs.get("worker", "")
+        w_host, _, w_pid = worker.rpartition(":")
+        if w_host != host or not w_pid.isdigit() or (int(w_pid) != me and _alive(int(w_pid))):
+            continue  # another live worker's trial (or another host's: the heartbeat covers those)
+        study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
+        study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
+        retried += 1
+    return retried
+
+
+def _spent(trials) -> int:
+    return sum(int(t.user_attrs.get("epochs", 0)) for t in trials)
+
+
+def build_sampler(cfg: Config, space: SearchSpace):
+    import optuna
+
+    seed = cfg.seed
+    if cfg.search.sampler == "grid":
+        return optuna.samplers.GridSampler({k: list(v) for k, v in space.searched.items()}, seed=seed)
+    if cfg.search.sampler == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True)
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+def run_search(cfg: Config, space_path: str, budget: float, workdir: str, storage: str | None = None,
+               study_name: str | None = None) -> dict | None:
+    """Run (or resume, or join) a head search; returns the summary (None on non-primary ranks)."""
+    space = load_space(space_path, defaults_from(cfg.model.head, cfg.phases[0].learning_rate, cfg.train.loss.name))
+    check_space_fits_cache(cfg, space)
+    plan = plan_search(cfg, space, budget)
+    if not space.searched:
+        raise ConfigError(f"the search space {space_path} has one head only; list two or more choices for a key")
+    ctx = dist.init(cfg.train.stall_shutdown_seconds)
+    storage_url = storage or os.environ.get(STORAGE_ENV) or ""
+    if ctx.primary:
+        os.makedirs(workdir, exist_ok=True)
+    storage_url = storage_url or f"sqlite:///{os.path.abspath(os.path.join(workdir, 'study.db'))}"
+    if ctx.primary:
+        open_storage(storage_url)  # a bad URL fails now, before any feature is extracted
+
+    from medtl.data.ingest import read_manifest
+    from medtl.search import cache
+
+    manifest = read_manifest(cfg.data.records)
+    folder, index, extracted = cache.ensure_cache(cfg, manifest, ctx)
+    if not ctx.primary:
+        return None  # ranks split the extraction; trials run on rank 0 (or on several workers, see README)
+    return _search(cfg, space, plan, workdir, storage_url, study_name or DEFAULT_STUDY, manifest, folder, index,
+                   extracted)
+
+
+def _search(cfg, space, plan, workdir, storage_url, study_name, manifest, folder, index, extracted) -> dict:
+    import optuna
+    from optuna.trial import TrialState
+
+    from medtl.search.cache import load_split
+    from medtl.search.report import write_outputs
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    train, val = load_split(folder, index, "train"), load_split(folder, index, "val")
+    defined = [i for i in range(val.labels.shape[1])
+               if 0 < val.labels[val.mask[:, i] > 0, i].sum() < (val.mask[:, i] > 0).sum()]
+    if not defined:
+        raise MedtlError("no label has both positives and negatives in the val split, so val AUROC is undefined; "
+                         "ingest more studies")
+    pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=cfg.search.min_epochs,
+                                                     reduction_factor=cfg.search.reduction_factor)
+    study = optuna.create_study(storage=open_storage(storage_url), study_name=study_name, direction="maximize",
+                                sampler=build_sampler(cfg, space), pruner=pruner, load_if_exists=True)
+    _check_same_search(study, cfg, space, plan)
+    retried = recover_interrupted(study)
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+    if done:
+        log(f"search: resuming study '{study_name}': {len(done)} finished trial(s) kept"
+            + (f", {retried} interrupted trial(s) queued again" if retried else ""))
+    log(f"search: {space.size} heads in the space, budget {plan.budget_epochs / plan.full_epochs:g} full trainings "
+        f"({plan.budget_epochs:g} epochs of {plan.full_epochs}), rungs at {', '.join(map(str, plan.rungs))} epochs "
+        f"(keep 1/{cfg.search.reduction_factor}), up to {plan.trials} trials, sampler {cfg.search.sampler}")
+    objective = build_objective(cfg, space, plan, study, manifest, train, val, index)
+    ran = 0
+    while True:
+        trials = study.get_trials(deepcopy=False)
+        begun = [t for t in trials if t.state not in (TrialState.FAIL, TrialState.WAITING)]
+        waiting = [t for t in trials if t.state == TrialState.WAITING]  # interrupted trials queued again
+        if _spent(trials) + cfg.search.min_epochs > plan.budget_epochs:
+            break
+        if len(begun) >= plan.trials and not waiting:
+            break
+        study.optimize(objective, n_trials=1)
+        ran += 1
+    log(f"search: {ran} trial(s) run by this worker; spent "
+        f"{_spent(study.get_trials(deepcopy=False)) / plan.full_epochs:.2f} of {plan.budget_epochs / plan.full_epochs:g} full trainings")
+    return write_outputs(cfg, space, plan, study, workdir, index, extracted, folder)
+
+
+def build_objective(cfg: Config, space: SearchSpace, plan: Plan, study, manifest: dict, train, val, index: dict):
+    """The Optuna objective: train the trial's head on the cache epoch by epoch, report val AUROC,
+    stop when pruned, at the full schedule, or when the study's budget is spent."""
+    import optuna
+
+    from medtl.search.trial import train_on_cache
+
+    pooled = bool(index["meta"]["pooled"])
+    worker = _worker_id()
+
+    def spent_now() -> int:
+        return _spent(study.get_trials(deepcopy=False))
+
+    def objective(trial):
+        params = {k: trial.suggest_categorical(k, list(v)) for k, v in space.searched.items()}
+        head = space.head(params)
+        trial.set_user_attr("worker", worker)
+        trial.set_user_attr("head", head.key())
+        trial.set_user_attr("epochs", 0)
+        stop = {"reason": ""}
+        start = time.monotonic()
+
+        def on_epoch(epoch: int, auroc: float) -> bool:
+            trial.report(auroc, epoch)
+            trial.set_user_attr("epochs", epoch)
+            trial.set_user_attr("seconds", time.monotonic() - start)
+            faults.in_trial(trial.number, epoch)
+            if epoch in plan.rungs:
+                log(f"trial {trial.number}: {head.key()}: rung {plan.rungs.index(epoch) + 1}/{len(plan.rungs)} "
+                    f"({epoch} epoch(s)) val macro AUROC {auroc:.4f}; spent "
+                    f"{spent_now() / plan.full_epochs:.2f}/{plan.budget_epochs / plan.full_epochs:g} full trainings")
+            if epoch == plan.full_epochs:
+                return False
+            if trial.should_prune():
+                stop["reason"] = "pruned"
+                return False
+            if spent_now() >= plan.budget_epochs:
+                stop["reason"] = "budget"
+                return False
+            return True
+
+        history = train_on_cache(cfg, head, manifest, train, val, index["feature_shape"], pooled,
+                                 plan.full_epochs, on_epoch)
+        trial.set_user_attr("seconds", time.monotonic() - start)
+        if stop["reason"]:
+            trial.set_user_attr("stopped", stop["reason"])
+            raise optuna.TrialPruned()
+        return history[-1]
+
+    return objective
+
+
+def _check_same_search(study, cfg: Config, space: SearchSpace, plan: Plan) -> None:
+    """A study continues only the search it was started with (same space, rungs, budget, cache)."""
+    fingerprint = json.dumps({"space": {k: list(v) for k, v in space.choices.items()}, "rungs": plan.rungs,
+                              "budget_epochs": plan.budget_epochs, "trials": plan.trials,
+                              "reduction_factor": cfg.search.reduction_factor, "sampler": cfg.search.sampler,
+                              "seed": cfg.seed, "backbone": cfg.model.backbone, "image_size": cfg.data.image_size},
+                             sort_keys=True)
+    found = study.user_attrs.get("search")
+    if found is None:
+        study.set_user_attr("search", fingerprint)
+    elif found != fingerprint:
+        raise MedtlError(f"the study '{study.study_name}' in this storage was started with another search "
+                         "(space, budget, rungs, sampler, seed or backbone differ); use a new --workdir or "
+                         "--study-name, or the original settings to resume it")
+
+
+def best_trial(study, plan: Plan):
+    """The trial with the best val AUROC at the highest rung any trial reached."""
+    reached = [t for t in study.get_trials(deepcopy=False) if t.intermediate_values]
+    tops = [r for r in plan.rungs if any(r in t.intermediate_values for t in reached)]
+    if not tops:
+        return None, 0
+    top = max(tops)
+    candidates = [t for t in reached if top in t.intermediate_values and not math.isnan(t.intermediate_values[top])]
+    return max(candidates, key=lambda t: (t.intermediate_values[top], -t.number)), top
+
+
+def best_config_text(cfg: Config, head, auroc: float, rung: int, full: int) -> str:
+    header = (f"# The best head of `medtl search` (val macro AUROC {auroc:.4f} after {rung} of {full} head epochs "
+              f"on cached features):\n#   {head.key()}\n# Phase 1 trains this head on the frozen base; the "
+              f"later phases are the base config's.\n#   medtl train --config best.yaml --workdir RUN\n")
+    return header + dump_config(with_head(cfg, head))
+
+
+def write_leaderboard(path: str, study, space: SearchSpace, plan: Plan) -> list[dict]:
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        if not t.intermediate_values:
+            continue
+        last = max(t.intermediate_values)
+        row = {"trial": t.number, "state": t.state.name.lower() if t.state.name != "PRUNED"
+               else t.user_attrs.get("stopped", "pruned"),
+               "epochs": int(t.user_attrs.get("epochs", last)),
+               "cost_full_trainings": round(int(t.user_attrs.get("epochs", last)) / plan.full_epochs, 4),
+               "seconds": round(float(t.user_attrs.get("seconds", 0.0)), 3),
+               "val_auroc_last": round(t.intermediate_values[last], 5)}
+        for rung in plan.rungs:
+            value = t.intermediate_values.get(rung)
+            row[f"val_auroc_{rung}ep"] = "" if value is None else round(value, 5)
+        head = space.head(t.params)
+        row.update({k: t.params.get(k, v[0]) for k, v in space.choices.items()})
+        row["head"] = head.key()
+        rows.append(row)
+    rows.sort(key=lambda r: (-r["epochs"], -r["val_auroc_last"], r["trial"]))
+    for rank, row in enumerate(rows, 1):
+        row["rank"] = rank
+    fields = ["rank", "trial", "state", "epochs", "cost_full_trainings", "seconds", "val_auroc_last",
+              *[f"val_auroc_{r}ep" for r in plan.rungs], *space.choices, "head"]
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+    return rows

@@ -1,0 +1,188 @@
+"""`medtl search`: the space file, bad input at start, the feature cache reused, resume after a kill,
+and the emitted best.yaml trained by `medtl train`."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sqlite3
+
+import pytest
+import yaml
+
+from medtl.config import load_config
+from medtl.errors import ConfigError
+from medtl.search.run import halving_cost, plan_search
+from medtl.search.space import defaults_from, load_space, parse_space
+
+from conftest import JOBS, assert_user_error, cli_env, run_cli
+
+SMOKE = os.path.join(JOBS, "smoke.yaml")
+TINY = os.path.join(JOBS, "search", "tiny.yaml")
+HEADS = os.path.join(JOBS, "search", "heads.yaml")
+
+
+def defaults():
+    cfg = load_config(SMOKE)
+    return defaults_from(cfg.model.head, cfg.phases[0].learning_rate, cfg.train.loss.name)
+
+
+# ----------------------------------------------------------------------------- the space
+
+
+def test_shipped_spaces_load_and_heads_has_at_least_24_heads():
+    heads = load_space(HEADS, defaults())
+    assert heads.size >= 24 and heads.uses_conv
+    assert len(heads.grid()) == heads.size
+    assert len({heads.head(p).key() for p in heads.grid()}) == heads.size  # every grid point a distinct head
+    tiny = load_space(TINY, defaults())
+    assert tiny.size == 4 and not tiny.uses_conv
+
+
+def test_space_choices_become_the_head():
+    space = parse_space({"dense": [[], [512, 64]], "loss": ["bce", "focal"], "learning_rate": ["1e-4"]}, defaults())
+    head = space.head({"dense": "512-64", "loss": "focal"})
+    assert head.head.dense == (512, 64) and head.loss == "focal" and head.learning_rate == pytest.approx(1e-4)
+    assert head.head.pooling == "avg"  # left out: the base config's
+
+
+@pytest.mark.parametrize("raw, fragments", [
+    (None, ["is empty", "pooling, conv_filters, dense"]),
+    ({}, ["is empty"]),
+    ([1, 2], ["must be a mapping"]),
+    ({"pooling": ["avg"], "units": [64]}, ["unknown key 'units'", "valid keys are: pooling, conv_filters, dense"]),
+    ({"pooling": ["mean"]}, ["'pooling.0'", "unknown pooling 'mean'", "avg, max, gem"]),
+    ({"activation": ["relu", "tanh"]}, ["'activation.1'", "unknown activation 'tanh'", "relu, swish, gelu, elu"]),
+    ({"loss": ["mse"]}, ["'loss.0'", "unknown loss 'mse'", "bce, weighted_bce, focal, asl"]),
+    ({"dropout": 0.3}, ["'dropout'", "must be a list of choices"]),
+    ({"dropout": [1.5]}, ["'dropout.0'", "[0, 1)"]),
+    ({"conv_filters": ["wide"]}, ["'conv_filters.0'", "int >= 0"]),
+    ({"dense": [512]}, ["'dense.0'", "list of layer sizes"]),
+    ({"learning_rate": [0]}, ["'learning_rate.0'", "> 0"]),
+    ({"batch_norm": ["yes"]}, ["'batch_norm.0'", "true or false"]),
+    ({"pooling": []}, ["'pooling'", "no choices"]),
+    ({"pooling": ["avg", "avg"]}, ["lists a choice twice"]),
+])
+def test_bad_spaces_name_the_key_and_valid_values(raw, fragments):
+    with pytest.raises(ConfigError) as err:
+        parse_space(raw, defaults())
+    for fragment in fragments:
+        assert fragment in str(err.value), str(err.value)
+
+
+def test_budget_plan():
+    cfg = load_config(SMOKE, ["phases.0.epochs=9"])
+    space = load_space(HEADS, defaults())
+    plan = plan_search(cfg, space, 8)
+    assert plan.rungs == (1, 3, 9) and plan.budget_epochs == 72
+    assert halving_cost(plan.trials, plan.rungs, 3) <= 72 < halving_cost(plan.trials + 1, plan.rungs, 3)
+    with pytest.raises(ConfigError, match="less than one rung"):
+        plan_search(cfg, space, 0.1)
+    with pytest.raises(ConfigError, match="min_epochs"):
+        plan_search(load_config(SMOKE, ["phases.0.epochs=9", "search.min_epochs=10"]), space, 8)
+
+
+# ----------------------------------------------------------------------------- bad input through the CLI
+
+
+def search_cli(records, workdir, *extra, space=TINY, budget=2, env=None, cache=None):
+    cache = cache or os.path.join(os.path.dirname(str(workdir)), "features")
+    return run_cli("search", "--config", SMOKE, "--space", space, "--budget", budget, "--workdir", workdir,
+                   "--set", f"data.records={records}", "--set", "phases.0.epochs=2",
+                   "--set", f"search.feature_cache={cache}", *extra, env=env)
+
+
+@pytest.mark.parametrize("case", ["empty", "unknown_key", "budget", "pooled_conv", "storage"])
+def test_bad_input_is_one_line_at_start(case, records, tmp_path):
+    space, budget, extra, fragments = TINY, 2, [], []
+    if case == "empty":
+        space = tmp_path / "empty.yaml"
+        space.write_text("# nothing yet\n")
+        fragments = ["empty.yaml is empty"]
+    elif case == "unknown_key":
+        space = tmp_path / "bad.yaml"
+        space.write_text("pooling: [avg, max]\nlayers: [1, 2]\n")
+        fragments = ["unknown key 'layers'", "valid keys are"]
+    elif case == "budget":
+        budget, fragments = 0.2, ["--budget 0.2", "less than one rung"]
+    elif case == "pooled_conv":
+        space, extra = HEADS, ["--set", "search.pooled_cache=true"]
+        fragments = ["conv_filters [128]", "search.pooled_cache"]
+    else:
+        extra, fragments = ["--storage", "nosuchdb://x"], ["search storage", "database URL"]
+    r = search_cli(records, tmp_path / "run", *extra, space=space, budget=budget)
+    assert_user_error(r, *fragments)
+    assert not os.path.exists(tmp_path / "features")  # nothing extracted before the error
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def finished_heads(workdir) -> list[str]:
+    with sqlite3.connect(os.path.join(workdir, "study.db")) as db:
+        rows = db.execute("select t.number, t.state, a.value_json from trials t join trial_user_attributes a "
+                          "on a.trial_id = t.trial_id where a.key = 'head'").fetchall()
+    return [(number, state, json.loads(head)) for number, state, head in rows]
+
+
+@pytest.mark.slow
+def test_search_resumes_reuses_the_cache_and_its_config_trains(records, tmp_path):
+    run1, cache = tmp_path / "search1", tmp_path / "features"
+    # 1. Killed in the middle of trial 1 (after its first epoch), as a node loss would.
+    r = search_cli(records, run1, budget=4, env=cli_env(MEDTL_FAULTS="kill_trial:step=1,epoch=1"))
+    assert r.returncode == -9, r.stderr
+    assert "extracting EfficientNetB0 features" in r.stderr and "trial 0:" in r.stderr
+    before = finished_heads(run1)
+    assert [(n, s) for n, s, _ in before] == [(0, "COMPLETE"), (1, "RUNNING")]
+
+    # 2. The same command resumes: trial 0 is kept, trial 1's head runs again, no head twice.
+    r = search_cli(records, run1, budget=4)
+    assert r.returncode == 0, r.stderr
+    assert "resuming study 'medtl-head-search': 1 finished trial(s) kept, 1 interrupted trial(s) queued again" \
+        in r.stderr
+    assert "reusing the feature cache" in r.stderr and "extracting" not in r.stderr
+    assert "trial 0:" not in r.stderr and "trial 2:" in r.stderr  # trial 2 is trial 1's head again
+    after = finished_heads(run1)
+    assert after[0] == before[0]
+    done = [h for _, s, h in after if s in ("COMPLETE", "PRUNED")]
+    assert len(done) == len(set(done)) == 4, r.stderr  # all 4 heads, each finished once
+    assert [s for n, s, _ in after if n == 1] == ["FAIL"] and [h for n, _, h in after if n == 2] == [before[1][2]]
+
+    # 3. Outputs: leaderboard, HTML with progress and importance, the best head as a job config.
+    with open(run1 / "leaderboard.csv") as fh:
+        board = list(csv.DictReader(fh))
+    assert {"val_auroc_1ep", "val_auroc_2ep", "pooling", "dense", "head"} <= set(board[0])
+    assert board[0]["epochs"] == "2" and board[0]["state"] == "complete"
+    page = (run1 / "search.html").read_text()
+    assert "Parameter importance" in page and page.count("data:image/png;base64") >= 2
+    summary = json.loads((run1 / "search_summary.json").read_text())
+    assert summary["explored"] == 4 and summary["spent_full_trainings"] <= 4 + 1e-9 and summary["rungs"] == [1, 2]
+    assert summary["best"]["head"] == board[0]["head"]
+    best = load_config(str(run1 / "best.yaml"))
+    assert best.model.head.pooling == board[0]["pooling"] and best.phases[0].epochs == 2
+    assert [p.name for p in best.phases] == ["head", "top"]  # the base config's unfreezing phase follows
+    assert "patient" not in (run1 / "leaderboard.csv").read_text().lower()
+
+    # 4. A second search over the same backbone, weights, size and records reuses the cache files.
+    files = sorted(p for p in cache.rglob("*") if p.is_file())
+    stamps = {p: p.stat().st_mtime_ns for p in files}
+    r = search_cli(records, tmp_path / "search2", budget=1)
+    assert r.returncode == 0, r.stderr
+    assert "reusing the feature cache" in r.stderr and "extracting" not in r.stderr
+    assert sorted(p for p in cache.rglob("*") if p.is_file()) == files
+    assert {p: p.stat().st_mtime_ns for p in files} == stamps
+
+    # 5. The emitted config trains with `medtl train` (phase 1 the found head, then the base's phases).
+    r = run_cli("train", "--config", run1 / "best.yaml", "--workdir", tmp_path / "train")
+    assert r.returncode == 0, r.stderr
+    trained = json.loads((tmp_path / "train" / "train_summary.json").read_text())
+    assert trained["epochs"] == 3
+    saved = yaml.safe_load((tmp_path / "train" / "config.yaml").read_text())
+    assert saved["model"]["head"]["pooling"] == board[0]["pooling"]
+
+
+def test_search_help():
+    r = run_cli("search", "--help")
+    assert r.returncode == 0 and "--budget" in r.stdout and "--storage" in r.stdout
+    r = run_cli("bench", "search", "--help")
+    assert r.returncode == 0 and "--trial-epochs" in r.stdout
