@@ -38,6 +38,24 @@ class FaultHooks(tf.keras.callbacks.Callback):
         faults.before_step(self.rank, self._epoch * self.steps_per_epoch + batch)
 
 
+class Heartbeat(tf.keras.callbacks.Callback):
+    """Tells the stall watchdog (dist.StallWatchdog) which global step this rank is in."""
+
+    def __init__(self, watchdog: dist.StallWatchdog, steps_per_epoch: int):
+        super().__init__()
+        self.watchdog, self.steps_per_epoch = watchdog, steps_per_epoch
+        self._epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.watchdog.begin(self._epoch * self.steps_per_epoch + batch)
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.watchdog.end()
+
+
 class NonFiniteGuard(tf.keras.callbacks.Callback):
     """Stops training on every rank when the last `patience` steps of an epoch were all skipped
     (the loss or gradients stayed NaN/Inf). The streak comes from gradients averaged over all
