@@ -75,3 +75,10 @@ test-fast: venv
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache build *.egg-info
+
+# The reliability suite alone (faults, bad inputs, leaks; ~8 min on 2 cores), then docs/reliability.md
+# refreshed from its summary table. `make test` runs the same tests once, as part of tests/.
+RELIABILITY_SUMMARY ?= .reliability-summary.md
+reliability: venv
+	MEDTL_RELIABILITY_REPORT=$(RELIABILITY_SUMMARY) $(BIN)/python -m pytest tests/reliability $(PYTEST_ARGS)
+	$(BIN)/python tests/reliability/write_doc.py $(RELIABILITY_SUMMARY) docs/reliability.md

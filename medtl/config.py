@@ -156,6 +156,8 @@ class DataConfig:
 
     def check(self) -> list[tuple[str, str]]:
         problems = []
+        if not 1 <= self.image_size <= 4096:
+            problems.append(("image_size", f"must be in [1, 4096] pixels, got {self.image_size}"))
         if self.channels not in (1, 3):
             problems.append(("channels", f"must be 1 or 3, got {self.channels}"))
         if self.shuffle_buffer < 1:
@@ -431,7 +433,10 @@ def _convert(tp: Any, raw: Any, key: str) -> Any:
         if isinstance(raw, bool):
             pass
         elif isinstance(raw, (int, float)):
-            return float(raw)
+            try:
+                return float(raw)
+            except OverflowError:  # an int with hundreds of digits
+                raise ConfigError(f"'{key}' must be a number within float range, got {str(raw)[:20]}...") from None
         elif isinstance(raw, str):
             try:
                 return float(raw)
@@ -465,7 +470,7 @@ def _from_dict(cls: type, raw: Any, prefix: str) -> Any:
         if name not in fields:
             key = f"{prefix}.{name}" if prefix else str(name)
             raise ConfigError(
-                f"unknown key '{key}'; valid keys {('under ' + repr(prefix)) if prefix else 'at the top'}"
+                f"unknown key {key!r}; valid keys {('under ' + repr(prefix)) if prefix else 'at the top'}"
                 f" are: {', '.join(sorted(fields))}"
             )
     values = {}
@@ -502,9 +507,13 @@ def _apply_override(tree: dict, assignment: str) -> None:
     for depth, part in enumerate(parts):
         here = ".".join(parts[: depth + 1])
         last = depth == len(parts) - 1
+        expected = list if typing.get_origin(tp) is tuple else dict
+        if not isinstance(node, expected):
+            raise ConfigError(f"--set {dotted!r}: '{'.'.join(parts[:depth])}' holds {node!r}, not a "
+                              f"{'list' if expected is list else 'mapping'}; set it whole instead")
         if typing.get_origin(tp) is tuple:
             if not part.isdigit():
-                raise ConfigError(f"--set {dotted}: '{here}' must be a list index (0, 1, ...)")
+                raise ConfigError(f"--set {dotted!r}: '{here}' must be a list index (0, 1, ...)")
             index = int(part)
             if not isinstance(node, list) or index >= len(node):
                 size = len(node) if isinstance(node, list) else 0
@@ -521,11 +530,11 @@ def _apply_override(tree: dict, assignment: str) -> None:
                 node = node[index]
             continue
         if not dataclasses.is_dataclass(tp):
-            raise ConfigError(f"--set {dotted}: '{'.'.join(parts[:depth])}' is not a mapping")
+            raise ConfigError(f"--set {dotted!r}: '{'.'.join(parts[:depth])}' is not a mapping")
         valid = [f.name for f in dataclasses.fields(tp)]
         if part not in valid:
             raise ConfigError(
-                f"--set {dotted}: unknown key '{here}'; valid keys"
+                f"--set {dotted!r}: unknown key {here!r}; valid keys"
                 f"{' under ' + repr('.'.join(parts[:depth])) if depth else ''} are: {', '.join(sorted(valid))}"
             )
         tp = _field_type(tp, part)
@@ -535,7 +544,7 @@ def _apply_override(tree: dict, assignment: str) -> None:
             child = node.get(part)
             if child is None:
                 if typing.get_origin(tp) is tuple:
-                    raise ConfigError(f"--set {dotted}: '{here}' is empty; set the whole list instead")
+                    raise ConfigError(f"--set {dotted!r}: '{here}' is empty; set the whole list instead")
                 child = node[part] = {}
             node = child
 
@@ -550,6 +559,10 @@ def load_config(path: str | os.PathLike | None = None, overrides: typing.Sequenc
                 tree = yaml.safe_load(fh)
         except FileNotFoundError:
             raise ConfigError(f"config file {path} does not exist; pick one from jobs/") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config file {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        except IsADirectoryError:
+            raise ConfigError(f"config file {path} is a folder; pass a YAML file") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {path} is not valid YAML: {exc}".splitlines()[0]) from None
     if tree is None:

@@ -165,6 +165,8 @@ class PhaseTracker(tf.keras.callbacks.Callback):
             for key, value in self.metrics.extra.items():
                 row[key] = {k: _clean(v) for k, v in value.items()} if isinstance(value, dict) else _clean(value)
             ckpt.commit_epoch(self.model, self.workdir, state, row, self.keep)
+        else:  # what rank 0 committed, so every rank's messages name the same last checkpoint
+            state.checkpoint = ckpt.epoch_weights_name(epoch)
 
     def restore_best(self) -> None:
         """Leave the model at the phase's best weights, on every rank."""
