@@ -150,8 +150,8 @@ class DataConfig:
     # Keep decoded, resized images (before augmentation) after the first pass: none, memory, or a
     # folder for cache files on local disk. For datasets that fit; see README, Input pipeline.
     cache: str = "none"
-    # Read, shuffle and augment in a fixed order, so runs with the same seed and ranks see the same
-    # batches (a little slower: no out-of-order parallelism).
+    # Read, shuffle and augment in a fixed order and make TensorFlow ops deterministic, so runs with the
+    # same seed and ranks give the same weights (a little slower: no out-of-order parallelism).
     deterministic: bool = False
 
     def check(self) -> list[tuple[str, str]]:
@@ -253,7 +253,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     # Consecutive steps with a non-finite loss or gradient (updates skipped) before training stops.
     nonfinite_patience: int = 20
-    # Seconds Horovod waits for a missing rank before ending the job (0 waits forever).
+    # Seconds a rank waits inside one training step for the others before ending the job, naming the ranks that did not reach the step (0 waits forever).
     stall_shutdown_seconds: int = 120
     # TensorFlow intra-op threads per rank; 0 lets TensorFlow choose.
     intra_op_threads: int = 0

@@ -184,14 +184,19 @@ class StallWatchdog:
         self.poll = poll_seconds or max(0.5, min(5.0, self.seconds / 8))
         self.step = -1            # the global step this rank is in (or last finished)
         self.in_step_since = None  # monotonic time the current step began; None between steps
+        self.limit = self.seconds   # seconds the current step may take
         self._published = None
         self._stop = None
         addr, port = os.environ.get("HOROVOD_GLOO_RENDEZVOUS_ADDR"), os.environ.get("HOROVOD_GLOO_RENDEZVOUS_PORT")
         self.kv = (addr, int(port)) if addr and port else None
 
-    def begin(self, step: int) -> None:
+    # The first step of a phase also traces (and with XLA compiles) the train step: it may take longer.
+    FIRST_STEP_FACTOR = 5
+
+    def begin(self, step: int, first: bool = False) -> None:
         import time
 
+        self.limit = self.seconds * (self.FIRST_STEP_FACTOR if first else 1)
         self.step, self.in_step_since = step, time.monotonic()
 
     def end(self) -> None:
@@ -250,7 +255,7 @@ class StallWatchdog:
         else:
             who = f"training step {step} has not completed (the missing rank is unknown: no Gloo rendezvous store)"
         return (f"rank {self.ctx.rank} waited {waited:.0f} s for the other ranks: {who}; stopping the job after "
-                f"train.stall_shutdown_seconds={self.seconds:g}. Re-run the same command to resume from the last "
+                f"train.stall_shutdown_seconds={self.seconds:g}{' (x5 for a first step)' if self.limit > self.seconds else ''}. Re-run the same command to resume from the last "
                 "checkpoint.")
 
     def _run(self) -> None:
@@ -263,6 +268,6 @@ class StallWatchdog:
             if since is None:
                 continue
             waited = time.monotonic() - since
-            if waited >= self.seconds:
+            if waited >= self.limit:
                 print(f"medtl: error: {self.message(waited)}", file=sys.stderr, flush=True)
                 os._exit(self.EXIT_CODE)

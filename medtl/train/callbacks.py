@@ -44,13 +44,17 @@ class Heartbeat(tf.keras.callbacks.Callback):
     def __init__(self, watchdog: dist.StallWatchdog, steps_per_epoch: int):
         super().__init__()
         self.watchdog, self.steps_per_epoch = watchdog, steps_per_epoch
-        self._epoch = 0
+        self._epoch, self._first = 0, True
+
+    def on_train_begin(self, logs=None):
+        self._first = True
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
 
     def on_train_batch_begin(self, batch, logs=None):
-        self.watchdog.begin(self._epoch * self.steps_per_epoch + batch)
+        self.watchdog.begin(self._epoch * self.steps_per_epoch + batch, first=self._first)
+        self._first = False
 
     def on_train_batch_end(self, batch, logs=None):
         self.watchdog.end()

@@ -120,8 +120,10 @@ def test_each_rank_reads_a_disjoint_part_and_together_the_whole_split(records):
     manifest = read_manifest(records)
     cfg = load_config(TINY, [f"data.records={records}", "data.deterministic=true"])
 
-    def keys(ds):
-        return [k.decode() for *_, k in ds.as_numpy_iterator()]
+    def keys(ds):  # batched (eval) or single records (the stream before batching)
+        import numpy as np
+
+        return [k.decode() for *_, key in ds.as_numpy_iterator() for k in np.atleast_1d(key)]
 
     checked = 0
     for split in ("train", "val"):
