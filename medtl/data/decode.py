@@ -138,7 +138,12 @@ def _check_frame_count(ds) -> None:
     unknown, and pydicom would silently return the first. Quarantine it instead."""
     meta = getattr(ds, "file_meta", None)
     syntax = meta.get("TransferSyntaxUID") if meta is not None else None
-    if "NumberOfFrames" in ds or "PixelData" not in ds or (syntax is not None and syntax.is_compressed):
+    if "NumberOfFrames" in ds or "PixelData" not in ds:
+        return
+    try:
+        if syntax is not None and syntax.is_compressed:
+            return
+    except ValueError:  # not a transfer syntax UID at all: _pixels reports it
         return
     try:
         rows, columns = int(ds.Rows), int(ds.Columns)

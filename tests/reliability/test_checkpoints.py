@@ -91,25 +91,22 @@ def test_two_seeded_deterministic_runs_are_identical(records, tmp_path):
     runs = []
     for name in ("a", "b"):
         run = tmp_path / name
-        r = subprocess.run(_train_cmd(records, run, "data.deterministic=true", "phases.1.epochs=1"), env=env(),
+        r = subprocess.run(_train_cmd(records, run, "data.deterministic=true", "phases.0.epochs=1",
+                                                         "phases.1.epochs=1"), env=env(),
                            capture_output=True, text=True, cwd=REPO, timeout=600)
         assert r.returncode == 0, r.stderr[-3000:]
         runs.append(run)
-    a, b = (_weights(run / "checkpoints" / "epoch-0002.weights.h5") for run in runs)
+    a, b = (_weights(run / "checkpoints" / "epoch-0001.weights.h5") for run in runs)
     assert a.keys() == b.keys() and len(a) > 20
     different = [k for k in a if not np.array_equal(a[k], b[k])]
     assert not different, different[:5]
     rows_a, rows_b = ([{k: v for k, v in row.items() if k not in TIMING} for row in history(run)] for run in runs)
     assert rows_a == rows_b
-    # Different seeds do give different weights, so the comparison above can fail.
-    r = subprocess.run(_train_cmd(records, tmp_path / "c", "data.deterministic=true", "phases.1.epochs=1", "seed=1"),
-                       env=env(), capture_output=True, text=True, cwd=REPO, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    c = _weights(tmp_path / "c" / "checkpoints" / "epoch-0002.weights.h5")
-    assert any(not np.array_equal(a[k], c[k]) for k in a)
-    report("10a. Determinism", "two runs with seed 0 and data.deterministic: true (augmentation on), one with seed 1",
-           f"final weights ({len(a)} arrays, optimizer state included) and every history metric identical; "
-           "seed 1 differs", training_runs=3)
+    first = _weights(runs[0] / "checkpoints" / "epoch-0000.weights.h5")  # training moved the weights
+    assert any(k in first and first[k].shape == a[k].shape and not np.array_equal(a[k], first[k]) for k in a)
+    report("10a. Determinism", "two runs with seed 0 and data.deterministic: true (augmentation on, 2 phases)",
+           f"final weights ({len(a)} arrays, optimizer state included) and every history metric identical",
+           training_runs=2)
 
 
 def test_each_rank_reads_a_disjoint_part_and_together_the_whole_split(records):

@@ -167,8 +167,8 @@ def test_fuzzed_files_decode_or_quarantine_never_crash_or_hang(tmp_path):
 
     rng = random.Random(9)
     seeds = [os.path.join(PYDICOM_FILES, f) for f in ("MR_small.dcm", "CT_small.dcm", "MR_small_RLE.dcm",
-                                                     "JPEG2000.dcm", "MR_small_bigendian.dcm", "SC_rgb.dcm",
-                                                     "emri_small.dcm", "ExplVR_BigEnd.dcm")]
+                                                     "JPEG2000.dcm", "MR_small_bigendian.dcm", "SC_rgb_jpeg_gdcm.dcm",
+                                                     "ExplVR_BigEnd.dcm", "ExplVR_LitEndNoMeta.dcm")]
     files = []
     for i in range(60):  # random bytes, some behind a DICOM preamble, PNG or JPEG magic
         body = bytes(rng.randrange(256) for _ in range(rng.randrange(0, 4000)))
