@@ -509,11 +509,11 @@ def _apply_override(tree: dict, assignment: str) -> None:
         last = depth == len(parts) - 1
         expected = list if typing.get_origin(tp) is tuple else dict
         if not isinstance(node, expected):
-            raise ConfigError(f"--set {dotted!r}: '{'.'.join(parts[:depth])}' holds {node!r}, not a "
-                              f"{'list' if expected is list else 'mapping'}; set it whole instead")
+            raise ConfigError(f"--set {dotted}: '{'.'.join(parts[:depth])}' is not a "
+                              f"{'list' if expected is list else 'mapping'} (it holds {node!r}); set it whole instead")
         if typing.get_origin(tp) is tuple:
             if not part.isdigit():
-                raise ConfigError(f"--set {dotted!r}: '{here}' must be a list index (0, 1, ...)")
+                raise ConfigError(f"--set {dotted}: '{here}' must be a list index (0, 1, ...)")
             index = int(part)
             if not isinstance(node, list) or index >= len(node):
                 size = len(node) if isinstance(node, list) else 0
@@ -530,11 +530,11 @@ def _apply_override(tree: dict, assignment: str) -> None:
                 node = node[index]
             continue
         if not dataclasses.is_dataclass(tp):
-            raise ConfigError(f"--set {dotted!r}: '{'.'.join(parts[:depth])}' is not a mapping")
+            raise ConfigError(f"--set {dotted}: '{'.'.join(parts[:depth])}' is not a mapping")
         valid = [f.name for f in dataclasses.fields(tp)]
         if part not in valid:
             raise ConfigError(
-                f"--set {dotted!r}: unknown key {here!r}; valid keys"
+                f"--set {dotted}: unknown key {here!r}; valid keys"
                 f"{' under ' + repr('.'.join(parts[:depth])) if depth else ''} are: {', '.join(sorted(valid))}"
             )
         tp = _field_type(tp, part)
@@ -544,7 +544,7 @@ def _apply_override(tree: dict, assignment: str) -> None:
             child = node.get(part)
             if child is None:
                 if typing.get_origin(tp) is tuple:
-                    raise ConfigError(f"--set {dotted!r}: '{here}' is empty; set the whole list instead")
+                    raise ConfigError(f"--set {dotted}: '{here}' is empty; set the whole list instead")
                 child = node[part] = {}
             node = child
 

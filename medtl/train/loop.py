@@ -134,8 +134,8 @@ def train(cfg: Config, workdir: str) -> dict:
         # Same batches are not enough for the same weights: kernels must also reduce in a fixed order.
         tf.config.experimental.enable_op_determinism()
     ctx = dist.init(cfg.train.stall_shutdown_seconds)
-    _check_outputs_outside_records(cfg, workdir)
     manifest = read_manifest(cfg.data.records)
+    _check_outputs_outside_records(cfg, workdir)
     damaged = verify.check_cheap(cfg.data.records, manifest, ["train", "val"])
     if damaged:
         raise MedtlError(f"{damaged[0]}; run `medtl verify {cfg.data.records}` and re-ingest or restore it")
