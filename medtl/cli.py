@@ -446,6 +446,13 @@ def main(argv: list[str] | None = None) -> int:
 
         error(str(exc))
         code = exc.exit_code
+        if "tensorflow" in sys.modules:
+            # Leave without tearing down TensorFlow: destroying a tf.data iterator that an error
+            # interrupted can deadlock against an in-flight numpy_function (augmentation) waiting
+            # for the GIL (seen here: a damaged shard met mid-training hung the process).
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
     except KeyboardInterrupt:
         from medtl.utils.log import error
 

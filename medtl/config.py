@@ -150,12 +150,14 @@ class DataConfig:
     # Keep decoded, resized images (before augmentation) after the first pass: none, memory, or a
     # folder for cache files on local disk. For datasets that fit; see README, Input pipeline.
     cache: str = "none"
-    # Read, shuffle and augment in a fixed order, so runs with the same seed and ranks see the same
-    # batches (a little slower: no out-of-order parallelism).
+    # Read, shuffle and augment in a fixed order and make TensorFlow ops deterministic, so runs with the
+    # same seed and ranks give the same weights (a little slower: no out-of-order parallelism).
     deterministic: bool = False
 
     def check(self) -> list[tuple[str, str]]:
         problems = []
+        if not 1 <= self.image_size <= 4096:
+            problems.append(("image_size", f"must be in [1, 4096] pixels, got {self.image_size}"))
         if self.channels not in (1, 3):
             problems.append(("channels", f"must be 1 or 3, got {self.channels}"))
         if self.shuffle_buffer < 1:
@@ -251,7 +253,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     # Consecutive steps with a non-finite loss or gradient (updates skipped) before training stops.
     nonfinite_patience: int = 20
-    # Seconds Horovod waits for a missing rank before ending the job (0 waits forever).
+    # Seconds a rank waits inside one training step for the others before ending the job, naming the ranks that did not reach the step (0 waits forever).
     stall_shutdown_seconds: int = 120
     # TensorFlow intra-op threads per rank; 0 lets TensorFlow choose.
     intra_op_threads: int = 0
@@ -463,7 +465,10 @@ def _convert(tp: Any, raw: Any, key: str) -> Any:
         if isinstance(raw, bool):
             pass
         elif isinstance(raw, (int, float)):
-            return float(raw)
+            try:
+                return float(raw)
+            except OverflowError:  # an int with hundreds of digits
+                raise ConfigError(f"'{key}' must be a number within float range, got {str(raw)[:20]}...") from None
         elif isinstance(raw, str):
             try:
                 return float(raw)
@@ -497,7 +502,7 @@ def _from_dict(cls: type, raw: Any, prefix: str) -> Any:
         if name not in fields:
             key = f"{prefix}.{name}" if prefix else str(name)
             raise ConfigError(
-                f"unknown key '{key}'; valid keys {('under ' + repr(prefix)) if prefix else 'at the top'}"
+                f"unknown key {key!r}; valid keys {('under ' + repr(prefix)) if prefix else 'at the top'}"
                 f" are: {', '.join(sorted(fields))}"
             )
     values = {}
@@ -534,6 +539,10 @@ def _apply_override(tree: dict, assignment: str) -> None:
     for depth, part in enumerate(parts):
         here = ".".join(parts[: depth + 1])
         last = depth == len(parts) - 1
+        expected = list if typing.get_origin(tp) is tuple else dict
+        if not isinstance(node, expected):
+            raise ConfigError(f"--set {dotted}: '{'.'.join(parts[:depth])}' is not a "
+                              f"{'list' if expected is list else 'mapping'} (it holds {node!r}); set it whole instead")
         if typing.get_origin(tp) is tuple:
             if not part.isdigit():
                 raise ConfigError(f"--set {dotted}: '{here}' must be a list index (0, 1, ...)")
@@ -557,7 +566,7 @@ def _apply_override(tree: dict, assignment: str) -> None:
         valid = [f.name for f in dataclasses.fields(tp)]
         if part not in valid:
             raise ConfigError(
-                f"--set {dotted}: unknown key '{here}'; valid keys"
+                f"--set {dotted}: unknown key {here!r}; valid keys"
                 f"{' under ' + repr('.'.join(parts[:depth])) if depth else ''} are: {', '.join(sorted(valid))}"
             )
         tp = _field_type(tp, part)
@@ -582,6 +591,10 @@ def load_config(path: str | os.PathLike | None = None, overrides: typing.Sequenc
                 tree = yaml.safe_load(fh)
         except FileNotFoundError:
             raise ConfigError(f"config file {path} does not exist; pick one from jobs/") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config file {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        except IsADirectoryError:
+            raise ConfigError(f"config file {path} is a folder; pass a YAML file") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {path} is not valid YAML: {exc}".splitlines()[0]) from None
     if tree is None:

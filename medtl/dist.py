@@ -50,7 +50,7 @@ def init(stall_shutdown_seconds: int = DEFAULT_STALL_SHUTDOWN_SECONDS) -> Contex
     """Initialise Horovod if launched by horovodrun/mpirun, pin one GPU per local rank.
 
     The stall shutdown is on by default: a dead or blocked rank ends the job with an
-    error naming the missing ranks instead of hanging it.
+    error naming the missing ranks instead of hanging it (see StallWatchdog).
     """
     global _context
     if _context is not None:
@@ -59,6 +59,7 @@ def init(stall_shutdown_seconds: int = DEFAULT_STALL_SHUTDOWN_SECONDS) -> Contex
         _context = Context()
         set_primary(True)
         return _context
+    # Horovod's own stall check warns (and would shut down); StallWatchdog is what ends the job.
     os.environ.setdefault("HOROVOD_STALL_CHECK_TIME_SECONDS", str(max(1, min(60, stall_shutdown_seconds // 2 or 60))))
     os.environ.setdefault("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", str(stall_shutdown_seconds))
     try:
@@ -158,3 +159,115 @@ def horovod_info() -> dict:
         "mpi": bool(hvd_tf.mpi_built()),
         "nccl": bool(hvd_tf.nccl_built()),
     }
+
+
+# --------------------------------------------------------------------------- stall watchdog
+
+_HEARTBEAT_SCOPE = "medtl-heartbeat"
+
+
+class StallWatchdog:
+    """Ends a job whose ranks wait on each other for longer than `seconds`, naming the missing ranks.
+
+    Horovod's own stall shutdown (HOROVOD_STALL_SHUTDOWN_TIME_SECONDS) did not fire under
+    horovodrun --gloo here: a rank that stopped before an allreduce left the others waiting
+    for good. So each rank records the training step it has reached; a thread publishes it to
+    the launcher's rendezvous key-value store (Gloo) and, when this rank has been inside one
+    step for `seconds`, reads the others', prints which ranks have not reached the step, and
+    exits, so that the launcher stops the job.
+    """
+
+    EXIT_CODE = 3
+
+    def __init__(self, ctx: Context, seconds: float, poll_seconds: float | None = None):
+        self.ctx, self.seconds = ctx, float(seconds)
+        self.poll = poll_seconds or max(0.5, min(5.0, self.seconds / 8))
+        self.step = -1            # the global step this rank is in (or last finished)
+        self.in_step_since = None  # monotonic time the current step began; None between steps
+        self.limit = self.seconds   # seconds the current step may take
+        self._published = None
+        self._stop = None
+        addr, port = os.environ.get("HOROVOD_GLOO_RENDEZVOUS_ADDR"), os.environ.get("HOROVOD_GLOO_RENDEZVOUS_PORT")
+        self.kv = (addr, int(port)) if addr and port else None
+
+    # The first step of a phase also traces (and with XLA compiles) the train step: it may take longer.
+    FIRST_STEP_FACTOR = 5
+
+    def begin(self, step: int, first: bool = False) -> None:
+        import time
+
+        self.limit = self.seconds * (self.FIRST_STEP_FACTOR if first else 1)
+        self.step, self.in_step_since = step, time.monotonic()
+
+    def end(self) -> None:
+        self.in_step_since = None
+
+    def start(self) -> "StallWatchdog":
+        import threading
+
+        if not self.ctx.distributed or self.seconds <= 0:
+            return self
+        self._stop = threading.Event()
+        threading.Thread(target=self._run, name="medtl-stall-watchdog", daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
+
+    def _publish(self) -> None:
+        if self.kv is None or self._published == self.step:
+            return
+        from horovod.runner.http.http_client import put_data_into_kvstore
+
+        try:
+            put_data_into_kvstore(*self.kv, _HEARTBEAT_SCOPE, str(self.ctx.rank), self.step)
+            self._published = self.step
+        except Exception:  # the store is advisory: a failed publish must not stop training
+            pass
+
+    def peers(self) -> dict[int, int | None]:
+        """Every other rank's last published step (None when unknown)."""
+        if self.kv is None:
+            return {}
+        from horovod.runner.http.http_client import read_data_from_kvstore
+
+        steps = {}
+        for rank in range(self.ctx.size):
+            if rank == self.ctx.rank:
+                continue
+            try:
+                steps[rank] = read_data_from_kvstore(*self.kv, _HEARTBEAT_SCOPE, str(rank))
+            except Exception:
+                steps[rank] = None
+        return steps
+
+    def message(self, waited: float) -> str:
+        step = self.step
+        peers = self.peers()
+        behind = sorted(r for r, s in peers.items() if s is None or s < step)
+        if behind:
+            who = (f"rank(s) {', '.join(map(str, behind))} did not reach training step {step} (last seen at "
+                   + ", ".join(f"rank {r}: {'no step' if peers[r] is None else f'step {peers[r]}'}" for r in behind)
+                   + ")")
+        elif peers:
+            who = f"every rank reached training step {step} but it has not completed (a collective or a read is stuck)"
+        else:
+            who = f"training step {step} has not completed (the missing rank is unknown: no Gloo rendezvous store)"
+        return (f"rank {self.ctx.rank} waited {waited:.0f} s for the other ranks: {who}; stopping the job after "
+                f"train.stall_shutdown_seconds={self.seconds:g}{' (x5 for a first step)' if self.limit > self.seconds else ''}. Re-run the same command to resume from the last "
+                "checkpoint.")
+
+    def _run(self) -> None:
+        import sys
+        import time
+
+        while not self._stop.wait(self.poll):
+            self._publish()
+            since = self.in_step_since
+            if since is None:
+                continue
+            waited = time.monotonic() - since
+            if waited >= self.limit:
+                print(f"medtl: error: {self.message(waited)}", file=sys.stderr, flush=True)
+                os._exit(self.EXIT_CODE)

@@ -103,10 +103,9 @@ def test_pydicom_corpus_every_file_decoded_exactly_or_quarantined(tmp_path):
     for ok in ("CT_small.dcm", "MR_small_bigendian.dcm", "MR_small_RLE.dcm", "JPEG2000.dcm",
                "MR_small_jpeg_ls_lossless.dcm", "SC_rgb_jpeg_gdcm.dcm", "ExplVR_BigEnd.dcm"):
         assert any(n.endswith(ok) for n in decoded), ok
-    assert reason["MR_truncated.dcm"] == "truncated_pixel_data"
-    assert reason["rtplan.dcm"] == "no_pixel_data"
-    assert reason["README.txt"] == "not_dicom"
-    assert reason["JPEG-lossy.dcm"] == "unsupported_transfer_syntax"  # 12-bit JPEG extended: no decoder here
+    # The reasons for MR_truncated.dcm, rtplan.dcm, README.txt and JPEG-lossy.dcm are checked in
+    # tests/reliability/test_ingest_faults.py (the bad-DICOM corpus).
+    assert {"MR_truncated.dcm", "rtplan.dcm", "README.txt", "JPEG-lossy.dcm"} <= set(reason)
 
 
 def _write(path, stored, photometric, bits=16, signed=False, slope=1.0, intercept=0.0, window=None,

@@ -1,10 +1,6 @@
-"""Parallel and partitioned ingest: local workers, k workers + finalize, and recovery from a killed run."""
+"""Parallel and partitioned ingest: local workers, k workers + finalize (a killed ingest: reliability/)."""
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 
 from conftest import assert_user_error, cli_env, run_cli
 
@@ -51,28 +47,6 @@ def test_partitioned_ingest_matches_single_run(studies, tmp_path):
     assert not (parts / ".parts").exists()
     assert run_cli("verify", parts).returncode == 0
     assert (parts / "quarantine.csv").read_text() == (single / "quarantine.csv").read_text()
-
-
-def test_killed_ingest_leaves_no_final_shard_and_rerun_matches(studies, tmp_path):
-    clean = tmp_path / "clean"
-    assert run_cli("ingest", *_args(studies, clean)).returncode == 0
-    out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "medtl", "ingest", *map(str, _args(studies, out))]
-    proc = subprocess.Popen(cmd, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while time.time() < deadline:  # kill once the first shard of the part is complete
-        part = out / ".parts"
-        if part.exists() and any(f.endswith(".tfrecord") for _, _, files in os.walk(part) for f in files):
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    finals = [f for f in os.listdir(out) if f.endswith(".tfrecord")]
-    assert finals == [] and not (out / "manifest.json").exists()
-    assert_user_error(run_cli("verify", out), "no manifest.json")
-    r = run_cli("ingest", *_args(studies, out))
-    assert r.returncode == 0, r.stderr
-    assert _tree(out) == _tree(clean)
 
 
 def test_rerun_with_fewer_shards_removes_stale_ones(studies, tmp_path):

@@ -110,6 +110,7 @@ def decode_dicom(path: str, frame: str = "middle") -> np.ndarray:
         ds = _read_dataset(path)
         if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
             raise DecodeError("no_pixel_data", "DICOM file has no pixel data (PixelData element)")
+        _check_frame_count(ds)
         pixels = _pixels(ds)
         frames = int(ds.get("NumberOfFrames", 1) or 1)
         samples = int(ds.get("SamplesPerPixel", 1) or 1)
@@ -130,6 +131,29 @@ def decode_dicom(path: str, frame: str = "middle") -> np.ndarray:
         except (ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
             raise DecodeError("bad_image_header", f"modality/VOI LUT unusable: {str(exc).splitlines()[0][:160]}") from None
     return _normalise(values, lo, hi, invert=photometric == "MONOCHROME1")
+
+
+def _check_frame_count(ds) -> None:
+    """Native pixel data holding whole extra frames with no NumberOfFrames: which frame is which is
+    unknown, and pydicom would silently return the first. Quarantine it instead."""
+    meta = getattr(ds, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    if "NumberOfFrames" in ds or "PixelData" not in ds:
+        return
+    try:
+        if syntax is not None and syntax.is_compressed:
+            return
+    except ValueError:  # not a transfer syntax UID at all: _pixels reports it
+        return
+    try:
+        rows, columns = int(ds.Rows), int(ds.Columns)
+        frame_bytes = rows * columns * int(ds.get("SamplesPerPixel", 1) or 1) * int(ds.BitsAllocated) // 8
+        stored = len(ds.PixelData)
+    except (AttributeError, TypeError, ValueError):
+        return  # _pixels reports missing image attributes
+    if frame_bytes > 0 and stored >= 2 * frame_bytes:
+        raise DecodeError("bad_image_header", f"pixel data holds {stored // frame_bytes} frames of {rows}x{columns} "
+                          "but the header has no NumberOfFrames (multi-frame without a frame count)")
 
 
 def dicom_fields(path: str, names: tuple[str, ...]) -> dict[str, str]:

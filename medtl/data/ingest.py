@@ -28,7 +28,7 @@ import medtl
 from medtl.data import decode, deid, splits, tables
 from medtl.errors import MedtlError
 from medtl.utils import fs
-from medtl.utils.log import log
+from medtl.utils.log import debug, log
 from medtl.utils.progress import Progress
 
 SPLITS = ("train", "val", "test")
@@ -138,6 +138,8 @@ class _ShardWriter:
         fs.rename(path + ".tmp", path)
         self.shards.append({"part_file": os.path.basename(path), "records": self._count,
                             "bytes": fs.size(path), "sha256": fs.sha256(path)})
+        debug(f"ingest: wrote {path} ({self._count} records, {self.shards[-1]['bytes']} bytes, "
+              f"sha256 {self.shards[-1]['sha256'][:16]})")
 
     def finish(self) -> list[dict]:
         self._close()
@@ -153,6 +155,7 @@ def _check_options(opt: IngestOptions) -> None:
             raise MedtlError(f"MedMNIST file {opt.images} does not exist; pass the .npz file with --images")
     elif not os.path.isdir(opt.images):
         raise MedtlError(f"images folder {opt.images} does not exist; pass the folder holding the studies with --images")
+    _check_out_outside_input(opt)
     if opt.bit_depth not in (8, 16):
         raise MedtlError(f"--bit-depth must be 8 or 16, got {opt.bit_depth}")
     if opt.image_size < 32:
@@ -173,6 +176,17 @@ def _check_options(opt: IngestOptions) -> None:
         raise MedtlError(f"--workers must be >= 1, got {opt.workers}")
     if opt.shard_mb <= 0:
         raise MedtlError(f"--shard-mb must be > 0, got {opt.shard_mb}")
+
+
+def _check_out_outside_input(opt: IngestOptions) -> None:
+    """Studies are read-only input: records are never written into (or over) the input folder."""
+    if fs.is_remote(opt.out):
+        return
+    images = os.path.realpath(opt.images if os.path.isdir(opt.images) else os.path.dirname(opt.images) or ".")
+    out = os.path.realpath(opt.out)
+    if out == images or out.startswith(images + os.sep):
+        raise MedtlError(f"--out {opt.out} is inside the input folder {images}; input studies are "
+                         "read-only to medtl: write the records to a folder outside it")
 
 
 def _files_on_disk(images: str, listed: set[str]) -> set[str]:
@@ -301,7 +315,9 @@ def ingest_part(opt: IngestOptions, worker_index: int = 0, num_workers: int = 1)
                 bar(1)
                 if png is None:
                     quarantine.append((study.file, reason, message))
+                    debug(f"ingest: quarantined {study.file}: {reason}: {message}")
                     continue
+                debug(f"ingest: {study.file} -> {split}")
                 keep = {**dict(study.fields), **fields}
                 writer.write(encode_example(png, study.labels, study.mask, deid.salted_hash(salt, study.patient),
                                             deid.salted_hash(salt, study.file), keep))

@@ -82,16 +82,33 @@ def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
 
-def _read_fn(path):
-    """(shard path, serialised record) pairs of one shard; the path travels along for error messages."""
-    return tf.data.Dataset.zip((tf.data.Dataset.from_tensors(path).repeat(), tf.data.TFRecordDataset(path)))
+def _read_fn(path, expected):
+    """(shard path, serialised record) pairs of one shard; the path travels along for error messages.
+    When the shard ends, its record count must be the manifest's `expected` (-1: unchecked): a
+    manifest and shards that disagree fail the stream naming the shard, never train silently."""
+    end_marker = tf.data.Dataset.from_tensors((tf.constant(b""), tf.constant(True)))
+    marked = tf.data.TFRecordDataset(path).map(lambda record: (record, tf.constant(False))).concatenate(end_marker)
+
+    def count_fn(count, item):
+        record, last = item
+        ok = tf.logical_or(tf.logical_not(last), tf.logical_or(expected < 0, tf.equal(count, expected)))
+        check = _require(ok, path, "count_mismatch: ", tf.strings.as_string(count), " records, manifest says ",
+                         tf.strings.as_string(expected), ". Run `medtl verify` and re-ingest or restore the shard")
+        with tf.control_dependencies([check]):
+            return count + 1, (record, last)
+
+    records = (marked.scan(tf.constant(0, tf.int64), count_fn)
+               .filter(lambda record, last: tf.logical_not(last)).map(lambda record, last: record))
+    return tf.data.Dataset.zip((tf.data.Dataset.from_tensors(path).repeat(), records))
 
 
 def build_records(files: list[str], by_file: bool, rank: int, num_ranks: int, training: bool,
-                  shuffle_seed: int | None, deterministic: bool) -> tf.data.Dataset:
+                  shuffle_seed: int | None, deterministic: bool, counts: list[int] | None = None) -> tf.data.Dataset:
     """This rank's (shard, record) pairs. Training interleaves shards (shuffled per pass when
-    shuffle_seed is given); eval reads them one after another, in order."""
-    ds = tf.data.Dataset.from_tensor_slices(files)
+    shuffle_seed is given); eval reads them one after another, in order. `counts` (each file's
+    records in the manifest) has every shard's record count checked as it is read."""
+    counts = [-1] * len(files) if counts is None else [int(c) for c in counts]
+    ds = tf.data.Dataset.from_tensor_slices((files, tf.constant(counts, tf.int64)))
     if not training:
         ds = ds.flat_map(_read_fn)
     else:
@@ -222,20 +239,23 @@ def build_decoded(cfg: Config, manifest: dict, split: str, rank: int, num_ranks:
     """This rank's decoded (image, labels, mask[, patient, key]) records before the shuffle buffer,
     cached if asked."""
     files = shard_paths(cfg.data.records, manifest, split)
+    expected = {f"{cfg.data.records.rstrip('/')}/{shard['file']}": shard["records"]
+                for shard in manifest["splits"][split]["shards"]}
     files, by_file = plan_shards(manifest, split, files, rank, num_ranks, training)
+    counts = [expected[f] for f in files]
     decode_fn = build_decode_fn(manifest, cfg.data.image_size, quantise, with_ids)
     deterministic = cfg.data.deterministic or not training
     if cfg.data.cache == "none":
         # Shards are shuffled per pass only when this rank owns them: record sharding needs the same
         # record order on every rank, so each rank keeps the same records every pass.
         shuffle_seed = _seed(cfg.seed, rank, first_epoch) if by_file else None
-        ds = build_records(files, by_file, rank, num_ranks, training, shuffle_seed, deterministic)
+        ds = build_records(files, by_file, rank, num_ranks, training, shuffle_seed, deterministic, counts)
         return ds.map(decode_fn, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
     key = (cfg.data.records, split, rank, num_ranks, training, quantise, with_ids, cfg.data.image_size,
            cfg.data.cache, deterministic, json.dumps(manifest["splits"][split], sort_keys=True))
     if key not in _CACHED:
         # Shard order is fixed when cached: the cache replays the first pass, the shuffle buffer mixes.
-        ds = build_records(files, by_file, rank, num_ranks, training, None, deterministic)
+        ds = build_records(files, by_file, rank, num_ranks, training, None, deterministic, counts)
         ds = ds.map(decode_fn, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
         if cfg.data.cache == "memory":
             _CACHED[key] = ds.cache()

@@ -38,6 +38,28 @@ class FaultHooks(tf.keras.callbacks.Callback):
         faults.before_step(self.rank, self._epoch * self.steps_per_epoch + batch)
 
 
+class Heartbeat(tf.keras.callbacks.Callback):
+    """Tells the stall watchdog (dist.StallWatchdog) which global step this rank is in."""
+
+    def __init__(self, watchdog: dist.StallWatchdog, steps_per_epoch: int):
+        super().__init__()
+        self.watchdog, self.steps_per_epoch = watchdog, steps_per_epoch
+        self._epoch, self._first = 0, True
+
+    def on_train_begin(self, logs=None):
+        self._first = True
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.watchdog.begin(self._epoch * self.steps_per_epoch + batch, first=self._first)
+        self._first = False
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.watchdog.end()
+
+
 class NonFiniteGuard(tf.keras.callbacks.Callback):
     """Stops training on every rank when the last `patience` steps of an epoch were all skipped
     (the loss or gradients stayed NaN/Inf). The streak comes from gradients averaged over all
@@ -147,6 +169,8 @@ class PhaseTracker(tf.keras.callbacks.Callback):
             for key, value in self.metrics.extra.items():
                 row[key] = {k: _clean(v) for k, v in value.items()} if isinstance(value, dict) else _clean(value)
             ckpt.commit_epoch(self.model, self.workdir, state, row, self.keep)
+        else:  # what rank 0 committed, so every rank's messages name the same last checkpoint
+            state.checkpoint = ckpt.epoch_weights_name(epoch)
 
     def restore_best(self) -> None:
         """Leave the model at the phase's best weights, on every rank."""

@@ -143,8 +143,12 @@ def train(cfg: Config, workdir: str, until_phase: str | None = None) -> dict:
     returns a summary. A later run with the same workdir resumes where this one stopped."""
     last = _last_phase(cfg, until_phase)
     _configure_threads(cfg)
+    if cfg.data.deterministic:
+        # Same batches are not enough for the same weights: kernels must also reduce in a fixed order.
+        tf.config.experimental.enable_op_determinism()
     ctx = dist.init(cfg.train.stall_shutdown_seconds)
     manifest = read_manifest(cfg.data.records)
+    _check_outputs_outside_records(cfg, workdir)
     damaged = verify.check_cheap(cfg.data.records, manifest, ["train", "val"])
     if damaged:
         raise MedtlError(f"{damaged[0]}; run `medtl verify {cfg.data.records}` and re-ingest or restore it")
@@ -174,6 +178,27 @@ def train(cfg: Config, workdir: str, until_phase: str | None = None) -> dict:
         log(f"train: resuming {workdir} after epoch {state.epochs_done} (phase {state.phase_index + 1}, "
             f"checkpoint {state.checkpoint}, written by {state.ranks} rank(s))")
 
+    watchdog = dist.StallWatchdog(ctx, cfg.train.stall_shutdown_seconds).start()
+    try:
+        fingerprints = _run_phases(ctx, cfg, workdir, manifest, state, model, loss, steps, watchdog, plan)
+    finally:
+        watchdog.stop()
+    summary = {"best_val_auroc": state.overall_best, "epochs": state.epochs_done, "workdir": workdir,
+               "ranks": ctx.size, "weights_fingerprint": fingerprints}
+    if last < len(cfg.phases) - 1:
+        summary["stopped_after_phase"] = cfg.phases[last].name
+        log(f"train: stopped after phase '{cfg.phases[last].name}' (--until-phase); the same command with the "
+            f"same --workdir and a later --until-phase (or none) continues with phase "
+            f"'{cfg.phases[last + 1].name}'")
+    if ctx.primary:
+        with open(os.path.join(workdir, "train_summary.json"), "w", encoding="utf-8") as fh:
+            json.dump(summary, fh, indent=2)
+    return summary
+
+
+def _run_phases(ctx, cfg, workdir, manifest, state, model, loss, steps, watchdog, plan) -> dict:
+    """The phases of `plan` ((index, epochs done) each); returns {phase name: weights fingerprint}."""
+    global_batch_size = cfg.train.batch_size * ctx.size
     fingerprints = {}
     for position, (index, done_in_phase) in enumerate(plan):
         phase = cfg.phases[index]
@@ -202,7 +227,7 @@ def train(cfg: Config, workdir: str, until_phase: str | None = None) -> dict:
         metrics = cb.EpochMetrics(cfg, manifest, ctx, steps * global_batch_size, guard)
         tracker = cb.PhaseTracker(ctx, workdir, phase, index, phase_start, state, metrics, guard,
                                   cfg.train.keep_checkpoints)
-        callbacks = [guard, metrics, tracker]
+        callbacks = [cb.Heartbeat(watchdog, steps), guard, metrics, tracker]
         if faults.active("kill") or faults.active("stall"):
             callbacks.insert(0, cb.FaultHooks(ctx.rank, steps))
         if ctx.primary:
@@ -213,7 +238,7 @@ def train(cfg: Config, workdir: str, until_phase: str | None = None) -> dict:
             with pipeline_errors():  # a shard check failing inside tf.data: one line naming the shard
                 model.fit(train_ds, epochs=phase_start + phase.epochs, initial_epoch=first_epoch,
                           steps_per_epoch=steps, callbacks=callbacks, verbose=_verbosity(ctx))
-        except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as exc:
+        except (tf.errors.DataLossError, tf.errors.InvalidArgumentError, tf.errors.FailedPreconditionError) as exc:
             # A damaged shard met mid-training: name it (deep check) rather than skip it.
             verify.raise_if_damaged(cfg.data.records, manifest, ["train", "val"], exc)
         if guard.tripped:
@@ -226,17 +251,21 @@ def train(cfg: Config, workdir: str, until_phase: str | None = None) -> dict:
         tracker.restore_best()  # the next phase starts from this phase's best weights
         fingerprints[phase.name] = _check_in_sync(ctx, model, phase.name)
         log(f"phase '{phase.name}' done: best val macro AUROC {tracker.best:.4f} (epoch {tracker.best_epoch + 1})")
-    summary = {"best_val_auroc": state.overall_best, "epochs": state.epochs_done, "workdir": workdir,
-               "ranks": ctx.size, "weights_fingerprint": fingerprints}
-    if last < len(cfg.phases) - 1:
-        summary["stopped_after_phase"] = cfg.phases[last].name
-        log(f"train: stopped after phase '{cfg.phases[last].name}' (--until-phase); the same command with the "
-            f"same --workdir and a later --until-phase (or none) continues with phase "
-            f"'{cfg.phases[last + 1].name}'")
-    if ctx.primary:
-        with open(os.path.join(workdir, "train_summary.json"), "w", encoding="utf-8") as fh:
-            json.dump(summary, fh, indent=2)
-    return summary
+    return fingerprints
+
+
+def _check_outputs_outside_records(cfg: Config, workdir: str) -> None:
+    """Records are read-only input: the run folder and a cache folder must live elsewhere."""
+    if "://" in cfg.data.records:
+        return
+    records = os.path.realpath(cfg.data.records)
+    for what, path in (("--workdir", workdir), ("data.cache", cfg.data.cache)):
+        if what == "data.cache" and path in ("none", "memory"):
+            continue
+        full = os.path.realpath(path)
+        if full == records or full.startswith(records + os.sep):
+            raise MedtlError(f"{what} {path} is inside the records folder {cfg.data.records}; records are read-only "
+                             f"input to training: put {what} outside it")
 
 
 def _restore_previous_best(ctx, model, workdir, cfg, index: int) -> None:

@@ -1,11 +1,12 @@
-"""Damaged shards: `medtl verify` and `medtl train` each stop and name the shard and the damage."""
+"""Damaged shards: `medtl verify` and `medtl train` each stop and name the shard and the damage (check 5)."""
 import json
 import os
 import shutil
 
 import pytest
 
-from conftest import JOBS, assert_user_error, run_cli
+from conftest import assert_user_error, run_cli
+from reliability.helpers import report, train
 
 
 @pytest.fixture()
@@ -18,8 +19,7 @@ def damaged(records, tmp_path):
 
 
 def _train(records, tmp_path):
-    return run_cli("train", "--config", os.path.join(JOBS, "smoke.yaml"), "--workdir", tmp_path / "run",
-                   "--set", f"data.records={records}", "--set", "train.batch_size=8")
+    return train(records, tmp_path / "run")
 
 
 def test_clean_records_verify(records):
@@ -36,6 +36,8 @@ def test_truncated_shard(damaged, tmp_path):
     assert_user_error(run_cli("verify", folder), shard, "truncated", f"{len(data) // 2} of {len(data)} bytes")
     assert_user_error(run_cli("verify", "--quick", folder), shard, "truncated")
     assert_user_error(_train(folder, tmp_path), shard, "truncated", "medtl verify")
+    report("5a. Truncated shard", "a train shard cut to half its bytes", "verify, verify --quick and train each "
+           "stopped with one error line naming the shard and 'truncated'", shards_damaged=1)
 
 
 def test_flipped_byte(damaged, tmp_path):
@@ -50,6 +52,10 @@ def test_flipped_byte(damaged, tmp_path):
     assert_user_error(run_cli("verify", folder), first, "corrupted")
     line = assert_user_error(_train(folder, tmp_path), "corrupted", "nothing was skipped")
     assert "-of-" in line and ".tfrecord" in line
+    damaged = sum(len(manifest["splits"][s]["shards"]) for s in ("train", "val"))
+    report("5b. Flipped byte", "one bit flipped mid-file in every train and val shard",
+           "verify named the first shard and 'corrupted'; train stopped naming a shard, 'corrupted', nothing skipped",
+           shards_damaged=damaged)
 
 
 def test_deleted_shard(damaged, tmp_path):
@@ -58,14 +64,22 @@ def test_deleted_shard(damaged, tmp_path):
     os.remove(folder / shard)
     assert_user_error(run_cli("verify", folder), shard, "missing")
     assert_user_error(_train(folder, tmp_path), shard, "missing")
+    report("5c. Deleted shard", "a val shard deleted", "verify and train each named the shard and 'missing'",
+           shards_damaged=1)
 
 
-def test_wrong_record_count(damaged):
+def test_wrong_record_count(damaged, tmp_path):
     folder, manifest = damaged
-    manifest["splits"]["test"]["shards"][0]["records"] += 1
+    entry = manifest["splits"]["train"]["shards"][2]
+    entry["records"] += 1  # the manifest (totals included) claims one record more than the shard holds
+    manifest["splits"]["train"]["records"] += 1
     (folder / "manifest.json").write_text(json.dumps(manifest))
-    shard = manifest["splits"]["test"]["shards"][0]["file"]
+    shard = entry["file"]
     assert_user_error(run_cli("verify", folder), shard, "count_mismatch", "manifest says")
+    assert_user_error(_train(folder, tmp_path), shard, "count_mismatch", f"manifest says {entry['records']}")
+    report("5d. Wrong record count", "manifest.json claims one record more for a train shard",
+           "verify and train each named the shard and 'count_mismatch' (train used to read it silently)",
+           shards_damaged=1)
 
 
 def test_unfinished_ingest_is_not_records(tmp_path):

@@ -1,0 +1,139 @@
+"""Ranks that die, stall or meet NaNs under a 2-rank horovodrun (Gloo, CPU), and resuming afterwards."""
+import json
+import os
+import re
+import time
+
+import numpy as np
+import pytest
+
+from conftest import assert_user_error
+from reliability.helpers import HOROVODRUN, history, report, train
+
+pytestmark = pytest.mark.slow
+
+
+def _steps(records, ranks, batch=8):
+    manifest = json.load(open(os.path.join(records, "manifest.json")))
+    return manifest["splits"]["train"]["records"] // (batch * ranks)
+
+
+def _rank_errors(output: str) -> dict[int, str]:
+    """{rank: its `medtl: error:` line} from horovodrun's prefixed output."""
+    return {int(m.group(1)): m.group(2) for m in re.finditer(r"^\[(\d+)\]<stderr>:medtl: error: (.*)$", output, re.M)}
+
+
+def _no_rank_traceback(output: str) -> None:
+    assert not re.search(r"^\[\d+\]<stderr>:Traceback", output, re.M), output[-3000:]
+
+
+@pytest.fixture(scope="module")
+def killed_run(records, tmp_path_factory):
+    """2 ranks: a NaN batch on rank 1 in epoch 1, then rank 1 SIGKILLed mid-epoch 3 (the first of phase 'top')."""
+    run = tmp_path_factory.mktemp("killed") / "run"
+    steps = _steps(records, 2)
+    kill_step = 2 * steps + steps // 2
+    start = time.monotonic()
+    r = train(records, run, launcher=HOROVODRUN,
+              extra_env={"MEDTL_FAULTS": f"nan_batch:rank=1,step=2;kill:rank=1,step={kill_step}"})
+    return run, r, time.monotonic() - start, kill_step
+
+
+def test_nan_batch_on_one_rank_keeps_ranks_in_sync(killed_run):
+    run, r, _, _ = killed_run
+    out = r.stdout + r.stderr
+    # Phase 'head' ended before the kill: every rank held identical weights (fingerprints allgathered).
+    assert re.search(r"phase 'head': weights identical on 2 rank\(s\)", out), out[-3000:]
+    rows = history(run)
+    assert rows[0]["skipped_steps_total"] == 1, rows[0]  # every rank skipped that one update
+    assert all(np.isfinite(row["loss"]) for row in rows)
+    report("9a. NaN batch on one rank", "NaN input batch on rank 1 at step 2 of a 2-rank run",
+           "both ranks skipped the same one update; weights identical on both ranks after the phase",
+           nan_batches_injected=1)
+
+
+def test_killed_rank_names_it_and_resume_runs_every_epoch_once(killed_run, records):
+    run, r, seconds, kill_step = killed_run
+    out = r.stdout + r.stderr
+    assert r.returncode != 0
+    assert seconds < 120, f"launcher took {seconds:.0f} s to exit after a rank died"
+    assert re.search(r"Process 1 exit with status code 137", out), out[-3000:]
+    assert "Process name: 1" in out  # horovodrun names the first rank that failed
+    state = json.load(open(run / "checkpoints" / "state.json"))
+    assert state["epochs_done"] == 2 and state["ranks"] == 2
+    assert os.path.exists(run / "checkpoints" / state["checkpoint"])
+
+    r = train(records, run)  # one rank this time
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming" in r.stderr and "after epoch 2" in r.stderr
+    rows = history(run)
+    assert [(row["epoch"], row["phase"]) for row in rows] == [(0, "head"), (1, "head"), (2, "top"), (3, "top")]
+    assert [row["ranks"] for row in rows] == [2, 2, 1, 1]
+
+    r = train(records, run, "train.jit_compile=true")  # an execution setting may change
+    assert r.returncode == 0 and "is complete" in r.stderr and "nothing to do" in r.stderr
+    assert len(history(run)) == 4
+    assert_user_error(train(records, run, "model.head.dropout=0.5"), "holds a run with a different config",
+                      "model.head.dropout")
+    report("1. Rank death", f"SIGKILL of rank 1 of 2 at global step {kill_step} (mid-epoch 3), then a re-run",
+           f"horovodrun exited non-zero after {seconds:.0f} s naming process 1 (< 120 s); the re-run resumed after "
+           "epoch 2 and history.jsonl lists epochs 0-3 once each", ranks_killed=1)
+
+
+def test_stalled_rank_ends_the_job_naming_it(records, tmp_path):
+    shutdown = 20
+    start = time.monotonic()
+    r = train(records, tmp_path / "run", f"train.stall_shutdown_seconds={shutdown}", launcher=HOROVODRUN,
+              extra_env={"MEDTL_FAULTS": "stall:rank=1,step=3,seconds=900"})
+    seconds = time.monotonic() - start
+    out = r.stdout + r.stderr
+    assert r.returncode != 0
+    assert seconds < 300, f"the job took {seconds:.0f} s with a {shutdown} s stall shutdown (the stall is 900 s)"
+    errors = _rank_errors(out)
+    assert 0 in errors, out[-3000:]
+    assert "rank(s) 1 did not reach training step 3" in errors[0], errors[0]
+    assert f"train.stall_shutdown_seconds={shutdown}" in errors[0]
+    waited = float(re.search(r"waited (\d+) s", errors[0]).group(1))
+    assert shutdown <= waited <= shutdown + 10, errors[0]  # ended within the shutdown time (+ one poll)
+    _no_rank_traceback(out)
+    report("2. Stall", f"rank 1 of 2 blocked 900 s before the allreduce of step 3; stall shutdown {shutdown} s",
+           f"rank 0 ended the job after waiting {waited:.0f} s, naming rank 1 and the step; launcher exit "
+           f"non-zero after {seconds:.0f} s in all", ranks_stalled=1)
+
+
+def test_persistent_nan_stops_both_ranks_and_keeps_the_best(records, tmp_path):
+    run = tmp_path / "run"
+    steps = _steps(records, 2)
+    r = train(records, run, "train.nonfinite_patience=3", launcher=HOROVODRUN,
+              extra_env={"MEDTL_FAULTS": f"nan_from:step={steps}"})  # every batch from epoch 2 on
+    out = r.stdout + r.stderr
+    assert r.returncode != 0
+    errors = _rank_errors(out)
+    # Rank 0 stops with one line; the other rank stops in the same step (the NaN streak comes from
+    # gradients averaged over ranks), or is ended by horovodrun once rank 0 has exited.
+    assert 0 in errors and set(errors) <= {0, 1}, out[-3000:]
+    assert "Process 1 exit" in out
+    for line in errors.values():
+        for fragment in ("not finite", "epoch 2", "training stopped on all ranks", "epoch-0000.weights.h5",
+                         "phases.0.learning_rate"):
+            assert fragment in line, line
+    _no_rank_traceback(out)
+    state = json.load(open(run / "checkpoints" / "state.json"))
+    assert state["epochs_done"] == 1 and len(history(run)) == 1
+    # The best weights are those of epoch 1, the only complete epoch: not overwritten, finite.
+    import h5py
+
+    def arrays(path):
+        found = []
+        with h5py.File(path, "r") as f:
+            f.visititems(lambda name, obj: found.append((name, obj[()])) if isinstance(obj, h5py.Dataset) else None)
+        return found
+
+    best = dict(arrays(run / "checkpoints" / "best.weights.h5"))
+    epoch = dict(arrays(run / "checkpoints" / "epoch-0000.weights.h5"))
+    layer_weights = [k for k in best if not k.startswith("optimizer")]
+    assert layer_weights and all(np.isfinite(best[k]).all() for k in layer_weights)
+    assert all(np.array_equal(best[k], epoch[k]) for k in layer_weights)
+    report("9b. Persistent NaN", "NaN inputs on both ranks from the first step of epoch 2 (patience 3)",
+           "the job stopped in epoch 2 on all ranks with one error line; best.weights.h5 equals epoch 1's, all finite",
+           nan_batches_injected=steps)
