@@ -24,6 +24,7 @@ from medtl.evaluate.bootstrap import bootstrap_distributions, percentile_interva
 from medtl.evaluate.metrics import summary_metrics
 from medtl.evaluate.predict import predict_split
 from medtl.evaluate.thresholds import tune_thresholds
+from medtl.utils import fs
 from medtl.utils.log import log
 
 THRESHOLDS_FILE = "thresholds.json"
@@ -53,14 +54,6 @@ def with_evaluate_overrides(cfg: Config, overrides: list[str]) -> Config:
             raise MedtlError(f"--set {assignment}: only evaluate.* keys can be changed after training "
                              "(e.g. --set evaluate.threshold_policy=f1)")
     return load_config(raw=to_tree(cfg), overrides=overrides) if overrides else cfg
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def manifest_hash(manifest: dict) -> str:
@@ -94,7 +87,7 @@ def load_or_tune_thresholds(workdir: str, cfg: Config, manifest: dict, model, ct
     if ctx.primary and os.path.isfile(path):
         with open(path, encoding="utf-8") as fh:
             saved = json.load(fh)
-    digest = file_sha256(checkpoint) if ctx.primary else ""
+    digest = fs.sha256(checkpoint) if ctx.primary else ""
     saved = dist.broadcast_object(ctx, None if _thresholds_stale(saved, cfg, digest, manifest["labels"])
                                   else saved, "medtl_thresholds")
     if saved is not None:

@@ -29,6 +29,7 @@ import numpy as np
 from medtl import dist
 from medtl.config import Config, to_tree
 from medtl.errors import MedtlError
+from medtl.utils import fs
 from medtl.utils.log import log
 from medtl.utils.progress import Progress
 
@@ -40,18 +41,10 @@ STALE_LOCK_SECONDS = 600  # a lock not touched for this long belongs to a dead e
 WAIT_SECONDS = 5.0
 
 
-def _file_id(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def cache_meta(cfg: Config, manifest: dict) -> dict:
     """Everything the cached features depend on."""
     weights = cfg.model.weights
-    weights_id = weights if weights in ("imagenet", "none") else f"sha256:{_file_id(weights)}"
+    weights_id = weights if weights in ("imagenet", "none") else f"sha256:{fs.sha256(weights)}"
     meta = {"format": FORMAT, "backbone": cfg.model.backbone, "weights": weights_id,
             "image_size": cfg.data.image_size, "channels": cfg.data.channels,
             "records": hashlib.sha256(json.dumps({"labels": manifest["labels"], "image_size": manifest["image_size"],
