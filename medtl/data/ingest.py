@@ -182,9 +182,10 @@ def _check_out_outside_input(opt: IngestOptions) -> None:
     """Studies are read-only input: records are never written into (or over) the input folder."""
     if fs.is_remote(opt.out):
         return
-    images = os.path.realpath(opt.images if os.path.isdir(opt.images) else os.path.dirname(opt.images) or ".")
+    # A folder of studies, or one file (a MedMNIST .npz): records may sit beside the file, not over it.
+    images = os.path.realpath(opt.images)
     out = os.path.realpath(opt.out)
-    if out == images or out.startswith(images + os.sep):
+    if out == images or (os.path.isdir(images) and out.startswith(images + os.sep)):
         raise MedtlError(f"--out {opt.out} is inside the input folder {images}; input studies are "
                          "read-only to medtl: write the records to a folder outside it")
 
