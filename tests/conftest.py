@@ -28,6 +28,17 @@ def run_cli(*args, env: dict | None = None, timeout: float = 900, cwd: str | Non
                           cwd=cwd or REPO)
 
 
+def ingest_args(studies, out, *extra) -> tuple:
+    """`medtl ingest` arguments for synthetic studies (tiny shards, so several per split)."""
+    return ("--images", os.path.join(studies, "images"), "--labels", os.path.join(studies, "labels.csv"),
+            "--out", out, "--image-size", 48, "--shard-mb", 0.05, *extra)
+
+
+def tree_bytes(folder) -> dict:
+    """{file name: bytes} of a records folder, to compare two ingests byte for byte."""
+    return {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder))}
+
+
 def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
     """A user error: non-zero exit, one `medtl: error:` line naming the thing, no traceback."""
     assert result.returncode != 0, result.stdout + result.stderr

@@ -14,27 +14,18 @@ import pytest
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from conftest import assert_user_error
+from conftest import assert_user_error, ingest_args, tree_bytes
 from reliability.helpers import REPO, env, report, run_cli
 
 # pydicom's wheel ships these real files; get_testdata_files() would also try to download more.
 PYDICOM_FILES = os.path.join(os.path.dirname(pydicom.__file__), "data", "test_files")
 
 
-def _args(studies, out, *extra):
-    return ("--images", os.path.join(studies, "images"), "--labels", os.path.join(studies, "labels.csv"),
-            "--out", out, "--image-size", 48, "--shard-mb", 0.05, *extra)
-
-
-def _tree(folder):
-    return {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder))}
-
-
 def test_killed_ingest_leaves_no_final_shard_and_rerun_matches(studies, tmp_path):
     clean = tmp_path / "clean"
-    assert run_cli("ingest", *_args(studies, clean), env=env()).returncode == 0
+    assert run_cli("ingest", *ingest_args(studies, clean), env=env()).returncode == 0
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "medtl", "ingest", *map(str, _args(studies, out))]
+    cmd = [sys.executable, "-m", "medtl", "ingest", *map(str, ingest_args(studies, out))]
     proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
     deadline = time.time() + 120
     while time.time() < deadline:  # kill once the first shard of the part is complete
@@ -48,10 +39,10 @@ def test_killed_ingest_leaves_no_final_shard_and_rerun_matches(studies, tmp_path
     finals = [f for f in os.listdir(out) if f.endswith(".tfrecord")]
     assert finals == [] and not (out / "manifest.json").exists()
     assert_user_error(run_cli("verify", out), "no manifest.json")
-    r = run_cli("ingest", *_args(studies, out), env=env())
+    r = run_cli("ingest", *ingest_args(studies, out), env=env())
     assert r.returncode == 0, r.stderr
     assert (out / "manifest.json").read_bytes() == (clean / "manifest.json").read_bytes()
-    assert _tree(out) == _tree(clean)
+    assert tree_bytes(out) == tree_bytes(clean)
     report("4. Kill during ingest", "SIGKILL of `medtl ingest` after its first shard was written",
            "no shard under a final name and no manifest; the re-run's folder (manifest included) is byte-identical "
            "to a clean run's", processes_killed=1)
