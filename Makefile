@@ -65,12 +65,13 @@ image:
 demo: venv
 	$(BIN)/medtl demo --out $(DEMO_OUT)
 
-# The whole suite, slow end-to-end tests (real CLI, 2-rank horovodrun, headless Chromium) included:
-# everything but the reliability suite on 2 pytest-xdist workers (most tests keep one core busy),
-# then the reliability suite in one process, so that it ends with its summary table.
+# The whole suite, slow end-to-end tests (real CLI, 2-rank horovodrun, headless Chromium) and the
+# reliability suite included, on 2 pytest-xdist workers (a test file stays on one worker, so its
+# module fixtures are built once). It ends with the reliability summary table.
+PYTEST_WORKERS ?= 2
+PYTEST_XDIST = -n $(PYTEST_WORKERS) --dist loadfile
 test: venv system-deps
-	$(BIN)/python -m pytest -n 2 --ignore=tests/reliability $(PYTEST_ARGS)
-	$(MAKE) reliability PYTEST_ARGS="$(PYTEST_ARGS)" RELIABILITY_DOC=
+	MEDTL_RELIABILITY_REPORT=$(RELIABILITY_SUMMARY) $(BIN)/python -m pytest $(PYTEST_XDIST) $(PYTEST_ARGS)
 
 # Unit tests only (seconds to a few minutes).
 test-fast: venv
@@ -79,11 +80,11 @@ test-fast: venv
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache build *.egg-info
 
-# The reliability suite alone (faults, bad inputs, leaks; ~8 min on 2 cores), then docs/reliability.md
-# refreshed from its summary table. `make test` ends with the same suite (without refreshing the doc)..
+# The reliability suite alone (faults, bad inputs, leaks; < 8 min on 2 cores), then docs/reliability.md
+# refreshed from its summary table. `make test` runs the same suite and prints the table, but leaves
+# docs/reliability.md alone: CI must not edit tracked files.
 RELIABILITY_SUMMARY ?= .reliability-summary.md
-# `make test` leaves docs/reliability.md alone (RELIABILITY_DOC=): CI must not edit tracked files.
 RELIABILITY_DOC ?= docs/reliability.md
 reliability: venv
-	MEDTL_RELIABILITY_REPORT=$(RELIABILITY_SUMMARY) $(BIN)/python -m pytest tests/reliability $(PYTEST_ARGS)
+	MEDTL_RELIABILITY_REPORT=$(RELIABILITY_SUMMARY) $(BIN)/python -m pytest $(PYTEST_XDIST) tests/reliability $(PYTEST_ARGS)
 	$(if $(RELIABILITY_DOC),$(BIN)/python tests/reliability/write_doc.py $(RELIABILITY_SUMMARY) $(RELIABILITY_DOC))

@@ -1,7 +1,10 @@
 """Shared fixtures: a fixed ID salt, the CLI runner, and small synthetic records built once."""
 from __future__ import annotations
 
+import datetime
+import json
 import os
+import re
 import subprocess
 import sys
 
@@ -69,3 +72,40 @@ def records(studies, tmp_path_factory) -> str:
     ingest(IngestOptions(images=os.path.join(studies, "images"), labels=os.path.join(studies, "labels.csv"),
                          out=out, image_size=64, bit_depth=16, shard_mb=0.1, progress=False))
     return out
+
+
+# The reliability suite's summary table. Each check records its row in its test report's
+# user_properties (tests/reliability/helpers.report); reports reach this process from
+# pytest-xdist workers too, so the table is built here, where the run ends.
+RELIABILITY_ROW = "medtl_reliability_row"
+RELIABILITY_REPORT_ENV = "MEDTL_RELIABILITY_REPORT"
+_reliability_rows: list[dict] = []
+
+
+def _check_order(row: dict):
+    number, rest = re.match(r"(\d*)(.*)", row["check"]).groups()
+    return int(number or 10**6), rest
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "call" and report.passed:
+        _reliability_rows.extend(value for key, value in report.user_properties if key == RELIABILITY_ROW)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if not _reliability_rows or hasattr(config, "workerinput"):
+        return
+    from reliability.helpers import summary_markdown
+
+    rows = sorted(_reliability_rows, key=_check_order)
+    table = summary_markdown(rows)
+    terminalreporter.write_sep("=", "medtl reliability summary")
+    terminalreporter.write_line(table)
+    path = os.environ.get(RELIABILITY_REPORT_ENV) or os.path.join(str(config._tmp_path_factory.getbasetemp()),
+                                                                  "reliability-summary.md")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(table + "\n")
+    with open(os.path.splitext(path)[0] + ".json", "w", encoding="utf-8") as fh:
+        json.dump({"date": datetime.date.today().isoformat(), "rows": rows}, fh, indent=1)
+    terminalreporter.write_line(f"(written to {path})")

@@ -33,6 +33,8 @@ def test_two_ranks_mixed_precision_phases_and_tensorboard(records, tmp_path):
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-4000:]
     assert len(re.findall(r"weights identical on 2 rank\(s\)", out)) == 2
+    assert "2 rank(s), global batch 16" in out
+    assert (run / "checkpoints" / "best.weights.h5").is_file()
     rows = _history(run)
     assert [row["phase"] for row in rows] == ["head", "top"] and all(row["ranks"] == 2 for row in rows)
     assert rows[0]["loss_scale"] > 0

@@ -4,7 +4,8 @@
    step, callbacks) against a plain `model.fit` on in-memory tensors with the same
    model, phase and batch size. Goal: >= 0.9.
 2. Scaling (--scaling): `horovodrun -np 2` against `-np 1`, one TensorFlow thread per
-   rank, same per-rank batch. Goal: >= 1.8x (90% efficiency).
+   rank and each rank pinned to its own CPU core (medtl.bench.pinned), same per-rank
+   batch. Goal: >= 1.8x (90% efficiency).
 Epoch 1 (tracing) is excluded; the median of the other epochs counts.
 """
 from __future__ import annotations
@@ -95,7 +96,7 @@ def plain_fit_rate(cfg: Config, manifest: dict) -> float:
 
 
 def scaling_rates(cfg: Config, root: str) -> dict[int, float]:
-    """Global images/s of `medtl train` under horovodrun with 1 and 2 ranks, one thread each."""
+    """Global images/s of `medtl train` under horovodrun with 1 and 2 ranks, one thread and one core each."""
     horovodrun = os.path.join(os.path.dirname(sys.executable), "horovodrun")
     rates = {}
     for ranks in (1, 2):
@@ -103,8 +104,8 @@ def scaling_rates(cfg: Config, root: str) -> dict[int, float]:
         shutil.rmtree(workdir, ignore_errors=True)
         config = os.path.join(root, "scaling.yaml")
         save_config(cfg, config)
-        cmd = [horovodrun, "-np", str(ranks), "-H", f"localhost:{ranks}", "--gloo", sys.executable, "-m", "medtl",
-               "train", "--config", config, "--workdir", workdir]
+        cmd = [horovodrun, "-np", str(ranks), "-H", f"localhost:{ranks}", "--gloo", sys.executable, "-m", "medtl.bench.pinned",
+               sys.executable, "-m", "medtl", "train", "--config", config, "--workdir", workdir]
         env = dict(os.environ, OMP_NUM_THREADS="1")
         done = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if done.returncode != 0:
@@ -138,8 +139,8 @@ def run(cfg: Config, records: str | None, epochs: int, n: int, scaling: bool, ke
     if scaling:
         threaded = _one_phase(cfg, records, epochs, phase_index, intra_op_threads=1, inter_op_threads=1)
         rates = scaling_rates(threaded, root)
-        lines += [f"  horovodrun -np 1, 1 thread: {rates[1]:8.1f} images/s",
-                  f"  horovodrun -np 2, 1 thread per rank: {rates[2]:8.1f} images/s (global)",
+        lines += [f"  horovodrun -np 1, 1 thread on 1 core: {rates[1]:8.1f} images/s",
+                  f"  horovodrun -np 2, 1 thread and 1 core per rank: {rates[2]:8.1f} images/s (global)",
                   f"  scaling 2 ranks / 1 rank: {rates[2] / rates[1]:.2f}x (goal >= 1.80x)"]
         result["scaling"] = rates[2] / rates[1]
     print("\n".join(lines))

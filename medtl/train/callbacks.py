@@ -209,7 +209,9 @@ class TensorBoardWriter(tf.keras.callbacks.Callback):
 
 
 def _clean(value):
-    if value is None:
-        return None
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, (int, np.integer)):  # counts (ranks, skipped steps) stay integers
+        return int(value)
     value = float(np.asarray(value))
     return None if math.isnan(value) or math.isinf(value) else value

@@ -1,9 +1,9 @@
-"""The reliability suite's fixtures and its summary table.
+"""The reliability suite's fixtures.
 
-Each test records (check, what was done, what held, figures) with helpers.report(...); the table
-is printed at the end of the pytest run and written to $MEDTL_RELIABILITY_REPORT (default:
-reliability-summary.md under the pytest basetemp), which `make reliability` turns into
-docs/reliability.md.
+Each test records (check, what was done, what held, figures) with helpers.report(...); tests/conftest.py
+prints the summary table at the end of the pytest run (in one process or under pytest-xdist) and writes
+it to $MEDTL_RELIABILITY_REPORT (default: reliability-summary.md under the pytest basetemp), which
+`make reliability` turns into docs/reliability.md.
 """
 from __future__ import annotations
 
@@ -13,23 +13,15 @@ import os
 
 import pytest
 
-from reliability.helpers import _ROWS, REPORT_ENV, env, run_cli, summary_markdown
+from reliability.helpers import _RUNNING, env, run_cli
 
 
-def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    if not _ROWS:
-        return
-    table = summary_markdown(_ROWS)
-    terminalreporter.write_sep("=", "medtl reliability summary")
-    terminalreporter.write_line(table)
-    path = os.environ.get(REPORT_ENV) or os.path.join(str(config._tmp_path_factory.getbasetemp()),
-                                                       "reliability-summary.md")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.write(table + "\n")
-    with open(os.path.splitext(path)[0] + ".json", "w", encoding="utf-8") as fh:
-        json.dump({"date": datetime.date.today().isoformat(), "rows": _ROWS}, fh, indent=1)
-    terminalreporter.write_line(f"(written to {path})")
+@pytest.fixture(autouse=True)
+def _summary_rows(request):
+    """Lets helpers.report() put its row in this test's report (see tests/conftest.py)."""
+    _RUNNING.append(request.node)
+    yield
+    _RUNNING.pop()
 
 
 @pytest.fixture(scope="session")

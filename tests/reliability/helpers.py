@@ -9,19 +9,18 @@ import sys
 import tarfile
 import zipfile
 
-from conftest import JOBS, REPO, cli_env, run_cli  # noqa: F401  (re-exported to the suite)
+from conftest import JOBS, RELIABILITY_ROW, REPO, cli_env, run_cli  # noqa: F401  (re-exported to the suite)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = os.path.join(HERE, "tiny.yaml")
 HOROVODRUN = [os.path.join(os.path.dirname(sys.executable), "horovodrun"), "-np", "2", "-H", "localhost:2", "--gloo"]
-REPORT_ENV = "MEDTL_RELIABILITY_REPORT"
-
-_ROWS: list[dict] = []
+_RUNNING: list = []  # the test item running now (set by an autouse fixture in conftest.py)
 
 
 def report(check: str, done: str, held: str, **figures) -> None:
     """Record one row of the summary table (call it after the assertions, so only what held is listed)."""
-    _ROWS.append({"check": check, "done": done, "held": held, "figures": figures})
+    _RUNNING[-1].user_properties.append((RELIABILITY_ROW, {"check": check, "done": done, "held": held,
+                                                           "figures": figures}))
 
 
 def env(**extra) -> dict:
