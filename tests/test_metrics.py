@@ -6,7 +6,7 @@ from sklearn.calibration import calibration_curve
 from medtl.config import load_config
 from medtl.errors import ConfigError
 from medtl.evaluate.bootstrap import (bootstrap_distributions, paired_difference, percentile_interval,
-                                      resample_weights)
+                                      resample_weights, weighted_ranking_metrics)
 from medtl.evaluate.metrics import (calibration_bins, expected_calibration_error, operating_metrics,
                                     summary_metrics)
 from medtl.evaluate.thresholds import choose_threshold, tune_thresholds
@@ -160,6 +160,45 @@ def test_resamples_keep_a_patients_images_together_and_follow_the_seed():
     again = list(resample_weights(patients, 20, seed=3))
     assert all(np.array_equal(a, b) for a, b in zip(draws, again))
     assert any(not np.array_equal(a, b) for a, b in zip(draws, resample_weights(patients, 20, seed=4)))
+
+
+def test_vectorised_bootstrap_metrics_equal_sklearn_per_resample():
+    """All resamples at once give scikit-learn's AUROC and AP with sample_weight, ties and zero weights included."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    from medtl.evaluate import bootstrap
+
+    rng = np.random.default_rng(11)
+    y = rng.integers(0, 2, (90, 3)).astype(float)
+    probs = np.round(rng.uniform(0, 1, y.shape) * 0.6 + 0.4 * y, 1)  # rounded: many tied scores
+    mask = rng.uniform(size=y.shape) > 0.2
+    patients = rng.integers(0, 30, 90).astype(str)
+    draws = bootstrap_distributions(y, probs, mask, patients, 60, seed=2)
+    for b, w in enumerate(resample_weights(patients, 60, seed=2)):
+        for i in range(3):
+            k, used = mask[:, i], w[mask[:, i]] > 0
+            if len(set(y[k, i][used])) < 2:
+                assert np.isnan(draws["auroc"][b, i]) and np.isnan(draws["auprc"][b, i])
+                continue
+            assert draws["auroc"][b, i] == pytest.approx(roc_auc_score(y[k, i], probs[k, i], sample_weight=w[k]))
+            assert draws["auprc"][b, i] == pytest.approx(
+                average_precision_score(y[k, i], probs[k, i], sample_weight=w[k]))
+        pooled = np.broadcast_to(w[:, None], y.shape)[mask]
+        assert draws["micro_auroc"][b] == pytest.approx(roc_auc_score(y[mask], probs[mask], sample_weight=pooled))
+        assert draws["micro_auprc"][b] == pytest.approx(
+            average_precision_score(y[mask], probs[mask], sample_weight=pooled))
+    # Chunked (a few resamples per array) gives the same draws.
+    small = bootstrap.CHUNK_CELLS
+    try:
+        bootstrap.CHUNK_CELLS = 200
+        np.testing.assert_allclose(bootstrap_distributions(y, probs, mask, patients, 60, seed=2)["auroc"],
+                                   draws["auroc"], rtol=1e-12)
+    finally:
+        bootstrap.CHUNK_CELLS = small
+    # One class only, or nothing kept: undefined, not an error.
+    one = weighted_ranking_metrics(np.ones(4), np.arange(4.0), np.ones((2, 4)))
+    empty = weighted_ranking_metrics(np.ones(0), np.ones(0), np.ones((2, 0)))
+    assert np.isnan(one).all() and np.isnan(empty).all()
 
 
 def test_bootstrap_interval_contains_estimate_is_reproducible_and_shrinks():
