@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -80,6 +81,12 @@ def records(studies, tmp_path_factory) -> str:
 RELIABILITY_ROW = "medtl_reliability_row"
 RELIABILITY_REPORT_ENV = "MEDTL_RELIABILITY_REPORT"
 _reliability_rows: list[dict] = []
+_reliability_outcomes: dict[str, str] = {}  # node id -> passed / failed / skipped
+_session_started = [time.monotonic()]
+
+
+def pytest_sessionstart(session):
+    _session_started[0] = time.monotonic()
 
 
 def _check_order(row: dict):
@@ -90,15 +97,26 @@ def _check_order(row: dict):
 def pytest_runtest_logreport(report):
     if report.when == "call" and report.passed:
         _reliability_rows.extend(value for key, value in report.user_properties if key == RELIABILITY_ROW)
+    if "reliability/" in report.nodeid and (report.when == "call" or not report.passed):
+        if _reliability_outcomes.get(report.nodeid) != "failed":
+            _reliability_outcomes[report.nodeid] = report.outcome
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    if not _reliability_rows or hasattr(config, "workerinput"):
+    if not (_reliability_rows or _reliability_outcomes) or hasattr(config, "workerinput"):
         return
     from reliability.helpers import summary_markdown
 
     rows = sorted(_reliability_rows, key=_check_order)
-    table = summary_markdown(rows)
+    outcomes = list(_reliability_outcomes.values())
+    seconds = time.monotonic() - _session_started[0]
+    workers = getattr(config.option, "numprocesses", None) or 1
+    table = summary_markdown(rows) + (
+        f"\n\nTests: {outcomes.count('passed')} of {len(outcomes)} reliability tests passed"
+        + "".join(f"; FAILED: {node}" for node, outcome in sorted(_reliability_outcomes.items())
+                  if outcome == "failed")
+        + f". This pytest session took {seconds // 60:.0f} min {seconds % 60:.0f} s on {os.cpu_count()} CPU cores "
+        f"with {workers} worker(s) (`make reliability` runs the suite alone).")
     terminalreporter.write_sep("=", "medtl reliability summary")
     terminalreporter.write_line(table)
     path = os.environ.get(RELIABILITY_REPORT_ENV) or os.path.join(str(config._tmp_path_factory.getbasetemp()),
