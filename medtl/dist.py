@@ -6,6 +6,7 @@ launched by horovodrun or mpirun. Otherwise everything degrades to one process.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -123,6 +124,20 @@ def allreduce_mean(ctx: Context, value: float, name: str) -> float:
     if not ctx.distributed:
         return float(value)
     return float(ctx.hvd.allreduce(tf.constant(float(value), tf.float64), op=ctx.hvd.Average, name=name).numpy())
+
+
+def primary_reports_agreed_stop(ctx: Context, grace_seconds: float = 10.0) -> None:
+    """Before an error that every rank reached in the same step: let rank 0 be the one that reports it.
+
+    A barrier, then the other ranks wait up to grace_seconds. Rank 0 raises at once, prints the error
+    and exits, and the launcher ends the rest; so the user reads rank 0's line, and horovodrun names
+    rank 0, not a rank that merely got there first, as the process that failed.
+    """
+    if not ctx.distributed:
+        return
+    allreduce_mean(ctx, 0.0, "agreed_stop")
+    if not ctx.primary:
+        time.sleep(grace_seconds)
 
 
 def broadcast_object(ctx: Context, obj: Any, name: str) -> Any:

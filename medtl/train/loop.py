@@ -243,6 +243,7 @@ def _run_phases(ctx, cfg, workdir, manifest, state, model, loss, steps, watchdog
             verify.raise_if_damaged(cfg.data.records, manifest, ["train", "val"], exc)
         if guard.tripped:
             epoch, streak = guard.tripped
+            dist.primary_reports_agreed_stop(ctx)  # the streak is of averaged gradients: every rank is here
             raise MedtlError(
                 f"the loss or gradients were not finite for the last {streak} steps of epoch {epoch + 1} (phase "
                 f"'{phase.name}'; those updates were skipped); training stopped on all ranks. The last "

@@ -24,6 +24,8 @@ YAML_VALUES = st.recursive(SCALARS, lambda inner: st.one_of(st.lists(inner, max_
 TEXT_VALUES = st.one_of(st.text(max_size=20), st.sampled_from(
     ["[]", "[8, 8]", "{top_blocks: 2}", "{regex: '('}", "{top_fraction: 2}", "1e-3", "nan", "-1", "0", "true",
      "EfficientNetB0", "none", "'", "{", "[1, {a: b}]", "!!python/object:os.system", "&a [*a]", "1" * 400]))
+# derandomize: the same examples on every run and machine, so CI results (and the counts in the
+# summary) are reproducible; a failure found here is replayed by re-running the test.
 _seen = {"valid": 0, "error": 0}
 _base = yaml.safe_load(open(TINY))
 
@@ -40,13 +42,13 @@ def _outcome(fn):
     _seen["valid"] += 1
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.tuples(st.sampled_from(KEYS), TEXT_VALUES), max_size=4))
 def test_set_overrides_give_a_config_or_one_clear_error(assignments):
     _outcome(lambda: load_config(TINY, [f"{k}={v}" for k, v in assignments]))
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.sampled_from(["seed", "data", "model", "train", "phases", "evaluate", "extra"]),
        st.one_of(st.sampled_from(["image_size", "augment", "head", "loss", "0", "name", "trainable"]), st.text(max_size=6)),
        YAML_VALUES)
@@ -62,7 +64,7 @@ def test_yaml_trees_give_a_config_or_one_clear_error(top, key, value):
     _outcome(lambda: load_config(raw=tree))
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=100, deadline=None, derandomize=True, database=None)
 @given(st.binary(max_size=300))
 def test_config_file_bytes_give_a_config_or_one_clear_error(tmp_path_factory, data):
     path = tmp_path_factory.mktemp("cfg") / "job.yaml"
