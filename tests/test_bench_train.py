@@ -21,7 +21,9 @@ def test_bench_train_prints_both_ratios(records, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     ratio = re.search(r"ratio medtl / plain: ([\d.]+) \(goal >= 0.90\)", r.stdout)
     scaling = re.search(r"scaling 2 ranks / 1 rank: ([\d.]+)x \(goal >= 1.80x\)", r.stdout)
+    bare = re.search(r"ratio medtl without augmentation / plain: ([\d.]+) \(the 1 augmentation transform", r.stdout)
     assert ratio and float(ratio.group(1)) > 0 and scaling and float(scaling.group(1)) > 0, r.stdout
+    assert bare and float(bare.group(1)) > 0, r.stdout  # tiny.yaml augments, so the split is printed
     assert "MobileNetV3Small 64 px, batch 8, phase 'head'" in r.stdout and "1 thread and 1 core per rank" in r.stdout
     # The horovodrun runs really had 1 and 2 ranks (their run folders are kept).
     for ranks in (1, 2):
