@@ -25,6 +25,8 @@ def test_bench_train_prints_both_ratios(records, tmp_path):
     assert ratio and float(ratio.group(1)) > 0 and scaling and float(scaling.group(1)) > 0, r.stdout
     assert bare and float(bare.group(1)) > 0, r.stdout  # tiny.yaml augments, so the split is printed
     assert "MobileNetV3Small 64 px, batch 8, phase 'head'" in r.stdout and "1 thread and 1 core per rank" in r.stdout
+    # Both single-process runs keep their own folder (augmentation on and off).
+    assert (keep / "medtl-run" / "history.jsonl").exists() and (keep / "medtl-run-augment-off" / "history.jsonl").exists()
     # The horovodrun runs really had 1 and 2 ranks (their run folders are kept).
     for ranks in (1, 2):
         assert f'"ranks": {ranks}' in (keep / f"scaling-{ranks}" / "history.jsonl").read_text()

@@ -130,8 +130,9 @@ def run(cfg: Config, records: str | None, epochs: int, n: int, scaling: bool, ke
     medtl = medtl_rate(one, workdir)
     bare = None
     if one.data.augment:
-        shutil.rmtree(workdir, ignore_errors=True)
-        bare = medtl_rate(dataclasses.replace(one, data=dataclasses.replace(one.data, augment=())), workdir)
+        bare_workdir = os.path.join(root, "medtl-run-augment-off")
+        shutil.rmtree(bare_workdir, ignore_errors=True)
+        bare = medtl_rate(dataclasses.replace(one, data=dataclasses.replace(one.data, augment=())), bare_workdir)
     plain = plain_fit_rate(one, manifest)
     phase = one.phases[0]
     lines = [f"bench train: {cfg.model.backbone} {cfg.data.image_size} px, batch {cfg.train.batch_size}, "
