@@ -1,4 +1,4 @@
-"""`medtl env`: what this machine runs medtl with (versions, Horovod build, GPUs)."""
+"""`medtl env`: what this machine runs medtl with (versions, Horovod build, CPU, GPUs)."""
 from __future__ import annotations
 
 import platform
@@ -12,6 +12,43 @@ def _version(dist_name: str) -> str:
         return metadata.version(dist_name)
     except metadata.PackageNotFoundError:
         return "not installed"
+
+
+# CPU features that change which kernels TensorFlow runs (oneDNN is on by default with the last four).
+_ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")
+
+
+def cpu_description() -> str:
+    """One line naming the CPU model, its kernel-relevant ISA flags and whether TF's oneDNN ops are on.
+
+    oneDNN's fused kernels differ from Eigen's in floating-point details (its fused ReLU maps NaN
+    to 0), so a result that differs between machines should name this line.
+    """
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:  # not Linux: the model from platform is all there is
+        pass
+    isa = ", ".join(f for f in _ISA_FLAGS if f in flags) or "none of " + "/".join(_ISA_FLAGS)
+    return f"{model} ({isa}); TensorFlow oneDNN ops {_onednn_state()}"
+
+
+def _onednn_state() -> str:
+    from medtl.tf import tf  # noqa: F401  (TensorFlow decides at import, from TF_ENABLE_ONEDNN_OPTS and the CPU)
+
+    try:
+        from tensorflow.python.util import _pywrap_util_port
+
+        return "on" if _pywrap_util_port.IsMklEnabled() else "off"
+    except (ImportError, AttributeError):  # a TensorFlow build without this query
+        return "unknown"
 
 
 def describe() -> str:
@@ -42,6 +79,7 @@ def describe() -> str:
         ("scikit-learn", _version("scikit-learn")),
         ("pydicom", _version("pydicom")),
         ("numpy", _version("numpy")),
+        ("CPU", cpu_description()),
         ("GPUs", ", ".join(g.name for g in gpus) if gpus else "none (CPU only)"),
     ]
     width = max(len(k) for k, _ in rows)

@@ -111,7 +111,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     outcomes = list(_reliability_outcomes.values())
     seconds = time.monotonic() - _session_started[0]
     workers = getattr(config.option, "numprocesses", None) or 1
-    table = summary_markdown(rows) + (
+    from medtl.env import cpu_description
+
+    table = f"Machine: {cpu_description()}.\n\n" + summary_markdown(rows) + (
         f"\n\nTests: {outcomes.count('passed')} of {len(outcomes)} reliability tests passed"
         + "".join(f"; FAILED: {node}" for node, outcome in sorted(_reliability_outcomes.items())
                   if outcome == "failed")

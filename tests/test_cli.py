@@ -21,6 +21,11 @@ def test_env_reports_the_stack():
         assert name in r.stdout
     assert "2.17.1" in r.stdout and "tf_keras" in r.stdout
     assert "built with: gloo" in r.stdout
+    # The CPU row names the model and whether TensorFlow's oneDNN kernels run (they change NaN handling).
+    cpu = next(line for line in r.stdout.splitlines() if line.startswith("CPU "))
+    assert "TensorFlow oneDNN ops on" in cpu or "TensorFlow oneDNN ops off" in cpu, cpu
+    off = run_cli("env", env=cli_env(TF_ENABLE_ONEDNN_OPTS="0"))
+    assert "TensorFlow oneDNN ops off" in off.stdout, off.stdout
 
 
 def test_import_guard_selects_keras_2():

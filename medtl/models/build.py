@@ -19,6 +19,10 @@ class Classifier(tf.keras.Model):
     Gradients are averaged across ranks (`reduce_gradients`, set by the trainer) before
     anything looks at them, so the finite check is global: every rank applies the
     update, or every rank skips it (a NaN on one rank cannot desynchronise the others).
+    A step counts as finite only when its inputs, its loss and its gradients all are:
+    NaN need not reach the loss. oneDNN's fused Conv/BatchNorm + ReLU kernels (TF's
+    default on CPUs with AVX512_VNNI, AVX512_BF16 or AMX) compute ReLU(NaN) = 0, so a
+    NaN batch can give a finite loss and finite gradients (docs/reliability.md).
     Non-finite steps are counted in `nonfinite_streak` for the trainer's NaN guard.
     """
 
@@ -53,13 +57,19 @@ class Classifier(tf.keras.Model):
         else:
             loss, y_pred, grads = self._gradients(x, y, sample_weight)
         variables = self.trainable_variables
+        # () 1.0 when this rank's inputs or loss are not finite; averaged with the gradients,
+        # so it is > 0 on every rank as soon as one rank's batch is bad.
+        bad_batch = tf.cast(tf.logical_not(_all_finite(tf.nest.flatten(x) + [loss])), tf.float32)
         if self.reduce_gradients is not None:
-            grads = self.reduce_gradients(grads)
-        finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
+            *grads, bad_batch = self.reduce_gradients(list(grads) + [bad_batch])
+        batch_ok = tf.equal(bad_batch, 0.0)
+        finite = tf.logical_and(batch_ok, _all_finite(grads))
         if scaled:
-            # The LossScaleOptimizer skips non-finite updates and lowers the scale itself;
-            # its check now sees the same averaged gradients on every rank.
-            self.optimizer.apply_gradients(zip(self.optimizer.get_unscaled_gradients(grads), variables))
+            # The LossScaleOptimizer skips non-finite gradients and lowers the scale itself;
+            # its check sees the same averaged gradients on every rank. A bad batch is
+            # skipped before it, so it does not move the loss scale.
+            unscaled = self.optimizer.get_unscaled_gradients(grads)
+            tf.cond(batch_ok, lambda: self._apply(unscaled, variables), lambda: tf.constant(False))
         else:
             tf.cond(finite, lambda: self._apply(grads, variables), lambda: tf.constant(False))
         self.nonfinite_streak.assign(tf.where(finite, tf.constant(0, tf.int64), self.nonfinite_streak + 1))
@@ -78,6 +88,12 @@ class Classifier(tf.keras.Model):
     def _apply(self, grads, variables):
         self.optimizer.apply_gradients(zip(grads, variables))
         return tf.constant(True)
+
+
+def _all_finite(tensors) -> tf.Tensor:
+    """() bool: every floating-point value in `tensors` is finite (integer tensors are)."""
+    checks = [tf.reduce_all(tf.math.is_finite(t)) for t in tensors if t.dtype.is_floating]
+    return tf.reduce_all(checks) if checks else tf.constant(True)
 
 
 def build_model(cfg: Config, num_labels: int, weights: str | None = None) -> tf.keras.Model:

@@ -62,7 +62,7 @@ class Heartbeat(tf.keras.callbacks.Callback):
 
 class NonFiniteGuard(tf.keras.callbacks.Callback):
     """Stops training on every rank when the last `patience` steps of an epoch were all skipped
-    (the loss or gradients stayed NaN/Inf). The streak comes from gradients averaged over all
+    (the inputs, loss or gradients stayed NaN/Inf). The streak comes from gradients averaged over all
     ranks, so every rank sees the same value. Checked at epoch end, not per batch, so the
     train step never waits on the host; skipped steps leave the weights untouched meanwhile."""
 

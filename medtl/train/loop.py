@@ -245,8 +245,8 @@ def _run_phases(ctx, cfg, workdir, manifest, state, model, loss, steps, watchdog
             epoch, streak = guard.tripped
             dist.primary_reports_agreed_stop(ctx)  # the streak is of averaged gradients: every rank is here
             raise MedtlError(
-                f"the loss or gradients were not finite for the last {streak} steps of epoch {epoch + 1} (phase "
-                f"'{phase.name}'; those updates were skipped); training stopped on all ranks. The last "
+                f"the inputs, loss or gradients were not finite for the last {streak} steps of epoch {epoch + 1} "
+                f"(phase '{phase.name}'; those updates were skipped); training stopped on all ranks. The last "
                 f"good checkpoint is {state.checkpoint or 'none (no epoch completed)'} and the best weights are "
                 f"untouched. Lower the learning rate (phases.{index}.learning_rate) or check the data.")
         tracker.restore_best()  # the next phase starts from this phase's best weights
