@@ -227,9 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="The kustomize base and overlays in k8s/ run ingest, training and evaluation "
                                    "on a cluster with the Kubeflow mpi-operator; see the README.")
     k8s = p.add_subparsers(dest="k8s", required=True, metavar="ACTION")
-    r = k8s.add_parser("render", help="print an overlay's manifests, as `kubectl kustomize k8s/overlays/NAME` does",
-                       description="Print the manifests of k8s/overlays/NAME (multi-document YAML) from the same "
-                                   "kustomization files, for review or `kubectl apply -f -` without kustomize.")
+    r = k8s.add_parser("render", help="print an overlay's manifests: `kubectl kustomize k8s/overlays/NAME`, checked",
+                       description="Print the manifests of k8s/overlays/NAME (multi-document YAML), as `kubectl "
+                                   "kustomize` builds them (kubectl must be installed), for review or `kubectl "
+                                   "apply -f -`; --set and --image are checked and applied on top.")
     r.add_argument("--overlay", required=True, help="folder name in k8s/overlays, e.g. cpu-smoke, gpu, chestxray14-b4")
     r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override added to the training command, checked against its job config "

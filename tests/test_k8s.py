@@ -9,6 +9,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 
 import jsonschema
 import kubernetes_validate
@@ -19,10 +20,9 @@ import medtl
 from medtl.cli import build_parser
 from medtl.config import load_config
 from medtl.errors import MedtlError
-from medtl.k8s import kustomize
-from medtl.k8s.render import mounted_file, overlays, render
+from medtl.k8s.render import containers, kustomize, mounted_file, overlays, render
 
-from conftest import JOBS, REPO, assert_user_error, run_cli
+from conftest import JOBS, REPO, assert_user_error, cli_env, run_cli
 
 K8S = os.path.join(REPO, "k8s")
 PHASED = ("chestxray14-b4-phase-head", "chestxray14-b4-phase-top", "chestxray14-b4-phase-all")
@@ -133,46 +133,70 @@ def test_render_equals_kubectl_kustomize(rendered, overlay):
 
 
 def test_base_renders_like_kubectl_too():
-    assert kustomize.build(os.path.join(K8S, "base")) == kubectl_kustomize(os.path.join(K8S, "base"))
+    assert kustomize(os.path.join(K8S, "base")) == kubectl_kustomize(os.path.join(K8S, "base"))
 
 
-def test_kustomize_subset_matches_kubectl_on_patch_edge_cases(tmp_path):
+def one_overlay(tmp_path, kustomization: dict, files: dict[str, object]) -> str:
+    """A k8s folder holding one overlay 'x' (kustomization and files), for `render(..., k8s_dir=)`."""
+    overlay = tmp_path / "overlays" / "x"
+    overlay.mkdir(parents=True)
+    for name, content in {"kustomization.yaml": kustomization, **files}.items():
+        (overlay / name).write_text(content if isinstance(content, str) else yaml.safe_dump(content))
+    return str(overlay)
+
+
+def test_render_is_kubectl_on_patch_edge_cases(tmp_path):
     """add at '-' and at an index, remove, replace, labels, and images by tag and by digest."""
-    (tmp_path / "job.yaml").write_text(yaml.safe_dump({
-        "apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "j"},
-        "spec": {"template": {"spec": {"restartPolicy": "Never", "containers": [
-            {"name": "a", "image": "medtl:1", "args": ["x", "y", "z"]},
-            {"name": "b", "image": "other@sha256:" + "0" * 64, "args": ["q"]}]}}}}))
-    (tmp_path / "p.yaml").write_text(yaml.safe_dump([
-        {"op": "add", "path": "/spec/template/spec/containers/0/args/-", "value": "end"},
-        {"op": "add", "path": "/spec/template/spec/containers/0/args/1", "value": "mid"},
-        {"op": "remove", "path": "/spec/template/spec/containers/1/args"},
-        {"op": "replace", "path": "/spec/template/spec/restartPolicy", "value": "OnFailure"},
-        {"op": "add", "path": "/spec/backoffLimit", "value": 1}]))
-    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
+    overlay = one_overlay(tmp_path, {
         "resources": ["job.yaml"],
         "patches": [{"path": "p.yaml", "target": {"group": "batch", "version": "v1", "kind": "Job", "name": "j"}}],
         "labels": [{"pairs": {"team": "x"}}],
         "images": [{"name": "medtl", "newName": "reg.local/medtl", "newTag": "2"},
-                   {"name": "other", "digest": "sha256:" + "1" * 64}]}))
-    assert kustomize.build(str(tmp_path)) == kubectl_kustomize(str(tmp_path))
+                   {"name": "other", "digest": "sha256:" + "1" * 64}]}, {
+        "job.yaml": {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "j"},
+                     "spec": {"template": {"spec": {"restartPolicy": "Never", "containers": [
+                         {"name": "a", "image": "medtl:1", "args": ["x", "y", "z"]},
+                         {"name": "b", "image": "other@sha256:" + "0" * 64, "args": ["q"]}]}}}},
+        "p.yaml": [
+            {"op": "add", "path": "/spec/template/spec/containers/0/args/-", "value": "end"},
+            {"op": "add", "path": "/spec/template/spec/containers/0/args/1", "value": "mid"},
+            {"op": "remove", "path": "/spec/template/spec/containers/1/args"},
+            {"op": "replace", "path": "/spec/template/spec/restartPolicy", "value": "OnFailure"},
+            {"op": "add", "path": "/spec/backoffLimit", "value": 1}]})
+    assert render("x", k8s_dir=str(tmp_path)) == kubectl_kustomize(overlay)
 
 
-def test_kustomize_subset_refuses_what_it_does_not_implement(tmp_path):
-    overlay = tmp_path / "overlays" / "x"
-    overlay.mkdir(parents=True)
-    (overlay / "kustomization.yaml").write_text("namePrefix: a-\nresources: []\n")
-    with pytest.raises(MedtlError, match="namePrefix are not supported"):
-        render("x", k8s_dir=str(tmp_path))
+def test_render_takes_any_kustomize_feature(tmp_path):
+    """namePrefix and strategic merge, which the hand-written subset refused, come from kubectl too."""
+    overlay = one_overlay(tmp_path, {"namePrefix": "a-", "resources": ["cm.yaml"], "patches": [{"path": "p.yaml"}]}, {
+        "cm.yaml": "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\ndata: {a: b}\n",
+        "p.yaml": "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\ndata: {b: c}\n"})
+    objects = render("x", k8s_dir=str(tmp_path))
+    assert objects == kubectl_kustomize(overlay)
+    assert [(o["metadata"]["name"], o["data"]) for o in objects] == [("a-c", {"a": "b", "b": "c"})]
 
 
 def test_a_patch_path_that_does_not_exist_is_named(tmp_path):
-    (tmp_path / "cm.yaml").write_text("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\ndata: {a: b}\n")
-    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
-        "resources": ["cm.yaml"], "patches": [{"patch": "[{op: replace, path: /data/nope, value: x}]",
-                                               "target": {"kind": "ConfigMap", "name": "c"}}]}))
-    with pytest.raises(MedtlError, match="/data/nope does not exist"):
-        kustomize.build(str(tmp_path))
+    one_overlay(tmp_path, {"resources": ["cm.yaml"], "patches": [{"path": "p.yaml",
+                                                                 "target": {"kind": "ConfigMap", "name": "c"}}]}, {
+        "cm.yaml": "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\ndata: {a: b}\n",
+        "p.yaml": [{"op": "remove", "path": "/data/nope"}]})
+    with pytest.raises(MedtlError, match=r"kubectl kustomize .*overlays/x` failed: .*'/data/nope'") as caught:
+        render("x", k8s_dir=str(tmp_path))
+    assert "\n" not in str(caught.value) and "run.go" not in str(caught.value)  # kubectl's reason, on one line
+
+
+def test_a_missing_kubectl_is_one_clear_line(tmp_path):
+    env = {**cli_env(), "PATH": str(tmp_path)}  # run_cli starts python by its full path
+    assert_user_error(run_cli("k8s", "render", "--overlay", "gpu", env=env),
+                      "kubectl is not on PATH", "make system-deps")
+
+
+def test_render_does_not_import_the_cli():
+    """No import circle cli -> k8s.render -> cli: render reads `medtl train` commands without medtl's parser."""
+    code = "import sys, medtl.k8s.render; assert 'medtl.cli' not in sys.modules, 'medtl.cli imported'"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=cli_env())
+    assert result.returncode == 0, result.stderr
 
 
 # ----------------------------------------------------------------------------- schemas
@@ -522,7 +546,7 @@ def test_render_adds_checked_overrides_to_training_and_sets_the_image():
     objects = list(yaml.safe_load_all(result.stdout))
     args = mpi_train(objects)[0]
     assert args.overrides[-1] == "train.batch_size=16"
-    assert {c["image"] for o in objects for c in kustomize.containers(o)} == {"registry.local:5000/medtl:0.1.0"}
+    assert {c["image"] for o in objects for c in containers(o)} == {"registry.local:5000/medtl:0.1.0"}
 
 
 @pytest.mark.parametrize("argv, fragments", [
@@ -538,16 +562,16 @@ def test_render_bad_input_is_one_clear_line(argv, fragments):
     assert_user_error(run_cli("k8s", "render", *argv), *fragments)
 
 
-# ----------------------------------------------------------------------------- the README walk-through
+# ----------------------------------------------------------------------------- the walk-through
 
 
-def readme_section() -> str:
-    text = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
-    return text[text.index("## On Kubernetes"):text.index("## Layout")]
+def k8s_page() -> str:
+    """docs/kubernetes.md, the Kubernetes walk-through (the README links it)."""
+    return open(os.path.join(REPO, "docs", "kubernetes.md"), encoding="utf-8").read()
 
 
-def test_readme_walkthrough_names_what_the_overlays_have(rendered):
-    section = readme_section()
+def test_the_kubernetes_page_names_what_the_overlays_have(rendered):
+    section = k8s_page()
     named = {name for name in re.findall(r"k8s/overlays/([\w-]+)", section) if not name.endswith("-")}  # -$phase
     assert named - {"NAME"} == set(OVERLAYS)
     components = {o["metadata"]["labels"]["app.kubernetes.io/component"] for objs in rendered.values() for o in objs}
@@ -560,16 +584,16 @@ def test_readme_walkthrough_names_what_the_overlays_have(rendered):
             continue
         if name.endswith("-launcher"):  # the launcher Job the operator creates for MPIJob NAME
             kind, name = "mpijob", name.removesuffix("-launcher")
-        assert (kinds[kind], name) in existing, f"README names {kind}/{name}, which no overlay has"
+        assert (kinds[kind], name) in existing, f"docs/kubernetes.md names {kind}/{name}, which no overlay has"
     reports = {job_command(rendered[o], "medtl-evaluate")[0].out for o in OVERLAYS}
     copies = [line for line in section.splitlines() if "kubectl cp medtl-report:" in line]
     assert set(re.findall(r"(/runs/[\w-]+/report)\b", "\n".join(copies))) == reports
 
 
-def test_readme_volume_example_validates():
+def test_the_kubernetes_page_volume_example_validates():
     import textwrap
 
-    blocks = re.findall(r"```yaml\n(.*?)```", readme_section(), re.S)
+    blocks = re.findall(r"```yaml\n(.*?)```", k8s_page(), re.S)
     docs = [d for block in blocks for d in yaml.safe_load_all(textwrap.dedent(block)) if d]
     assert {(d["kind"], d["metadata"]["name"]) for d in docs} == {("PersistentVolume", "medtl-raw"),
                                                                   ("PersistentVolumeClaim", "medtl-raw")}

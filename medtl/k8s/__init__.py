@@ -1,1 +1,1 @@
-"""Kubernetes: render the kustomize overlays in k8s/ (`medtl k8s render`) without kustomize."""
+"""Kubernetes: render the kustomize overlays in k8s/ with `kubectl kustomize` (`medtl k8s render`)."""

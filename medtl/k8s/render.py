@@ -1,20 +1,26 @@
-"""`medtl k8s render`: the manifests of one overlay in k8s/overlays, as `kubectl kustomize` prints them.
+"""`medtl k8s render`: the manifests of one overlay in k8s/overlays, built by `kubectl kustomize`.
 
-`--set KEY=VALUE` adds a config override to the training command (checked against the overlay's
-job config first); `--image REF` sets the image of every container.
+kubectl's built-in kustomize builds the overlay; medtl then adds `--set KEY=VALUE` config overrides to
+the training command (checked against the overlay's job config first) and, with `--image REF`, sets
+the image of every container.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import re
+import shutil
+import subprocess
 
 import yaml
 
+from medtl.config import load_config
 from medtl.errors import ConfigError, MedtlError
-from medtl.k8s import kustomize
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 K8S_DIR = os.path.join(REPO, "k8s")
+KUBECTL_INSTALL = ("install kubectl >= 1.27 (kustomize v5 built in): `make system-deps`, or your Kubernetes "
+                   "apt source, or https://kubernetes.io/docs/tasks/tools/")
 # registry[:port]/path[:tag][@sha256:digest], as docker accepts it (no whitespace, no scheme).
 IMAGE_REF = re.compile(r"[a-z0-9]+([._-][a-z0-9]+)*(:[0-9]+)?(/[a-z0-9]+([._-]+[a-z0-9]+)*)*"
                        r"(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(@sha256:[a-f0-9]{64})?")
@@ -29,21 +35,60 @@ def overlays(k8s_dir: str = K8S_DIR) -> list[str]:
 
 
 def render(overlay: str, overrides: list[str] = (), image: str | None = None, k8s_dir: str = K8S_DIR) -> list[dict]:
-    """The overlay's objects, with `overrides` added to every `medtl train` command."""
+    """The overlay's objects as `kubectl kustomize` builds them, with `overrides` added to every `medtl train`."""
     names = overlays(k8s_dir)
     if overlay not in names:
         raise MedtlError(f"unknown overlay {overlay!r}; choose one of: {', '.join(names)} (folders in "
                          f"{os.path.join(k8s_dir, 'overlays')})")
-    objects = kustomize.build(os.path.join(k8s_dir, "overlays", overlay))
+    if image is not None and not IMAGE_REF.fullmatch(image):
+        raise MedtlError(f"--image {image!r} is not an image reference; give e.g. registry.local/medtl:0.1.0")
+    objects = kustomize(os.path.join(k8s_dir, "overlays", overlay))
     if overrides:
         _add_overrides(objects, list(overrides), overlay)
     if image is not None:
-        if not IMAGE_REF.fullmatch(image):
-            raise MedtlError(f"--image {image!r} is not an image reference; give e.g. registry.local/medtl:0.1.0")
         for obj in objects:
-            for container in kustomize.containers(obj):
+            for container in containers(obj):
                 container["image"] = image
     return objects
+
+
+def kustomize(folder: str) -> list[dict]:
+    """The objects `kubectl kustomize FOLDER` prints, in its order."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        raise MedtlError(f"`medtl k8s render` runs `kubectl kustomize`, and kubectl is not on PATH: {KUBECTL_INSTALL}")
+    result = subprocess.run([kubectl, "kustomize", folder], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise MedtlError(f"`kubectl kustomize {folder}` failed: {_kubectl_reason(result)}")
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc is not None]
+
+
+def _kubectl_reason(result: subprocess.CompletedProcess) -> str:
+    """kubectl's error on one line, without its log prefix (`E1201 ... "command failed" err="..."`)."""
+    quoted = re.search(r'err="((?:[^"\\]|\\.)*)"', result.stderr)
+    block = re.search(r"err=<\n(.*?)\n\s*>", result.stderr, re.S)  # kubectl's multi-line form
+    if quoted:
+        text = quoted.group(1).replace('\\"', '"').replace("\\n", " ")
+    elif block:
+        text = block.group(1)
+    else:
+        text = result.stderr or f"exit status {result.returncode}"
+    return " ".join(text.split())
+
+
+def containers(node) -> list[dict]:
+    """Every container and initContainer anywhere in an object (pod templates of any kind)."""
+    found = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in ("containers", "initContainers") and isinstance(value, list):
+                found.extend(c for c in value if isinstance(c, dict))
+            else:
+                found.extend(containers(value))
+    elif isinstance(node, list):
+        for value in node:
+            found.extend(containers(value))
+    return found
 
 
 def medtl_command(container: dict) -> tuple[list[str], int] | None:
@@ -78,27 +123,39 @@ def pod_specs(obj: dict) -> list[dict]:
     return []
 
 
+def _config_options(argv: list[str]) -> tuple[str | None, list[str]]:
+    """(--config, the --set values) of a `medtl train` argv (after 'train'), as medtl's parser reads them.
+
+    Only these two options matter here; the tests run every manifest command through the real parser.
+    """
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser.add_argument("--config")
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    known, _ = parser.parse_known_args(argv)
+    return known.config, known.overrides
+
+
 def _add_overrides(objects: list[dict], overrides: list[str], overlay: str) -> None:
     """Append `--set` overrides to each training command, after loading its config with them."""
-    from medtl.cli import build_parser
-    from medtl.config import load_config
-
     trained = 0
     for obj in objects:
-        for container in kustomize.containers(obj):
+        for container in containers(obj):
             found = medtl_command(container)
             if not found or found[0][found[1] + 1: found[1] + 2] != ["train"]:
                 continue
             argv, start = found
-            args = build_parser().parse_args(argv[start + 1:])
-            text = mounted_file(obj, args.config, objects)
+            config, existing = _config_options(argv[start + 2:])
+            where = f"{obj['kind']}/{obj['metadata']['name']}"
+            if config is None:
+                raise MedtlError(f"{where}: its `medtl train` command has no --config to check --set against")
+            text = mounted_file(obj, config, objects)
             if text is None:
-                raise MedtlError(f"{obj['kind']}/{obj['metadata']['name']}: {args.config} is not mounted from a "
-                                 "ConfigMap; cannot check --set against it")
+                raise MedtlError(f"{where}: --config {config} is not mounted from a ConfigMap; cannot check --set "
+                                 "against it")
             try:
-                load_config(raw=yaml.safe_load(text), overrides=[*args.overrides, *overrides])
+                load_config(raw=yaml.safe_load(text), overrides=[*existing, *overrides])
             except ConfigError as exc:
-                raise MedtlError(f"invalid --set for the {overlay} overlay's training config ({args.config}): "
+                raise MedtlError(f"invalid --set for the {overlay} overlay's training config ({config}): "
                                  f"{exc}") from None
             for assignment in overrides:
                 container.setdefault("args", []).extend(["--set", assignment])
