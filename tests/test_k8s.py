@@ -538,12 +538,11 @@ def test_render_bad_input_is_one_clear_line(argv, fragments):
     assert_user_error(run_cli("k8s", "render", *argv), *fragments)
 
 
-# ----------------------------------------------------------------------------- the README walk-through
+# ----------------------------------------------------------------------------- the walk-through (docs/kubernetes.md)
 
 
 def readme_section() -> str:
-    text = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
-    return text[text.index("## On Kubernetes"):text.index("## Layout")]
+    return open(os.path.join(REPO, "docs", "kubernetes.md"), encoding="utf-8").read()
 
 
 def test_readme_walkthrough_names_what_the_overlays_have(rendered):
