@@ -15,8 +15,11 @@ RUN apt-get update && apt-get install -y --no-install-recommends \
         python3.11 python3.11-dev python3.11-venv cmake g++ make libopenmpi-dev openmpi-bin \
     && rm -rf /var/lib/apt/lists/*
 RUN python3.11 -m venv /opt/medtl && /opt/medtl/bin/pip install --upgrade pip setuptools wheel
-COPY setup.cfg pyproject.toml README.md /src/
+COPY setup.cfg setup.py pyproject.toml README.md /src/
 COPY medtl /src/medtl
+# The job configs ship inside the package (setup.py maps jobs/ to medtl/jobs): `medtl demo` and
+# `--config jobs/X.yaml` find them in the image as after any wheel install.
+COPY jobs /src/jobs
 # The pinned stack exactly as `make venv` installs it; the gpu extra adds TensorFlow's CUDA libraries.
 RUN /opt/medtl/bin/pip install "/src[gpu]"
 # As the Makefile's Horovod step, with MPI and NCCL on: compiled against the TensorFlow above.

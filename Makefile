@@ -1,7 +1,9 @@
 # medtl: `make demo` and `make test` set up everything on a fresh machine.
 #
-#   make demo   create .venv if missing, then synth -> ingest -> train -> evaluate (~10 min on 2 cores)
-#   make test   create .venv if missing, then run the whole test suite, slow tests included
+#   make demo   create .venv if missing (the pinned stack and Horovod), then synth -> ingest -> train
+#               -> evaluate; the README gives the time of the last measured run
+#   make test   the same .venv plus the test tools (pytest, Chromium, kubectl), then the whole suite,
+#               slow tests included
 #
 # Versions are pinned in setup.cfg (pip) and here (Horovod, built from source against
 # the installed TensorFlow; see docs/stack.md).
@@ -13,51 +15,63 @@ HOROVOD_VERSION := 0.28.1
 # Gloo on, MPI off: horovodrun --gloo works without an MPI installation.
 HOROVOD_BUILD_ENV := HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITHOUT_MPI=1 \
 	HOROVOD_WITHOUT_PYTORCH=1 HOROVOD_WITHOUT_MXNET=1
-APT_PACKAGES := cmake g++ gcc make
-# Headless Chromium renders report.html in the report test (tests/test_evaluate_cli.py).
-APT_BROWSER := chromium
+# Horovod's build: every command needs these.
+BUILD_APT_PACKAGES := cmake g++ gcc make
+# Tests only: headless Chromium renders report.html in the report test (tests/test_evaluate_cli.py).
+TEST_APT_PACKAGES := chromium
 DEMO_OUT ?= demo_out
 PYTEST_ARGS ?=
 
-.PHONY: all demo test test-fast reliability venv horovod system-deps image clean
+.PHONY: all demo test test-fast reliability venv test-venv horovod build-deps test-deps system-deps image clean
 
 all: test
 
-# Debian packages Horovod's build and the report test need; installed only when missing (root or sudo).
-# kubectl (with kustomize v5 built in) is what the k8s/ tests compare `medtl k8s render` with;
-# Debian's own kubernetes-client is too old (kustomize v2), so it comes from the kubectl package.
-system-deps:
-	@packages=""; for tool in cmake g++ gcc; do command -v $$tool >/dev/null || packages="$(APT_PACKAGES)"; done; \
-	command -v chromium >/dev/null || packages="$$packages $(APT_BROWSER)"; \
-	if [ -n "$$packages" ]; then \
-		echo "installing Debian packages:$$packages"; \
-		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-		$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$packages; \
-	fi
-	@command -v kubectl >/dev/null || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-		$$SUDO apt-get install -y -qq kubectl || \
+# Debian packages, installed only when missing (root or sudo).
+SUDO = $$( [ "$$(id -u)" = 0 ] || echo sudo )
+APT_INSTALL = $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq
+
+# What Horovod's build needs (make demo and make test).
+build-deps:
+	@missing=""; for tool in cmake g++ gcc make; do command -v $$tool >/dev/null || missing=yes; done; \
+	if [ -n "$$missing" ]; then echo "installing Debian packages: $(BUILD_APT_PACKAGES)"; \
+		$(APT_INSTALL) $(BUILD_APT_PACKAGES); fi
+
+# What only the tests need (make test). kubectl (with kustomize v5 built in) is what the k8s/ tests
+# compare `medtl k8s render` with; Debian's own kubernetes-client is too old (kustomize v2), so it
+# comes from the kubectl package of a Kubernetes apt source.
+test-deps:
+	@command -v chromium >/dev/null || { echo "installing Debian packages: $(TEST_APT_PACKAGES)"; \
+		$(APT_INSTALL) $(TEST_APT_PACKAGES); }
+	@command -v kubectl >/dev/null || { $(SUDO) apt-get install -y -qq kubectl || \
 		{ echo "kubectl >= 1.27 is needed by the k8s tests: install it from your Kubernetes apt source"; exit 1; }; }
+
+system-deps: build-deps test-deps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip setuptools wheel
 
-# Reinstall when the pinned dependencies change.
-$(VENV)/.installed: setup.cfg pyproject.toml | $(BIN)/python
+# Reinstall when the pinned dependencies change. The test tools only for the commands that run tests.
+$(VENV)/.installed: setup.cfg setup.py pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 
-# Horovod compiles against the TensorFlow in the venv (~3.5 min on 2 cores, then pip's wheel cache).
-$(VENV)/.horovod: $(VENV)/.installed | system-deps
+# Horovod compiles against the TensorFlow in the venv (docs/stack.md gives the time; then pip's wheel cache).
+$(VENV)/.horovod: $(VENV)/.installed | build-deps
 	$(BIN)/python -c "import horovod.tensorflow as h; assert h.gloo_built()" 2>/dev/null || \
 		$(HOROVOD_BUILD_ENV) $(BIN)/pip install -q --no-build-isolation horovod==$(HOROVOD_VERSION)
 	$(BIN)/python -c "import horovod.tensorflow as h; assert h.gloo_built(), 'Horovod built without Gloo'"
 	touch $@
 
 venv: $(VENV)/.horovod
+test-venv: $(VENV)/.horovod $(VENV)/.installed-test
 horovod: $(VENV)/.horovod
 
-# The container image for clusters (needs a Docker engine; see the README's Kubernetes section).
+# The container image for clusters (needs a Docker engine; see docs/kubernetes.md).
 IMAGE ?= medtl:$(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' medtl/__init__.py)
 image:
 	docker build -t $(IMAGE) .
@@ -70,21 +84,21 @@ demo: venv
 # module fixtures are built once). It ends with the reliability summary table.
 PYTEST_WORKERS ?= 2
 PYTEST_XDIST = -n $(PYTEST_WORKERS) --dist loadfile
-test: venv system-deps
+test: test-venv test-deps
 	MEDTL_RELIABILITY_REPORT=$(RELIABILITY_SUMMARY) $(BIN)/python -m pytest $(PYTEST_XDIST) $(PYTEST_ARGS)
 
 # Unit tests only (seconds to a few minutes).
-test-fast: venv
+test-fast: test-venv
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache build *.egg-info
 
-# The reliability suite alone (faults, bad inputs, leaks; < 8 min on 2 cores), then docs/reliability.md
+# The reliability suite alone (faults, bad inputs, leaks; docs/testing.md), then docs/reliability.md
 # refreshed from its summary table. `make test` runs the same suite and prints the table, but leaves
 # docs/reliability.md alone: CI must not edit tracked files.
 RELIABILITY_SUMMARY ?= .reliability-summary.md
 RELIABILITY_DOC ?= docs/reliability.md
-reliability: venv
+reliability: test-venv
 	MEDTL_RELIABILITY_REPORT=$(RELIABILITY_SUMMARY) $(BIN)/python -m pytest $(PYTEST_XDIST) tests/reliability $(PYTEST_ARGS)
 	$(if $(RELIABILITY_DOC),$(BIN)/python tests/reliability/write_doc.py $(RELIABILITY_SUMMARY) $(RELIABILITY_DOC))

@@ -7,9 +7,8 @@ import os
 import sys
 
 import medtl
+from medtl import jobfiles
 from medtl.errors import MedtlError
-
-REPO_JOBS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs")
 
 
 def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -107,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "epochs). Writes best.yaml (a job config for `medtl train`), leaderboard.csv and "
                                    "search.html into --workdir. Re-run the same command to resume.")
     _add_config_args(p)
-    p.add_argument("--space", required=True, help="search space YAML (see jobs/search/heads.yaml)")
+    p.add_argument("--space", required=True, type=jobfiles.resolve,
+                   help="search space YAML (see jobs/search/heads.yaml)")
     p.add_argument("--budget", required=True, type=float, help="budget in full trainings of one head, e.g. 8")
     p.add_argument("--workdir", required=True, help="search folder (study.db, best.yaml, leaderboard.csv, search.html)")
     p.add_argument("--storage", default=None,
@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="synth -> ingest -> train -> evaluate on built-in synthetic data",
                        description="Run the main job end to end on synthetic studies (about 10 minutes on 2 cores).")
     p.add_argument("--out", required=True, help="demo folder")
-    p.add_argument("--config", default=os.path.join(REPO_JOBS, "demo.yaml"), help="job config (default jobs/demo.yaml)")
+    p.add_argument("--config", default=jobfiles.job_file("demo.yaml"), help="job config (default jobs/demo.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value (repeatable)")
     p.add_argument("--n", type=int, default=5000, help="synthetic studies (default 5000)")
@@ -198,7 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "the same trial with the frozen base run every epoch; and a search with a budget "
                                      "of N/4 full trainings against training all N heads of the space on the cache.")
     _add_config_args(b)
-    b.add_argument("--space", required=True, help="search space YAML (>= 24 heads for the comparison)")
+    b.add_argument("--space", required=True, type=jobfiles.resolve,
+                   help="search space YAML (>= 24 heads for the comparison)")
     b.add_argument("--records", default=None, help="records to use (default: synthesised and ingested)")
     b.add_argument("--n", type=int, default=1000, help="synthetic studies when --records is not given (default 1000)")
     b.add_argument("--trial-epochs", type=int, default=3, help="epochs of the timed trial, both ways (default 3)")

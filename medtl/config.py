@@ -1,7 +1,9 @@
 """Job configs: typed, frozen dataclasses loaded from YAML, with `--set` overrides.
 
 The YAML tree in jobs/*.yaml mirrors these classes. Every field has a comment;
-the README's config reference is generated from the same comments.
+docs/config.md's reference table is generated from the same comments. Imports neither
+TensorFlow nor albumentations: the policy check (medtl.data.policy) loads albumentations
+only when a config with augmentation is validated.
 """
 from __future__ import annotations
 
@@ -15,7 +17,10 @@ from typing import Any, Literal
 
 import yaml
 
+from medtl import jobfiles
+from medtl.data.policy import check_policy
 from medtl.errors import ConfigError
+from medtl.models.specs import BACKBONES
 
 _MISSING = dataclasses.MISSING
 
@@ -84,7 +89,7 @@ class Transform:
     """One albumentations transform of the augmentation policy: class name and keyword arguments.
 
     YAML forms: `Name` or `{Name: {argument: value, ...}}`. Checked against albumentations
-    by DataConfig.check (medtl.data.augment.check_policy).
+    by Config.check (medtl.data.policy.check_policy).
     """
 
     name: str
@@ -145,10 +150,10 @@ class DataConfig:
     # Training shuffle buffer, in records.
     shuffle_buffer: int = 1024
     # Training augmentation: albumentations transforms applied in order to each training image (never
-    # to val/test); [] turns it off. The default suits chest radiographs (see README, Augmentation).
+    # to val/test); [] turns it off. The default suits chest radiographs (see docs/training.md, Augmentation).
     augment: tuple[Transform, ...] = DEFAULT_AUGMENT
     # Keep decoded, resized images (before augmentation) after the first pass: none, memory, or a
-    # folder for cache files on local disk. For datasets that fit; see README, Input pipeline.
+    # folder for cache files on local disk. For datasets that fit; see docs/training.md, Input pipeline.
     cache: str = "none"
     # Read, shuffle and augment in a fixed order and make TensorFlow ops deterministic, so runs with the
     # same seed and ranks give the same weights (a little slower: no out-of-order parallelism).
@@ -398,8 +403,6 @@ class Config:
             problems.append(("data.image_size", f"is {self.data.image_size} but {self.model.backbone} needs at least "
                                                 f"{min_size} px; set data.image_size to {min_size} or more"))
         elif self.data.augment:
-            from medtl.data.augment import check_policy  # imports albumentations
-
             problems.extend((f"data.{key}", message) for key, message in check_policy(self.data.augment,
                                                                                      self.data.image_size))
         if not self.phases:
@@ -412,8 +415,6 @@ class Config:
 
 def _backbone_min_size(backbone: str) -> int:
     """The backbone's smallest input side (32 for a name medtl does not know: build_model reports it)."""
-    from medtl.models.backbones import BACKBONES  # imports TensorFlow
-
     spec = BACKBONES.get(backbone)
     return spec.min_size if spec else 32
 
@@ -586,6 +587,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: typing.Sequenc
     """Load a job config from YAML (or a raw dict), apply `--set` overrides, validate."""
     tree: Any = {} if raw is None else raw
     if path is not None:
+        path = jobfiles.resolve(path)  # jobs/X.yaml: the shipped copy when there is no such file here
         try:
             with open(path, encoding="utf-8") as fh:
                 tree = yaml.safe_load(fh)
@@ -683,7 +685,7 @@ def field_docs(cls: type = Config, prefix: str = "") -> list[tuple[str, str, Any
 
 
 def reference_markdown() -> str:
-    """The README's config reference table, generated from the field comments above."""
+    """docs/config.md's reference table, generated from the field comments above."""
     lines = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
     for key, type_name, default, comment in field_docs():
         shown = yaml.safe_dump(default, default_flow_style=True, width=10**6, sort_keys=False)
@@ -692,5 +694,5 @@ def reference_markdown() -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":  # python -m medtl.config  (regenerates the README's reference table)
+if __name__ == "__main__":  # python -m medtl.config  (regenerates docs/config.md's reference table)
     print(reference_markdown())

@@ -156,12 +156,12 @@ def test_bad_yaml_file(tmp_path):
         load_config(str(tmp_path / "absent.yaml"))
 
 
-def test_readme_config_reference_is_current():
+def test_docs_config_reference_is_current():
     from medtl.config import reference_markdown
 
     from conftest import REPO
 
-    readme = open(os.path.join(REPO, "README.md")).read()
-    start = readme.index("-->", readme.index("<!-- config-reference:start")) + 3
-    end = readme.index("<!-- config-reference:end -->")
-    assert readme[start:end].strip() == reference_markdown(), "regenerate with: python -m medtl.config"
+    page = open(os.path.join(REPO, "docs", "config.md")).read()
+    start = page.index("-->", page.index("<!-- config-reference:start")) + 3
+    end = page.index("<!-- config-reference:end -->")
+    assert page[start:end].strip() == reference_markdown(), "regenerate with: python -m medtl.config"

@@ -111,6 +111,17 @@ def test_sshd_matches_the_mpijob():
     assert port > 1024  # no capability to bind below 1024: they are all dropped
 
 
+def test_the_image_ships_the_job_configs():
+    """The wheel built in the image carries jobs/ (setup.py maps it to medtl/jobs): `medtl demo` needs it."""
+    copies = [v.split() for k, v in instructions() if k == "COPY" and "--from" not in v]
+    sources = {src for *srcs, dest in copies for src in srcs if dest.startswith("/src")}
+    assert {"setup.py", "setup.cfg", "pyproject.toml", "medtl", "jobs"} <= sources
+    assert ["jobs", "/src/jobs"] in copies
+    steps = instructions()
+    install = next(i for i, (kind, value) in enumerate(steps) if kind == "RUN" and "/src[gpu]" in value)
+    assert steps.index(("COPY", "jobs /src/jobs")) < install
+
+
 def test_base_images_are_cuda_for_tensorflow_2_17():
     froms = [v for k, v in instructions() if k == "FROM"]
     defaults = args_defaults()

@@ -1,4 +1,5 @@
-"""Training augmentation: the config's albumentations policy, checked at load time and applied per batch.
+"""Training augmentation: the config's albumentations policy applied per batch (checked at config load
+by medtl.data.policy).
 
 Why per batch: one tf.numpy_function call per image cost about 0.6 ms of overhead on top of
 the ~0.6 ms the default policy itself costs; one call per batch costs what a plain Python loop
@@ -7,90 +8,19 @@ parallel on tf.data's threads.
 """
 from __future__ import annotations
 
-import difflib
 import random
 import threading
-import warnings
 from typing import Sequence
 
 import numpy as np
 
 from medtl.config import Transform
+from medtl.data.policy import albumentations, check_policy, instantiate  # noqa: F401  (check_policy: re-exported)
 from medtl.tf import tf
 
 
-def _albumentations():
-    import albumentations
-
-    return albumentations
-
-
-def transform_names() -> list[str]:
-    """Every albumentations transform class a policy may name."""
-    A = _albumentations()
-    return sorted(n for n in dir(A) if isinstance(getattr(A, n), type) and issubclass(getattr(A, n), A.BasicTransform)
-                  and n != "BasicTransform" and not n.endswith("Transform"))
-
-
-def _describe(exc: Exception) -> str:
-    """One line from albumentations' (pydantic) validation error: argument, value, what is wrong."""
-    cause = exc.__cause__
-    if cause is None or not hasattr(cause, "errors"):
-        return str(exc).splitlines()[0]
-    values: dict[str, str] = {}
-    messages: dict[str, list[str]] = {}
-    for err in cause.errors():
-        arg = str(err["loc"][0]) if err["loc"] else "arguments"
-        values[arg] = "" if err["type"] == "missing" else f"={err.get('input')!r}"
-        message = err["msg"].removeprefix("Value error, ") if err["type"] != "missing" else "is required"
-        if message not in messages.setdefault(arg, []):
-            messages[arg].append(message)
-    return "; ".join(f"{arg}{values[arg]}: {' or '.join(m)}" for arg, m in messages.items())
-
-
-def _instantiate(t: Transform, **override):
-    """The albumentations object for `t`; unknown arguments are errors (strict), not warnings."""
-    A = _albumentations()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return getattr(A, t.name)(**{**t.kwargs(), **override}, strict=True)
-
-
-def check_policy(policy: Sequence[Transform], image_size: int) -> list[tuple[str, str]]:
-    """(key, message) for each transform that is unknown, has bad arguments, or cannot run on the
-    training images (image_size x image_size, 8-bit, one channel) without changing their size."""
-    names = transform_names()
-    probe = np.random.default_rng(0).integers(0, 256, (image_size, image_size, 1), dtype=np.uint8)
-    problems = []
-    for i, t in enumerate(policy):
-        key = f"augment.{i}"
-        if t.name not in names:
-            close = difflib.get_close_matches(t.name, names, n=1) or [n for n in names if n.lower() == t.name.lower()]
-            hint = f" (did you mean {close[0]}?)" if close else ""
-            problems.append((key, f"names unknown transform {t.name!r}{hint}; use an albumentations 2.0.8 "
-                                  f"transform class, e.g. {', '.join(n for n in ('Affine', 'CLAHE', 'RandomGamma'))}"))
-            continue
-        try:
-            _instantiate(t)
-            forced = _instantiate(t, p=1.0)
-        except (ValueError, TypeError) as exc:
-            problems.append((key, f"{t.name}: bad arguments: {_describe(exc)}"))
-            continue
-        try:  # applied once now, so what would fail in the middle of training fails here
-            out = _albumentations().Compose([forced], seed=0)(image=probe)["image"]
-        except Exception as exc:
-            problems.append((key, f"{t.name} fails on a {image_size}x{image_size} 8-bit grayscale image: "
-                                  f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"))
-            continue
-        if out.shape != probe.shape or out.dtype != np.uint8:
-            problems.append((key, f"{t.name} turns a {image_size}x{image_size}x1 uint8 image into "
-                                  f"{'x'.join(map(str, out.shape))} {out.dtype}; transforms must keep the size "
-                                  "(images are resized to data.image_size before augmentation)"))
-    return problems
-
-
 def build_compose(policy: Sequence[Transform]):
-    return _albumentations().Compose([_instantiate(t) for t in policy], p=1.0)
+    return albumentations().Compose([instantiate(t) for t in policy], p=1.0)
 
 
 class BatchAugmenter:

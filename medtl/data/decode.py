@@ -3,7 +3,7 @@
 One decode path serves ingest and `medtl predict`, so a model sees the same
 pixels at training and at inference time.
 
-DICOM policy (documented in the README):
+DICOM policy (documented in docs/ingest.md):
   stored value -> modality LUT (rescale slope/intercept or LUT) -> VOI LUT or
   window (first one in the file; the image's full range when it has none) ->
   MONOCHROME1 inverted -> scaled to [0, 1]. Multi-frame: the middle frame (or
