@@ -36,8 +36,8 @@ build-deps:
 	if [ -n "$$missing" ]; then echo "installing Debian packages: $(BUILD_APT_PACKAGES)"; \
 		$(APT_INSTALL) $(BUILD_APT_PACKAGES); fi
 
-# What only the tests need (make test). kubectl (with kustomize v5 built in) is what the k8s/ tests
-# compare `medtl k8s render` with; Debian's own kubernetes-client is too old (kustomize v2), so it
+# What only the tests need (make test). kubectl (with kustomize v5 built in) builds the overlays for
+# `medtl k8s render` and the k8s/ tests; Debian's own kubernetes-client is too old (kustomize v2), so it
 # comes from the kubectl package of a Kubernetes apt source.
 test-deps:
 	@command -v chromium >/dev/null || { echo "installing Debian packages: $(TEST_APT_PACKAGES)"; \
