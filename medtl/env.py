@@ -14,6 +14,19 @@ def _version(dist_name: str) -> str:
         return "not installed"
 
 
+def devices_in_use() -> list[str]:
+    """The devices this process trains on, e.g. ['CPU', 'GPU:0 (NVIDIA A100-SXM4-40GB)'] (under
+    Horovod, the one GPU pinned to this rank). Does not start TensorFlow's runtime."""
+    from medtl.tf import tf
+
+    names = ["CPU"]
+    for gpu in tf.config.get_visible_devices("GPU"):
+        details = tf.config.experimental.get_device_details(gpu)
+        name = gpu.name.replace("/physical_device:", "")
+        names.append(f"{name} ({details['device_name']})" if details.get("device_name") else name)
+    return names
+
+
 def describe() -> str:
     from medtl import dist
     from medtl.tf import tf
