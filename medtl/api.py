@@ -233,9 +233,11 @@ def evaluate(workdir: str | None = None, *, out: str, model: str | None = None, 
     from medtl.evaluate.report import METRICS_FILE, REPORT_FILE
 
     ci = report["macro"].get("auroc_ci")
-    return EvaluateResult(out=out, report_path=os.path.join(out, REPORT_FILE), metrics_path=os.path.join(out, METRICS_FILE),
-                          split=report["split"], num_images=report["n"], num_patients=report["patients"],
-                          macro_auroc=report["macro"]["auroc"], macro_auroc_ci=tuple(ci) if ci else None, metrics=report)
+    return EvaluateResult(out=out, report_path=os.path.join(out, REPORT_FILE),
+                          metrics_path=os.path.join(out, METRICS_FILE), split=report["split"],
+                          num_images=report["n"], num_patients=report["patients"],
+                          macro_auroc=report["macro"]["auroc"], macro_auroc_ci=tuple(ci) if ci else None,
+                          metrics=report)
 
 
 def export(workdir: str, out: str, overrides: typing.Sequence[str] = ()) -> ExportResult:
