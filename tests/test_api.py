@@ -95,6 +95,15 @@ def test_evaluate_export_predict(trained, studies, tmp_path):
     assert len(rows) == 5 and rows[0].startswith("file,status,reason")
 
 
+def test_search_writes_a_job_config_for_train(records, tmp_path):
+    cfg = load_config(TINY, [f"data.records={records}"])
+    result = api.search(cfg, os.path.join(REPO, "jobs", "search", "tiny.yaml"), 2, str(tmp_path / "search"))
+    assert result.trials == 2 and result.spent_full_trainings == pytest.approx(2.0)
+    assert 0.0 <= result.best_val_auroc <= 1.0 and result.best_head == result.summary["best"]["head"]
+    best = load_config(result.best_config)
+    assert best.data.records == records and best.model.backbone == "MobileNetV3Small"
+
+
 def test_errors_name_the_argument(records, tmp_path):
     cfg = load_config(TINY)
     with pytest.raises(MedtlError, match="data.records is empty"):
