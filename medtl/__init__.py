@@ -10,5 +10,6 @@ __version__ = "0.1.0"
 # Must happen before anything imports TensorFlow. setdefault would let a user's
 # TF_USE_LEGACY_KERAS=0 through, which we know breaks Horovod, so force it.
 os.environ["TF_USE_LEGACY_KERAS"] = "1"
-# TensorFlow prints spurious CUDA-plugin errors on CPU machines; export TF_CPP_MIN_LOG_LEVEL=0 to see all.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# TensorFlow's own errors show (level 2 hides its INFO and WARNING lines); export TF_CPP_MIN_LOG_LEVEL=0 to
+# see all. medtl/tf.py drops the three spurious CUDA-plugin errors that TensorFlow prints at import.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -1,14 +1,15 @@
-"""The `medtl` command: argument parsing and dispatch only. User errors print one line, exit 2."""
+"""The `medtl` command: argument parsing, a call into medtl.api, printing. User errors print one line, exit 2."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 
 import medtl
 from medtl import jobfiles
+from medtl import api
 from medtl.errors import MedtlError
+from medtl.utils.log import TIMESTAMPS_ENV
 
 
 def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -58,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="medtl", description="Distributed transfer learning for multi-label medical image classification.")
     parser.add_argument("--version", action="version", version=f"medtl {medtl.__version__}")
+    parser.add_argument("--log-timestamps", action="store_true",
+                        help="start each log line with the UTC time (or export MEDTL_LOG_TIMESTAMPS=1)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("synth", help="write procedurally generated chest-X-ray-like studies",
@@ -243,43 +246,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_job_config(path: str, overrides: list[str]):
-    """Load a job config and make local paths absolute (the run folder may be read from elsewhere)."""
-    from medtl.config import load_config
-
-    cfg = load_config(path, overrides)
-    records = cfg.data.records
-    if records and "://" not in records:
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, records=os.path.abspath(records)))
-    weights = cfg.model.weights
-    if weights not in ("imagenet", "none") and "://" not in weights:
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, weights=os.path.abspath(weights)))
-    return cfg
-
-
 def cmd_synth(args) -> int:
-    from medtl.data.synth import synthesize
     from medtl.utils.log import log
-    from medtl.utils.progress import Progress
 
     if args.n < 1:
         raise MedtlError(f"--n must be >= 1, got {args.n}")
     if args.size < 32:
         raise MedtlError(f"--size must be >= 32, got {args.size}")
-    with Progress(args.n, "synth") as bar:
-        info = synthesize(args.out, args.n, args.seed, args.size, args.dicom, progress=bar)
-    log(f"synth: {info['images']} images of {info['patients']} patients in {args.out}; prevalence "
-        + ", ".join(f"{k} {v:.1%}" for k, v in info["prevalence"].items()))
+    result = api.synth(args.out, args.n, args.seed, args.size, args.dicom)
+    log(f"synth: {result.num_images} images of {result.num_patients} patients in {args.out}; prevalence "
+        + ", ".join(f"{k} {v:.1%}" for k, v in result.prevalence.items()))
     return 0
 
 
-def _ingest_options(args):
-    from medtl.data.ingest import IngestOptions
-
+def _ingest_options(args) -> api.IngestOptions:
     def names(text):
         return tuple(n.strip() for n in text.split(",") if n.strip()) if text else ()
 
-    return IngestOptions(
+    return api.IngestOptions(
         images=args.images, labels=args.labels, out=args.out, format=args.format, image_size=args.image_size,
         bit_depth=args.bit_depth, aspect=args.aspect, frame=args.frame, val_fraction=args.val_fraction,
         test_fraction=args.test_fraction, seed=args.seed, shard_mb=args.shard_mb,
@@ -290,22 +274,18 @@ def _ingest_options(args):
 
 
 def cmd_ingest(args) -> int:
-    from medtl.data.ingest import ingest, ingest_part
-
     opt = _ingest_options(args)
     if args.worker_index is None:
         if args.num_workers != 1:
             raise MedtlError("--num-workers needs --worker-index (this worker's index, 0..K-1)")
-        ingest(opt)
+        api.ingest(opt)
     else:
-        ingest_part(opt, args.worker_index, args.num_workers)
+        api.ingest_part(opt, args.worker_index, args.num_workers)
     return 0
 
 
 def cmd_ingest_finalize(args) -> int:
-    from medtl.data.ingest import finalize
-
-    finalize(_ingest_options(args), args.num_workers)
+    api.ingest_finalize(_ingest_options(args), args.num_workers)
     return 0
 
 
@@ -317,38 +297,22 @@ def cmd_verify(args) -> int:
 
 
 def cmd_train(args) -> int:
-    cfg = load_job_config(args.config, args.overrides)
-    if not cfg.data.records:
-        raise MedtlError("data.records is empty; set it in the config or with --set data.records=DIR")
-    from medtl.train.loop import train
-
-    train(cfg, args.workdir, until_phase=args.until_phase)
+    api.train(args.config, args.workdir, args.overrides, until_phase=args.until_phase)
     return 0
 
 
 def cmd_search(args) -> int:
-    cfg = load_job_config(args.config, args.overrides)
-    if not cfg.data.records:
-        raise MedtlError("data.records is empty; set it in the config or with --set data.records=DIR")
-    from medtl.search.run import run_search
-
-    run_search(cfg, args.space, args.budget, args.workdir, args.storage, args.study_name)
+    api.search(args.config, args.space, args.budget, args.workdir, args.overrides, args.storage, args.study_name)
     return 0
 
 
 def cmd_evaluate(args) -> int:
-    if args.workdir:
-        if args.records:
-            raise MedtlError("--records goes with --model; a run folder (--workdir) evaluates its own records")
-        from medtl.evaluate.run import evaluate_run
-
-        evaluate_run(args.workdir, args.split, args.out, args.overrides)
-        return 0
-    if not args.records:
+    if args.workdir and args.records:
+        raise MedtlError("--records goes with --model; a run folder (--workdir) evaluates its own records")
+    if args.model and not args.records:
         raise MedtlError("--model needs --records: the records folder (from `medtl ingest`) to evaluate it on")
-    from medtl.evaluate.run import evaluate_export
-
-    evaluate_export(args.model, args.records, args.split, args.out, args.overrides)
+    api.evaluate(args.workdir, out=args.out, model=args.model, records=args.records, split=args.split,
+                 overrides=args.overrides)
     return 0
 
 
@@ -360,18 +324,14 @@ def cmd_compare(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from medtl.serve.export import export_run
-
-    export_run(args.workdir, args.out, args.overrides)
+    api.export(args.workdir, args.out, args.overrides)
     return 0
 
 
 def cmd_predict(args) -> int:
-    from medtl.serve.predict import predict_files
-
     if args.batch_size < 1:
         raise MedtlError(f"--batch-size must be >= 1, got {args.batch_size}")
-    predict_files(args.model, args.images, args.out, args.batch_size)
+    api.predict(args.model, args.images, args.out, args.batch_size)
     return 0
 
 
@@ -394,7 +354,7 @@ def cmd_bench(args) -> int:
 
         if args.epochs < 2:
             raise MedtlError(f"--epochs must be >= 2 (the first epoch is excluded), got {args.epochs}")
-        cfg = load_job_config(args.config, args.overrides)
+        cfg = api.load_job_config(args.config, args.overrides)
         records = os.path.abspath(args.records) if args.records and "://" not in args.records else args.records
         if not -len(cfg.phases) <= args.phase < len(cfg.phases):
             raise MedtlError(f"--phase {args.phase}: the config has {len(cfg.phases)} phase(s)")
@@ -402,7 +362,7 @@ def cmd_bench(args) -> int:
     elif args.bench == "search":
         from medtl.bench import search as bench_search
 
-        cfg = load_job_config(args.config, args.overrides)
+        cfg = api.load_job_config(args.config, args.overrides)
         records = os.path.abspath(args.records) if args.records and "://" not in args.records else args.records
         if args.trial_epochs < 1:
             raise MedtlError(f"--trial-epochs must be >= 1, got {args.trial_epochs}")
@@ -441,6 +401,8 @@ COMMANDS = {"synth": cmd_synth, "ingest": cmd_ingest, "ingest-finalize": cmd_ing
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.log_timestamps:  # through the environment, so that worker processes stamp their lines too
+        os.environ[TIMESTAMPS_ENV] = "1"
     try:
         code = COMMANDS[args.command](args)
     except MedtlError as exc:

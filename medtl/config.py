@@ -614,6 +614,23 @@ def load_config(path: str | os.PathLike | None = None, overrides: typing.Sequenc
         raise
 
 
+def with_absolute_paths(cfg: Config) -> Config:
+    """`cfg` with local data.records and model.weights paths made absolute (the run folder may be read
+    from another working directory)."""
+    records = cfg.data.records
+    if records and "://" not in records:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, records=os.path.abspath(records)))
+    weights = cfg.model.weights
+    if weights not in ("imagenet", "none") and "://" not in weights:
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, weights=os.path.abspath(weights)))
+    return cfg
+
+
+def load_job_config(path: str | os.PathLike, overrides: typing.Sequence[str] = ()) -> Config:
+    """A job config as the commands use it: loaded, overridden, validated, with absolute local paths."""
+    return with_absolute_paths(load_config(path, overrides))
+
+
 def _deepcopy(node: Any) -> Any:
     if isinstance(node, dict):
         return {k: _deepcopy(v) for k, v in node.items()}

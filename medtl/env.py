@@ -49,6 +49,17 @@ def _onednn_state() -> str:
         return "on" if _pywrap_util_port.IsMklEnabled() else "off"
     except (ImportError, AttributeError):  # a TensorFlow build without this query
         return "unknown"
+def devices_in_use() -> list[str]:
+    """The devices this process trains on, e.g. ['CPU', 'GPU:0 (NVIDIA A100-SXM4-40GB)'] (under
+    Horovod, the one GPU pinned to this rank). Does not start TensorFlow's runtime."""
+    from medtl.tf import tf
+
+    names = ["CPU"]
+    for gpu in tf.config.get_visible_devices("GPU"):
+        details = tf.config.experimental.get_device_details(gpu)
+        name = gpu.name.replace("/physical_device:", "")
+        names.append(f"{name} ({details['device_name']})" if details.get("device_name") else name)
+    return names
 
 
 def describe() -> str:

@@ -24,7 +24,7 @@ SECTIONS = ("summary", "provenance", "auroc", "prevalence", "roc", "pr", "calibr
 @pytest.fixture(scope="module")
 def run(records, tmp_path_factory):
     """A trained run (smoke job: EfficientNetB0, 64 px, two 1-epoch phases) with 200 bootstrap resamples."""
-    from medtl.cli import load_job_config
+    from medtl.config import load_job_config
     from medtl.train.loop import train
 
     workdir = str(tmp_path_factory.mktemp("run"))

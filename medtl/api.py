@@ -1,0 +1,263 @@
+"""medtl's Python API: one function per stage, each taking a config object or paths and returning a
+typed result. The `medtl` command is a thin layer over it; docs/api.md walks through a notebook.
+
+    from medtl import api
+    records = api.ingest(api.IngestOptions(images="studies/images", labels="studies/labels.csv", out="records"))
+    run = api.train("jobs/smoke.yaml", "runs/smoke", overrides=[f"data.records={records.records}"])
+    report = api.evaluate(run.workdir, out="reports/smoke")
+
+Importing this module loads neither TensorFlow nor Horovod; a stage loads what it needs when called.
+Under horovodrun, `train`, `search`, `evaluate` and `export` run on every rank; the ranks other than
+0 get None from `search` and `evaluate` (rank 0 alone writes their outputs).
+"""
+from __future__ import annotations
+
+import os
+import typing
+from dataclasses import dataclass
+
+from medtl.config import Config, load_config, load_job_config, to_tree, with_absolute_paths
+from medtl.data.ingest import IngestOptions
+from medtl.errors import MedtlError
+from medtl.utils.log import copy_to_run_folder, log, warning
+
+__all__ = ["Config", "IngestOptions", "load_job_config", "synth", "ingest", "ingest_part", "ingest_finalize",
+           "train", "search", "evaluate", "export", "predict", "SynthResult", "IngestResult", "TrainResult",
+           "SearchResult", "EvaluateResult", "ExportResult", "PredictResult"]
+
+ConfigLike = typing.Union[Config, str, os.PathLike]
+
+
+@dataclass(frozen=True)
+class SynthResult:
+    out: str
+    images: str  # folder of the study files
+    labels: str  # labels.csv (ChestX-ray14 layout)
+    num_images: int
+    num_patients: int
+    prevalence: dict[str, float]  # label -> fraction of images
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    records: str  # the records folder: pass it as data.records
+    manifest_path: str
+    labels: tuple[str, ...]
+    split_records: dict[str, int]  # split -> records written
+    split_patients: dict[str, int]  # split -> patients
+    quarantined: int  # inputs that could not be used (listed in quarantine.csv)
+
+    @property
+    def num_records(self) -> int:
+        return sum(self.split_records.values())
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    workdir: str  # the run folder: config.yaml, history.jsonl, checkpoints/, medtl.log
+    best_val_auroc: float | None  # best val macro AUROC over all epochs so far
+    epochs: int  # epochs completed, over all phases
+    ranks: int
+    stopped_after_phase: str | None  # set when until_phase stopped before the last phase
+    weights_fingerprints: dict[str, str]  # phase -> weights hash (equal on every rank); phases trained now
+    log_path: str  # the copy of the log in the run folder
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    workdir: str
+    best_config: str | None  # best.yaml, a job config for `train`; None when no trial finished
+    best_head: str | None
+    best_val_auroc: float | None
+    trials: int
+    spent_full_trainings: float
+    summary: dict  # search_summary.json's content
+
+
+@dataclass(frozen=True)
+class EvaluateResult:
+    out: str  # the report folder
+    report_path: str  # report.html
+    metrics_path: str  # metrics.json
+    split: str
+    num_images: int
+    num_patients: int
+    macro_auroc: float | None
+    macro_auroc_ci: tuple[float, float] | None  # bootstrap interval at metrics["bootstrap"]["confidence"]
+    metrics: dict  # metrics.json's content: per label, macro, micro, thresholds, provenance
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    out: str  # the SavedModel folder
+    label_names: tuple[str, ...]
+    thresholds: dict[str, float]  # label -> operating threshold (tuned on val)
+    threshold_policy: str
+    tta: str
+    backbone: str
+    image_size: int  # the model's input side in pixels
+
+
+@dataclass(frozen=True)
+class PredictResult:
+    out: str  # predictions CSV: one row per file, with status and reason
+    files: int
+    predicted: int
+    errors: int  # files that could not be decoded
+
+
+def _job_config(config: ConfigLike, overrides: typing.Sequence[str]) -> Config:
+    """A Config object (with overrides applied) or a YAML path, with absolute local paths."""
+    if isinstance(config, Config):
+        cfg = load_config(raw=to_tree(config), overrides=overrides) if overrides else config
+        return with_absolute_paths(cfg)
+    return load_job_config(config, overrides)
+
+
+def _need_records(cfg: Config) -> None:
+    if not cfg.data.records:
+        raise MedtlError("data.records is empty; set it in the config or with --set data.records=DIR")
+
+
+def synth(out: str, n: int = 1000, seed: int = 0, size: int = 256, dicom: bool = False,
+          progress: bool = True) -> SynthResult:
+    """Write `n` synthetic chest-X-ray-like studies (ChestX-ray14 layout) into OUT/images and OUT/labels.csv."""
+    from medtl.data.synth import synthesize
+    from medtl.utils.progress import Progress
+
+    if n < 1:
+        raise MedtlError(f"n must be >= 1, got {n}")
+    if size < 32:
+        raise MedtlError(f"size must be >= 32, got {size}")
+    with Progress(n, "synth", enabled=progress) as bar:
+        info = synthesize(out, n, seed, size, dicom, progress=bar)
+    return SynthResult(out=out, images=os.path.join(out, "images"), labels=os.path.join(out, "labels.csv"),
+                       num_images=info["images"], num_patients=info["patients"], prevalence=dict(info["prevalence"]))
+
+
+def _ingest_result(records: str, manifest) -> IngestResult:
+    from medtl.data.ingest import MANIFEST
+    from medtl.utils import fs
+
+    splits = manifest["splits"]
+    return IngestResult(records=records, manifest_path=fs.join(records, MANIFEST), labels=tuple(manifest["labels"]),
+                        split_records={k: v["records"] for k, v in splits.items()},
+                        split_patients={k: v["patients"] for k, v in splits.items()},
+                        quarantined=manifest["quarantined"])
+
+
+def ingest(options: IngestOptions) -> IngestResult:
+    """Decode, de-identify, split by patient and shard studies into a records folder (options.out)."""
+    from medtl.data import ingest as ingest_module
+
+    return _ingest_result(options.out, ingest_module.ingest(options))
+
+
+def ingest_part(options: IngestOptions, worker_index: int, num_workers: int) -> None:
+    """One worker's part of a partitioned ingest; run `ingest_finalize` after all of them."""
+    from medtl.data import ingest as ingest_module
+
+    ingest_module.ingest_part(options, worker_index, num_workers)
+
+
+def ingest_finalize(options: IngestOptions, num_workers: int) -> IngestResult:
+    """Merge the parts of a partitioned ingest into the records folder (same options as the parts)."""
+    from medtl.data import ingest as ingest_module
+
+    return _ingest_result(options.out, ingest_module.finalize(options, num_workers))
+
+
+def _log_devices(precision: str) -> None:
+    from medtl.env import devices_in_use
+
+    devices = devices_in_use()
+    log(f"train: devices in use: {', '.join(devices)}")
+    if precision == "mixed_float16" and not any(d.startswith("GPU") for d in devices):
+        warning("train.precision is mixed_float16 but no GPU is visible; float16 runs slower than float32 "
+                "on a CPU (set train.precision=float32)")
+
+
+def train(config: ConfigLike, workdir: str, overrides: typing.Sequence[str] = (),
+          until_phase: str | None = None) -> TrainResult:
+    """Run (or resume) the phases of a job config into the run folder `workdir`, up to and including
+    `until_phase` (default: all). The same call with the same workdir resumes where it stopped."""
+    cfg = _job_config(config, overrides)
+    _need_records(cfg)
+    from medtl import dist
+    from medtl.train.loop import train as train_phases
+
+    ctx = dist.init(cfg.train.stall_shutdown_seconds)  # first, so that only rank 0 logs and keeps the log copy
+    with copy_to_run_folder(workdir) as log_path:
+        _log_devices(cfg.train.precision)
+        summary = train_phases(cfg, workdir, until_phase=until_phase)
+    return TrainResult(workdir=workdir, best_val_auroc=summary["best_val_auroc"], epochs=summary["epochs"],
+                       ranks=ctx.size, stopped_after_phase=summary.get("stopped_after_phase"),
+                       weights_fingerprints=dict(summary.get("weights_fingerprint") or {}), log_path=log_path)
+
+
+def search(config: ConfigLike, space: str, budget: float, workdir: str, overrides: typing.Sequence[str] = (),
+           storage: str | None = None, study_name: str | None = None) -> SearchResult | None:
+    """Budgeted search for a classification head on cached base features (see `medtl search --help`);
+    writes best.yaml, leaderboard.csv and search.html into `workdir`. None on ranks other than 0."""
+    cfg = _job_config(config, overrides)
+    _need_records(cfg)
+    from medtl.search.run import run_search
+
+    summary = run_search(cfg, space, budget, workdir, storage, study_name)
+    if summary is None:
+        return None
+    best = summary.get("best")
+    return SearchResult(workdir=workdir, best_config=os.path.join(workdir, "best.yaml") if best else None,
+                        best_head=best["head"] if best else None, best_val_auroc=best["val_auroc"] if best else None,
+                        trials=summary["trials"], spent_full_trainings=summary["spent_full_trainings"], summary=summary)
+
+
+def evaluate(workdir: str | None = None, *, out: str, model: str | None = None, records: str | None = None,
+             split: str = "test", overrides: typing.Sequence[str] = ()) -> EvaluateResult | None:
+    """Evaluate a run's best checkpoint (`workdir`), or an exported model (`model`) on a records folder
+    (`records`), on one split; writes the report folder `out`. None on ranks other than 0."""
+    if (workdir is None) == (model is None):
+        raise MedtlError("evaluate needs either a run folder (workdir) or an exported model (model), not both")
+    from medtl.evaluate.run import evaluate_export, evaluate_run
+
+    if workdir is not None:
+        if records is not None:
+            raise MedtlError("records goes with model (an export); a run folder (workdir) evaluates its own records")
+        report = evaluate_run(workdir, split, out, list(overrides))
+    else:
+        if records is None:
+            raise MedtlError("model needs records: the records folder (from ingest) to evaluate it on")
+        report = evaluate_export(model, records, split, out, list(overrides))
+    if not report:
+        return None
+    from medtl.evaluate.report import METRICS_FILE, REPORT_FILE
+
+    ci = report["macro"].get("auroc_ci")
+    return EvaluateResult(out=out, report_path=os.path.join(out, REPORT_FILE),
+                          metrics_path=os.path.join(out, METRICS_FILE), split=report["split"],
+                          num_images=report["n"], num_patients=report["patients"],
+                          macro_auroc=report["macro"]["auroc"], macro_auroc_ci=tuple(ci) if ci else None,
+                          metrics=report)
+
+
+def export(workdir: str, out: str, overrides: typing.Sequence[str] = ()) -> ExportResult:
+    """Export a run's best checkpoint as a SavedModel with preprocessing, labels and val-tuned thresholds."""
+    from medtl.serve.export import export_run
+
+    meta = export_run(workdir, out, list(overrides))
+    names = tuple(meta["label_names"])
+    return ExportResult(out=out, label_names=names, thresholds=dict(zip(names, meta["thresholds"])),
+                        threshold_policy=meta["threshold_policy"], tta=meta["tta"], backbone=meta["backbone"],
+                        image_size=meta["image_size"])
+
+
+def predict(model: str, images: str, out: str, batch_size: int = 32) -> PredictResult:
+    """Predict study files (a folder, searched recursively, or a CSV with a 'path' column) with an exported
+    model; writes one CSV row per file to `out`."""
+    if batch_size < 1:
+        raise MedtlError(f"batch_size must be >= 1, got {batch_size}")
+    from medtl.serve.predict import predict_files
+
+    counts = predict_files(model, images, out, batch_size)
+    return PredictResult(out=out, files=counts["files"], predicted=counts["predicted"], errors=counts["errors"])
+
