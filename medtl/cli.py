@@ -344,7 +344,7 @@ def cmd_evaluate(args) -> int:
         return 0
     if not args.records:
         raise MedtlError("--model needs --records: the records folder (from `medtl ingest`) to evaluate it on")
-    from medtl.evaluate.run import evaluate_export
+    from medtl.serve.evaluate import evaluate_export
 
     evaluate_export(args.model, args.records, args.split, args.out, args.overrides)
     return 0

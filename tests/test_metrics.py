@@ -7,7 +7,7 @@ from medtl.config import load_config
 from medtl.errors import ConfigError
 from medtl.evaluate.bootstrap import (bootstrap_distributions, paired_difference, percentile_interval,
                                       resample_weights, weighted_ranking_metrics)
-from medtl.evaluate.metrics import (calibration_bins, expected_calibration_error, operating_metrics,
+from medtl.models.metrics import (calibration_bins, expected_calibration_error, operating_metrics,
                                     summary_metrics)
 from medtl.evaluate.thresholds import choose_threshold, tune_thresholds
 
