@@ -21,9 +21,9 @@ from medtl.data.manifest import Manifest
 from medtl.errors import MedtlError
 from medtl.evaluate import report as rep
 from medtl.evaluate.bootstrap import bootstrap_distributions, percentile_interval
+from medtl.evaluate.thresholds import tune_thresholds
 from medtl.models.metrics import summary_metrics
 from medtl.models.predict import predict_split
-from medtl.evaluate.thresholds import tune_thresholds
 from medtl.train.rundir import RunDir, Thresholds, load_run
 from medtl.utils import fs
 from medtl.utils.log import log

@@ -14,8 +14,8 @@ import numpy as np
 
 from medtl.config import Config
 from medtl.data.manifest import Manifest
-from medtl.models.metrics import ranking_metrics
 from medtl.models.heads import build_head, build_head_top
+from medtl.models.metrics import ranking_metrics
 from medtl.search.cache import SplitFeatures
 from medtl.search.space import Head
 from medtl.tf import tf

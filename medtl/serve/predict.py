@@ -10,8 +10,6 @@ from __future__ import annotations
 import csv
 import os
 
-import numpy as np
-
 from medtl.data import decode
 from medtl.errors import MedtlError
 from medtl.serve.meta import ExportMeta, read_meta
