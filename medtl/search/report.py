@@ -50,6 +50,7 @@ def write_html(path: str, summary: dict, rows: list[dict], plan, importances: di
         [{"parameter": k, "importance": f"{v:.3f}"} for k, v in importances.items()], ["parameter", "importance"])
         if importances else "<p>Not enough scored trials with differing values to estimate importances.</p>")
     cost = summary["cost"]
+    progress = plots.search_progress(rows, plan.rungs, plan.full_epochs)
     text = f"""<!doctype html><html><head><meta charset="utf-8"><title>medtl head search</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:70em}}table{{border-collapse:collapse;font-size:12px}}
 td,th{{border:1px solid #ccc;padding:2px 6px;text-align:left}}</style></head><body>
@@ -62,7 +63,7 @@ Best: <b>{html.escape(summary['best']['head'] if summary['best'] else 'none')}</
 <p>Cost: feature extraction {cost['extraction_seconds']:.1f} s
 ({'this run' if cost['extracted_this_run'] else 'an earlier run; reused'}); head trials
 {cost['trial_seconds']:.1f} s in all, {cost['seconds_per_trial_epoch']:.3f} s per trial epoch on the cache.</p>
-<h2>Progress: val AUROC against cost</h2><img src="data:image/png;base64,{plots.search_progress(rows, plan.rungs, plan.full_epochs)}">
+<h2>Progress: val AUROC against cost</h2><img src="data:image/png;base64,{progress}">
 <h2>Parameter importance</h2>{imp}
 <h2>Leaderboard</h2>{_table(rows, cols)}
 </body></html>"""
