@@ -14,6 +14,7 @@ a final name, and a folder without manifest.json is never mistaken for records.
 from __future__ import annotations
 
 import concurrent.futures as futures
+import contextlib
 import csv
 import io
 import json
@@ -111,6 +112,7 @@ class _ShardWriter:
         self.folder, self.split, self.target = folder, split, target_bytes
         self.shards: list[dict] = []
         self._writer = None
+        self._renamer = contextlib.ExitStack()  # gives the open shard its name when closed
         self._count = self._bytes = 0
 
     def _path(self, index: int) -> str:
@@ -120,7 +122,8 @@ class _ShardWriter:
         from medtl.tf import tf
 
         if self._writer is None:
-            self._writer = tf.io.TFRecordWriter(self._path(len(self.shards)) + ".tmp")
+            tmp = self._renamer.enter_context(fs.atomic_path(self._path(len(self.shards))))
+            self._writer = tf.io.TFRecordWriter(tmp)
             self._count = self._bytes = 0
         self._writer.write(record)
         self._count += 1
@@ -133,8 +136,8 @@ class _ShardWriter:
             return
         self._writer.close()
         self._writer = None
+        self._renamer.close()
         path = self._path(len(self.shards))
-        fs.rename(path + ".tmp", path)
         self.shards.append({"part_file": os.path.basename(path), "records": self._count,
                             "bytes": fs.size(path), "sha256": fs.sha256(path)})
         debug(f"ingest: wrote {path} ({self._count} records, {self.shards[-1]['bytes']} bytes, "
