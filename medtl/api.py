@@ -136,14 +136,13 @@ def synth(out: str, n: int = 1000, seed: int = 0, size: int = 256, dicom: bool =
 
 
 def _ingest_result(records: str, manifest) -> IngestResult:
-    from medtl.data.ingest import MANIFEST
-    from medtl.utils import fs
+    from medtl.data.manifest import manifest_path
 
-    splits = manifest["splits"]
-    return IngestResult(records=records, manifest_path=fs.join(records, MANIFEST), labels=tuple(manifest["labels"]),
-                        split_records={k: v["records"] for k, v in splits.items()},
-                        split_patients={k: v["patients"] for k, v in splits.items()},
-                        quarantined=manifest["quarantined"])
+    splits = manifest.splits
+    return IngestResult(records=records, manifest_path=manifest_path(records), labels=tuple(manifest.labels),
+                        split_records={k: v.records for k, v in splits.items()},
+                        split_patients={k: v.patients for k, v in splits.items()},
+                        quarantined=manifest.quarantined)
 
 
 def ingest(options: IngestOptions) -> IngestResult:
@@ -218,7 +217,8 @@ def evaluate(workdir: str | None = None, *, out: str, model: str | None = None, 
     (`records`), on one split; writes the report folder `out`. None on ranks other than 0."""
     if (workdir is None) == (model is None):
         raise MedtlError("evaluate needs either a run folder (workdir) or an exported model (model), not both")
-    from medtl.evaluate.run import evaluate_export, evaluate_run
+    from medtl.evaluate.run import evaluate_run
+    from medtl.serve.evaluate import evaluate_export
 
     if workdir is not None:
         if records is not None:
@@ -245,10 +245,10 @@ def export(workdir: str, out: str, overrides: typing.Sequence[str] = ()) -> Expo
     from medtl.serve.export import export_run
 
     meta = export_run(workdir, out, list(overrides))
-    names = tuple(meta["label_names"])
-    return ExportResult(out=out, label_names=names, thresholds=dict(zip(names, meta["thresholds"])),
-                        threshold_policy=meta["threshold_policy"], tta=meta["tta"], backbone=meta["backbone"],
-                        image_size=meta["image_size"])
+    names = tuple(meta.label_names)
+    return ExportResult(out=out, label_names=names, thresholds=dict(zip(names, meta.threshold_values)),
+                        threshold_policy=meta.thresholds.policy, tta=meta.tta, backbone=meta.backbone,
+                        image_size=meta.image_size)
 
 
 def predict(model: str, images: str, out: str, batch_size: int = 32) -> PredictResult:

@@ -656,10 +656,9 @@ def dump_config(cfg: Config) -> str:
 
 def save_config(cfg: Config, path: str) -> None:
     """Write the resolved config (atomically) so a run folder records exactly what ran."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(dump_config(cfg))
-    os.replace(tmp, path)
+    from medtl.utils import fs
+
+    fs.write_text_atomic(path, dump_config(cfg))
 
 
 def field_docs(cls: type = Config, prefix: str = "") -> list[tuple[str, str, Any, str]]:

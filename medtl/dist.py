@@ -147,6 +147,13 @@ def broadcast_object(ctx: Context, obj: Any, name: str) -> Any:
     return ctx.hvd.broadcast_object(obj, root_rank=0, name=name)
 
 
+def allgather_objects(ctx: Context, obj: Any, name: str) -> list:
+    """Every rank's Python object, in rank order, on every rank."""
+    if not ctx.distributed:
+        return [obj]
+    return ctx.hvd.allgather_object(obj, name=name)
+
+
 def lr_scale(ctx: Context, policy: str) -> float:
     """Learning-rate multiplier for `ctx.size` ranks: linear (x size), sqrt, or none."""
     if policy == "linear":

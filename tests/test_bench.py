@@ -1,11 +1,11 @@
 """`medtl bench input` end to end, on tiny images and short stages (no figure is judged here)."""
-import json
 import os
 import re
 
 import pytest
 
 from medtl.bench.input import STAGES
+from medtl.data.manifest import read_manifest
 
 from conftest import assert_user_error, run_cli
 
@@ -30,8 +30,8 @@ def test_bench_synthesises_its_source_and_measures_every_stage(tmp_path):
         assert key in r.stdout
     assert "goal >= 0.85" in r.stdout and "goal >= 3" in r.stdout and re.search(r"470 img/s GPU needs .* cores", r.stdout)
     assert "machine: " in r.stdout and "load average before" in r.stdout
-    manifest = json.load(open(work / "records" / "manifest.json"))
-    assert (manifest["image_size"], manifest["bit_depth"], manifest["splits"]["train"]["records"]) == (64, 16, 24)
+    manifest = read_manifest(work / "records")
+    assert (manifest.stored_image_size, manifest.bit_depth, manifest.records("train")) == (64, 16, 24)
     assert len(os.listdir(work / "png")) == 24
 
 

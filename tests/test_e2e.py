@@ -11,6 +11,7 @@ import re
 import pytest
 
 from medtl.config import load_config
+from medtl.data.manifest import read_manifest
 
 from conftest import JOBS, run_cli
 
@@ -26,8 +27,8 @@ def test_demo_end_to_end(tmp_path):
                  "demo 4/4: evaluating the test split"):
         assert step in r.stderr
     records, run, report = out / "records", out / "run", out / "report"
-    manifest = json.load(open(records / "manifest.json"))
-    assert sum(split["records"] for split in manifest["splits"].values()) == 160
+    manifest = read_manifest(records)
+    assert sum(split.records for split in manifest.splits.values()) == 160
     # The resolved config is in the run folder, overrides applied.
     cfg = load_config(str(run / "config.yaml"))
     assert cfg.train.batch_size == 8 and cfg.data.records == str(records) and cfg.seed == 3
@@ -35,12 +36,12 @@ def test_demo_end_to_end(tmp_path):
     assert [(row["phase"], row["epoch"]) for row in rows] == [("head", 0), ("top", 1)]
     for row in rows:
         assert 0.0 <= row["val_auroc"] <= 1.0 and row["loss"] > 0 and row["images_per_second"] > 0
-        assert set(row["val_auroc_per_label"]) == set(manifest["labels"])
+        assert set(row["val_auroc_per_label"]) == set(manifest.labels)
     checkpoints = run / "checkpoints"
     assert {"best.weights.h5", "phase0-head.weights.h5", "phase1-top.weights.h5"} <= set(os.listdir(checkpoints))
 
     metrics = json.load(open(report / "metrics.json"))
-    assert metrics["n"] == manifest["splits"]["test"]["records"]
+    assert metrics["n"] == manifest.records("test")
     assert 0.0 <= metrics["macro"]["auroc"] <= 1.0 and 0.0 <= metrics["micro"]["auroc"] <= 1.0
     for row in metrics["labels"].values():
         assert row["auroc"] is None and row["note"].startswith("n/a") or 0.0 <= row["auroc"] <= 1.0

@@ -13,6 +13,9 @@ import sys
 import numpy as np
 import pytest
 
+from medtl.data.manifest import read_manifest
+from medtl.train.rundir import RunDir
+
 from conftest import JOBS, assert_user_error, run_cli
 
 pytestmark = pytest.mark.slow
@@ -68,19 +71,19 @@ def test_report_has_every_section_and_consistent_numbers(report, run, records, s
     from medtl.evaluate.report import read_predictions
 
     m = _metrics(report)
-    manifest = json.load(open(os.path.join(records, "manifest.json")))
-    labels = manifest["labels"]
-    assert m["n"] == manifest["splits"]["test"]["records"] and m["split"] == "test"
-    assert m["patients"] == manifest["splits"]["test"]["patients"]
+    manifest = read_manifest(records)
+    labels = list(manifest.labels)
+    assert m["n"] == manifest.records("test") and m["split"] == "test"
+    assert m["patients"] == manifest.splits["test"].patients
     assert m["bootstrap"] == {"resamples": 200, "seed": 0, "confidence": 0.95, "unit": "patient"}
-    saved = json.load(open(os.path.join(run, "thresholds.json")))
-    assert saved["policy"] == "youden" and saved["tuned_on"] == "val"
-    assert saved["val_records"] == manifest["splits"]["val"]["records"]
+    saved = RunDir(run).read_thresholds()
+    assert saved.policy == "youden" and saved.tuned_on == "val"
+    assert saved.val_records == manifest.records("val")
     preds = read_predictions(report)
     assert list(preds["label_names"]) == labels and preds["probs"].shape == (m["n"], len(labels))
     for i, name in enumerate(labels):
         row = m["labels"][name]
-        assert row["threshold"] == saved["labels"][name]["threshold"]  # test scored at val's thresholds
+        assert row["threshold"] == saved.labels[name]["threshold"]  # test scored at val's thresholds
         if row["auroc"] is None:
             assert row["note"].startswith("n/a") and row["auroc_ci"] is None
             continue
@@ -115,8 +118,8 @@ def test_threshold_policy_is_tuned_on_val_and_reaches_its_target(run, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "tuning thresholds on val (sensitivity, target 0.8)" in r.stderr
     assert "thresholds were tuned on val" in r.stderr  # the optimism warning
-    saved = json.load(open(run_copy / "thresholds.json"))
-    assert (saved["policy"], saved["target"]) == ("sensitivity", 0.8)
+    saved = RunDir(str(run_copy)).read_thresholds()
+    assert (saved.policy, saved.target) == ("sensitivity", 0.8)
     m = _metrics(tmp_path / "val")
     for row in m["labels"].values():
         if row["positives"]:
@@ -148,16 +151,16 @@ def test_export_round_trip_matches_keras_and_training_pipeline(exported, run, re
     from medtl.data.pipeline import build_dataset
     from medtl.data.records import IMAGE, feature_spec
     from medtl.tf import tf
-    from medtl.train.checkpoints import load_run
+    from medtl.train.rundir import load_run
 
     cfg, manifest, model = load_run(run)
-    saved = json.load(open(os.path.join(run, "thresholds.json")))
+    saved = RunDir(run).read_thresholds()
     loaded = tf.saved_model.load(exported)
     meta = loaded.signatures["metadata"]()
-    assert [n.decode() for n in meta["label_names"].numpy()] == manifest["labels"]
-    thresholds = np.array([saved["labels"][n]["threshold"] for n in manifest["labels"]], np.float32)
+    assert [n.decode() for n in meta["label_names"].numpy()] == list(manifest.labels)
+    thresholds = np.array(saved.values(manifest.labels), np.float32)
     np.testing.assert_array_equal(meta["thresholds"].numpy(), thresholds)
-    assert int(meta["bit_depth"]) == manifest["bit_depth"] and meta["aspect"].numpy().decode() == manifest["aspect"]
+    assert int(meta["bit_depth"]) == manifest.bit_depth and meta["aspect"].numpy().decode() == manifest.aspect
 
     images, _, _ = next(iter(build_dataset(cfg, "test", manifest=manifest, training=False)))
     want = tf.sigmoid(model(images, training=False)).numpy()
@@ -170,14 +173,14 @@ def test_export_round_trip_matches_keras_and_training_pipeline(exported, run, re
     # The stored PNG bytes through the bytes signature give what the training pipeline gives.
     files = sorted(f for f in os.listdir(records) if f.startswith("test-"))
     raw = next(iter(tf.data.TFRecordDataset([os.path.join(records, f) for f in files]).batch(len(images))))
-    pngs = [tf.io.parse_single_example(r, feature_spec(len(manifest["labels"])))[IMAGE] for r in raw]
+    pngs = [tf.io.parse_single_example(r, feature_spec(manifest.num_labels))[IMAGE] for r in raw]
     by_bytes = loaded.signatures["predict_bytes"](image_bytes=tf.stack(pngs))["probabilities"].numpy()
     np.testing.assert_allclose(by_bytes, want, atol=1e-6)
 
 
 def test_predict_png_dicom_and_bad_files(exported, studies, tmp_path):
     from medtl.data.decode import to_stored_png
-    from medtl.serve.export import read_meta
+    from medtl.serve.meta import read_meta
     from medtl.serve.predict import prepare
 
     folder = tmp_path / "new"
@@ -204,14 +207,14 @@ def test_predict_png_dicom_and_bad_files(exported, studies, tmp_path):
     for name in pngs + [f"sub/{d}" for d in dicoms]:
         row = rows[name]
         assert row["status"] == "ok"
-        for label, threshold in zip(meta["label_names"], meta["thresholds"]):
+        for label, threshold in zip(meta.label_names, meta.threshold_values):
             p = float(row[f"{label}_probability"])
             assert 0 <= p <= 1
             if abs(p - threshold) > 1e-6:  # the CSV rounds to 8 decimals
                 assert int(row[f"{label}_decision"]) == int(p >= threshold)
     # predict decodes exactly as ingest does.
     path = str(folder / "sub" / dicoms[0])
-    stored = to_stored_png(path, meta["stored_image_size"], meta["bit_depth"], meta["aspect"])[0]
+    stored = to_stored_png(path, meta.stored_image_size, meta.bit_depth, meta.aspect)[0]
     assert prepare(path, meta)[0] == stored
     # No identifier planted in the DICOMs (names, MRNs) reaches the output or the log.
     text = open(tmp_path / "preds.csv").read() + r.stderr
@@ -222,7 +225,7 @@ def test_predict_png_dicom_and_bad_files(exported, studies, tmp_path):
     r = run_cli("predict", "--model", exported, "--images", listing, "--out", tmp_path / "p2.csv")
     assert r.returncode == 0, r.stderr
     again = list(csv.DictReader(open(tmp_path / "p2.csv")))
-    label = meta["label_names"][0]
+    label = meta.label_names[0]
     assert [row[f"{label}_probability"] for row in again] == [rows[n][f"{label}_probability"] for n in pngs[:2]]
 
 

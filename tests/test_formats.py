@@ -1,6 +1,5 @@
 """Public dataset layouts: CheXpert (uncertainty policies, masks), multihot CSV, MedMNIST .npz, split files."""
 import csv
-import json
 import os
 
 import cv2
@@ -8,6 +7,7 @@ import numpy as np
 import pytest
 
 from medtl.data.deid import load_salt, salted_hash
+from medtl.data.manifest import read_manifest
 from medtl.data.records import KEY, LABELS, MASK, feature_spec
 from medtl.tf import tf
 
@@ -64,9 +64,9 @@ def test_chexpert_uncertainty_and_blank_policies(tmp_path, uncertain, blank):
                 "--image-size", 32, "--uncertain", uncertain, "--blank", blank, "--val-fraction", 0.2,
                 "--test-fraction", 0.2)
     assert r.returncode == 0, r.stderr
-    manifest = json.load(open(out / "manifest.json"))
+    manifest = read_manifest(out)
     names = CHEXPERT_HEADER[5:]
-    assert manifest["labels"] == names and manifest["uncertain"] == uncertain
+    assert list(manifest.labels) == names and manifest.uncertain == uncertain
     records = _records(out, len(names))
     salt = load_salt()
     assert len(records) == len(rows)
@@ -82,7 +82,7 @@ def test_chexpert_uncertainty_and_blank_policies(tmp_path, uncertain, blank):
             else:
                 assert (y, m) == ((0, 0) if blank == "mask" else (0, 1))
     # Both studies of a patient land in one split.
-    assert sum(manifest["splits"][s]["patients"] for s in ("train", "val", "test")) == len(rows) // 2
+    assert sum(manifest.splits[s].patients for s in ("train", "val", "test")) == len(rows) // 2
 
 
 def test_chexpert_label_selection_and_bad_values(tmp_path):
@@ -94,7 +94,7 @@ def test_chexpert_label_selection_and_bad_values(tmp_path):
                 "--image-size", 32, "--label-names", "Cardiomegaly,Edema", "--max-bad-fraction", 0.2,
                 "--val-fraction", 0, "--test-fraction", 0)
     assert r.returncode == 0, r.stderr
-    assert json.load(open(out / "manifest.json"))["labels"] == ["Cardiomegaly", "Edema"]
+    assert read_manifest(out).labels == ("Cardiomegaly", "Edema")
     quarantine = (out / "quarantine.csv").read_text()
     assert f"{rows[3][0]},bad_label_value" in quarantine and "Cardiomegaly='maybe'" in quarantine
     r = run_cli("ingest", "--images", root, "--labels", root / "train.csv", "--format", "chexpert", "--out", out,
@@ -123,9 +123,9 @@ def test_multihot_csv_with_blank_as_mask(tmp_path):
         labels, mask = records[salted_hash(salt, row["filename"])]
         assert labels[0] == int(row["a"]) and mask[0] == 1
         assert (labels[1], mask[1]) == ((0, 0) if row["b"] == "" else (1, 1))
-    manifest = json.load(open(out / "manifest.json"))
-    assert sum(manifest["splits"][s]["patients"] for s in manifest["splits"]) == 8
-    assert sum(manifest["splits"][s]["masked"]["b"] for s in manifest["splits"]) == 5
+    manifest = read_manifest(out)
+    assert sum(info.patients for info in manifest.splits.values()) == 8
+    assert sum(info.masked["b"] for info in manifest.splits.values()) == 5
 
 
 def _medmnist(path, n=(30, 6, 9), classes=None):
@@ -145,10 +145,10 @@ def test_medmnist_keeps_its_splits_and_labels(tmp_path):
     r = run_cli("ingest", "--format", "medmnist", "--images", tmp_path / "chestmnist.npz", "--out", out,
                 "--image-size", 32, "--bit-depth", 8)
     assert r.returncode == 0, r.stderr
-    manifest = json.load(open(out / "manifest.json"))
-    assert manifest["labels"][:3] == ["Atelectasis", "Cardiomegaly", "Effusion"] and len(manifest["labels"]) == 14
-    assert {s: manifest["splits"][s]["records"] for s in ("train", "val", "test")} == {"train": 30, "val": 6, "test": 9}
-    assert manifest["split_source"] == "given"
+    manifest = read_manifest(out)
+    assert manifest.labels[:3] == ("Atelectasis", "Cardiomegaly", "Effusion") and manifest.num_labels == 14
+    assert {s: manifest.records(s) for s in ("train", "val", "test")} == {"train": 30, "val": 6, "test": 9}
+    assert manifest.split_source == "given"
     records = _records(out, 14)
     salt = load_salt()
     for i in range(9):
@@ -179,10 +179,10 @@ def test_split_file_is_honoured_and_checked(studies, tmp_path):
     r = run_cli("ingest", "--images", os.path.join(studies, "images"), "--labels", os.path.join(studies, "labels.csv"),
                 "--out", out, "--image-size", 32, "--split-file", tmp_path / "splits.csv")
     assert r.returncode == 0, r.stderr
-    manifest = json.load(open(out / "manifest.json"))
+    manifest = read_manifest(out)
     expected = {s: sum(1 for r in table if ("train", "val", "test")[patients.index(r["Patient ID"]) % 3] == s)
                 for s in ("train", "val", "test")}
-    assert {s: manifest["splits"][s]["records"] for s in expected} == expected
+    assert {s: manifest.records(s) for s in expected} == expected
     # A per-file split that separates a patient's images is refused.
     multi = next(p for p in patients if sum(r["Patient ID"] == p for r in table) > 1)
     first_patient = [r["Image Index"] for r in table if r["Patient ID"] == multi]

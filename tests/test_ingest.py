@@ -1,7 +1,6 @@
 """Ingest: patient-level split, manifest counts, determinism, quarantine of unusable inputs."""
 import csv
 import hashlib
-import json
 import os
 import shutil
 
@@ -9,6 +8,7 @@ import numpy as np
 import pytest
 
 from medtl.data.ingest import IngestOptions, ingest
+from medtl.data.manifest import read_manifest
 from medtl.data.records import KEY, LABELS, PATIENT, feature_spec
 from medtl.errors import MedtlError
 from medtl.tf import tf
@@ -21,64 +21,59 @@ def _read(path, num_labels):
     return [tf.io.parse_single_example(r, spec) for r in tf.data.TFRecordDataset(path)]
 
 
-def _manifest(records):
-    with open(os.path.join(records, "manifest.json")) as fh:
-        return json.load(fh)
-
-
 def test_no_patient_in_two_splits(records):
-    manifest = _manifest(records)
+    manifest = read_manifest(records)
     patients = {}
-    for split, info in manifest["splits"].items():
+    for split, info in manifest.splits.items():
         patients[split] = set()
-        for shard in info["shards"]:
-            for ex in _read(os.path.join(records, shard["file"]), len(manifest["labels"])):
+        for shard in info.shards:
+            for ex in _read(os.path.join(records, shard.file), manifest.num_labels):
                 patients[split].add(ex[PATIENT].numpy())
-        assert len(patients[split]) == info["patients"]
+        assert len(patients[split]) == info.patients
     assert not patients["train"] & patients["val"]
     assert not patients["train"] & patients["test"]
     assert not patients["val"] & patients["test"]
 
 
 def test_manifest_lists_every_shard_with_true_counts(records):
-    manifest = _manifest(records)
+    manifest = read_manifest(records)
     on_disk = sorted(f for f in os.listdir(records) if f.endswith(".tfrecord"))
-    listed = sorted(s["file"] for info in manifest["splits"].values() for s in info["shards"])
+    listed = sorted(s.file for info in manifest.splits.values() for s in info.shards)
     assert on_disk == listed
     total = 0
-    for split, info in manifest["splits"].items():
-        assert len(info["shards"]) > 1, "small --shard-mb should give several shards"
-        for i, shard in enumerate(info["shards"]):
-            assert shard["file"] == f"{split}-{i:05d}-of-{len(info['shards']):05d}.tfrecord"
-            path = os.path.join(records, shard["file"])
-            examples = _read(path, len(manifest["labels"]))
-            assert len(examples) == shard["records"]
-            assert os.path.getsize(path) == shard["bytes"]
-            assert hashlib.sha256(open(path, "rb").read()).hexdigest() == shard["sha256"]
-        assert sum(s["records"] for s in info["shards"]) == info["records"]
-        total += info["records"]
+    for split, info in manifest.splits.items():
+        assert len(info.shards) > 1, "small --shard-mb should give several shards"
+        for i, shard in enumerate(info.shards):
+            assert shard.file == f"{split}-{i:05d}-of-{len(info.shards):05d}.tfrecord"
+            path = os.path.join(records, shard.file)
+            examples = _read(path, manifest.num_labels)
+            assert len(examples) == shard.records
+            assert os.path.getsize(path) == shard.bytes
+            assert hashlib.sha256(open(path, "rb").read()).hexdigest() == shard.sha256
+        assert sum(s.records for s in info.shards) == info.records
+        total += info.records
     assert total == 240
-    assert manifest["labels"] == sorted(manifest["labels"])
-    assert manifest["image_size"] == 64 and manifest["bit_depth"] == 16
+    assert list(manifest.labels) == sorted(manifest.labels)
+    assert manifest.stored_image_size == 64 and manifest.bit_depth == 16
 
 
 def test_prevalence_matches_the_records(records):
-    manifest = _manifest(records)
-    names = manifest["labels"]
-    for split, info in manifest["splits"].items():
-        labels = np.array([ex[LABELS].numpy() for s in info["shards"]
-                           for ex in _read(os.path.join(records, s["file"]), len(names))])
+    manifest = read_manifest(records)
+    names = manifest.labels
+    for split, info in manifest.splits.items():
+        labels = np.array([ex[LABELS].numpy() for s in info.shards
+                           for ex in _read(os.path.join(records, s.file), len(names))])
         for i, name in enumerate(names):
-            assert info["positives"][name] == int(labels[:, i].sum())
-            assert info["prevalence"][name] == pytest.approx(labels[:, i].mean(), abs=1e-5)
+            assert info.positives[name] == int(labels[:, i].sum())
+            assert info.prevalence[name] == pytest.approx(labels[:, i].mean(), abs=1e-5)
 
 
 def test_identifiers_are_salted_hashes(records, studies):
-    manifest = _manifest(records)
+    manifest = read_manifest(records)
     with open(os.path.join(studies, "labels.csv"), newline="") as fh:
         ids = {r["Patient ID"] for r in csv.DictReader(fh)}
-    shard = manifest["splits"]["train"]["shards"][0]
-    for ex in _read(os.path.join(records, shard["file"]), len(manifest["labels"])):
+    shard = manifest.splits["train"].shards[0]
+    for ex in _read(os.path.join(records, shard.file), manifest.num_labels):
         patient = ex[PATIENT].numpy().decode()
         assert len(patient) == 20 and patient not in ids
         assert not ex[KEY].numpy().decode().endswith(".png")
@@ -102,7 +97,7 @@ def test_split_seed_changes_assignment(studies, tmp_path):
     for seed in (1, 2):
         m = ingest(IngestOptions(images=os.path.join(studies, "images"), labels=os.path.join(studies, "labels.csv"),
                                  out=str(tmp_path / str(seed)), image_size=32, seed=seed, progress=False))
-        counts.append({k: v["records"] for k, v in m["splits"].items()})
+        counts.append({k: v.records for k, v in m.splits.items()})
     assert sum(counts[0].values()) == sum(counts[1].values()) == 240
 
 
@@ -128,8 +123,8 @@ def test_missing_image_is_quarantined_and_fails_above_the_threshold(studies, tmp
         rows = list(csv.DictReader(fh))
     assert rows == [{"file": first, "reason": "missing_file",
                      "message": "listed in the labels table but not found on disk"}]
-    assert manifest["quarantined"] == 1
-    assert sum(s["records"] for s in manifest["splits"].values()) == 239
+    assert manifest.quarantined == 1
+    assert sum(s.records for s in manifest.splits.values()) == 239
 
 
 def test_image_on_disk_but_not_in_table_is_quarantined(studies, tmp_path):

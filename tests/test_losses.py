@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from medtl.config import LossConfig
+from medtl.data.manifest import Manifest, SplitInfo
 from medtl.errors import MedtlError
 from medtl.models.losses import AsymmetricLoss, FocalLoss, MaskedBCE, build_loss, positive_weights
 from medtl.tf import tf
@@ -70,11 +71,16 @@ def test_masked_labels_give_no_gradient():
     assert grad[0, 0] != 0 and grad[0, 1] == 0
 
 
+def _manifest(prevalence: dict) -> Manifest:
+    return Manifest(labels=tuple(prevalence), stored_image_size=32, bit_depth=16,
+                    splits={"train": SplitInfo(prevalence=prevalence)})
+
+
 def test_positive_weights_from_manifest():
-    manifest = {"labels": ["a", "b"], "splits": {"train": {"prevalence": {"a": 0.2, "b": 0.001}}}}
+    manifest = _manifest({"a": 0.2, "b": 0.001})
     np.testing.assert_allclose(positive_weights(manifest, 50.0), [4.0, 50.0])
     loss = build_loss(LossConfig(name="weighted_bce", max_pos_weight=10.0), manifest)
     assert loss.pos_weight == [4.0, 10.0]
-    manifest["splits"]["train"]["prevalence"]["b"] = 0.0
+    manifest = _manifest({"a": 0.2, "b": 0.0})
     with pytest.raises(MedtlError, match="label 'b' has no positives"):
         positive_weights(manifest, 50.0)

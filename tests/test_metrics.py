@@ -7,9 +7,9 @@ from medtl.config import load_config
 from medtl.errors import ConfigError
 from medtl.evaluate.bootstrap import (bootstrap_distributions, paired_difference, percentile_interval,
                                       resample_weights, weighted_ranking_metrics)
-from medtl.evaluate.metrics import (calibration_bins, expected_calibration_error, operating_metrics,
-                                    summary_metrics)
 from medtl.evaluate.thresholds import choose_threshold, tune_thresholds
+from medtl.models.metrics import (calibration_bins, expected_calibration_error, operating_metrics,
+                                  summary_metrics)
 
 # One label, four records: sorted by score 0.1(-) 0.35(+) 0.4(-) 0.8(+).
 Y = np.array([0, 0, 1, 1])

@@ -2,7 +2,6 @@
 seeded augmentation, masks through to the loss, caches, and shards that do not match the manifest."""
 import glob
 import hashlib
-import json
 import os
 
 import numpy as np
@@ -11,6 +10,7 @@ import pytest
 from medtl.config import load_config
 from medtl.data import pipeline
 from medtl.data.decode import encode_png
+from medtl.data.manifest import Manifest, Shard, SplitInfo, read_manifest, write_manifest
 from medtl.data.pipeline import build_dataset, pipeline_errors, plan_shards
 from medtl.data.records import encode_example, shard_name
 from medtl.errors import MedtlError
@@ -40,7 +40,7 @@ def mask_of(index: int) -> list[int]:
 
 
 def write_records(out, shards: dict[str, list[int]], size: int = 32, num_labels: int = NUM_LABELS,
-                  bad_shard: tuple[str, int] | None = None, bad: dict | None = None) -> dict:
+                  bad_shard: tuple[str, int] | None = None, bad: dict | None = None) -> Manifest:
     """Shards in `medtl ingest`'s layout: shards[split] lists records per shard; indices run on
     across splits. `bad` (image_size / num_labels) applies to the records of `bad_shard`."""
     os.makedirs(out, exist_ok=True)
@@ -59,13 +59,12 @@ def write_records(out, shards: dict[str, list[int]], size: int = 32, num_labels:
                     writer.write(encode_example(png, labels, mask, "p", str(index)))
                     index += 1
             path = os.path.join(out, name)
-            files.append({"file": name, "records": count, "bytes": os.path.getsize(path),
-                          "sha256": hashlib.sha256(open(path, "rb").read()).hexdigest()})
-        splits[split] = {"records": sum(counts), "shards": files}
-    manifest = {"labels": [f"L{i}" for i in range(num_labels)], "image_size": size, "bit_depth": 16,
-                "channels": 1, "splits": splits}
-    with open(os.path.join(out, "manifest.json"), "w") as fh:
-        json.dump(manifest, fh)
+            files.append(Shard(file=name, records=count, bytes=os.path.getsize(path),
+                               sha256=hashlib.sha256(open(path, "rb").read()).hexdigest()))
+        splits[split] = SplitInfo(records=sum(counts), shards=tuple(files))
+    manifest = Manifest(labels=tuple(f"L{i}" for i in range(num_labels)), stored_image_size=size, bit_depth=16,
+                        channels=1, splits=splits)
+    write_manifest(str(out), manifest)
     return manifest
 
 
@@ -124,7 +123,7 @@ def test_eval_reads_every_record_once_in_shard_order(small):
 @pytest.mark.parametrize("num_ranks, by_file", [(2, True), (3, False), (5, False)])
 def test_eval_ranks_are_disjoint_and_cover_the_split(small, num_ranks, by_file):
     cfg = cfg_for(small)
-    manifest = json.load(open(small / "manifest.json"))
+    manifest = read_manifest(str(small))
     files = pipeline.shard_paths(str(small), manifest, "val")
     assert plan_shards(manifest, "val", files, 0, num_ranks, training=False)[1] == (len(files) >= num_ranks)
     per_rank = [[index_of(im) for b in build_dataset(cfg, "val", r, num_ranks) for im in b[0].numpy()]
@@ -138,7 +137,7 @@ def test_training_ranks_are_disjoint_and_cover_the_split(small, num_ranks, by_fi
     # 4 shards of 5: 2 ranks split them evenly (by file); 3 ranks would get 10/5/5 records and
     # 5 ranks are more than the shards (by record).
     cfg = cfg_for(small, "data.augment=[]", "train.batch_size=1")
-    manifest = json.load(open(small / "manifest.json"))
+    manifest = read_manifest(str(small))
     files = pipeline.shard_paths(str(small), manifest, "train")
     assert plan_shards(manifest, "train", files, 0, num_ranks, training=True)[1] is by_file
     owned = []
@@ -209,8 +208,8 @@ def test_masked_labels_contribute_no_gradient(tmp_path):
 
     out = tmp_path / "masked"
     manifest = write_records(out, {"train": [8], "val": [2]})
-    for shard in manifest["splits"]["train"]["shards"]:  # rewrite with label 1 positive and masked
-        with tf.io.TFRecordWriter(str(out / shard["file"])) as writer:
+    for shard in manifest.splits["train"].shards:  # rewrite with label 1 positive and masked
+        with tf.io.TFRecordWriter(str(out / shard.file)) as writer:
             for i in range(8):
                 png = encode_png(record_image(i, 32), 16)
                 writer.write(encode_example(png, [i % 2, 1, 0], [1, 0, 1], "p", str(i)))

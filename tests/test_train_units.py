@@ -11,9 +11,9 @@ from medtl.config import load_config
 from medtl.models.build import build_model, get_base
 from medtl.tf import tf
 from medtl.train import callbacks as cb
-from medtl.train import checkpoints as ckpt
 from medtl.train.loop import build_optimizer, build_schedule
 from medtl.train.phases import apply_phase, check_phases_trainable
+from medtl.train.rundir import RunDir, RunState
 
 from conftest import JOBS
 
@@ -83,10 +83,10 @@ def test_phase_tracker_early_stopping_and_commit(tmp_path):
     os.makedirs(tmp_path / "checkpoints")
     model = tf.keras.Sequential([tf.keras.layers.Dense(1, input_shape=(2,))])
     model.compile("adam", "mse")
-    state = ckpt.RunState()
+    state = RunState()
     guard = cb.NonFiniteGuard(5)
     metrics = type("M", (), {"extra": {"ranks": 1}})()
-    tracker = cb.PhaseTracker(dist.Context(), str(tmp_path), cfg.phases[0], 0, 0, state, metrics, guard, keep=2)
+    tracker = cb.PhaseTracker(dist.Context(), RunDir(str(tmp_path)), cfg.phases[0], 0, 0, state, metrics, guard, keep=2)
     tracker.set_model(model)
     for epoch, auroc in enumerate([0.6, 0.7, 0.65, 0.64]):
         model.stop_training = False
@@ -108,4 +108,4 @@ def test_state_pointer_never_names_a_missing_file(tmp_path):
     from medtl.errors import MedtlError
 
     with pytest.raises(MedtlError, match="names epoch-0007.weights.h5, which is missing"):
-        ckpt.read_state(str(tmp_path))
+        RunDir(str(tmp_path)).read_state()

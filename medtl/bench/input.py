@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from medtl.config import load_config
+from medtl.data.manifest import Manifest
 from medtl.errors import MedtlError
 from medtl.utils.log import log
 
@@ -102,7 +103,7 @@ def make_source(work: str, n: int, size: int) -> str:
     return records
 
 
-def export_pngs(cfg, manifest: dict, out: str, limit: int) -> list[str]:
+def export_pngs(cfg, manifest: Manifest, out: str, limit: int) -> list[str]:
     """The first `limit` train records' stored PNG bytes, as files (what the naive loaders read)."""
     from medtl.data.pipeline import build_parse_fn, build_records, shard_paths
 
@@ -140,7 +141,7 @@ def pil_batches(paths: list[str], size: int, batch_size: int):
         yield len(np.stack(batch))  # (batch, size, size)
 
 
-def stage_streams(cfg, manifest: dict, pngs: list[str], alternatives: bool = False) -> dict:
+def stage_streams(cfg, manifest: Manifest, pngs: list[str], alternatives: bool = False) -> dict:
     """{stage: a function returning an endless iterator of batch sizes}, stages as in STAGES
     (and ALTERNATIVES)."""
     import dataclasses
@@ -173,7 +174,7 @@ def stage_streams(cfg, manifest: dict, pngs: list[str], alternatives: bool = Fal
     return streams
 
 
-def _alternative_stream(cfg, manifest: dict, per_image_fn=None, batch_fn=None):
+def _alternative_stream(cfg, manifest: Manifest, per_image_fn=None, batch_fn=None):
     """build_dataset's training stream with its augmentation step swapped for an alternative."""
     from medtl.data.pipeline import AUTOTUNE, build_decoded, build_model_input_fn
 
@@ -334,18 +335,18 @@ def run_bench(opt: BenchOptions) -> dict:
 
 
 def _run(opt: BenchOptions, work: str) -> dict:
-    from medtl.data.ingest import read_manifest
+    from medtl.data.manifest import read_manifest
 
     records = opt.records or make_source(work, opt.n, opt.source_size)
     records = records if "://" in records else os.path.abspath(records)
     manifest = read_manifest(records)
-    count = int(manifest["splits"].get("train", {}).get("records", 0))
+    count = manifest.records("train") if "train" in manifest.splits else 0
     if count < opt.batch_size:
         raise MedtlError(f"{records} has {count} train records, fewer than one batch of {opt.batch_size}; "
                          "point --records at a bigger ingest or lower --batch-size")
     cfg = _config(records, opt)
     pngs = export_pngs(cfg, manifest, os.path.join(work, "png"), opt.max_png)
-    header = [f"medtl bench input: {opt.image_size} px from {manifest['image_size']} px {manifest['bit_depth']}-bit "
+    header = [f"medtl bench input: {opt.image_size} px from {manifest.stored_image_size} px {manifest.bit_depth}-bit "
               f"shards ({count} train records in {records}; (d) and (e) read {len(pngs)} of them as PNG files), "
               f"batch {opt.batch_size}",
               f"machine: {_machine()}; load average before: {_load()}",

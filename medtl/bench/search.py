@@ -46,7 +46,7 @@ def run(cfg: Config, space_path: str, records: str | None, n: int, trial_epochs:
         keep: str | None) -> dict:
     from medtl import dist
     from medtl.bench.train import _records
-    from medtl.data.ingest import read_manifest
+    from medtl.data.manifest import read_manifest
     from medtl.search.cache import ensure_cache, load_split
     from medtl.search.run import run_search
     from medtl.search.space import Head, defaults_from, load_space

@@ -13,7 +13,6 @@ Epoch 1 (tracing) is excluded; the median of the other epochs counts.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 import statistics
@@ -25,6 +24,7 @@ import time
 import numpy as np
 
 from medtl.config import Config, save_config
+from medtl.data.manifest import Manifest, manifest_path
 from medtl.utils.log import log
 
 
@@ -33,7 +33,7 @@ def _records(root: str, cfg: Config, n: int) -> str:
     from medtl.data.synth import synthesize
 
     studies, records = os.path.join(root, "studies"), os.path.join(root, "records")
-    if not os.path.exists(os.path.join(records, "manifest.json")):
+    if not os.path.exists(manifest_path(records)):
         log(f"bench train: writing {n} synthetic studies and ingesting them at {cfg.data.image_size} px")
         synthesize(studies, n, seed=0, size=max(96, cfg.data.image_size))
         ingest(IngestOptions(images=os.path.join(studies, "images"), labels=os.path.join(studies, "labels.csv"),
@@ -49,8 +49,9 @@ def _one_phase(cfg: Config, records: str, epochs: int, phase_index: int, **train
 
 
 def _history_rate(workdir: str) -> float:
-    with open(os.path.join(workdir, "history.jsonl")) as fh:
-        rates = [json.loads(line)["images_per_second"] for line in fh]
+    from medtl.train.rundir import RunDir
+
+    rates = [row["images_per_second"] for row in RunDir(workdir).read_history()]
     return statistics.median(rates[1:]) if len(rates) > 1 else rates[0]
 
 
@@ -61,7 +62,7 @@ def medtl_rate(cfg: Config, workdir: str) -> float:
     return _history_rate(workdir)
 
 
-def plain_fit_rate(cfg: Config, manifest: dict) -> float:
+def plain_fit_rate(cfg: Config, manifest: Manifest) -> float:
     """A plain Keras model (default train step) fitted on random in-memory tensors."""
     from medtl.models.build import build_model, set_precision
     from medtl.models.losses import build_loss
@@ -70,15 +71,15 @@ def plain_fit_rate(cfg: Config, manifest: dict) -> float:
     from medtl.train.phases import apply_phase
 
     set_precision(cfg.train.precision)
-    classifier = build_model(cfg, len(manifest["labels"]))
+    classifier = build_model(cfg, manifest.num_labels)
     phase = cfg.phases[0]
     apply_phase(classifier, cfg, phase)
     model = tf.keras.Model(classifier.inputs, classifier.outputs)
-    steps = manifest["splits"]["train"]["records"] // cfg.train.batch_size
+    steps = manifest.records("train") // cfg.train.batch_size
     model.compile(optimizer=build_optimizer(phase, phase.learning_rate, steps), loss=build_loss(cfg.train.loss, manifest))
     rng = np.random.default_rng(0)
     n = steps * cfg.train.batch_size
-    size, channels, labels = cfg.data.image_size, cfg.data.channels, len(manifest["labels"])
+    size, channels, labels = cfg.data.image_size, cfg.data.channels, manifest.num_labels
     x = rng.uniform(0, 255, (n, size, size, channels)).astype(np.float32)
     y = rng.integers(0, 2, (n, labels)).astype(np.float32)
     # The ideal input: batches already in memory, one iterator for all epochs.
@@ -118,7 +119,7 @@ def scaling_rates(cfg: Config, root: str) -> dict[int, float]:
 
 def run(cfg: Config, records: str | None, epochs: int, n: int, scaling: bool, keep: str | None,
         phase_index: int = -1) -> dict:
-    from medtl.data.ingest import read_manifest
+    from medtl.data.manifest import read_manifest
 
     root = keep or tempfile.mkdtemp(prefix="medtl-bench-train-")
     records = records or _records(root, cfg, n)
@@ -137,7 +138,7 @@ def run(cfg: Config, records: str | None, epochs: int, n: int, scaling: bool, ke
     phase = one.phases[0]
     lines = [f"bench train: {cfg.model.backbone} {cfg.data.image_size} px, batch {cfg.train.batch_size}, "
              f"phase '{phase.name}' (trainable {phase.trainable.to_yaml()}), {cfg.train.precision}, "
-             f"{manifest['splits']['train']['records']} train records, median of epochs 2-{epochs}, "
+             f"{manifest.records('train')} train records, median of epochs 2-{epochs}, "
              f"{os.cpu_count()} CPU cores",
              f"  medtl train (tf.data + train step + callbacks): {medtl:8.1f} images/s",
              f"  plain model.fit on in-memory tensors:           {plain:8.1f} images/s",

@@ -14,6 +14,7 @@ a final name, and a folder without manifest.json is never mistaken for records.
 from __future__ import annotations
 
 import concurrent.futures as futures
+import contextlib
 import csv
 import io
 import json
@@ -26,15 +27,14 @@ import numpy as np
 
 import medtl
 from medtl.data import decode, deid, splits, tables
+from medtl.data.manifest import PARTS_DIR, Manifest, Shard, SplitInfo, remove_manifest, write_manifest
 from medtl.errors import MedtlError
 from medtl.utils import fs
 from medtl.utils.log import debug, log
 from medtl.utils.progress import Progress
 
 SPLITS = ("train", "val", "test")
-MANIFEST = "manifest.json"
 QUARANTINE = "quarantine.csv"
-PARTS = ".parts"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
 FINAL_SHARD = re.compile(r"^(train|val|test)-\d{5}-of-\d{5}\.tfrecord$")
 
@@ -112,6 +112,7 @@ class _ShardWriter:
         self.folder, self.split, self.target = folder, split, target_bytes
         self.shards: list[dict] = []
         self._writer = None
+        self._renamer = contextlib.ExitStack()  # gives the open shard its name when closed
         self._count = self._bytes = 0
 
     def _path(self, index: int) -> str:
@@ -121,7 +122,8 @@ class _ShardWriter:
         from medtl.tf import tf
 
         if self._writer is None:
-            self._writer = tf.io.TFRecordWriter(self._path(len(self.shards)) + ".tmp")
+            tmp = self._renamer.enter_context(fs.atomic_path(self._path(len(self.shards))))
+            self._writer = tf.io.TFRecordWriter(tmp)
             self._count = self._bytes = 0
         self._writer.write(record)
         self._count += 1
@@ -134,8 +136,8 @@ class _ShardWriter:
             return
         self._writer.close()
         self._writer = None
+        self._renamer.close()
         path = self._path(len(self.shards))
-        fs.rename(path + ".tmp", path)
         self.shards.append({"part_file": os.path.basename(path), "records": self._count,
                             "bytes": fs.size(path), "sha256": fs.sha256(path)})
         debug(f"ingest: wrote {path} ({self._count} records, {self.shards[-1]['bytes']} bytes, "
@@ -278,7 +280,7 @@ def _plan(opt: IngestOptions) -> _Plan:
 
 
 def _part_dir(out: str, worker_index: int, num_workers: int) -> str:
-    return fs.join(out, PARTS, f"worker-{worker_index:05d}-of-{num_workers:05d}")
+    return fs.join(out, PARTS_DIR, f"worker-{worker_index:05d}-of-{num_workers:05d}")
 
 
 def ingest_part(opt: IngestOptions, worker_index: int = 0, num_workers: int = 1) -> dict:
@@ -338,7 +340,7 @@ def ingest_part(opt: IngestOptions, worker_index: int = 0, num_workers: int = 1)
 # ----------------------------------------------------------------------------- finalize
 
 
-def finalize(opt: IngestOptions, num_workers: int) -> dict:
+def finalize(opt: IngestOptions, num_workers: int) -> Manifest:
     """Merge the k parts: final shard names, manifest.json (written last) and quarantine.csv."""
     parts = []
     missing = []
@@ -349,16 +351,16 @@ def finalize(opt: IngestOptions, num_workers: int) -> dict:
         else:
             parts.append(json.loads(fs.read_text(path)))
     if missing:
-        others = sorted({m.group(1) for name in fs.listdir(fs.join(opt.out, PARTS))
+        others = sorted({m.group(1) for name in fs.listdir(fs.join(opt.out, PARTS_DIR))
                          if (m := re.match(r"worker-\d{5}-of-(\d{5})$", name)) and int(m.group(1)) != num_workers})
         hint = f" (parts of a {int(others[0])}-worker ingest are there: pass --num-workers {int(others[0])})" if others else ""
         raise MedtlError(f"ingest parts {', '.join(map(str, missing))} of {num_workers} are missing or unfinished in "
-                         f"{fs.join(opt.out, PARTS)}{hint}; re-run those workers "
+                         f"{fs.join(opt.out, PARTS_DIR)}{hint}; re-run those workers "
                          f"(--worker-index N --num-workers {num_workers})")
     labels = parts[0]["labels"]
     if any(p["labels"] != labels for p in parts):
         raise MedtlError(f"ingest parts in {opt.out} disagree on the label list; re-run all workers with the same inputs")
-    fs.remove(fs.join(opt.out, MANIFEST))  # no manifest while shards are being renamed
+    remove_manifest(opt.out)  # no manifest while shards are being renamed
     manifest_splits = {}
     final_names = set()
     for split in SPLITS:
@@ -371,50 +373,49 @@ def finalize(opt: IngestOptions, num_workers: int) -> dict:
             src = fs.join(_part_dir(opt.out, p["worker_index"], num_workers), shard["part_file"])
             fs.rename(src, fs.join(opt.out, name))
             final_names.add(name)
-            entries.append({"file": name, "records": shard["records"], "bytes": shard["bytes"],
-                            "sha256": shard["sha256"]})
+            entries.append(Shard(file=name, records=shard["records"], bytes=shard["bytes"], sha256=shard["sha256"]))
         positives = np.sum([p["splits"][split]["positives"] for p in parts], axis=0)
         known = np.sum([p["splits"][split]["known"] for p in parts], axis=0)
-        records = sum(e["records"] for e in entries)
-        manifest_splits[split] = {
-            "records": records,
-            "patients": sum(p["splits"][split]["patients"] for p in parts),
-            "positives": dict(zip(labels, map(int, positives))),
-            "masked": {n: records - int(k) for n, k in zip(labels, known)},
-            "prevalence": {n: round(int(pos) / int(k), 6) if k else None for n, pos, k in zip(labels, positives, known)},
-            "shards": entries,
-        }
+        records = sum(e.records for e in entries)
+        manifest_splits[split] = SplitInfo(
+            records=records,
+            patients=sum(p["splits"][split]["patients"] for p in parts),
+            positives=dict(zip(labels, map(int, positives))),
+            masked={n: records - int(k) for n, k in zip(labels, known)},
+            prevalence={n: round(int(pos) / int(k), 6) if k else None for n, pos, k in zip(labels, positives, known)},
+            shards=tuple(entries),
+        )
     for stale in fs.listdir(opt.out):  # shards of an earlier ingest that this one does not list
         if FINAL_SHARD.match(stale) and stale not in final_names:
             fs.remove(fs.join(opt.out, stale))
     quarantine = sorted(q for p in parts for q in p["quarantine"])
-    manifest = {
-        "medtl_version": medtl.__version__,
-        "format": opt.format,
-        "labels": labels,
-        "image_size": opt.image_size,
-        "bit_depth": opt.bit_depth,
-        "channels": 1,
-        "aspect": opt.aspect,
-        "frame": opt.frame,
-        "uncertain": opt.uncertain if opt.format == "chexpert" else None,
-        "blank": opt.blank if opt.format in ("chexpert", "multihot") else None,
-        "fields": sorted(opt.keep_fields),
-        "split_seed": opt.seed,
-        "split_source": "file" if opt.split_file else "given" if opt.format == "medmnist" else "stratified",
-        "val_fraction": opt.val_fraction,
-        "test_fraction": opt.test_fraction,
-        "quarantined": len(quarantine),
-        "splits": manifest_splits,
-    }
+    manifest = Manifest(
+        medtl_version=medtl.__version__,
+        format=opt.format,
+        labels=tuple(labels),
+        stored_image_size=opt.image_size,
+        bit_depth=opt.bit_depth,
+        channels=1,
+        aspect=opt.aspect,
+        frame=opt.frame,
+        uncertain=opt.uncertain if opt.format == "chexpert" else None,
+        blank=opt.blank if opt.format in ("chexpert", "multihot") else None,
+        fields=tuple(sorted(opt.keep_fields)),
+        split_seed=opt.seed,
+        split_source="file" if opt.split_file else "given" if opt.format == "medmnist" else "stratified",
+        val_fraction=opt.val_fraction,
+        test_fraction=opt.test_fraction,
+        quarantined=len(quarantine),
+        splits=manifest_splits,
+    )
     _write_quarantine(fs.join(opt.out, QUARANTINE), quarantine)
-    fs.write_text_atomic(fs.join(opt.out, MANIFEST), json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    fs.remove(fs.join(opt.out, PARTS))
+    write_manifest(opt.out, manifest)
+    fs.remove(fs.join(opt.out, PARTS_DIR))
 
     considered = sum(p["considered"] for p in parts)
-    kept = sum(s["records"] for s in manifest_splits.values())
+    kept = sum(s.records for s in manifest_splits.values())
     log(f"ingest: wrote {kept} records ("
-        + ", ".join(f"{k} {v['records']} in {len(v['shards'])} shard(s)" for k, v in manifest_splits.items())
+        + ", ".join(f"{k} {v.records} in {len(v.shards)} shard(s)" for k, v in manifest_splits.items())
         + f"); quarantined {len(quarantine)} of {considered} inputs (see {fs.join(opt.out, QUARANTINE)})")
     bad_fraction = len(quarantine) / max(considered, 1)
     if bad_fraction > opt.max_bad_fraction:
@@ -429,7 +430,7 @@ def finalize(opt: IngestOptions, num_workers: int) -> dict:
     return manifest
 
 
-def ingest(opt: IngestOptions) -> dict:
+def ingest(opt: IngestOptions) -> Manifest:
     """A whole ingest on this machine: one part (with opt.workers local processes), then finalize."""
     ingest_part(opt, 0, 1)
     return finalize(opt, 1)
@@ -442,14 +443,3 @@ def _write_quarantine(path: str, rows: list) -> None:
     writer.writerows(rows)
     fs.write_text_atomic(path, buf.getvalue())
 
-
-def read_manifest(records: str) -> dict:
-    """The manifest of a records folder, with a clear error when it is missing or unreadable."""
-    path = fs.join(records, MANIFEST)
-    if not fs.exists(path):
-        hint = " (an ingest is unfinished: run `medtl ingest-finalize`)" if fs.exists(fs.join(records, PARTS)) else ""
-        raise MedtlError(f"no {MANIFEST} in {records}{hint}; point data.records at a folder written by `medtl ingest`")
-    try:
-        return json.loads(fs.read_text(path))
-    except json.JSONDecodeError as exc:
-        raise MedtlError(f"{path} is not valid JSON ({exc}); re-run `medtl ingest`") from None

@@ -16,6 +16,7 @@ import numpy as np
 
 from medtl.config import Config
 from medtl.data.augment import build_augment_fn
+from medtl.data.manifest import Manifest, read_manifest
 from medtl.data.records import IMAGE, KEY, LABELS, MASK, PATIENT
 from medtl.errors import MedtlError
 from medtl.tf import tf
@@ -36,32 +37,32 @@ _CACHED: dict[tuple, tf.data.Dataset] = {}
 _WARNED: set[tuple] = set()
 
 
-def shard_paths(records: str, manifest: dict, split: str) -> list[str]:
+def shard_paths(records: str, manifest: Manifest, split: str) -> list[str]:
     """Full paths of a split's shards, checked to exist (the cheap part of `medtl verify`)."""
-    if split not in manifest["splits"]:
+    if split not in manifest.splits:
         raise MedtlError(
-            f"split {split!r} is not in {records}/manifest.json; it has: {', '.join(manifest['splits'])}"
+            f"split {split!r} is not in {records}/manifest.json; it has: {', '.join(manifest.splits)}"
         )
     paths = []
-    for shard in manifest["splits"][split]["shards"]:
-        path = f"{records.rstrip('/')}/{shard['file']}"
+    for shard in manifest.splits[split].shards:
+        path = f"{records.rstrip('/')}/{shard.file}"
         if not tf.io.gfile.exists(path):
             raise MedtlError(f"shard {path} listed in the manifest is missing; re-run `medtl ingest`")
         paths.append(path)
     return paths
 
 
-def split_size(manifest: dict, split: str) -> int:
-    return int(manifest["splits"][split]["records"])
+def split_size(manifest: Manifest, split: str) -> int:
+    return manifest.records(split)
 
 
-def plan_shards(manifest: dict, split: str, files: list[str], rank: int, num_ranks: int,
+def plan_shards(manifest: Manifest, split: str, files: list[str], rank: int, num_ranks: int,
                 training: bool) -> tuple[list[str], bool]:
     """(this rank's files, by_file). By file when every rank gets files (and, for training, about
     as many records); otherwise every rank reads every file and keeps every num_ranks-th record."""
     if num_ranks == 1:
         return files, True
-    counts = [int(s["records"]) for s in manifest["splits"][split]["shards"]]
+    counts = [s.records for s in manifest.splits[split].shards]
     per_rank = [sum(counts[r::num_ranks]) for r in range(num_ranks)]
     enough = len(files) >= num_ranks
     balanced = enough and max(per_rank) <= MAX_RANK_IMBALANCE * max(min(per_rank), 1)
@@ -186,10 +187,10 @@ def build_resize_fn(stored_size: int, image_size: int, channels: int):
     return resize_fn
 
 
-def build_parse_fn(manifest: dict, with_ids: bool = False):
+def build_parse_fn(manifest: Manifest, with_ids: bool = False):
     """parse_fn(shard, record) -> (png bytes, labels (L,) int64, mask (L,) int64[, patient, key]),
     checked against the manifest."""
-    num_labels = len(manifest["labels"])
+    num_labels = manifest.num_labels
     spec = _record_spec(with_ids)
 
     def parse_fn(shard, record):
@@ -205,12 +206,12 @@ def build_parse_fn(manifest: dict, with_ids: bool = False):
     return parse_fn
 
 
-def build_decode_fn(manifest: dict, image_size: int, quantise: bool, with_ids: bool = False):
+def build_decode_fn(manifest: Manifest, image_size: int, quantise: bool, with_ids: bool = False):
     """decode_fn(shard, record) -> (image (size, size, 1), labels (L,), mask (L,)[, patient, key]).
     The image is float32 in [0, 255], rounded to uint8 when `quantise` (what albumentations takes)."""
     parse_fn = build_parse_fn(manifest, with_ids)
-    stored = int(manifest["image_size"])
-    bit_depth = int(manifest["bit_depth"])
+    stored = manifest.stored_image_size
+    bit_depth = manifest.bit_depth
 
     def decode_fn(shard, record):
         png, labels, mask, *ids = parse_fn(shard, record)
@@ -223,24 +224,24 @@ def build_decode_fn(manifest: dict, image_size: int, quantise: bool, with_ids: b
     return decode_fn
 
 
-def _cache_name(cfg: Config, manifest: dict, split: str, rank: int, num_ranks: int, training: bool,
+def _cache_name(cfg: Config, manifest: Manifest, split: str, rank: int, num_ranks: int, training: bool,
                 quantise: bool) -> str:
     """A cache file prefix that changes whenever what it holds would: tf.data never checks."""
-    content = json.dumps([cfg.data.records, manifest["splits"][split], manifest["image_size"],
-                          manifest["bit_depth"]], sort_keys=True)
+    content = json.dumps([cfg.data.records, manifest.splits[split].to_dict(), manifest.stored_image_size,
+                          manifest.bit_depth], sort_keys=True)
     digest = hashlib.sha256(content.encode()).hexdigest()[:12]
     mode = "train" if training else "eval"
     return (f"{cfg.data.cache.rstrip('/')}/{split}-{mode}-{cfg.data.image_size}px-{'u8' if quantise else 'f32'}"
             f"-rank{rank}of{num_ranks}-{digest}")
 
 
-def build_decoded(cfg: Config, manifest: dict, split: str, rank: int, num_ranks: int, training: bool,
+def build_decoded(cfg: Config, manifest: Manifest, split: str, rank: int, num_ranks: int, training: bool,
                   quantise: bool, first_epoch: int, with_ids: bool = False) -> tf.data.Dataset:
     """This rank's decoded (image, labels, mask[, patient, key]) records before the shuffle buffer,
     cached if asked."""
     files = shard_paths(cfg.data.records, manifest, split)
-    expected = {f"{cfg.data.records.rstrip('/')}/{shard['file']}": shard["records"]
-                for shard in manifest["splits"][split]["shards"]}
+    expected = {f"{cfg.data.records.rstrip('/')}/{shard.file}": shard.records
+                for shard in manifest.splits[split].shards}
     files, by_file = plan_shards(manifest, split, files, rank, num_ranks, training)
     counts = [expected[f] for f in files]
     decode_fn = build_decode_fn(manifest, cfg.data.image_size, quantise, with_ids)
@@ -252,7 +253,7 @@ def build_decoded(cfg: Config, manifest: dict, split: str, rank: int, num_ranks:
         ds = build_records(files, by_file, rank, num_ranks, training, shuffle_seed, deterministic, counts)
         return ds.map(decode_fn, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
     key = (cfg.data.records, split, rank, num_ranks, training, quantise, with_ids, cfg.data.image_size,
-           cfg.data.cache, deterministic, json.dumps(manifest["splits"][split], sort_keys=True))
+           cfg.data.cache, deterministic, json.dumps(manifest.splits[split].to_dict(), sort_keys=True))
     if key not in _CACHED:
         # Shard order is fixed when cached: the cache replays the first pass, the shuffle buffer mixes.
         ds = build_records(files, by_file, rank, num_ranks, training, None, deterministic, counts)
@@ -273,7 +274,7 @@ def build_model_input_fn(channels: int):
     return model_input_fn
 
 
-def build_dataset(cfg: Config, split: str, rank: int = 0, num_ranks: int = 1, manifest: dict | None = None,
+def build_dataset(cfg: Config, split: str, rank: int = 0, num_ranks: int = 1, manifest: Manifest | None = None,
                   training: bool | None = None, first_epoch: int = 0, with_ids: bool = False) -> tf.data.Dataset:
     """The batched dataset of `split` for one rank. Training streams repeat forever; their shuffles
     and augmentations are seeded by (seed, rank, first_epoch, position in the stream), so build
@@ -281,8 +282,6 @@ def build_dataset(cfg: Config, split: str, rank: int = 0, num_ranks: int = 1, ma
 
     with_ids (eval streams) adds the salted patient and record-key hashes: (image, labels, mask, patient, key).
     """
-    from medtl.data.ingest import read_manifest
-
     manifest = manifest or read_manifest(cfg.data.records)
     training = split == "train" if training is None else training
     augment = training and bool(cfg.data.augment)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from medtl.data.manifest import Manifest, Shard, read_manifest
 from medtl.errors import MedtlError
 from medtl.utils import fs
 from medtl.utils.log import log
@@ -23,41 +24,41 @@ class Problem:
         return f"shard {self.shard}: {self.kind}: {self.detail}"
 
 
-def _shards(manifest: dict, splits) -> list[tuple[str, dict]]:
-    chosen = splits or list(manifest["splits"])
-    unknown = [s for s in chosen if s not in manifest["splits"]]
+def _shards(manifest: Manifest, splits) -> list[tuple[str, Shard]]:
+    chosen = splits or list(manifest.splits)
+    unknown = [s for s in chosen if s not in manifest.splits]
     if unknown:
-        raise MedtlError(f"split(s) {', '.join(unknown)} not in the manifest; it has: {', '.join(manifest['splits'])}")
-    return [(split, shard) for split in chosen for shard in manifest["splits"][split]["shards"]]
+        raise MedtlError(f"split(s) {', '.join(unknown)} not in the manifest; it has: {', '.join(manifest.splits)}")
+    return [(split, shard) for split in chosen for shard in manifest.splits[split].shards]
 
 
-def check_cheap(records: str, manifest: dict, splits=None) -> list[Problem]:
+def check_cheap(records: str, manifest: Manifest, splits=None) -> list[Problem]:
     """Existence and byte size of every listed shard (no data read)."""
     problems = []
     for _, shard in _shards(manifest, splits):
-        path = fs.join(records, shard["file"])
+        path = fs.join(records, shard.file)
         if not fs.exists(path):
             problems.append(Problem(path, "missing", "listed in manifest.json but not found"))
             continue
-        if "bytes" not in shard:  # a hand-written manifest without sizes: only existence is checkable
+        if shard.bytes is None:  # a hand-written manifest without sizes: only existence is checkable
             continue
         size = fs.size(path)
-        if size < shard["bytes"]:
-            problems.append(Problem(path, "truncated", f"{size} of {shard['bytes']} bytes"))
-        elif size > shard["bytes"]:
-            problems.append(Problem(path, "oversized", f"{size} bytes, manifest says {shard['bytes']}"))
+        if size < shard.bytes:
+            problems.append(Problem(path, "truncated", f"{size} of {shard.bytes} bytes"))
+        elif size > shard.bytes:
+            problems.append(Problem(path, "oversized", f"{size} bytes, manifest says {shard.bytes}"))
     return problems
 
 
-def _read_records(path: str, manifest: dict, expected: int) -> Problem | None:
+def _read_records(path: str, manifest: Manifest, expected: int) -> Problem | None:
     """Read, parse and decode every record of one shard."""
     from medtl.data.records import IMAGE, LABELS, MASK, feature_spec
     from medtl.tf import tf
 
-    num_labels = len(manifest["labels"])
+    num_labels = manifest.num_labels
     spec = feature_spec(num_labels)
-    dtype = tf.uint16 if int(manifest["bit_depth"]) == 16 else tf.uint8
-    size = int(manifest["image_size"])
+    dtype = tf.uint16 if manifest.bit_depth == 16 else tf.uint8
+    size = manifest.stored_image_size
     count = 0
     try:
         for record in tf.data.TFRecordDataset(path):
@@ -85,32 +86,30 @@ def _first_line(exc: Exception) -> str:
     return text.strip().splitlines()[0][:160]
 
 
-def check_deep(records: str, manifest: dict, splits=None, progress: bool = False) -> list[Problem]:
+def check_deep(records: str, manifest: Manifest, splits=None, progress: bool = False) -> list[Problem]:
     """Everything: existence, size, SHA-256, then every record read, parsed and decoded."""
     problems = check_cheap(records, manifest, splits)
     bad = {p.shard for p in problems}
     for _, shard in _shards(manifest, splits):
-        path = fs.join(records, shard["file"])
+        path = fs.join(records, shard.file)
         if path in bad:
             continue
-        problem = _read_records(path, manifest, shard["records"])
-        if problem is None and fs.sha256(path) != shard["sha256"]:
+        problem = _read_records(path, manifest, shard.records)
+        if problem is None and shard.sha256 is not None and fs.sha256(path) != shard.sha256:
             problem = Problem(path, "corrupted", "SHA-256 differs from the manifest (bytes changed)")
         if problem is not None:
             problems.append(problem)
         elif progress:
-            log(f"verify: {shard['file']} ok ({shard['records']} records)")
+            log(f"verify: {shard.file} ok ({shard.records} records)")
     return problems
 
 
 def verify_records(records: str, deep: bool = True) -> dict:
     """The `medtl verify` command: raise MedtlError naming the first damaged shard."""
-    from medtl.data.ingest import read_manifest
-
     manifest = read_manifest(records)
     problems = check_deep(records, manifest) if deep else check_cheap(records, manifest)
-    shards = sum(len(s["shards"]) for s in manifest["splits"].values())
-    count = sum(s["records"] for s in manifest["splits"].values())
+    shards = sum(len(s.shards) for s in manifest.splits.values())
+    count = sum(s.records for s in manifest.splits.values())
     if problems:
         for p in problems[1:]:
             log(f"verify: also damaged: {p}")
@@ -120,7 +119,7 @@ def verify_records(records: str, deep: bool = True) -> dict:
     return {"shards": shards, "records": count}
 
 
-def raise_if_damaged(records: str, manifest: dict, splits, cause: Exception) -> None:
+def raise_if_damaged(records: str, manifest: Manifest, splits, cause: Exception) -> None:
     """After a data error in training or prediction: name the damaged shard, or re-raise the cause."""
     problems = check_deep(records, manifest, splits)
     if problems:

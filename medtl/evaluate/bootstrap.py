@@ -19,7 +19,7 @@ import warnings
 
 import numpy as np
 
-from medtl.evaluate.metrics import known
+from medtl.models.metrics import known
 
 # Resamples scored together: at most this many (resample, record) cells per array.
 CHUNK_CELLS = 4_000_000

@@ -14,8 +14,8 @@ import numpy as np
 
 from medtl.errors import MedtlError
 from medtl.evaluate.bootstrap import bootstrap_distributions, paired_difference
-from medtl.evaluate.metrics import known, ranking_metrics
 from medtl.evaluate.report import METRICS_FILE, PREDICTIONS_FILE, read_predictions
+from medtl.models.metrics import known, ranking_metrics
 
 DEFAULT_RESAMPLES = 1000
 

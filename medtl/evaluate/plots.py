@@ -1,8 +1,10 @@
-"""The report's figures (matplotlib, Agg), each returned as base64 PNG for inline <img> tags."""
+"""Every figure medtl draws (matplotlib, Agg): the evaluation report's and the head search's,
+each returned as base64 PNG for inline <img> tags. The one module that imports matplotlib."""
 from __future__ import annotations
 
 import base64
 import io
+import math
 
 import numpy as np
 
@@ -93,7 +95,7 @@ def pr_grid(y, probs, keep, label_names, labels: dict) -> str:
 
 def reliability_grid(y, probs, keep, label_names, labels: dict, bins: int, pooled_ece) -> str:
     """Reliability diagrams: per label, and all labels pooled; marker area ~ images in the bin."""
-    from medtl.evaluate.metrics import calibration_bins
+    from medtl.models.metrics import calibration_bins
 
     panels = [(name, y[keep[:, i], i], probs[keep[:, i], i], labels[name]["ece"])
               for i, name in enumerate(label_names)]
@@ -185,4 +187,44 @@ def training_curves(rows: list[dict]) -> str:
             ax.text(epoch - 0.4, 0.98, phase, transform=ax.get_xaxis_transform(), fontsize=7, color=MUTED,
                     va="top", rotation=90)
     fig.tight_layout()
+    return to_png(fig)
+
+
+def search_progress(rows: list[dict], rungs: tuple[int, ...], full_epochs: int) -> str:
+    """A head search: each trial's last val AUROC against the cumulative cost when it ended, by rung reached."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7.5, 3.6))
+    ordered = sorted(rows, key=lambda r: r["trial"])
+    cost, xs = 0.0, []
+    for r in ordered:
+        cost += r["cost_full_trainings"]
+        xs.append(cost)
+    colors = [COLOR, "#3fa34d", "#e0a030", ACCENT, "#7b4fa0", MUTED]
+    for i, rung in enumerate(rungs):
+        sel = [(x, r["val_auroc_last"]) for x, r in zip(xs, ordered) if r["epochs"] >= rung and
+               (i + 1 == len(rungs) or r["epochs"] < rungs[i + 1])]
+        if sel:
+            ax.scatter(*zip(*sel), s=18, color=colors[i % len(colors)], label=f"stopped at rung {i + 1} ({rung} ep)")
+    best, line = -math.inf, []
+    for x, r in zip(xs, ordered):
+        if r["epochs"] == full_epochs:
+            best = max(best, r["val_auroc_last"])
+        if best > -math.inf:
+            line.append((x, best))
+    if line:
+        ax.step(*zip(*line), where="post", color="black", lw=1, label="best full-schedule head so far")
+    ax.set_xlabel("cost spent (full trainings)")
+    ax.set_ylabel("val macro AUROC")
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(alpha=0.3)
+    return to_png(fig)
+
+
+def search_importances(importances: dict[str, float]) -> str:
+    """A head search: each searched parameter's importance, as horizontal bars."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 0.4 * len(importances) + 1))
+    names = list(importances)[::-1]
+    ax.barh(names, [importances[n] for n in names], color=COLOR)
+    ax.set_xlabel("importance (fANOVA, first-rung val AUROC)")
     return to_png(fig)

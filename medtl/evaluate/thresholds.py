@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 from sklearn.metrics import precision_recall_curve, roc_curve
 
-from medtl.evaluate.metrics import known, undefined_reason
+from medtl.models.metrics import known, undefined_reason
 
 POLICIES = ("youden", "sensitivity", "specificity", "f1")
 DEFAULT_THRESHOLD = 0.5

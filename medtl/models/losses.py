@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from medtl.config import LossConfig
+from medtl.data.manifest import Manifest
 from medtl.errors import MedtlError
 from medtl.tf import tf
 
@@ -86,12 +87,12 @@ class AsymmetricLoss(tf.keras.losses.Loss):
         return {**super().get_config(), "gamma_pos": self.gamma_pos, "gamma_neg": self.gamma_neg, "clip": self.clip}
 
 
-def positive_weights(manifest: dict, max_weight: float) -> np.ndarray:
+def positive_weights(manifest: Manifest, max_weight: float) -> np.ndarray:
     """(num_labels,) (1 - p) / p from the train split's prevalence over known labels, capped."""
-    train = manifest["splits"]["train"]
+    train = manifest.splits["train"]
     weights = []
-    for name in manifest["labels"]:
-        p = train["prevalence"].get(name)
+    for name in manifest.labels:
+        p = train.prevalence.get(name)
         if not p:
             raise MedtlError(f"label {name!r} has no positives in the train split; weighted_bce cannot weight it. "
                              "Use loss bce/focal/asl or re-ingest with more data")
@@ -99,7 +100,7 @@ def positive_weights(manifest: dict, max_weight: float) -> np.ndarray:
     return np.array(weights, np.float32)
 
 
-def build_loss(cfg: LossConfig, manifest: dict | None = None) -> tf.keras.losses.Loss:
+def build_loss(cfg: LossConfig, manifest: Manifest | None = None) -> tf.keras.losses.Loss:
     if cfg.name == "bce":
         return MaskedBCE()
     if cfg.name == "weighted_bce":

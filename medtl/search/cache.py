@@ -28,6 +28,7 @@ import numpy as np
 
 from medtl import dist
 from medtl.config import Config, to_tree
+from medtl.data.manifest import Manifest
 from medtl.errors import MedtlError
 from medtl.utils import fs
 from medtl.utils.log import log
@@ -41,15 +42,16 @@ STALE_LOCK_SECONDS = 600  # a lock not touched for this long belongs to a dead e
 WAIT_SECONDS = 5.0
 
 
-def cache_meta(cfg: Config, manifest: dict) -> dict:
+def cache_meta(cfg: Config, manifest: Manifest) -> dict:
     """Everything the cached features depend on."""
     weights = cfg.model.weights
     weights_id = weights if weights in ("imagenet", "none") else f"sha256:{fs.sha256(weights)}"
     meta = {"format": FORMAT, "backbone": cfg.model.backbone, "weights": weights_id,
             "image_size": cfg.data.image_size, "channels": cfg.data.channels,
-            "records": hashlib.sha256(json.dumps({"labels": manifest["labels"], "image_size": manifest["image_size"],
-                                                  "bit_depth": manifest["bit_depth"],
-                                                  "splits": {s: manifest["splits"][s] for s in SPLITS}},
+            "records": hashlib.sha256(json.dumps({"labels": list(manifest.labels),
+                                                  "image_size": manifest.stored_image_size,
+                                                  "bit_depth": manifest.bit_depth,
+                                                  "splits": {s: manifest.splits[s].to_dict() for s in SPLITS}},
                                                  sort_keys=True).encode()).hexdigest(),
             "pooled": cfg.search.pooled_cache, "augmented_copies": cfg.search.augmented_copies,
             "dtype": cfg.search.cache_dtype}
@@ -59,7 +61,7 @@ def cache_meta(cfg: Config, manifest: dict) -> dict:
     return meta
 
 
-def cache_folder(cfg: Config, manifest: dict) -> tuple[str, dict]:
+def cache_folder(cfg: Config, manifest: Manifest) -> tuple[str, dict]:
     meta = cache_meta(cfg, manifest)
     key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:12]
     root = os.path.expanduser(cfg.search.feature_cache)
@@ -96,7 +98,7 @@ def _build_extractor(cfg: Config):
     return tf.function(lambda images: model(images, training=False))
 
 
-def _streams(cfg: Config, manifest: dict, split: str, ctx: dist.Context):
+def _streams(cfg: Config, manifest: Manifest, split: str, ctx: dist.Context):
     """(copy index, dataset of (images, labels, mask) batches) for this rank's part of the split."""
     from medtl.data.augment import build_augment_fn
     from medtl.data.pipeline import build_dataset, build_decoded, build_model_input_fn
@@ -113,21 +115,19 @@ def _streams(cfg: Config, manifest: dict, split: str, ctx: dist.Context):
 
 
 def _write_part(folder: str, name: str, arrays: dict) -> str:
-    path = os.path.join(folder, name)
-    with open(path + ".tmp", "wb") as fh:
+    with fs.atomic_path(os.path.join(folder, name)) as tmp, open(tmp, "wb") as fh:
         np.savez(fh, **arrays)
-    os.replace(path + ".tmp", path)
     return name
 
 
-def _extract_rank(cfg: Config, manifest: dict, folder: str, ctx: dist.Context, lock: str | None) -> list[dict]:
+def _extract_rank(cfg: Config, manifest: Manifest, folder: str, ctx: dist.Context, lock: str | None) -> list[dict]:
     """Extract this rank's share of every split and copy; returns the files written."""
     from medtl.data.pipeline import pipeline_errors
 
     extractor = _build_extractor(cfg)
     copies = 1 + cfg.search.augmented_copies
-    total = sum(int(manifest["splits"][s]["records"]) for s in SPLITS) + \
-        int(manifest["splits"]["train"]["records"]) * (copies - 1)
+    total = sum(manifest.records(s) for s in SPLITS) + \
+        manifest.records("train") * (copies - 1)
     written = []
     # Rank 0 draws the bar for all ranks (its own count x ranks: ranks' shares are about equal).
     with Progress(total, "extract features", enabled=ctx.primary) as bar:
@@ -192,7 +192,7 @@ def _wait_for_other(folder: str, lock: str) -> bool:
         time.sleep(WAIT_SECONDS)
 
 
-def ensure_cache(cfg: Config, manifest: dict, ctx: dist.Context) -> tuple[str, dict, bool]:
+def ensure_cache(cfg: Config, manifest: Manifest, ctx: dist.Context) -> tuple[str, dict, bool]:
     """(cache folder, its index, whether this run extracted it). Reuses a complete cache."""
     folder, meta = cache_folder(cfg, manifest)
     lock = folder + ".lock"
@@ -230,13 +230,10 @@ def ensure_cache(cfg: Config, manifest: dict, ctx: dist.Context) -> tuple[str, d
         if ctx.primary:
             shape = _feature_shape(folder, gathered)
             index = {"meta": meta, "files": gathered, "seconds": seconds, "ranks": ctx.size,
-                     "feature_shape": shape, "labels": manifest["labels"],
+                     "feature_shape": shape, "labels": list(manifest.labels),
                      "images": {s: sum(f["images"] for f in gathered if f["split"] == s and f["copy"] == 0)
                                 for s in SPLITS}}
-            tmp = os.path.join(folder, CACHE_FILE + ".tmp")
-            with open(tmp, "w", encoding="utf-8") as fh:
-                json.dump(index, fh, indent=1)
-            os.replace(tmp, os.path.join(folder, CACHE_FILE))
+            fs.write_text_atomic(os.path.join(folder, CACHE_FILE), json.dumps(index, indent=1))
             size_mb = sum(os.path.getsize(os.path.join(folder, f["file"])) for f in gathered) / 1e6
             log(f"search: features extracted in {seconds:.1f} s: {len(gathered)} file(s), {size_mb:.1f} MB, "
                 f"feature shape {tuple(shape)}")
@@ -248,10 +245,7 @@ def ensure_cache(cfg: Config, manifest: dict, ctx: dist.Context) -> tuple[str, d
 
 
 def _gather(ctx: dist.Context, files: list[dict]) -> list[dict]:
-    if not ctx.distributed:
-        return files
-    everyone = ctx.hvd.allgather_object(files, name="cache_files")
-    return [f for rank_files in everyone for f in rank_files]
+    return [f for rank_files in dist.allgather_objects(ctx, files, "cache_files") for f in rank_files]
 
 
 def _feature_shape(folder: str, files: list[dict]) -> list[int]:

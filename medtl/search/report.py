@@ -1,12 +1,17 @@
 """What a head search leaves in its workdir: best.yaml, leaderboard.csv, search.html, search_summary.json."""
 from __future__ import annotations
 
+import csv
 import html
+import io
 import json
 import math
 import os
 
-from medtl.evaluate.plots import ACCENT, COLOR, MUTED, _plt, to_png
+from medtl.config import Config, dump_config
+from medtl.evaluate import plots
+from medtl.search.space import SearchSpace, with_head
+from medtl.utils import fs
 from medtl.utils.log import log
 
 
@@ -32,45 +37,6 @@ def param_importances(study, space, first_rung: int) -> dict[str, float]:
         return {}
 
 
-def progress_png(rows: list[dict], plan) -> str:
-    """Each trial's last val AUROC against the cumulative cost when it ended, by rung reached."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7.5, 3.6))
-    ordered = sorted(rows, key=lambda r: r["trial"])
-    cost, xs = 0.0, []
-    for r in ordered:
-        cost += r["cost_full_trainings"]
-        xs.append(cost)
-    colors = [COLOR, "#3fa34d", "#e0a030", ACCENT, "#7b4fa0", MUTED]
-    for i, rung in enumerate(plan.rungs):
-        sel = [(x, r["val_auroc_last"]) for x, r in zip(xs, ordered) if r["epochs"] >= rung and
-               (i + 1 == len(plan.rungs) or r["epochs"] < plan.rungs[i + 1])]
-        if sel:
-            ax.scatter(*zip(*sel), s=18, color=colors[i % len(colors)], label=f"stopped at rung {i + 1} ({rung} ep)")
-    best, line = -math.inf, []
-    for x, r in zip(xs, ordered):
-        if r["epochs"] == plan.full_epochs:
-            best = max(best, r["val_auroc_last"])
-        if best > -math.inf:
-            line.append((x, best))
-    if line:
-        ax.step(*zip(*line), where="post", color="black", lw=1, label="best full-schedule head so far")
-    ax.set_xlabel("cost spent (full trainings)")
-    ax.set_ylabel("val macro AUROC")
-    ax.legend(fontsize=7, loc="lower right")
-    ax.grid(alpha=0.3)
-    return to_png(fig)
-
-
-def importance_png(importances: dict[str, float]) -> str:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 0.4 * len(importances) + 1))
-    names = list(importances)[::-1]
-    ax.barh(names, [importances[n] for n in names], color=COLOR)
-    ax.set_xlabel("importance (fANOVA, first-rung val AUROC)")
-    return to_png(fig)
-
-
 def _table(rows: list[dict], columns: list[str]) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(r.get(c, '')))}</td>" for c in columns) + "</tr>"
@@ -80,10 +46,11 @@ def _table(rows: list[dict], columns: list[str]) -> str:
 
 def write_html(path: str, summary: dict, rows: list[dict], plan, importances: dict) -> None:
     cols = ["rank", "trial", "state", "epochs", "val_auroc_last", *[f"val_auroc_{r}ep" for r in plan.rungs], "head"]
-    imp = (f'<img src="data:image/png;base64,{importance_png(importances)}">' + _table(
+    imp = (f'<img src="data:image/png;base64,{plots.search_importances(importances)}">' + _table(
         [{"parameter": k, "importance": f"{v:.3f}"} for k, v in importances.items()], ["parameter", "importance"])
         if importances else "<p>Not enough scored trials with differing values to estimate importances.</p>")
     cost = summary["cost"]
+    progress = plots.search_progress(rows, plan.rungs, plan.full_epochs)
     text = f"""<!doctype html><html><head><meta charset="utf-8"><title>medtl head search</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:70em}}table{{border-collapse:collapse;font-size:12px}}
 td,th{{border:1px solid #ccc;padding:2px 6px;text-align:left}}</style></head><body>
@@ -96,19 +63,14 @@ Best: <b>{html.escape(summary['best']['head'] if summary['best'] else 'none')}</
 <p>Cost: feature extraction {cost['extraction_seconds']:.1f} s
 ({'this run' if cost['extracted_this_run'] else 'an earlier run; reused'}); head trials
 {cost['trial_seconds']:.1f} s in all, {cost['seconds_per_trial_epoch']:.3f} s per trial epoch on the cache.</p>
-<h2>Progress: val AUROC against cost</h2><img src="data:image/png;base64,{progress_png(rows, plan)}">
+<h2>Progress: val AUROC against cost</h2><img src="data:image/png;base64,{progress}">
 <h2>Parameter importance</h2>{imp}
 <h2>Leaderboard</h2>{_table(rows, cols)}
 </body></html>"""
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+    fs.write_text_atomic(path, text)
 
 
 def write_outputs(cfg, space, plan, study, workdir: str, index: dict, extracted: bool, folder: str) -> dict:
-    from medtl.search.run import best_config_text, best_trial, write_leaderboard
-
     rows = write_leaderboard(os.path.join(workdir, "leaderboard.csv"), study, space, plan)
     best, rung = best_trial(study, plan)
     importances = param_importances(study, space, plan.rungs[0])
@@ -130,16 +92,62 @@ def write_outputs(cfg, space, plan, study, workdir: str, index: dict, extracted:
         summary["best"] = {"trial": best.number, "head": head.key(), "params": best.params, "val_auroc": auroc,
                            "epochs": rung}
         text = best_config_text(cfg, head, auroc, rung, plan.full_epochs)
-        tmp = os.path.join(workdir, "best.yaml.tmp")
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, os.path.join(workdir, "best.yaml"))
+        fs.write_text_atomic(os.path.join(workdir, "best.yaml"), text)
     write_html(os.path.join(workdir, "search.html"), summary, rows, plan, importances)
-    with open(os.path.join(workdir, "search_summary.json"), "w", encoding="utf-8") as fh:
-        json.dump(summary, fh, indent=2)
+    fs.write_text_atomic(os.path.join(workdir, "search_summary.json"), json.dumps(summary, indent=2))
     if best is not None:
         log(f"search: best head {summary['best']['head']} (trial {best.number}), val macro AUROC "
             f"{summary['best']['val_auroc']:.4f} at {rung} epoch(s); {summary['explored']} of {space.size} heads "
             f"explored for {summary['spent_full_trainings']:.2f} full trainings")
     log(f"search: wrote {os.path.join(workdir, 'best.yaml')}, leaderboard.csv, search.html")
     return summary
+
+
+def best_trial(study, plan):
+    """The trial with the best val AUROC at the highest rung any trial reached."""
+    reached = [t for t in study.get_trials(deepcopy=False) if t.intermediate_values]
+    tops = [r for r in plan.rungs if any(r in t.intermediate_values for t in reached)]
+    if not tops:
+        return None, 0
+    top = max(tops)
+    candidates = [t for t in reached if top in t.intermediate_values and not math.isnan(t.intermediate_values[top])]
+    return max(candidates, key=lambda t: (t.intermediate_values[top], -t.number)), top
+
+
+def best_config_text(cfg: Config, head, auroc: float, rung: int, full: int) -> str:
+    header = (f"# The best head of `medtl search` (val macro AUROC {auroc:.4f} after {rung} of {full} head epochs "
+              f"on cached features):\n#   {head.key()}\n# Phase 1 trains this head on the frozen base; the "
+              f"later phases are the base config's.\n#   medtl train --config best.yaml --workdir RUN\n")
+    return header + dump_config(with_head(cfg, head))
+
+
+def write_leaderboard(path: str, study, space: SearchSpace, plan) -> list[dict]:
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        if not t.intermediate_values:
+            continue
+        last = max(t.intermediate_values)
+        row = {"trial": t.number, "state": t.state.name.lower() if t.state.name != "PRUNED"
+               else t.user_attrs.get("stopped", "pruned"),
+               "epochs": int(t.user_attrs.get("epochs", last)),
+               "cost_full_trainings": round(int(t.user_attrs.get("epochs", last)) / plan.full_epochs, 4),
+               "seconds": round(float(t.user_attrs.get("seconds", 0.0)), 3),
+               "val_auroc_last": round(t.intermediate_values[last], 5)}
+        for rung in plan.rungs:
+            value = t.intermediate_values.get(rung)
+            row[f"val_auroc_{rung}ep"] = "" if value is None else round(value, 5)
+        head = space.head(t.params)
+        row.update({k: t.params.get(k, v[0]) for k, v in space.choices.items()})
+        row["head"] = head.key()
+        rows.append(row)
+    rows.sort(key=lambda r: (-r["epochs"], -r["val_auroc_last"], r["trial"]))
+    for rank, row in enumerate(rows, 1):
+        row["rank"] = rank
+    fields = ["rank", "trial", "state", "epochs", "cost_full_trainings", "seconds", "val_auroc_last",
+              *[f"val_auroc_{r}ep" for r in plan.rungs], *space.choices, "head"]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\r\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    fs.write_text_atomic(path, buf.getvalue())
+    return rows

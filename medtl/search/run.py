@@ -15,18 +15,17 @@ search_summary.json.
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
-import math
 import os
 import socket
 import time
 
 from medtl import dist
-from medtl.config import Config, dump_config
+from medtl.config import Config
+from medtl.data.manifest import Manifest
 from medtl.errors import ConfigError, MedtlError
-from medtl.search.space import SearchSpace, defaults_from, load_space, with_head
+from medtl.search.space import SearchSpace, defaults_from, load_space
 from medtl.utils import faults
 from medtl.utils.log import log
 
@@ -172,7 +171,7 @@ def run_search(cfg: Config, space_path: str, budget: float, workdir: str, storag
     if ctx.primary:
         open_storage(storage_url)  # a bad URL fails now, before any feature is extracted
 
-    from medtl.data.ingest import read_manifest
+    from medtl.data.manifest import read_manifest
     from medtl.search import cache
 
     manifest = read_manifest(cfg.data.records)
@@ -227,7 +226,7 @@ def _search(cfg, space, plan, workdir, storage_url, study_name, manifest, folder
     return write_outputs(cfg, space, plan, study, workdir, index, extracted, folder)
 
 
-def build_objective(cfg: Config, space: SearchSpace, plan: Plan, study, manifest: dict, train, val, index: dict):
+def build_objective(cfg: Config, space: SearchSpace, plan: Plan, study, manifest: Manifest, train, val, index: dict):
     """The Optuna objective: train the trial's head on the cache epoch by epoch, report val AUROC,
     stop when pruned, at the full schedule, or when the study's budget is spent."""
     import optuna
@@ -293,54 +292,3 @@ def _check_same_search(study, cfg: Config, space: SearchSpace, plan: Plan) -> No
         raise MedtlError(f"the study '{study.study_name}' in this storage was started with another search "
                          "(space, budget, rungs, sampler, seed or backbone differ); use a new --workdir or "
                          "--study-name, or the original settings to resume it")
-
-
-def best_trial(study, plan: Plan):
-    """The trial with the best val AUROC at the highest rung any trial reached."""
-    reached = [t for t in study.get_trials(deepcopy=False) if t.intermediate_values]
-    tops = [r for r in plan.rungs if any(r in t.intermediate_values for t in reached)]
-    if not tops:
-        return None, 0
-    top = max(tops)
-    candidates = [t for t in reached if top in t.intermediate_values and not math.isnan(t.intermediate_values[top])]
-    return max(candidates, key=lambda t: (t.intermediate_values[top], -t.number)), top
-
-
-def best_config_text(cfg: Config, head, auroc: float, rung: int, full: int) -> str:
-    header = (f"# The best head of `medtl search` (val macro AUROC {auroc:.4f} after {rung} of {full} head epochs "
-              f"on cached features):\n#   {head.key()}\n# Phase 1 trains this head on the frozen base; the "
-              f"later phases are the base config's.\n#   medtl train --config best.yaml --workdir RUN\n")
-    return header + dump_config(with_head(cfg, head))
-
-
-def write_leaderboard(path: str, study, space: SearchSpace, plan: Plan) -> list[dict]:
-    rows = []
-    for t in study.get_trials(deepcopy=False):
-        if not t.intermediate_values:
-            continue
-        last = max(t.intermediate_values)
-        row = {"trial": t.number, "state": t.state.name.lower() if t.state.name != "PRUNED"
-               else t.user_attrs.get("stopped", "pruned"),
-               "epochs": int(t.user_attrs.get("epochs", last)),
-               "cost_full_trainings": round(int(t.user_attrs.get("epochs", last)) / plan.full_epochs, 4),
-               "seconds": round(float(t.user_attrs.get("seconds", 0.0)), 3),
-               "val_auroc_last": round(t.intermediate_values[last], 5)}
-        for rung in plan.rungs:
-            value = t.intermediate_values.get(rung)
-            row[f"val_auroc_{rung}ep"] = "" if value is None else round(value, 5)
-        head = space.head(t.params)
-        row.update({k: t.params.get(k, v[0]) for k, v in space.choices.items()})
-        row["head"] = head.key()
-        rows.append(row)
-    rows.sort(key=lambda r: (-r["epochs"], -r["val_auroc_last"], r["trial"]))
-    for rank, row in enumerate(rows, 1):
-        row["rank"] = rank
-    fields = ["rank", "trial", "state", "epochs", "cost_full_trainings", "seconds", "val_auroc_last",
-              *[f"val_auroc_{r}ep" for r in plan.rungs], *space.choices, "head"]
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
-    return rows

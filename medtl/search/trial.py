@@ -13,8 +13,9 @@ from typing import Callable, Iterator
 import numpy as np
 
 from medtl.config import Config
-from medtl.evaluate.metrics import ranking_metrics
+from medtl.data.manifest import Manifest
 from medtl.models.heads import build_head, build_head_top
+from medtl.models.metrics import ranking_metrics
 from medtl.search.cache import SplitFeatures
 from medtl.search.space import Head
 from medtl.tf import tf
@@ -61,7 +62,7 @@ def build_train_step(model: tf.keras.Model, loss_fn, optimizer):
     return train_step
 
 
-def run_epochs(model, cfg: Config, head: Head, manifest: dict, steps_per_epoch: int, epochs: int,
+def run_epochs(model, cfg: Config, head: Head, manifest: Manifest, steps_per_epoch: int, epochs: int,
                batches: Callable[[int], Iterator], val_probs: Callable[[], tuple],
                on_epoch: Callable[[int, float], bool]) -> list[float]:
     """Train `model` (its trainable part) for up to `epochs`; after each, on_epoch(epoch, val AUROC)
@@ -84,13 +85,13 @@ def run_epochs(model, cfg: Config, head: Head, manifest: dict, steps_per_epoch: 
     return history
 
 
-def train_on_cache(cfg: Config, head: Head, manifest: dict, train: SplitFeatures, val: SplitFeatures,
+def train_on_cache(cfg: Config, head: Head, manifest: Manifest, train: SplitFeatures, val: SplitFeatures,
                    feature_shape, pooled: bool, epochs: int, on_epoch: Callable[[int, float], bool]) -> list[float]:
     """A head trial on cached features: epoch e trains on copy e mod (1 + augmented copies)."""
     seed = head_seed(cfg.seed, head)
     tf.keras.utils.set_random_seed(seed)
     key = head.head.pooling if pooled else "maps"
-    model = build_trial_model(feature_shape, head, len(manifest["labels"]), pooled)
+    model = build_trial_model(feature_shape, head, manifest.num_labels, pooled)
     n = len(train.labels)
     batch_size = min(cfg.train.batch_size, n)
     steps = n // batch_size
@@ -112,7 +113,7 @@ def train_on_cache(cfg: Config, head: Head, manifest: dict, train: SplitFeatures
     return run_epochs(model, cfg, head, manifest, steps, epochs, batches, val_probs, on_epoch)
 
 
-def train_with_base(cfg: Config, head: Head, manifest: dict, epochs: int,
+def train_with_base(cfg: Config, head: Head, manifest: Manifest, epochs: int,
                     on_epoch: Callable[[int, float], bool]) -> list[float]:
     """The same trial with the frozen base run on the images every epoch (no augmentation)."""
     from medtl.data.pipeline import build_dataset, split_size
@@ -122,7 +123,7 @@ def train_with_base(cfg: Config, head: Head, manifest: dict, epochs: int,
 
     cfg = dataclasses.replace(with_head(cfg, head), data=dataclasses.replace(cfg.data, augment=()))
     tf.keras.utils.set_random_seed(head_seed(cfg.seed, head))
-    model = build_model(cfg, len(manifest["labels"]))
+    model = build_model(cfg, manifest.num_labels)
     apply_phase(model, cfg, cfg.phases[0])  # base frozen, BatchNorm in inference mode
     steps = split_size(manifest, "train") // cfg.train.batch_size
     train_ds = iter(build_dataset(cfg, "train", manifest=manifest, training=True))

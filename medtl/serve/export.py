@@ -8,26 +8,24 @@ Bytes in the stored format (what `medtl predict` sends: the ingest decode path, 
 to the stored size, PNG at the stored bit depth) go through exactly the training
 pipeline's steps. Other sizes are first brought to the stored size with the aspect
 policy in TensorFlow, which is close to but not bit-identical with ingest's OpenCV path.
-assets/medtl_export.json holds the same metadata, the thresholds' provenance and the config.
+assets/medtl_export.json holds the same metadata, the thresholds' provenance and the config
+(medtl.serve.meta owns that file).
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 
 import numpy as np
 
-import medtl
 from medtl import dist
-from medtl.config import to_tree
 from medtl.data.pipeline import build_resize_fn, decode_stored_png
 from medtl.errors import MedtlError
+from medtl.evaluate.run import load_or_tune_thresholds, with_evaluate_overrides
+from medtl.serve.meta import META_FILE, ExportMeta, write_meta
 from medtl.tf import tf
+from medtl.train.rundir import RunDir, load_run
 from medtl.utils.log import log
-
-META_FILE = "medtl_export.json"
-FORMAT_VERSION = 1
 
 
 def _to_stored_size(image, stored_size: int, aspect: str, bit_depth: int):
@@ -61,16 +59,16 @@ class ExportModule(tf.Module):
     trace its gradients (an EfficientNetB0 run's export took 70 s on 2 cores, now 28 s).
     """
 
-    def __init__(self, model: tf.keras.Model, meta: dict, meta_path: str):
+    def __init__(self, model: tf.keras.Model, meta: ExportMeta, meta_path: str):
         super().__init__(name="medtl_export")
         self._keras = _Untracked(model)
         self.model_variables = list(model.variables)
         self.meta_asset = tf.saved_model.Asset(meta_path)
-        self.label_names = tf.constant(meta["label_names"])
-        self.thresholds = tf.constant(meta["thresholds"], tf.float32)
+        self.label_names = tf.constant(meta.label_names)
+        self.thresholds = tf.constant(meta.threshold_values, tf.float32)
         self._meta = meta
-        size, channels = meta["image_size"], meta["channels"]
-        self._resize_fn = build_resize_fn(meta["stored_image_size"], size, channels)
+        size, channels = meta.image_size, meta.channels
+        self._resize_fn = build_resize_fn(meta.stored_image_size, size, channels)
         self.predict_images = tf.function(self._predict_images, input_signature=[
             tf.TensorSpec((None, size, size, channels), tf.float32, name="images")])
         self.predict_bytes = tf.function(self._predict_bytes, input_signature=[
@@ -80,7 +78,7 @@ class ExportModule(tf.Module):
     def _probabilities(self, images):  # (batch, size, size, c) -> (batch, L)
         model = self._keras.model
         probs = tf.sigmoid(tf.cast(model(images, training=False), tf.float32))
-        if self._meta["tta"] == "flip":
+        if self._meta.tta == "flip":
             flipped = tf.sigmoid(tf.cast(model(tf.image.flip_left_right(images), training=False), tf.float32))
             probs = (probs + flipped) / 2.0
         return probs
@@ -91,59 +89,27 @@ class ExportModule(tf.Module):
 
     def _decode_one(self, data):
         meta = self._meta
-        stored, bit_depth = meta["stored_image_size"], meta["bit_depth"]
+        stored, bit_depth = meta.stored_image_size, meta.bit_depth
         image = tf.cond(tf.io.is_jpeg(data),
                         lambda: tf.cast(tf.io.decode_jpeg(data, channels=1), tf.float32),
                         lambda: decode_stored_png(data, bit_depth))  # (h, w, 1) in [0, 255]
         shape = tf.shape(image)
         image = tf.cond(tf.logical_and(shape[0] == stored, shape[1] == stored), lambda: image,
-                        lambda: _to_stored_size(image, stored, meta["aspect"], bit_depth))
+                        lambda: _to_stored_size(image, stored, meta.aspect, bit_depth))
         return self._resize_fn(tf.ensure_shape(image, (stored, stored, 1)))
 
     def _predict_bytes(self, image_bytes):
-        spec = tf.TensorSpec((self._meta["image_size"], self._meta["image_size"], self._meta["channels"]),
-                             tf.float32)
+        size = self._meta.image_size
+        spec = tf.TensorSpec((size, size, self._meta.channels), tf.float32)
         images = tf.map_fn(self._decode_one, image_bytes, fn_output_signature=spec)
         return self._predict_images(images)
 
     def _metadata(self):
         m = self._meta
         return {"label_names": self.label_names, "thresholds": self.thresholds,
-                "image_size": tf.constant(m["image_size"]), "channels": tf.constant(m["channels"]),
-                "stored_image_size": tf.constant(m["stored_image_size"]), "bit_depth": tf.constant(m["bit_depth"]),
-                "aspect": tf.constant(m["aspect"]), "tta": tf.constant(m["tta"])}
-
-
-def build_meta(cfg, manifest: dict, thresholds: dict, history: list | None) -> dict:
-    """What predict and evaluate need to use the export without the run folder."""
-    from medtl.evaluate.run import manifest_hash
-
-    names = manifest["labels"]
-    return {
-        "format": "medtl-export", "format_version": FORMAT_VERSION, "medtl_version": medtl.__version__,
-        "label_names": list(names), "thresholds": [float(thresholds["labels"][n]["threshold"]) for n in names],
-        "threshold_notes": [thresholds["labels"][n]["note"] for n in names],
-        "threshold_policy": thresholds["policy"], "threshold_target": thresholds["target"],
-        "thresholds_tuned_on": thresholds["tuned_on"], "val_records": thresholds["val_records"],
-        "tta": thresholds["tta"], "image_size": cfg.data.image_size, "channels": cfg.data.channels,
-        "stored_image_size": int(manifest["image_size"]), "bit_depth": int(manifest["bit_depth"]),
-        "aspect": manifest.get("aspect", "pad"), "frame": manifest.get("frame", "middle"), "backbone": cfg.model.backbone,
-        "checkpoint_sha256": thresholds["checkpoint_sha256"], "data_manifest_sha256": manifest_hash(manifest),
-        "config": to_tree(cfg), "history": history or [],
-    }
-
-
-def read_meta(model_dir: str) -> dict:
-    """The export's metadata, with a clear error when the folder is not a medtl export."""
-    path = os.path.join(model_dir, "assets", META_FILE)
-    if not os.path.isfile(os.path.join(model_dir, "saved_model.pb")) or not os.path.isfile(path):
-        raise MedtlError(f"{model_dir} is not a model written by `medtl export` (no saved_model.pb or "
-                         f"assets/{META_FILE}); export one with `medtl export --workdir RUN --out DIR`")
-    with open(path, encoding="utf-8") as fh:
-        meta = json.load(fh)
-    if meta.get("format") != "medtl-export" or meta.get("format_version", 0) > FORMAT_VERSION:
-        raise MedtlError(f"{path} is not a medtl export this version ({medtl.__version__}) can read")
-    return meta
+                "image_size": tf.constant(m.image_size), "channels": tf.constant(m.channels),
+                "stored_image_size": tf.constant(m.stored_image_size), "bit_depth": tf.constant(m.bit_depth),
+                "aspect": tf.constant(m.aspect), "tta": tf.constant(m.tta)}
 
 
 def _check_out(out: str) -> None:
@@ -151,27 +117,22 @@ def _check_out(out: str) -> None:
         raise MedtlError(f"export folder {out} already exists and is not empty; pick a new --out or remove it")
 
 
-def export_run(workdir: str, out: str, overrides: list[str] | None = None) -> dict:
+def export_run(workdir: str, out: str, overrides: list[str] | None = None) -> ExportMeta:
     """Write the SavedModel of a run (thresholds tuned on val first if missing); returns the metadata."""
-    from medtl.evaluate.run import load_or_tune_thresholds, read_history, with_evaluate_overrides
-    from medtl.train.checkpoints import load_run
-    from medtl.train.checkpoints import BEST_WEIGHTS, CHECKPOINT_DIR, HISTORY_FILE
-
     _check_out(out)
     ctx = dist.init()
     cfg, manifest, model = load_run(workdir)
     cfg = with_evaluate_overrides(cfg, overrides or [])
-    thresholds = load_or_tune_thresholds(workdir, cfg, manifest, model, ctx,
-                                         os.path.join(workdir, CHECKPOINT_DIR, BEST_WEIGHTS))
-    meta = build_meta(cfg, manifest, thresholds, read_history(os.path.join(workdir, HISTORY_FILE)))
+    run = RunDir(workdir, ctx.primary)
+    thresholds = load_or_tune_thresholds(run, cfg, manifest, model, ctx)
+    meta = ExportMeta.build(cfg, manifest, thresholds, run.read_history())
     if not ctx.primary:
         return meta
     staging = os.path.join(os.path.dirname(os.path.abspath(out)), f".{os.path.basename(out)}.staging")
     shutil.rmtree(staging, ignore_errors=True)
     os.makedirs(staging)
     meta_path = os.path.join(staging, META_FILE)
-    with open(meta_path, "w", encoding="utf-8") as fh:
-        json.dump(meta, fh, indent=2)
+    write_meta(meta_path, meta)
     module = ExportModule(model, meta, meta_path)
     tf.saved_model.save(module, os.path.join(staging, "model"), signatures={
         "serving_default": module.predict_bytes, "predict_bytes": module.predict_bytes,
@@ -181,20 +142,20 @@ def export_run(workdir: str, out: str, overrides: list[str] | None = None) -> di
         os.replace(os.path.join(staging, "model", name), os.path.join(out, name))
     shutil.rmtree(staging, ignore_errors=True)
     _verify(out, model, meta)
-    log(f"export: {out} ({cfg.model.backbone}, {len(meta['label_names'])} labels, thresholds "
-        f"{meta['threshold_policy']} on {meta['thresholds_tuned_on']}, tta {meta['tta']})")
+    log(f"export: {out} ({cfg.model.backbone}, {len(meta.label_names)} labels, thresholds "
+        f"{meta.thresholds.policy} on {meta.thresholds.tuned_on}, tta {meta.tta})")
     return meta
 
 
-def _verify(out: str, model: tf.keras.Model, meta: dict) -> None:
+def _verify(out: str, model: tf.keras.Model, meta: ExportMeta) -> None:
     """Reload the SavedModel and check it reproduces the Keras model on a random batch."""
     rng = np.random.default_rng(0)
-    size, channels = meta["image_size"], meta["channels"]
+    size, channels = meta.image_size, meta.channels
     images = tf.constant(rng.uniform(0, 255, (2, size, size, channels)).astype(np.float32))
     loaded = tf.saved_model.load(out)
     got = loaded.signatures["predict_images"](images=images)["probabilities"].numpy()
     want = tf.sigmoid(model(images, training=False)).numpy()
-    if meta["tta"] == "flip":
+    if meta.tta == "flip":
         want = (want + tf.sigmoid(model(tf.image.flip_left_right(images), training=False)).numpy()) / 2
     if not np.allclose(got, want, atol=1e-5):
         raise MedtlError(f"the SavedModel in {out} does not reproduce the Keras model "

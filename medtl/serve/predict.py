@@ -10,10 +10,9 @@ from __future__ import annotations
 import csv
 import os
 
-import numpy as np
-
 from medtl.data import decode
 from medtl.errors import MedtlError
+from medtl.serve.meta import ExportMeta, read_meta
 from medtl.utils.log import log
 from medtl.utils.progress import Progress
 
@@ -45,10 +44,10 @@ def list_inputs(images: str) -> tuple[str, list[str]]:
     return os.path.dirname(os.path.abspath(images)), paths
 
 
-def prepare(path: str, meta: dict) -> tuple[bytes | None, str]:
+def prepare(path: str, meta: ExportMeta) -> tuple[bytes | None, str]:
     """(stored-format PNG bytes, '') or (None, 'reason: message')."""
-    png, reason, message = decode.to_stored_png(path, meta["stored_image_size"], meta["bit_depth"], meta["aspect"],
-                                                meta.get("frame", "middle"))
+    png, reason, message = decode.to_stored_png(path, meta.stored_image_size, meta.bit_depth, meta.aspect,
+                                                meta.frame)
     return (png, "") if png is not None else (None, f"{reason}: {message}")
 
 
@@ -59,14 +58,13 @@ def output_columns(label_names) -> list[str]:
 
 def predict_files(model_dir: str, images: str, out: str, batch_size: int = 32) -> dict:
     """Write `out` (CSV); returns {'files', 'predicted', 'errors'}."""
-    from medtl.serve.export import read_meta
     from medtl.tf import tf
 
     meta = read_meta(model_dir)
     base, files = list_inputs(images)
     loaded = tf.saved_model.load(model_dir)  # keep a reference: signatures do not own the variables
     signature = loaded.signatures["predict_bytes"]
-    names = meta["label_names"]
+    names = meta.label_names
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     errors = 0
     with open(out, "w", newline="", encoding="utf-8") as fh, Progress(len(files), "predict") as bar:

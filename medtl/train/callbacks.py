@@ -8,10 +8,10 @@ import time
 import numpy as np
 
 from medtl import dist
-from medtl.evaluate.metrics import mean_bce, summary_metrics
-from medtl.evaluate.predict import predict_split
+from medtl.models.metrics import mean_bce, summary_metrics
+from medtl.models.predict import predict_split
 from medtl.tf import tf
-from medtl.train import checkpoints as ckpt
+from medtl.train.rundir import RunDir, RunState
 from medtl.utils import faults
 
 
@@ -87,7 +87,7 @@ class EpochMetrics(tf.keras.callbacks.Callback):
         super().__init__()
         self.cfg, self.manifest, self.ctx, self.guard = cfg, manifest, ctx, guard
         self.images_per_epoch = images_per_epoch
-        self.label_names = manifest["labels"]
+        self.label_names = manifest.labels
         self._start = 0.0
         # Per-epoch values kept out of the Keras logs so the progress bar stays readable.
         self.extra: dict = {}
@@ -125,18 +125,16 @@ class PhaseTracker(tf.keras.callbacks.Callback):
     stops the phase early after `patience` epochs without improvement, and has rank 0 commit
     the epoch checkpoint, the history line and the resume pointer."""
 
-    def __init__(self, ctx, workdir, phase, index: int, phase_start: int, state: ckpt.RunState,
+    def __init__(self, ctx, run: RunDir, phase, index: int, phase_start: int, state: RunState,
                  metrics: EpochMetrics, guard: NonFiniteGuard, keep: int):
         super().__init__()
-        self.ctx, self.workdir, self.phase, self.index = ctx, workdir, phase, index
+        self.ctx, self.run, self.phase, self.index = ctx, run, phase, index
         self.phase_start, self.state, self.metrics, self.guard, self.keep = phase_start, state, metrics, guard, keep
         best = state.phase_best.get(str(index), {})
         self.best = best.get("metric", -math.inf)
         self.best_epoch = best.get("epoch", -1)
         self.weights = None  # the phase's best weights, when reached in this process
-        folder = os.path.join(workdir, ckpt.CHECKPOINT_DIR)
-        self.phase_path = os.path.join(folder, ckpt.phase_weights_name(index, phase.name))
-        self.overall_path = os.path.join(folder, ckpt.BEST_WEIGHTS)
+        self.phase_path = run.phase_weights(index, phase.name)
 
     def on_epoch_end(self, epoch, logs=None):
         if self.guard.tripped:
@@ -146,12 +144,10 @@ class PhaseTracker(tf.keras.callbacks.Callback):
         if not math.isnan(value) and value > self.best:
             self.best, self.best_epoch = value, epoch
             self.weights = [w.copy() for w in self.model.get_weights()]
-            if self.ctx.primary:
-                ckpt.save_weights_atomic(self.model, self.phase_path)
+            self.run.save_weights(self.model, self.phase_path)
             if self.state.overall_best is None or value > self.state.overall_best:
                 self.state.overall_best = value
-                if self.ctx.primary:
-                    ckpt.save_weights_atomic(self.model, self.overall_path)
+                self.run.save_weights(self.model, self.run.best_weights)
         in_phase = epoch - self.phase_start + 1
         stale = epoch - self.best_epoch
         early = bool(self.phase.early_stopping_patience) and stale >= self.phase.early_stopping_patience
@@ -162,15 +158,13 @@ class PhaseTracker(tf.keras.callbacks.Callback):
         state.phase_done = early or in_phase >= self.phase.epochs
         state.phase_best[str(self.index)] = {"metric": self.best, "epoch": self.best_epoch}
         state.ranks = self.ctx.size
-        if self.ctx.primary:
-            row = {"phase": self.phase.name, "phase_index": self.index, "epoch": epoch, "epoch_in_phase": in_phase - 1,
-                   "stopped_early": early and in_phase < self.phase.epochs}
-            row.update({k: _clean(v) for k, v in logs.items()})
-            for key, value in self.metrics.extra.items():
-                row[key] = {k: _clean(v) for k, v in value.items()} if isinstance(value, dict) else _clean(value)
-            ckpt.commit_epoch(self.model, self.workdir, state, row, self.keep)
-        else:  # what rank 0 committed, so every rank's messages name the same last checkpoint
-            state.checkpoint = ckpt.epoch_weights_name(epoch)
+        row = {"phase": self.phase.name, "phase_index": self.index, "epoch": epoch, "epoch_in_phase": in_phase - 1,
+               "stopped_early": early and in_phase < self.phase.epochs}
+        row.update({k: _clean(v) for k, v in logs.items()})
+        for key, value in self.metrics.extra.items():
+            row[key] = {k: _clean(v) for k, v in value.items()} if isinstance(value, dict) else _clean(value)
+        # Written by rank 0 only; every rank's state names the same last checkpoint for its messages.
+        self.run.commit_epoch(self.model, state, row, self.keep)
 
     def restore_best(self) -> None:
         """Leave the model at the phase's best weights, on every rank."""

@@ -5,34 +5,33 @@
 
 Re-running the same command with the same --workdir resumes after the last
 completed epoch (with any number of ranks); a finished run is left as it is.
-Run folder: config.yaml, history.jsonl, trainable.json, tensorboard/, checkpoints/.
+The run folder's layout is medtl.train.rundir's.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
 
 import numpy as np
 
 from medtl import dist
-from medtl.config import Config, save_config
+from medtl.config import Config
 from medtl.data import verify
-from medtl.data.ingest import read_manifest
+from medtl.data.manifest import Manifest, read_manifest
 from medtl.data.pipeline import build_dataset, pipeline_errors, split_size
 from medtl.errors import MedtlError
 from medtl.models.build import build_model, set_precision
 from medtl.models.losses import build_loss
 from medtl.tf import tf
 from medtl.train import callbacks as cb
-from medtl.train import checkpoints as ckpt
 from medtl.train.phases import apply_phase, check_phases_trainable, trainable_variable_names
+from medtl.train.rundir import RunDir, RunState
 from medtl.utils import faults
 from medtl.utils.log import log
 
 
-def _steps_per_epoch(manifest: dict, cfg: Config, ctx: dist.Context) -> int:
+def _steps_per_epoch(manifest: Manifest, cfg: Config, ctx: dist.Context) -> int:
     records = split_size(manifest, "train")
     global_batch_size = cfg.train.batch_size * ctx.size
     steps = records // global_batch_size
@@ -76,27 +75,27 @@ def _configure_threads(cfg: Config) -> None:
         tf.config.threading.set_inter_op_parallelism_threads(cfg.train.inter_op_threads)
 
 
-def _prepare_run(ctx: dist.Context, cfg: Config, workdir: str) -> ckpt.RunState:
+def _prepare_run(ctx: dist.Context, cfg: Config, run: RunDir) -> RunState:
     """Rank 0 reads (or starts) the run folder; every rank gets the same resume state."""
     state = None
     if ctx.primary:
-        os.makedirs(os.path.join(workdir, ckpt.CHECKPOINT_DIR), exist_ok=True)
-        state = ckpt.read_state(workdir)
+        run.create()
+        state = run.read_state()
         if state is None:
-            save_config(cfg, os.path.join(workdir, ckpt.CONFIG_FILE))
-            ckpt.trim_history(workdir, 0)
-            state = ckpt.RunState(seed=cfg.seed)
+            run.write_config(cfg)
+            run.trim_history(0)
+            state = RunState(seed=cfg.seed)
         else:
-            changed = ckpt.check_same_config(workdir, cfg)
+            changed = run.changed_settings(cfg)
             if changed:
                 log(f"train: resuming with changed execution settings: {', '.join(changed)}")
-                save_config(cfg, os.path.join(workdir, ckpt.CONFIG_FILE))
-            ckpt.trim_history(workdir, state.history_lines)
+                run.write_config(cfg)
+            run.trim_history(state.history_lines)
     shared = dist.broadcast_object(ctx, dataclasses.asdict(state) if state else None, "run_state")
-    return ckpt.RunState(**shared)
+    return RunState(**shared)
 
 
-def _phase_plan(cfg: Config, state: ckpt.RunState) -> list[tuple[int, int]]:
+def _phase_plan(cfg: Config, state: RunState) -> list[tuple[int, int]]:
     """(phase index, epochs already done in it) for the phases still to run."""
     plan = []
     for index in range(len(cfg.phases)):
@@ -152,7 +151,8 @@ def train(cfg: Config, workdir: str, until_phase: str | None = None) -> dict:
     damaged = verify.check_cheap(cfg.data.records, manifest, ["train", "val"])
     if damaged:
         raise MedtlError(f"{damaged[0]}; run `medtl verify {cfg.data.records}` and re-ingest or restore it")
-    state = _prepare_run(ctx, cfg, workdir)
+    run = RunDir(workdir, ctx.primary)
+    state = _prepare_run(ctx, cfg, run)
     if state.finished(cfg):
         log(f"train: {workdir} is complete ({state.epochs_done} epochs, best val macro AUROC "
             f"{state.overall_best:.4f}); nothing to do. Train into a new --workdir to start again.")
@@ -165,13 +165,13 @@ def train(cfg: Config, workdir: str, until_phase: str | None = None) -> dict:
 
     tf.keras.utils.set_random_seed(cfg.seed + 1000 * state.epochs_done)
     set_precision(cfg.train.precision)
-    model = build_model(cfg, len(manifest["labels"]))
+    model = build_model(cfg, manifest.num_labels)
     check_phases_trainable(model, cfg)
     loss = build_loss(cfg.train.loss, manifest)
     steps = _steps_per_epoch(manifest, cfg, ctx)
     global_batch_size = cfg.train.batch_size * ctx.size
     log(f"train: {split_size(manifest, 'train')} train / {split_size(manifest, 'val')} val records, "
-        f"{len(manifest['labels'])} labels, {ctx.size} rank(s), global batch {global_batch_size}, "
+        f"{manifest.num_labels} labels, {ctx.size} rank(s), global batch {global_batch_size}, "
         f"{steps} steps per epoch, {cfg.model.backbone} at {cfg.data.image_size} px, {cfg.train.precision}, "
         f"loss {cfg.train.loss.name}")
     if state.epochs_done:
@@ -180,7 +180,7 @@ def train(cfg: Config, workdir: str, until_phase: str | None = None) -> dict:
 
     watchdog = dist.StallWatchdog(ctx, cfg.train.stall_shutdown_seconds).start()
     try:
-        fingerprints = _run_phases(ctx, cfg, workdir, manifest, state, model, loss, steps, watchdog, plan)
+        fingerprints = _run_phases(ctx, cfg, run, manifest, state, model, loss, steps, watchdog, plan)
     finally:
         watchdog.stop()
     summary = {"best_val_auroc": state.overall_best, "epochs": state.epochs_done, "workdir": workdir,
@@ -190,13 +190,11 @@ def train(cfg: Config, workdir: str, until_phase: str | None = None) -> dict:
         log(f"train: stopped after phase '{cfg.phases[last].name}' (--until-phase); the same command with the "
             f"same --workdir and a later --until-phase (or none) continues with phase "
             f"'{cfg.phases[last + 1].name}'")
-    if ctx.primary:
-        with open(os.path.join(workdir, "train_summary.json"), "w", encoding="utf-8") as fh:
-            json.dump(summary, fh, indent=2)
+    run.write_summary(summary)
     return summary
 
 
-def _run_phases(ctx, cfg, workdir, manifest, state, model, loss, steps, watchdog, plan) -> dict:
+def _run_phases(ctx, cfg, run: RunDir, manifest, state, model, loss, steps, watchdog, plan) -> dict:
     """The phases of `plan` ((index, epochs done) each); returns {phase name: weights fingerprint}."""
     global_batch_size = cfg.train.batch_size * ctx.size
     fingerprints = {}
@@ -205,7 +203,7 @@ def _run_phases(ctx, cfg, workdir, manifest, state, model, loss, steps, watchdog
         first_epoch = state.epochs_done
         phase_start = first_epoch - done_in_phase
         if position == 0 and index > 0 and not done_in_phase:
-            _restore_previous_best(ctx, model, workdir, cfg, index)
+            _restore_previous_best(ctx, model, run, cfg, index)
         trainable = apply_phase(model, cfg, phase)
         learning_rate = phase.learning_rate * dist.lr_scale(ctx, cfg.train.lr_scaling)
         model.compile(optimizer=build_optimizer(phase, learning_rate, steps), loss=loss,
@@ -215,9 +213,9 @@ def _run_phases(ctx, cfg, workdir, manifest, state, model, loss, steps, watchdog
         model._xla_gradients = None  # retrace for this phase's trainable variables
         model.optimizer.build(model.trainable_variables)
         if done_in_phase and ctx.primary:
-            model.load_weights(os.path.join(workdir, ckpt.CHECKPOINT_DIR, state.checkpoint))
+            model.load_weights(run.checkpoint(state.checkpoint))
         dist.broadcast_variables(ctx, model.variables + list(model.optimizer.variables))
-        _record_trainable(ctx, workdir, phase.name, model)
+        run.record_trainable(phase.name, trainable_variable_names(model))
         params = int(sum(np.prod(v.shape) for v in model.trainable_variables))
         log(f"phase {index + 1}/{len(cfg.phases)} '{phase.name}': epoch(s) {done_in_phase + 1}..{phase.epochs} of "
             f"{phase.epochs}, "
@@ -225,13 +223,13 @@ def _run_phases(ctx, cfg, workdir, manifest, state, model, loss, steps, watchdog
             f"parameters with the head), BatchNorm {'training' if phase.train_batch_norm else 'frozen'}")
         guard = cb.NonFiniteGuard(cfg.train.nonfinite_patience)
         metrics = cb.EpochMetrics(cfg, manifest, ctx, steps * global_batch_size, guard)
-        tracker = cb.PhaseTracker(ctx, workdir, phase, index, phase_start, state, metrics, guard,
+        tracker = cb.PhaseTracker(ctx, run, phase, index, phase_start, state, metrics, guard,
                                   cfg.train.keep_checkpoints)
         callbacks = [cb.Heartbeat(watchdog, steps), guard, metrics, tracker]
         if faults.active("kill") or faults.active("stall"):
             callbacks.insert(0, cb.FaultHooks(ctx.rank, steps))
         if ctx.primary:
-            callbacks.append(cb.TensorBoardWriter(os.path.join(workdir, "tensorboard"), metrics, guard))
+            callbacks.append(cb.TensorBoardWriter(run.tensorboard, metrics, guard))
         train_ds = build_dataset(cfg, "train", ctx.rank, ctx.size, manifest, first_epoch=first_epoch)
         train_ds = faults.corrupt_inputs(train_ds, ctx.rank, first_epoch * steps)
         try:
@@ -269,23 +267,13 @@ def _check_outputs_outside_records(cfg: Config, workdir: str) -> None:
                              f"input to training: put {what} outside it")
 
 
-def _restore_previous_best(ctx, model, workdir, cfg, index: int) -> None:
+def _restore_previous_best(ctx, model, run: RunDir, cfg, index: int) -> None:
     """A run resumed at a phase boundary starts the phase from the previous phase's best weights
     (within one process they are kept in memory; see PhaseTracker.restore_best)."""
-    path = os.path.join(workdir, ckpt.CHECKPOINT_DIR, ckpt.phase_weights_name(index - 1, cfg.phases[index - 1].name))
+    path = run.phase_weights(index - 1, cfg.phases[index - 1].name)
     if ctx.primary and os.path.exists(path):
         model.load_weights(path)
     dist.broadcast_variables(ctx, model.variables)
-
-
-def _record_trainable(ctx, workdir: str, phase_name: str, model) -> None:
-    if not ctx.primary:
-        return
-    path = os.path.join(workdir, "trainable.json")
-    record = json.load(open(path)) if os.path.exists(path) else {}
-    record[phase_name] = trainable_variable_names(model)
-    with open(path, "w", encoding="utf-8") as fh:
-        json.dump(record, fh, indent=1)
 
 
 def _verbosity(ctx: dist.Context) -> int:

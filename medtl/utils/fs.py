@@ -5,7 +5,9 @@ only when such a path is used. Credentials come from the environment only.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
 import sys
 
 from medtl.errors import MedtlError
@@ -34,7 +36,7 @@ def ensure_filesystem(path: str) -> None:
 
 def join(base: str, *parts: str) -> str:
     base = str(base)
-    return "/".join([base.rstrip("/"), *parts]) if is_remote(base) else __import__("os").path.join(base, *parts)
+    return "/".join([base.rstrip("/"), *parts]) if is_remote(base) else os.path.join(base, *parts)
 
 
 def exists(path: str) -> bool:
@@ -78,12 +80,40 @@ def read_text(path: str) -> str:
         return fh.read()
 
 
+def write_bytes_atomic(path: str, data: bytes) -> None:
+    """Readers see the old file or the new one, never a partial one. Local files are also synced
+    to disk before the rename, so a crash cannot leave the new name over an empty file."""
+    if is_remote(path):
+        ensure_filesystem(path)
+        with _gfile().GFile(path + ".tmp", "wb") as fh:
+            fh.write(data)
+        rename(path + ".tmp", path)
+        return
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
 def write_text_atomic(path: str, text: str) -> None:
-    ensure_filesystem(path)
-    tmp = path + ".tmp"
-    with _gfile().GFile(tmp, "w") as fh:
-        fh.write(text)
-    rename(tmp, path)
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+@contextlib.contextmanager
+def atomic_path(path: str, tmp: str | None = None):
+    """A temporary name for a writer that must create the file itself (Keras weights, np.savez);
+    renamed over `path` when the block ends without an error, removed when it fails."""
+    tmp = tmp or path + ".tmp"
+    try:
+        yield tmp
+    except BaseException:
+        if not is_remote(tmp) and os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    if is_remote(path):
+        rename(tmp, path)
+    else:
+        os.replace(tmp, path)
 
 
 def sha256(path: str) -> str:

@@ -111,7 +111,7 @@ def test_two_seeded_deterministic_runs_are_identical(records, tmp_path):
 
 def test_each_rank_reads_a_disjoint_part_and_together_the_whole_split(records):
     from medtl.config import load_config
-    from medtl.data.ingest import read_manifest
+    from medtl.data.manifest import read_manifest
     from medtl.data.pipeline import build_dataset, build_decoded
 
     manifest = read_manifest(records)
@@ -125,7 +125,7 @@ def test_each_rank_reads_a_disjoint_part_and_together_the_whole_split(records):
     checked = 0
     for split in ("train", "val"):
         every = keys(build_dataset(cfg, split, training=False, with_ids=True, manifest=manifest))
-        assert len(every) == len(set(every)) == manifest["splits"][split]["records"]
+        assert len(every) == len(set(every)) == manifest.records(split)
         # train: 12 shards for 2 ranks (by file); val: 2 shards for 3 ranks (by record, every rank reads all).
         for ranks in ((2, 3) if split == "train" else (3,)):
             for epoch in (0, 1):

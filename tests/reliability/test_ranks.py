@@ -7,6 +7,8 @@ import time
 import numpy as np
 import pytest
 
+from medtl.data.manifest import read_manifest
+
 from conftest import assert_user_error
 from reliability.helpers import HOROVODRUN, history, report, train
 
@@ -14,8 +16,8 @@ pytestmark = pytest.mark.slow
 
 
 def _steps(records, ranks, batch=8):
-    manifest = json.load(open(os.path.join(records, "manifest.json")))
-    return manifest["splits"]["train"]["records"] // (batch * ranks)
+    manifest = read_manifest(records)
+    return manifest.records("train") // (batch * ranks)
 
 
 def _rank_errors(output: str) -> dict[int, str]:

@@ -11,6 +11,7 @@ import numpy as np
 
 from medtl import dist
 from medtl.config import Config
+from medtl.data.manifest import Manifest
 from medtl.data.pipeline import build_dataset, pipeline_errors, split_size
 from medtl.errors import MedtlError
 from medtl.tf import tf
@@ -19,7 +20,7 @@ from medtl.tf import tf
 ID_WIDTH = 32
 
 
-def predict_split(model, cfg: Config, manifest: dict, split: str, ctx: dist.Context, tta: str = "none",
+def predict_split(model, cfg: Config, manifest: Manifest, split: str, ctx: dist.Context, tta: str = "none",
                   with_ids: bool = False) -> dict[str, np.ndarray]:
     """{'probs', 'labels', 'mask'}: (n, L) arrays for every record of `split`, checked against the manifest.
 
@@ -38,7 +39,7 @@ def predict_split(model, cfg: Config, manifest: dict, split: str, ctx: dist.Cont
             if with_ids:
                 parts["patient"].append(_encode_ids(batch[3].numpy()))
                 parts["key"].append(_encode_ids(batch[4].numpy()))
-    num_labels = len(manifest["labels"])
+    num_labels = manifest.num_labels
     empty = {"probs": (0, num_labels), "labels": (0, num_labels), "mask": (0, num_labels),
              "patient": (0, ID_WIDTH), "key": (0, ID_WIDTH)}
     keys = ("probs", "labels", "mask") + (("patient", "key") if with_ids else ())
@@ -54,7 +55,7 @@ def predict_split(model, cfg: Config, manifest: dict, split: str, ctx: dist.Cont
     return out
 
 
-def _check_complete(out: dict, manifest: dict, split: str, records: str) -> None:
+def _check_complete(out: dict, manifest: Manifest, split: str, records: str) -> None:
     expected = split_size(manifest, split)
     if len(out["probs"]) != expected:
         raise MedtlError(

@@ -1,0 +1,150 @@
+"""The records folder's manifest.json as one typed, frozen `Manifest`.
+
+This module alone reads and writes manifest.json; everyone else uses the attributes.
+The file keeps its keys (`image_size` on disk is `stored_image_size` here).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+from medtl.errors import MedtlError
+from medtl.utils import fs
+
+MANIFEST_FILE = "manifest.json"
+# Where the k workers of an unfinished ingest keep their parts (see medtl.data.ingest).
+PARTS_DIR = ".parts"
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One TFRecord file of a split, with what `medtl verify` checks it against."""
+
+    file: str      # name inside the records folder
+    records: int
+    bytes: int | None = None   # None in a hand-written manifest: only existence is checkable
+    sha256: str | None = None
+
+    def to_dict(self) -> dict:
+        return {"file": self.file, "records": self.records, "bytes": self.bytes, "sha256": self.sha256}
+
+
+@dataclass(frozen=True)
+class SplitInfo:
+    """One split: counts, per-label statistics (keyed by label name) and its shards in order."""
+
+    records: int = 0
+    patients: int = 0
+    positives: dict = field(default_factory=dict)
+    masked: dict = field(default_factory=dict)
+    # Positives / known labels in this split; None where no label is known.
+    prevalence: dict = field(default_factory=dict)
+    shards: tuple[Shard, ...] = ()
+
+    def to_dict(self) -> dict:
+        return {"records": self.records, "patients": self.patients, "positives": dict(self.positives),
+                "masked": dict(self.masked), "prevalence": dict(self.prevalence),
+                "shards": [s.to_dict() for s in self.shards]}
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What `medtl ingest` wrote into a records folder."""
+
+    labels: tuple[str, ...]
+    # Side of the square images stored in the shards (the model's input size is cfg.data.image_size).
+    stored_image_size: int
+    bit_depth: int
+    splits: dict  # split name -> SplitInfo, in ingest order (train, val, test)
+    channels: int = 1
+    aspect: str = "pad"
+    frame: str = "middle"
+    format: str | None = None
+    medtl_version: str | None = None
+    uncertain: str | None = None
+    blank: str | None = None
+    fields: tuple[str, ...] = ()
+    split_seed: int | None = None
+    split_source: str | None = None
+    val_fraction: float | None = None
+    test_fraction: float | None = None
+    quarantined: int = 0
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.labels)
+
+    def records(self, split: str) -> int:
+        return self.splits[split].records
+
+    def to_dict(self) -> dict:
+        """The manifest.json content (its keys as ingest has always written them)."""
+        return {"medtl_version": self.medtl_version, "format": self.format, "labels": list(self.labels),
+                "image_size": self.stored_image_size, "bit_depth": self.bit_depth, "channels": self.channels,
+                "aspect": self.aspect, "frame": self.frame, "uncertain": self.uncertain, "blank": self.blank,
+                "fields": list(self.fields), "split_seed": self.split_seed, "split_source": self.split_source,
+                "val_fraction": self.val_fraction, "test_fraction": self.test_fraction,
+                "quarantined": self.quarantined, "splits": {k: v.to_dict() for k, v in self.splits.items()}}
+
+    def digest(self) -> str:
+        """A short SHA-256 of the content, to name the data in reports and exports."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+    @classmethod
+    def from_dict(cls, raw: dict, where: str = MANIFEST_FILE) -> "Manifest":
+        missing = [k for k in ("labels", "image_size", "bit_depth", "splits") if k not in raw]
+        if missing:
+            raise MedtlError(f"{where} lacks {', '.join(missing)}; it was not written by `medtl ingest`: re-run it")
+        try:
+            splits = {name: _split_from_dict(info) for name, info in raw["splits"].items()}
+            return cls(labels=tuple(raw["labels"]), stored_image_size=int(raw["image_size"]),
+                       bit_depth=int(raw["bit_depth"]), splits=splits, channels=int(raw.get("channels", 1)),
+                       aspect=raw.get("aspect") or "pad", frame=raw.get("frame") or "middle",
+                       format=raw.get("format"), medtl_version=raw.get("medtl_version"),
+                       uncertain=raw.get("uncertain"), blank=raw.get("blank"), fields=tuple(raw.get("fields", ())),
+                       split_seed=raw.get("split_seed"), split_source=raw.get("split_source"),
+                       val_fraction=raw.get("val_fraction"), test_fraction=raw.get("test_fraction"),
+                       quarantined=int(raw.get("quarantined", 0)))
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            raise MedtlError(f"{where} is malformed ({type(exc).__name__}: {exc}); re-run `medtl ingest`") from None
+
+
+def _split_from_dict(info: dict) -> SplitInfo:
+    shards = tuple(Shard(file=s["file"], records=int(s["records"]), bytes=s.get("bytes"),
+                         sha256=s.get("sha256")) for s in info.get("shards", ()))
+    return SplitInfo(records=int(info.get("records", sum(s.records for s in shards))),
+                     patients=int(info.get("patients", 0)), positives=dict(info.get("positives", {})),
+                     masked=dict(info.get("masked", {})), prevalence=dict(info.get("prevalence", {})),
+                     shards=shards)
+
+
+def manifest_path(records: str) -> str:
+    return fs.join(records, MANIFEST_FILE)
+
+
+def read_manifest(records: str) -> Manifest:
+    """The manifest of a records folder, with a clear error when it is missing or unreadable."""
+    path = manifest_path(records)
+    if not fs.exists(path):
+        hint = (" (an ingest is unfinished: run `medtl ingest-finalize`)"
+                if fs.exists(fs.join(records, PARTS_DIR)) else "")
+        raise MedtlError(f"no {MANIFEST_FILE} in {records}{hint}; point data.records at a folder written by "
+                         "`medtl ingest`")
+    try:
+        raw = json.loads(fs.read_text(path))
+    except json.JSONDecodeError as exc:
+        raise MedtlError(f"{path} is not valid JSON ({exc}); re-run `medtl ingest`") from None
+    if not isinstance(raw, dict):
+        raise MedtlError(f"{path} is not a JSON object; re-run `medtl ingest`")
+    return Manifest.from_dict(raw, path)
+
+
+def write_manifest(records: str, manifest: Manifest) -> None:
+    """Written atomically and last: a folder with manifest.json holds complete shards."""
+    fs.write_text_atomic(manifest_path(records), json.dumps(manifest.to_dict(), indent=2, sort_keys=True) + "\n")
+
+
+def remove_manifest(records: str) -> None:
+    """While shards are renamed the folder must not look like finished records."""
+    fs.remove(manifest_path(records))

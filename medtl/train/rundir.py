@@ -1,0 +1,325 @@
+"""The run folder of `medtl train`: `RunDir` alone knows its layout, reads it and writes it.
+
+RUN/
+  config.yaml                  the resolved config the run trains with
+  history.jsonl                one row per completed epoch
+  trainable.json               per phase, the variables it trained
+  train_summary.json           what the last `medtl train` returned
+  thresholds.json              operating thresholds, tuned by `medtl evaluate` / `medtl export`
+  tensorboard/                 scalars per epoch
+  checkpoints/
+    epoch-NNNN.weights.h5      model + optimizer state after global epoch NNNN (the last K kept)
+    phase<i>-<name>.weights.h5 best weights of phase i (by val macro AUROC)
+    best.weights.h5            best weights over all phases
+    state.json                 the resume pointer, written last and atomically
+
+A checkpoint file is complete before state.json names it, and is deleted only after
+state.json has moved past it, so the pointer never names a missing file. Every write
+is atomic and happens on the primary rank only; on other ranks it does nothing.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field, fields
+
+from medtl.config import Config, dump_config, load_config
+from medtl.errors import MedtlError
+from medtl.utils import faults, fs
+
+CHECKPOINT_DIR = "checkpoints"
+BEST_WEIGHTS = "best.weights.h5"
+EPOCH_FILE = re.compile(r"^epoch-(\d{4})\.weights\.h5$")
+_WEIGHTS_SUFFIX = ".weights.h5"
+
+
+@dataclass
+class RunState:
+    """Where a run stands after its last completed epoch (checkpoints/state.json)."""
+
+    # Global epochs completed (the next epoch to run).
+    epochs_done: int = 0
+    # Phase the last completed epoch belonged to, and epochs completed in it.
+    phase_index: int = 0
+    epoch_in_phase: int = 0
+    # True once that phase has finished (all epochs, or stopped early).
+    phase_done: bool = False
+    # The epoch checkpoint to resume from (file name in checkpoints/), or "".
+    checkpoint: str = ""
+    # Per phase: {"metric": best val macro AUROC, "epoch": global epoch of it}.
+    phase_best: dict = field(default_factory=dict)
+    overall_best: float | None = None
+    # Lines of history.jsonl that belong to completed epochs.
+    history_lines: int = 0
+    # Seed the data order and random streams are derived from (with the epoch).
+    seed: int = 0
+    # Ranks when the checkpoint was written (resume works with any number).
+    ranks: int = 1
+
+    def finished(self, cfg: Config) -> bool:
+        return self.phase_done and self.phase_index == len(cfg.phases) - 1
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Operating thresholds per label, tuned on one split for one checkpoint (thresholds.json)."""
+
+    policy: str
+    target: float
+    tta: str
+    tuned_on: str
+    val_records: int
+    # label name -> {"threshold": float, "note": why it is a default, or ""}
+    labels: dict
+    checkpoint_sha256: str = ""
+    medtl_version: str = ""
+
+    def values(self, label_names) -> list[float]:
+        return [float(self.labels[name]["threshold"]) for name in label_names]
+
+    def notes(self, label_names) -> list[str]:
+        return [self.labels[name]["note"] for name in label_names]
+
+    def to_dict(self) -> dict:
+        return {"policy": self.policy, "target": self.target, "tta": self.tta, "tuned_on": self.tuned_on,
+                "val_records": self.val_records, "checkpoint_sha256": self.checkpoint_sha256,
+                "medtl_version": self.medtl_version, "labels": self.labels}
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "Thresholds":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in known})
+
+
+def phase_weights_name(index: int, name: str) -> str:
+    return f"phase{index}-{name}{_WEIGHTS_SUFFIX}"
+
+
+def epoch_weights_name(epoch: int) -> str:
+    return f"epoch-{epoch:04d}{_WEIGHTS_SUFFIX}"
+
+
+def save_weights_atomic(model, path: str) -> None:
+    """Keras writes the file itself and picks the format from the .weights.h5 suffix (variables by
+    object path, the optimizer's state with them), so the temporary name keeps that suffix."""
+    with fs.atomic_path(path, path[: -len(_WEIGHTS_SUFFIX)] + ".tmp" + _WEIGHTS_SUFFIX) as tmp:
+        model.save_weights(tmp)
+
+
+class RunDir:
+    """One run folder. Callers name the folder; what is inside is this class's business."""
+
+    CONFIG = "config.yaml"
+    HISTORY = "history.jsonl"
+    STATE = "state.json"
+    THRESHOLDS = "thresholds.json"
+    TRAINABLE = "trainable.json"
+    SUMMARY = "train_summary.json"
+    TENSORBOARD = "tensorboard"
+
+    def __init__(self, path: str, primary: bool = True):
+        self.path = path
+        self.primary = primary
+
+    def __repr__(self) -> str:
+        return f"RunDir({self.path!r})"
+
+    def _file(self, *parts: str) -> str:
+        return os.path.join(self.path, *parts)
+
+    # ------------------------------------------------------------------ paths Keras and TensorBoard write to
+
+    @property
+    def best_weights(self) -> str:
+        return self._file(CHECKPOINT_DIR, BEST_WEIGHTS)
+
+    @property
+    def best_weights_label(self) -> str:
+        """The best checkpoint as reports name it (relative to the run folder)."""
+        return f"{CHECKPOINT_DIR}/{BEST_WEIGHTS}"
+
+    def phase_weights(self, index: int, name: str) -> str:
+        return self._file(CHECKPOINT_DIR, phase_weights_name(index, name))
+
+    def checkpoint(self, name: str) -> str:
+        """An epoch checkpoint named by RunState.checkpoint."""
+        return self._file(CHECKPOINT_DIR, name)
+
+    @property
+    def tensorboard(self) -> str:
+        return self._file(self.TENSORBOARD)
+
+    # ------------------------------------------------------------------ config
+
+    def has_config(self) -> bool:
+        return os.path.isfile(self._file(self.CONFIG))
+
+    def read_config(self) -> Config:
+        if not self.has_config():
+            raise MedtlError(f"{self.path} is not a medtl run folder (no {self.CONFIG}); pass the --workdir of "
+                             "`medtl train`")
+        return load_config(self._file(self.CONFIG))
+
+    def write_config(self, cfg: Config) -> None:
+        if self.primary:
+            fs.write_text_atomic(self._file(self.CONFIG), dump_config(cfg))
+
+    def create(self) -> None:
+        if self.primary:
+            os.makedirs(self._file(CHECKPOINT_DIR), exist_ok=True)
+
+    # ------------------------------------------------------------------ resume state
+
+    def read_state(self) -> RunState | None:
+        path = self._file(CHECKPOINT_DIR, self.STATE)
+        if not os.path.exists(path):
+            return None
+        try:
+            with open(path, encoding="utf-8") as fh:
+                state = RunState(**json.load(fh))
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise MedtlError(f"{path} is unreadable ({exc}); delete the run folder's checkpoints/ to start over") from None
+        if state.checkpoint and not os.path.exists(self.checkpoint(state.checkpoint)):
+            raise MedtlError(f"{path} names {state.checkpoint}, which is missing; restore it or start a new --workdir")
+        return state
+
+    def write_state(self, state: RunState) -> None:
+        if self.primary:
+            fs.write_text_atomic(self._file(CHECKPOINT_DIR, self.STATE),
+                                 json.dumps(asdict(state), indent=2, sort_keys=True))
+
+    def commit_epoch(self, model, state: RunState, history_row: dict, keep: int) -> None:
+        """At an epoch end: checkpoint, history line, then the state pointer; prune old epochs.
+        Updates `state` (checkpoint name, history lines) on every rank, so all name the same file."""
+        name = epoch_weights_name(state.epochs_done - 1)
+        state.checkpoint = name
+        state.history_lines += 1
+        if not self.primary:
+            return
+        save_weights_atomic(model, self.checkpoint(name))
+        faults.in_checkpoint(state.epochs_done - 1)
+        with open(self._file(self.HISTORY), "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(history_row, sort_keys=True) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        self.write_state(state)
+        folder = self._file(CHECKPOINT_DIR)
+        epochs = sorted(f for f in os.listdir(folder) if EPOCH_FILE.match(f))
+        for old in epochs[:-keep]:
+            if old != state.checkpoint:
+                os.remove(os.path.join(folder, old))
+
+    def save_weights(self, model, path: str) -> None:
+        """Best weights (best_weights, phase_weights(...)) of the primary rank's model."""
+        if self.primary:
+            save_weights_atomic(model, path)
+
+    # ------------------------------------------------------------------ history
+
+    def trim_history(self, lines: int) -> None:
+        """Drop history rows of epochs that were not checkpointed (a kill between the two writes)."""
+        path = self._file(self.HISTORY)
+        if not self.primary or not os.path.exists(path):
+            return
+        with open(path, encoding="utf-8") as fh:
+            rows = fh.readlines()
+        if len(rows) != lines:
+            fs.write_text_atomic(path, "".join(rows[:lines]))
+
+    def read_history(self) -> list[dict] | None:
+        """The rows of history.jsonl, or None when the run has none."""
+        path = self._file(self.HISTORY)
+        if not os.path.isfile(path):
+            return None
+        with open(path, encoding="utf-8") as fh:
+            return [json.loads(line) for line in fh if line.strip()]
+
+    # ------------------------------------------------------------------ other records of the run
+
+    def record_trainable(self, phase_name: str, variable_names: list[str]) -> None:
+        if not self.primary:
+            return
+        path = self._file(self.TRAINABLE)
+        record = {}
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as fh:
+                record = json.load(fh)
+        record[phase_name] = variable_names
+        fs.write_text_atomic(path, json.dumps(record, indent=1))
+
+    def write_summary(self, summary: dict) -> None:
+        if self.primary:
+            fs.write_text_atomic(self._file(self.SUMMARY), json.dumps(summary, indent=2))
+
+    def read_thresholds(self) -> Thresholds | None:
+        """The saved thresholds, or None when there are none (or they cannot be read: tune again)."""
+        path = self._file(self.THRESHOLDS)
+        if not os.path.isfile(path):
+            return None
+        try:
+            with open(path, encoding="utf-8") as fh:
+                return Thresholds.from_dict(json.load(fh))
+        except (json.JSONDecodeError, TypeError, AttributeError):
+            return None
+
+    def write_thresholds(self, thresholds: Thresholds) -> None:
+        if self.primary:
+            fs.write_text_atomic(self._file(self.THRESHOLDS), json.dumps(thresholds.to_dict(), indent=2))
+
+    # ------------------------------------------------------------------ resuming and reading a run back
+
+    def changed_settings(self, cfg: Config) -> list[str]:
+        """Resuming needs the run's own config, up to RESUMABLE_CHANGES; returns the keys that changed."""
+        if not self.has_config():
+            return []
+        saved = load_config(self._file(self.CONFIG))
+        if dump_config(saved) == dump_config(cfg):
+            return []
+        import yaml
+
+        a, b = yaml.safe_load(dump_config(saved)), yaml.safe_load(dump_config(cfg))
+        diffs = sorted(_diff(a, b))
+        blocking = [d for d in diffs if d not in RESUMABLE_CHANGES]
+        if blocking:
+            raise MedtlError(f"{self.path} holds a run with a different config ({', '.join(blocking[:5])} differ); "
+                             "resume with the same config, or train into a new --workdir")
+        return diffs
+
+
+# Settings that change how a run executes, not what it learns: a resume may change them
+# (e.g. more ranks with XLA on, or the records moved to object storage).
+RESUMABLE_CHANGES = ("data.records", "train.jit_compile", "train.fp16_allreduce", "train.keep_checkpoints",
+                     "train.nonfinite_patience", "train.stall_shutdown_seconds", "train.intra_op_threads",
+                     "train.inter_op_threads")
+
+
+def _diff(a, b, prefix=""):
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            yield from _diff(a.get(key), b.get(key), f"{prefix}{key}.")
+    elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b)):
+            yield from _diff(x, y, f"{prefix}{i}.")
+    elif a != b:
+        yield prefix.rstrip(".")
+
+
+def load_run(workdir: str, weights_file: str | None = None):
+    """(cfg, manifest, model) for a run folder, with its best weights (or `weights_file`) loaded."""
+    from medtl.data.manifest import read_manifest
+    from medtl.models.build import build_model, set_precision
+
+    run = RunDir(workdir)
+    cfg = run.read_config()
+    weights = weights_file or run.best_weights
+    if not os.path.isfile(weights):
+        raise MedtlError(f"run folder {workdir} has no checkpoint ({weights}); train it first with `medtl train`")
+    manifest = read_manifest(cfg.data.records)
+    set_precision("float32")  # inference in float32 whatever the training precision
+    model = build_model(cfg, manifest.num_labels, weights="none")
+    try:
+        model.load_weights(weights)
+    except Exception as exc:
+        raise MedtlError(f"checkpoint {weights} does not match the run's config: {str(exc).splitlines()[0][:200]}") from None
+    return cfg, manifest, model
