@@ -654,13 +654,6 @@ def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(to_tree(cfg), sort_keys=False)
 
 
-def save_config(cfg: Config, path: str) -> None:
-    """Write the resolved config (atomically) so a run folder records exactly what ran."""
-    from medtl.utils import fs
-
-    fs.write_text_atomic(path, dump_config(cfg))
-
-
 def field_docs(cls: type = Config, prefix: str = "") -> list[tuple[str, str, Any, str]]:
     """(key, type, default, comment) for every leaf field, read from this file's comments."""
     import inspect

@@ -23,8 +23,9 @@ import time
 
 import numpy as np
 
-from medtl.config import Config, save_config
+from medtl.config import Config, dump_config
 from medtl.data.manifest import Manifest, manifest_path
+from medtl.utils import fs
 from medtl.utils.log import log
 
 
@@ -106,7 +107,7 @@ def scaling_rates(cfg: Config, root: str) -> dict[int, float]:
         workdir = os.path.join(root, f"scaling-{ranks}")
         shutil.rmtree(workdir, ignore_errors=True)
         config = os.path.join(root, "scaling.yaml")
-        save_config(cfg, config)
+        fs.write_text_atomic(config, dump_config(cfg))
         cmd = [horovodrun, "-np", str(ranks), "-H", f"localhost:{ranks}", "--gloo", sys.executable, "-m", "medtl.bench.pinned",
                sys.executable, "-m", "medtl", "train", "--config", config, "--workdir", workdir]
         env = dict(os.environ, OMP_NUM_THREADS="1")
