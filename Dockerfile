@@ -1,6 +1,7 @@
 # The medtl image for GPU clusters (and the cpu-smoke overlay): Python 3.11 with the pins of
 # setup.cfg (TensorFlow with its CUDA wheels), Horovod built with NCCL, OpenMPI and Gloo, and
-# OpenSSH for the Kubeflow mpi-operator. Runs as the non-root user medtl (uid 1000).
+# OpenSSH for the Kubeflow mpi-operator. Runs as the non-root user medtl (uid 1000), under tini
+# (PID 1 passes SIGTERM on to medtl and reaps zombies; medtl's exit code is the container's).
 #   docker build -t registry.local/medtl:0.1.0 .      (or: make image IMAGE=registry.local/medtl:0.1.0)
 # One list of versions: setup.cfg for pip, HOROVOD_VERSION as in the Makefile (a test checks both).
 ARG CUDA_TAG=12.3.2-devel-ubuntu22.04
@@ -33,25 +34,33 @@ assert h.nccl_built() and h.mpi_built() and h.gloo_built(), 'Horovod lacks NCCL,
 FROM nvidia/cuda:${CUDA_RUNTIME_TAG}
 ENV DEBIAN_FRONTEND=noninteractive
 RUN apt-get update && apt-get install -y --no-install-recommends \
-        python3.11 libopenmpi3 openmpi-bin openssh-client openssh-server \
+        python3.11 libopenmpi3 openmpi-bin openssh-client openssh-server tini \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=build /opt/medtl /opt/medtl
 ENV PATH=/opt/medtl/bin:$PATH
 
-# mpi-operator v2: the launcher reaches the workers over SSH as this user, with the key pair
-# the operator mounts at sshAuthMountPath (/home/medtl/.ssh). The workers run a non-root sshd
-# on an unprivileged port, so no capability is needed; host keys are not checked because
-# worker pods are new at every run.
+# mpi-operator v2: the launcher reaches the workers over SSH as this user, with the job's key pair
+# that the operator mounts at sshAuthMountPath (/home/medtl/.ssh). The workers run a non-root sshd
+# on an unprivileged port, so no capability is needed. The image holds no host key: each worker
+# pod generates its own into an emptyDir at /etc/ssh/medtl-host (the init container in
+# k8s/base/train.yaml), never the operator's user key. StrictModes stays on (the default): the
+# operator's secret mount and the emptyDir HOME are world-writable, so sshd reads the authorized
+# key through AuthorizedKeysCommand (a root-owned cat), which StrictModes does not apply to. The
+# launcher does not check host keys (they are new in every pod); the NetworkPolicy in train.yaml
+# admits only the launcher to port 2222. With readOnlyRootFilesystem, HOME and /tmp are emptyDirs.
 RUN useradd --create-home --uid 1000 --user-group --shell /bin/bash medtl \
-    && mkdir -p /run/sshd \
+    && mkdir -p /run/sshd /etc/ssh/medtl-host \
     && printf 'Host *\n    Port 2222\n    StrictHostKeyChecking no\n    UserKnownHostsFile /dev/null\n' \
         > /etc/ssh/ssh_config.d/medtl.conf \
-    && printf '%s\n' 'Port 2222' 'HostKey /home/medtl/.ssh/id_rsa' 'PidFile /home/medtl/sshd.pid' \
-        'StrictModes no' 'PasswordAuthentication no' 'AuthorizedKeysFile .ssh/authorized_keys' \
-        > /home/medtl/.sshd_config \
-    && chown medtl:medtl /home/medtl/.sshd_config
+    && printf '%s\n' 'Port 2222' 'HostKey /etc/ssh/medtl-host/ssh_host_ed25519_key' 'PidFile /tmp/sshd.pid' \
+        'PasswordAuthentication no' 'KbdInteractiveAuthentication no' 'PermitRootLogin no' 'AllowUsers medtl' \
+        'AuthorizedKeysFile none' 'AuthorizedKeysCommand /usr/bin/cat /home/medtl/.ssh/authorized_keys' \
+        'AuthorizedKeysCommandUser medtl' \
+        > /etc/ssh/medtl_sshd_config
 USER medtl
 WORKDIR /home/medtl
 EXPOSE 2222
-ENTRYPOINT ["medtl"]
+# tini as PID 1: it forwards SIGTERM (a pod being stopped) to medtl, which then ends training after
+# the step in progress (docs/training.md), and it reaps the processes mpirun and sshd leave behind.
+ENTRYPOINT ["tini", "--", "medtl"]
 CMD ["--help"]

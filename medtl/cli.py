@@ -1,4 +1,5 @@
-"""The `medtl` command: argument parsing, a call into medtl.api, printing. User errors print one line, exit 2."""
+"""The `medtl` command: argument parsing, a call into medtl.api, printing. Errors print one line and exit
+2 (usage, config) or 1 (a failure while working); see medtl.errors."""
 from __future__ import annotations
 
 import argparse
@@ -91,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("verify", help="check every shard against the manifest",
                        description="Check existence, byte size, SHA-256 and every record of every shard listed in "
-                                   "RECORDS/manifest.json. Exits 2 naming the first damaged shard.")
+                                   "RECORDS/manifest.json. Exits 1 naming the first damaged shard.")
     p.add_argument("records", help="records folder (local, s3:// or gs://)")
     p.add_argument("--quick", action="store_true", help="only existence and sizes (what training checks at start)")
 

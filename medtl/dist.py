@@ -199,7 +199,7 @@ class StallWatchdog:
     exits, so that the launcher stops the job.
     """
 
-    EXIT_CODE = 3
+    EXIT_CODE = 1  # a runtime failure (medtl.errors.EXIT_RUNTIME): the Job may retry and resume
 
     def __init__(self, ctx: Context, seconds: float, poll_seconds: float | None = None):
         self.ctx, self.seconds = ctx, float(seconds)

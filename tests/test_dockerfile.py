@@ -90,7 +90,8 @@ def test_python_is_the_projects():
 def test_runtime_image_runs_medtl_as_the_manifests_user():
     steps = instructions()
     final = steps[max(i for i, (kind, _) in enumerate(steps) if kind == "FROM"):]
-    assert ("USER", "medtl") in final and ("ENTRYPOINT", '["medtl"]') in final
+    assert ("USER", "medtl") in final and ("ENTRYPOINT", '["tini", "--", "medtl"]') in final
+    assert any(k == "RUN" and re.search(r"apt-get install .*\btini\b", v.replace("\\\n", " ")) for k, v in final)
     assert "medtl = medtl.cli:main" in setup_cfg()["options.entry_points"]["console_scripts"]
     (useradd,) = [v for k, v in final if k == "RUN" and "useradd" in v]
     uid = int(re.search(r"--uid (\d+)", useradd).group(1))
@@ -107,7 +108,12 @@ def test_sshd_matches_the_mpijob():
     assert f"> {config}" in useradd  # the worker's sshd config is written by the image
     port = worker["readinessProbe"]["tcpSocket"]["port"]
     assert f"Port {port}" in useradd and f"    Port {port}\\n" in useradd  # sshd and the ssh client agree
-    assert f"HostKey {train['spec']['sshAuthMountPath']}/id_rsa" in useradd  # the operator's key file name
+    # The host key is made in each worker pod (an emptyDir), never the operator's user key (id_rsa).
+    host_key = re.search(r"'HostKey (\S+)'", useradd).group(1)
+    assert not host_key.startswith(train["spec"]["sshAuthMountPath"])
+    assert "StrictModes" not in useradd  # on, the default
+    keys = re.search(r"'AuthorizedKeysCommand /usr/bin/cat (\S+)'", useradd).group(1)
+    assert keys == f"{train['spec']['sshAuthMountPath']}/authorized_keys"  # what the operator mounts
     assert port > 1024  # no capability to bind below 1024: they are all dropped
 
 
@@ -128,4 +134,4 @@ def test_base_images_are_cuda_for_tensorflow_2_17():
     resolved = [re.sub(r"\$\{(\w+)\}", lambda m: defaults[m.group(1)], f.split()[0]) for f in froms]
     # TensorFlow 2.17 is built for CUDA 12.3; the build stage needs the devel image for nvcc and NCCL headers.
     assert resolved == ["nvidia/cuda:12.3.2-devel-ubuntu22.04", "nvidia/cuda:12.3.2-runtime-ubuntu22.04"]
-    assert json.loads(dict(instructions())["ENTRYPOINT"]) == ["medtl"]
+    assert json.loads(dict(instructions())["ENTRYPOINT"]) == ["tini", "--", "medtl"]

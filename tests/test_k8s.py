@@ -75,8 +75,14 @@ def all_pods(objects: list[dict]) -> list[tuple[str, dict]]:
     return [pod for obj in objects for pod in pod_templates(obj)]
 
 
+# Every container's command starts with the image's init (PID 1 that passes SIGTERM on and reaps).
+INIT = ["tini", "--"]
+
+
 def argv_of(container: dict) -> list[str]:
-    return [str(a) for a in (container.get("command") or []) + (container.get("args") or [])]
+    """The container's command and args, after the init (test_every_container_runs_under_tini)."""
+    argv = [str(a) for a in (container.get("command") or []) + (container.get("args") or [])]
+    return argv[len(INIT):] if argv[:len(INIT)] == INIT else argv
 
 
 def expand(argv: list[str], container: dict, index: int = 0) -> list[str]:
@@ -349,6 +355,143 @@ def test_images_are_the_release_and_labels_tell_the_stages(rendered, overlay):
     for _, spec in all_pods(rendered[overlay]):
         for container in spec["containers"]:
             assert container["image"] == f"medtl:{medtl.__version__}"
+
+
+def containers_of(spec: dict) -> list[dict]:
+    return spec["containers"] + spec.get("initContainers", [])
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_container_runs_under_tini(rendered, overlay):
+    for where, spec in all_pods(rendered[overlay]):
+        for container in containers_of(spec):
+            assert container["command"][:len(INIT)] == INIT, f"{where}/{container['name']}"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_root_filesystems_are_read_only_with_tmp_and_home_on_empty_dirs(rendered, overlay):
+    for where, spec in all_pods(rendered[overlay]):
+        volumes = {v["name"]: v for v in spec.get("volumes", [])}
+        for container in containers_of(spec):
+            assert container["securityContext"].get("readOnlyRootFilesystem") is True, f"{where}/{container['name']}"
+        for container in spec["containers"]:
+            mounted = {m["mountPath"]: volumes[m["name"]] for m in container.get("volumeMounts", [])}
+            for path in ("/tmp", "/home/medtl"):
+                assert path in mounted, f"{where}: nothing writable at {path}"
+                assert mounted[path].get("emptyDir", {}).get("sizeLimit"), f"{where}: {path} is not a bounded emptyDir"
+
+
+def quantity(text) -> float:
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+    match = re.fullmatch(r"(\d+)(\w*)", str(text))
+    return int(match.group(1)) * units.get(match.group(2), 1)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_container_has_ephemeral_storage_requests_and_limits(rendered, overlay):
+    for where, spec in all_pods(rendered[overlay]):
+        for container in containers_of(spec):
+            resources = container["resources"]
+            request, limit = (resources.get(k, {}).get("ephemeral-storage") for k in ("requests", "limits"))
+            assert request and limit, f"{where}/{container['name']}: ephemeral-storage requests and limits"
+            assert quantity(request) <= quantity(limit), f"{where}/{container['name']}"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_jobs_fail_fast_on_exit_2_and_ignore_disruptions(rendered, overlay):
+    """medtl exits 2 for usage and config errors (medtl.errors): a retry cannot fix them."""
+    jobs = [o for o in rendered[overlay] if o["kind"] == "Job"]
+    assert {o["metadata"]["name"] for o in jobs} >= {"medtl-ingest", "medtl-ingest-finalize", "medtl-evaluate",
+                                                     "medtl-search"}
+    for job in jobs:
+        where, spec = f"Job/{job['metadata']['name']}", job["spec"]
+        assert spec["template"]["spec"]["restartPolicy"] == "Never", where  # podFailurePolicy needs it
+        rules = spec["podFailurePolicy"]["rules"]
+        (container,) = spec["template"]["spec"]["containers"]
+        assert {"action": "FailJob", "onExitCodes": {"containerName": container["name"], "operator": "In",
+                                                     "values": [2]}} in rules, where
+        assert {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]} in rules, where
+
+
+def matches(selector: dict, labels: dict) -> bool:
+    """A Kubernetes label selector (matchLabels, matchExpressions with In/NotIn/Exists)."""
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for expr in selector.get("matchExpressions", []):
+        value, op = labels.get(expr["key"]), expr["operator"]
+        if (op == "In" and value not in expr["values"]) or (op == "NotIn" and value in expr["values"]) \
+                or (op == "Exists" and value is None):
+            return False
+    return True
+
+
+def admitted(policy: dict, source: dict, target: dict, port: int) -> bool:
+    """Whether `policy` (when it selects `target`) lets a pod labelled `source` reach `port` over TCP."""
+    spec = policy["spec"]
+    if not matches(spec["podSelector"], target):
+        return True  # not this policy's pod
+    for rule in spec.get("ingress", []):
+        sources = rule.get("from", [])
+        if sources and not any(matches(peer.get("podSelector", {"matchLabels": {"-": "-"}}), source)
+                               for peer in sources):
+            continue
+        for p in rule.get("ports", [{}]):
+            low = p.get("port", 0)
+            if p.get("protocol", "TCP") == "TCP" and low <= port <= p.get("endPort", low if "port" in p else 65535):
+                return True
+    return False
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_only_the_launcher_reaches_the_workers_sshd(rendered, overlay):
+    objects = rendered[overlay]
+    (policy,) = [o for o in objects if o["kind"] == "NetworkPolicy"]
+    for version in K8S_VERSIONS:
+        kubernetes_validate.validate(policy, version, strict=True)
+    assert "Ingress" in policy["spec"]["policyTypes"]
+    (mpijob,) = [o for o in objects if o["kind"] == "MPIJob"]
+    replicas = mpijob["spec"]["mpiReplicaSpecs"]
+    sshd = replicas["Worker"]["template"]["spec"]["containers"][0]["readinessProbe"]["tcpSocket"]["port"]
+
+    def pod(role: str, job: str = mpijob["metadata"]["name"]) -> dict:  # labels as the mpi-operator sets them
+        return {**replicas[role]["template"]["metadata"]["labels"], "training.kubeflow.org/job-name": job,
+                "training.kubeflow.org/job-role": role.lower()}
+
+    launcher, worker = pod("Launcher"), pod("Worker")
+    evaluate = by_name(objects, "Job", "medtl-evaluate")["spec"]["template"]["metadata"]["labels"]
+    assert admitted(policy, launcher, worker, sshd)
+    assert not admitted(policy, worker, worker, sshd)  # ranks talk to each other, but not over SSH
+    assert not admitted(policy, evaluate, worker, sshd) and not admitted(policy, {}, worker, sshd)
+    assert admitted(policy, worker, worker, 40000) and admitted(policy, launcher, worker, 40000)  # MPI, NCCL
+    assert not admitted(policy, evaluate, worker, 40000)
+    assert not matches(policy["spec"]["podSelector"], launcher)  # the launcher itself stays reachable
+
+
+def dockerfile_text() -> str:
+    return open(os.path.join(REPO, "Dockerfile"), encoding="utf-8").read()
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_sshd_host_keys_are_made_in_each_worker_pod(rendered, overlay):
+    (mpijob,) = [o for o in rendered[overlay] if o["kind"] == "MPIJob"]
+    worker = mpijob["spec"]["mpiReplicaSpecs"]["Worker"]["template"]["spec"]
+    host_key = re.search(r"'HostKey (\S+)'", dockerfile_text()).group(1)
+    assert not host_key.startswith(mpijob["spec"]["sshAuthMountPath"])  # never the job's user key
+    (init,) = [c for c in worker["initContainers"] if "ssh-keygen" in argv_of(c)]
+    argv = argv_of(init)
+    assert argv[argv.index("-f") + 1] == host_key
+    volumes = {v["name"]: v for v in worker["volumes"]}
+    (made,) = [m for m in init["volumeMounts"] if host_key.startswith(m["mountPath"] + "/")]
+    assert "emptyDir" in volumes[made["name"]]  # new in every pod, gone with it
+    sshd = worker["containers"][0]
+    assert any(m["name"] == made["name"] and m["mountPath"] == made["mountPath"] for m in sshd["volumeMounts"])
+
+
+def test_sshd_keeps_strict_modes():
+    files = [os.path.join(REPO, "Dockerfile")] + glob.glob(os.path.join(K8S, "**", "*.yaml"), recursive=True)
+    for path in files:
+        assert not re.search(r"StrictModes\W+no", open(path, encoding="utf-8").read(), re.I), path
+    assert "AuthorizedKeysCommand /usr/bin/cat" in dockerfile_text()
 
 
 # ----------------------------------------------------------------------------- commands

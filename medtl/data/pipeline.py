@@ -18,7 +18,7 @@ from medtl.config import Config
 from medtl.data.augment import build_augment_fn
 from medtl.data.manifest import Manifest, read_manifest
 from medtl.data.records import IMAGE, KEY, LABELS, MASK, PATIENT
-from medtl.errors import MedtlError
+from medtl.errors import MedtlError, RunFailure
 from medtl.tf import tf
 from medtl.utils.log import log
 
@@ -319,10 +319,10 @@ def as_user_error(exc: Exception) -> MedtlError | None:
     text = str(getattr(exc, "message", exc))
     match = re.search(re.escape(_CHECK_START) + "(.*?)" + re.escape(_CHECK_END), text, re.S)
     if match:
-        return MedtlError(_unescape(match.group(1)))
+        return RunFailure(_unescape(match.group(1)))
     match = re.search(r"cache lockfile already exists \('([^']+)'\)", text)
     if match:
-        return MedtlError(f"data.cache: {match.group(1)} exists: another run is writing this cache, or one was "
+        return RunFailure(f"data.cache: {match.group(1)} exists: another run is writing this cache, or one was "
                           "interrupted while writing it; if no other run uses it, delete that file")
     return None
 

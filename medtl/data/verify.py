@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from medtl.data.manifest import Manifest, Shard, read_manifest
-from medtl.errors import MedtlError
+from medtl.errors import MedtlError, RunFailure
 from medtl.utils import fs
 from medtl.utils.log import log
 
@@ -113,7 +113,7 @@ def verify_records(records: str, deep: bool = True) -> dict:
     if problems:
         for p in problems[1:]:
             log(f"verify: also damaged: {p}")
-        raise MedtlError(f"{len(problems)} of {shards} shards damaged in {records}; first: {problems[0]}. "
+        raise RunFailure(f"{len(problems)} of {shards} shards damaged in {records}; first: {problems[0]}. "
                          "Re-run `medtl ingest` for this folder (or restore the shard from a copy).")
     log(f"verify: {records}: {shards} shards, {count} records, all {'read, parsed and checksummed' if deep else 'present with the right sizes'}")
     return {"shards": shards, "records": count}
@@ -123,6 +123,6 @@ def raise_if_damaged(records: str, manifest: Manifest, splits, cause: Exception)
     """After a data error in training or prediction: name the damaged shard, or re-raise the cause."""
     problems = check_deep(records, manifest, splits)
     if problems:
-        raise MedtlError(f"{problems[0]}; training stopped, nothing was skipped. Run `medtl verify {records}` and "
+        raise RunFailure(f"{problems[0]}; training stopped, nothing was skipped. Run `medtl verify {records}` and "
                          "re-ingest or restore the shard.") from None
     raise cause

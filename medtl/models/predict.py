@@ -13,7 +13,7 @@ from medtl import dist
 from medtl.config import Config
 from medtl.data.manifest import Manifest
 from medtl.data.pipeline import build_dataset, pipeline_errors, split_size
-from medtl.errors import MedtlError
+from medtl.errors import RunFailure
 from medtl.tf import tf
 
 # Salted hashes are hex strings of 20 characters (medtl.data.deid); gathered as fixed-width bytes.
@@ -51,14 +51,14 @@ def predict_split(model, cfg: Config, manifest: Manifest, split: str, ctx: dist.
         if k in out:
             out[k] = _decode_ids(out[k])
     if with_ids and len(set(out["key"])) != len(out["key"]):
-        raise MedtlError(f"split {split!r} holds the same record key more than once; re-run `medtl ingest`")
+        raise RunFailure(f"split {split!r} holds the same record key more than once; re-run `medtl ingest`")
     return out
 
 
 def _check_complete(out: dict, manifest: Manifest, split: str, records: str) -> None:
     expected = split_size(manifest, split)
     if len(out["probs"]) != expected:
-        raise MedtlError(
+        raise RunFailure(
             f"read {len(out['probs'])} records of split {split!r} but the manifest lists {expected}; "
             f"run `medtl verify {records}`"
         )

@@ -29,7 +29,7 @@ import numpy as np
 from medtl import dist
 from medtl.config import Config, to_tree
 from medtl.data.manifest import Manifest
-from medtl.errors import MedtlError
+from medtl.errors import RunFailure
 from medtl.utils import fs
 from medtl.utils.log import log
 from medtl.utils.progress import Progress
@@ -275,7 +275,7 @@ def load_split(folder: str, index: dict, split: str) -> SplitFeatures:
         for f in (f for f in files if f["copy"] == copy):
             path = os.path.join(folder, f["file"])
             if not os.path.exists(path):
-                raise MedtlError(f"feature cache file {path} is missing; delete {folder} to extract it again")
+                raise RunFailure(f"feature cache file {path} is missing; delete {folder} to extract it again")
             with np.load(path) as data:
                 for key in data.files:
                     parts.setdefault(key, []).append(data[key])
@@ -284,5 +284,5 @@ def load_split(folder: str, index: dict, split: str) -> SplitFeatures:
             labels, mask = arrays["labels"].astype(np.float32), arrays["mask"].astype(np.float32)
         by_copy[copy] = {k: v.astype(np.float32) for k, v in arrays.items() if k not in ("labels", "mask")}
     if labels is None:
-        raise MedtlError(f"the feature cache {folder} holds no {split} images; delete it to extract it again")
+        raise RunFailure(f"the feature cache {folder} holds no {split} images; delete it to extract it again")
     return SplitFeatures(by_copy, labels, mask)

@@ -24,7 +24,7 @@ import time
 from medtl import dist
 from medtl.config import Config
 from medtl.data.manifest import Manifest
-from medtl.errors import ConfigError, MedtlError
+from medtl.errors import ConfigError, MedtlError, RunFailure
 from medtl.search.space import SearchSpace, defaults_from, load_space
 from medtl.utils import faults
 from medtl.utils.log import log
@@ -103,8 +103,9 @@ def open_storage(url: str):
                 heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS)
         raise ValueError("not a database URL")
     except Exception as exc:  # a bad URL, a missing driver, an unreachable server
+        # Exit 1, not 2: a database that is not up yet (its pod still starting) is worth a retry.
         shown = url.split("@")[-1] if "@" in url else url  # never print a password
-        raise MedtlError(f"search storage {shown!r} cannot be opened ({type(exc).__name__}: "
+        raise RunFailure(f"search storage {shown!r} cannot be opened ({type(exc).__name__}: "
                          f"{str(exc).splitlines()[0][:160]}); give a database URL such as "
                          "sqlite:///runs/search/study.db or postgresql://USER:PASSWORD@HOST/DB") from None
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from medtl import dist
 from medtl.data.pipeline import build_resize_fn, decode_stored_png
-from medtl.errors import MedtlError
+from medtl.errors import MedtlError, RunFailure
 from medtl.evaluate.run import load_or_tune_thresholds, with_evaluate_overrides
 from medtl.serve.meta import META_FILE, ExportMeta, write_meta
 from medtl.tf import tf
@@ -158,5 +158,5 @@ def _verify(out: str, model: tf.keras.Model, meta: ExportMeta) -> None:
     if meta.tta == "flip":
         want = (want + tf.sigmoid(model(tf.image.flip_left_right(images), training=False)).numpy()) / 2
     if not np.allclose(got, want, atol=1e-5):
-        raise MedtlError(f"the SavedModel in {out} does not reproduce the Keras model "
+        raise RunFailure(f"the SavedModel in {out} does not reproduce the Keras model "
                          f"(max difference {np.abs(got - want).max():.2g}); please report this")

@@ -1,13 +1,18 @@
-"""Keras callbacks for a phase: metrics, best weights and checkpoints, the NaN guard, TensorBoard."""
+"""Keras callbacks for a phase: metrics, best weights and checkpoints, the NaN guard, the SIGTERM stop,
+TensorBoard."""
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import signal
+import threading
 import time
 
 import numpy as np
 
 from medtl import dist
+from medtl.errors import Terminated
 from medtl.models.metrics import mean_bce, summary_metrics
 from medtl.models.predict import predict_split
 from medtl.tf import tf
@@ -76,6 +81,65 @@ class NonFiniteGuard(tf.keras.callbacks.Callback):
         if streak >= self.patience and self.tripped is None:
             self.tripped = (epoch, streak)
             self.model.stop_training = True
+
+
+class SigtermFlag:
+    """Set by SIGTERM (Kubernetes stopping the pod; horovodrun and mpirun pass it on to the ranks)."""
+
+    def __init__(self):
+        self.received = False
+
+    def _handle(self, signum, frame):  # a signal handler: set the flag, nothing else
+        self.received = True
+
+
+@contextlib.contextmanager
+def sigterm_flag():
+    """A SigtermFlag that SIGTERM sets while the block runs (the previous handler comes back after).
+    Only the main thread may set handlers; elsewhere (a library caller's thread) SIGTERM keeps its own."""
+    flag = SigtermFlag()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    previous = signal.signal(signal.SIGTERM, flag._handle)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class StopOnSigterm(tf.keras.callbacks.Callback):
+    """Ends training after the step in progress when SIGTERM came, by raising Terminated.
+
+    Only completed epochs are checkpointed (PhaseTracker), and resume starts at an epoch boundary,
+    so a partial epoch is dropped, never committed: raising from the batch end skips every
+    on_epoch_end. Placed last, so that a SIGTERM met during an epoch's end (validation, the commit)
+    stops after that epoch's checkpoint is written. state.json keeps naming the last complete
+    epoch; the same command resumes from it."""
+
+    def __init__(self, flag: SigtermFlag, state: RunState, phase_name: str, steps_per_epoch: int):
+        super().__init__()
+        self.flag, self.state, self.phase_name, self.steps_per_epoch = flag, state, phase_name, steps_per_epoch
+        self._epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.flag.received:
+            raise self._terminated(f"after step {batch + 1} of {self.steps_per_epoch} of epoch {self._epoch + 1}; "
+                                   "that epoch is not committed")
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.flag.received:
+            raise self._terminated(f"at the end of epoch {epoch + 1}")
+
+    def _terminated(self, where: str) -> Terminated:
+        last = self.state.checkpoint
+        resume = (f"the last checkpoint is {last} ({self.state.epochs_done} epoch(s) complete)" if last
+                  else "no epoch was complete, so it starts again")
+        return Terminated(f"SIGTERM: training stopped {where} (phase '{self.phase_name}'); {resume}. "
+                          "The same command with the same --workdir resumes.")
 
 
 class EpochMetrics(tf.keras.callbacks.Callback):

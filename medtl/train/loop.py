@@ -20,7 +20,7 @@ from medtl.config import Config
 from medtl.data import verify
 from medtl.data.manifest import Manifest, read_manifest
 from medtl.data.pipeline import build_dataset, pipeline_errors, split_size
-from medtl.errors import MedtlError
+from medtl.errors import MedtlError, RunFailure
 from medtl.models.build import build_model, set_precision
 from medtl.models.losses import build_loss
 from medtl.tf import tf
@@ -120,7 +120,7 @@ def _check_in_sync(ctx: dist.Context, model, phase_name: str) -> str:
     fingerprint = _weights_fingerprint(model)
     values = dist.fingerprints_agree(ctx, float(int(fingerprint, 16)))
     if len(set(values)) != 1:
-        raise MedtlError(f"ranks hold different weights after phase {phase_name!r} (fingerprints "
+        raise RunFailure(f"ranks hold different weights after phase {phase_name!r} (fingerprints "
                          f"{', '.join(f'{int(v):013x}' for v in values)}); training is not synchronised")
     log(f"phase {phase_name!r}: weights identical on {ctx.size} rank(s) (fingerprint {fingerprint})")
     return fingerprint
@@ -150,7 +150,7 @@ def train(cfg: Config, workdir: str, until_phase: str | None = None) -> dict:
     _check_outputs_outside_records(cfg, workdir)
     damaged = verify.check_cheap(cfg.data.records, manifest, ["train", "val"])
     if damaged:
-        raise MedtlError(f"{damaged[0]}; run `medtl verify {cfg.data.records}` and re-ingest or restore it")
+        raise RunFailure(f"{damaged[0]}; run `medtl verify {cfg.data.records}` and re-ingest or restore it")
     run = RunDir(workdir, ctx.primary)
     state = _prepare_run(ctx, cfg, run)
     if state.finished(cfg):
@@ -180,7 +180,8 @@ def train(cfg: Config, workdir: str, until_phase: str | None = None) -> dict:
 
     watchdog = dist.StallWatchdog(ctx, cfg.train.stall_shutdown_seconds).start()
     try:
-        fingerprints = _run_phases(ctx, cfg, run, manifest, state, model, loss, steps, watchdog, plan)
+        with cb.sigterm_flag() as sigterm:
+            fingerprints = _run_phases(ctx, cfg, run, manifest, state, model, loss, steps, (watchdog, sigterm), plan)
     finally:
         watchdog.stop()
     summary = {"best_val_auroc": state.overall_best, "epochs": state.epochs_done, "workdir": workdir,
@@ -194,8 +195,10 @@ def train(cfg: Config, workdir: str, until_phase: str | None = None) -> dict:
     return summary
 
 
-def _run_phases(ctx, cfg, run: RunDir, manifest, state, model, loss, steps, watchdog, plan) -> dict:
-    """The phases of `plan` ((index, epochs done) each); returns {phase name: weights fingerprint}."""
+def _run_phases(ctx, cfg, run: RunDir, manifest, state, model, loss, steps, signals, plan) -> dict:
+    """The phases of `plan` ((index, epochs done) each); returns {phase name: weights fingerprint}.
+    `signals` is (the stall watchdog, the SIGTERM flag)."""
+    watchdog, sigterm = signals
     global_batch_size = cfg.train.batch_size * ctx.size
     fingerprints = {}
     for position, (index, done_in_phase) in enumerate(plan):
@@ -230,6 +233,7 @@ def _run_phases(ctx, cfg, run: RunDir, manifest, state, model, loss, steps, watc
             callbacks.insert(0, cb.FaultHooks(ctx.rank, steps))
         if ctx.primary:
             callbacks.append(cb.TensorBoardWriter(run.tensorboard, metrics, guard))
+        callbacks.append(cb.StopOnSigterm(sigterm, state, phase.name, steps))  # last: after an epoch's commit
         train_ds = build_dataset(cfg, "train", ctx.rank, ctx.size, manifest, first_epoch=first_epoch)
         train_ds = faults.corrupt_inputs(train_ds, ctx.rank, first_epoch * steps)
         try:
@@ -242,7 +246,7 @@ def _run_phases(ctx, cfg, run: RunDir, manifest, state, model, loss, steps, watc
         if guard.tripped:
             epoch, streak = guard.tripped
             dist.primary_reports_agreed_stop(ctx)  # the streak is of averaged gradients: every rank is here
-            raise MedtlError(
+            raise RunFailure(
                 f"the inputs, loss or gradients were not finite for the last {streak} steps of epoch {epoch + 1} "
                 f"(phase '{phase.name}'; those updates were skipped); training stopped on all ranks. The last "
                 f"good checkpoint is {state.checkpoint or 'none (no epoch completed)'} and the best weights are "

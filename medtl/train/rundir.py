@@ -25,7 +25,7 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 
 from medtl.config import Config, dump_config, load_config
-from medtl.errors import MedtlError
+from medtl.errors import MedtlError, RunFailure
 from medtl.utils import faults, fs
 
 CHECKPOINT_DIR = "checkpoints"
@@ -179,9 +179,9 @@ class RunDir:
             with open(path, encoding="utf-8") as fh:
                 state = RunState(**json.load(fh))
         except (json.JSONDecodeError, TypeError) as exc:
-            raise MedtlError(f"{path} is unreadable ({exc}); delete the run folder's checkpoints/ to start over") from None
+            raise RunFailure(f"{path} is unreadable ({exc}); delete the run folder's checkpoints/ to start over") from None
         if state.checkpoint and not os.path.exists(self.checkpoint(state.checkpoint)):
-            raise MedtlError(f"{path} names {state.checkpoint}, which is missing; restore it or start a new --workdir")
+            raise RunFailure(f"{path} names {state.checkpoint}, which is missing; restore it or start a new --workdir")
         return state
 
     def write_state(self, state: RunState) -> None:
