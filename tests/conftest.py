@@ -43,9 +43,12 @@ def tree_bytes(folder) -> dict:
     return {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder))}
 
 
-def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
-    """A user error: non-zero exit, one `medtl: error:` line naming the thing, no traceback."""
+def assert_user_error(result: subprocess.CompletedProcess, *fragments: str, exit_code: int | None = None) -> str:
+    """A user error: non-zero exit (`exit_code` when given: 2 usage/config, 1 runtime; medtl.errors), one
+    `medtl: error:` line naming the thing, no traceback."""
     assert result.returncode != 0, result.stdout + result.stderr
+    if exit_code is not None:
+        assert result.returncode == exit_code, (result.returncode, result.stderr[-2000:])
     assert "Traceback" not in result.stderr, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("medtl: error:")]
     assert len(errors) == 1, result.stderr

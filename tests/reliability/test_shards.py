@@ -6,6 +6,7 @@ import shutil
 import pytest
 
 from conftest import assert_user_error, run_cli
+from medtl.errors import EXIT_RUNTIME, EXIT_USAGE
 from reliability.helpers import report, train
 
 
@@ -33,9 +34,11 @@ def test_truncated_shard(damaged, tmp_path):
     shard = manifest["splits"]["train"]["shards"][1]["file"]
     data = (folder / shard).read_bytes()
     (folder / shard).write_bytes(data[: len(data) // 2])
-    assert_user_error(run_cli("verify", folder), shard, "truncated", f"{len(data) // 2} of {len(data)} bytes")
-    assert_user_error(run_cli("verify", "--quick", folder), shard, "truncated")
-    assert_user_error(_train(folder, tmp_path), shard, "truncated", "medtl verify")
+    # Damaged data is a runtime failure (exit 1), wherever it is found.
+    assert_user_error(run_cli("verify", folder), shard, "truncated", f"{len(data) // 2} of {len(data)} bytes",
+                      exit_code=EXIT_RUNTIME)
+    assert_user_error(run_cli("verify", "--quick", folder), shard, "truncated", exit_code=EXIT_RUNTIME)
+    assert_user_error(_train(folder, tmp_path), shard, "truncated", "medtl verify", exit_code=EXIT_RUNTIME)
     report("5a. Truncated shard", "a train shard cut to half its bytes", "verify, verify --quick and train each "
            "stopped with one error line naming the shard and 'truncated'", shards_damaged=1)
 
@@ -50,7 +53,8 @@ def test_flipped_byte(damaged, tmp_path):
             path.write_bytes(bytes(data))
     first = manifest["splits"]["train"]["shards"][0]["file"]
     assert_user_error(run_cli("verify", folder), first, "corrupted")
-    line = assert_user_error(_train(folder, tmp_path), "corrupted", "nothing was skipped")
+    line = assert_user_error(_train(folder, tmp_path), "corrupted", "nothing was skipped",
+                             exit_code=EXIT_RUNTIME)  # met mid-training
     assert "-of-" in line and ".tfrecord" in line
     damaged = sum(len(manifest["splits"][s]["shards"]) for s in ("train", "val"))
     report("5b. Flipped byte", "one bit flipped mid-file in every train and val shard",
@@ -76,7 +80,8 @@ def test_wrong_record_count(damaged, tmp_path):
     (folder / "manifest.json").write_text(json.dumps(manifest))
     shard = entry["file"]
     assert_user_error(run_cli("verify", folder), shard, "count_mismatch", "manifest says")
-    assert_user_error(_train(folder, tmp_path), shard, "count_mismatch", f"manifest says {entry['records']}")
+    assert_user_error(_train(folder, tmp_path), shard, "count_mismatch", f"manifest says {entry['records']}",
+                      exit_code=EXIT_RUNTIME)
     report("5d. Wrong record count", "manifest.json claims one record more for a train shard",
            "verify and train each named the shard and 'count_mismatch' (train used to read it silently)",
            shards_damaged=1)
@@ -84,4 +89,4 @@ def test_wrong_record_count(damaged, tmp_path):
 
 def test_unfinished_ingest_is_not_records(tmp_path):
     (tmp_path / ".parts").mkdir()
-    assert_user_error(run_cli("verify", tmp_path), "no manifest.json", "ingest-finalize")
+    assert_user_error(run_cli("verify", tmp_path), "no manifest.json", "ingest-finalize", exit_code=EXIT_USAGE)
