@@ -47,7 +47,7 @@ def shard_paths(records: str, manifest: Manifest, split: str) -> list[str]:
     for shard in manifest.splits[split].shards:
         path = f"{records.rstrip('/')}/{shard.file}"
         if not tf.io.gfile.exists(path):
-            raise MedtlError(f"shard {path} listed in the manifest is missing; re-run `medtl ingest`")
+            raise RunFailure(f"shard {path} listed in the manifest is missing; re-run `medtl ingest`")
         paths.append(path)
     return paths
 
