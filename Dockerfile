@@ -58,6 +58,8 @@ RUN useradd --create-home --uid 1000 --user-group --shell /bin/bash medtl \
         'AuthorizedKeysCommandUser medtl' \
         > /etc/ssh/medtl_sshd_config
 USER medtl
+# The pods mount an emptyDir here (the root filesystem is read-only); HOME says so to every process.
+ENV HOME=/home/medtl
 WORKDIR /home/medtl
 EXPOSE 2222
 # tini as PID 1: it forwards SIGTERM (a pod being stopped) to medtl, which then ends training after
