@@ -49,7 +49,8 @@ def test_duplicate_image_rows_are_refused(studies, tmp_path):
     assert not out.exists() or not (out / "manifest.json").exists()
     # The multihot reader refuses them too, even with equal labels.
     multihot = _write(tmp_path / "dup_multihot.csv", ["image", "patient", "Mass"],
-                      [{"image": "a.png", "patient": "p1", "Mass": "1"}, {"image": "b.png", "patient": "p2", "Mass": "0"},
+                      [{"image": "a.png", "patient": "p1", "Mass": "1"},
+                       {"image": "b.png", "patient": "p2", "Mass": "0"},
                        {"image": "./a.png", "patient": "p1", "Mass": "1"}])
     r = _ingest(studies, multihot, tmp_path / "r2", "--format", "multihot")
     line = assert_user_error(r, "dup_multihot.csv", "same image on rows 2, 4", "list each image once")
@@ -100,7 +101,7 @@ def test_empty_val_split_warns_at_ingest_and_stops_train_at_start(studies, tmp_p
     records = tmp_path / "records"
     r = run_cli("ingest", *ingest_args(studies, records, "--split-file", tmp_path / "splits.csv"))
     assert r.returncode == 0, r.stderr
-    assert "warning: the val split of" in r.stderr and "raise --val-fraction" in r.stderr
+    assert "warning: the val split of" in r.stderr and "give some patients the split 'val' in --split-file" in r.stderr
     assert "warning: the test split" not in r.stderr
     r = run_cli("train", "--config", os.path.join(JOBS, "smoke.yaml"), "--workdir", tmp_path / "run",
                 "--set", f"data.records={records}")

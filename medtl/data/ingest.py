@@ -489,10 +489,13 @@ def _warn_empty_splits(opt: IngestOptions, manifest: Manifest) -> None:
     """An empty val or test split is legal (records only to evaluate, say) but rarely meant: say so now."""
     for split, fraction, needed_by in (("val", opt.val_fraction, "`medtl train`"),
                                        ("test", opt.test_fraction, "`medtl evaluate` on the test split")):
-        asked_none = manifest.split_source == "stratified" and fraction == 0
-        if manifest.records(split) == 0 and manifest.records("train") and not asked_none:
-            log(f"warning: the {split} split of {opt.out} is empty (0 records) and {needed_by} needs one; "
-                f"ingest more patients or raise --{split}-fraction")
+        if manifest.records(split) or not manifest.records("train"):
+            continue
+        fix = {"file": f"give some patients the split {split!r} in --split-file",
+               "given": f"use a dataset file with a {split} split"}.get(
+            manifest.split_source, f"ingest more patients or raise --{split}-fraction")
+        if manifest.split_source != "stratified" or fraction > 0:  # a fraction of 0 asked for it
+            log(f"warning: the {split} split of {opt.out} is empty (0 records) and {needed_by} needs one; {fix}")
 
 
 def ingest(opt: IngestOptions) -> Manifest:

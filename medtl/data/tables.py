@@ -98,12 +98,12 @@ def _check_unique_images(path: str, files: list[str]) -> None:
             rows.setdefault(os.path.normpath(file), []).append(row)
     repeated = [r for r in rows.values() if len(r) > 1]
     if repeated:
-        more = f" ({len(repeated) - 1} more image(s) are listed twice too)" if len(repeated) > 1 else ""
+        more = f" ({len(repeated) - 1} more image(s) are listed more than once too)" if len(repeated) > 1 else ""
         raise MedtlError(f"labels file {path} lists the same image on rows {', '.join(map(str, repeated[0]))}{more}; "
                          "list each image once, with all its labels on one row")
 
 
-def label_key(name: str) -> str:
+def _label_key(name: str) -> str:
     """A label name without case, spaces, underscores or hyphens: names with one key are one label misspelt."""
     return re.sub(r"[\s_\-]+", "", name).casefold()
 
@@ -113,7 +113,7 @@ def _check_spellings(path: str, names: list[tuple[str, str]]) -> None:
     two labels, each missing the other's positives, so they are refused."""
     first: dict[str, tuple[str, str]] = {}
     for name, where in names:
-        other, other_where = first.setdefault(label_key(name), (name, where))
+        other, other_where = first.setdefault(_label_key(name), (name, where))
         if other != name:
             raise MedtlError(f"labels file {path} spells one label two ways, {other!r} ({other_where}) and {name!r} "
                              f"({where}); labels must match exactly: use one spelling")
@@ -124,9 +124,9 @@ def _select(all_names: list[str], wanted: tuple[str, ...] | None, path: str) -> 
         return tuple(all_names)
     unknown = [n for n in wanted if n not in all_names]
     if unknown:
-        near = {label_key(n): n for n in all_names}
-        hints = [f"{n!r} differs from {near[label_key(n)]!r} only by case or spacing" for n in unknown
-                 if label_key(n) in near]
+        near = {_label_key(n): n for n in all_names}
+        hints = [f"{n!r} differs from {near[_label_key(n)]!r} only by case or spacing" for n in unknown
+                 if _label_key(n) in near]
         hint = f" ({'; '.join(hints)})" if hints else ""
         raise MedtlError(f"--label-names {', '.join(unknown)} not in {path}{hint}; it has: {', '.join(all_names)}")
     return tuple(wanted)
