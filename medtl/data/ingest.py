@@ -27,9 +27,10 @@ import numpy as np
 
 import medtl
 from medtl.data import decode, deid, splits, tables
-from medtl.data.manifest import PARTS_DIR, Manifest, Shard, SplitInfo, remove_manifest, write_manifest
+from medtl.data.manifest import (MANIFEST_FILE, PARTS_DIR, Manifest, Shard, SplitInfo, read_manifest, remove_manifest,
+                                 write_manifest)
 from medtl.errors import MedtlError
-from medtl.utils import fs
+from medtl.utils import faults, fs
 from medtl.utils.log import debug, log
 from medtl.utils.progress import Progress
 
@@ -37,6 +38,8 @@ SPLITS = ("train", "val", "test")
 QUARANTINE = "quarantine.csv"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
 FINAL_SHARD = re.compile(r"^(train|val|test)-\d{5}-of-\d{5}\.tfrecord$")
+# In .parts/ once the manifest is written and checked: the parts are only being removed.
+FINALIZED = "FINALIZED"
 
 
 @dataclass(frozen=True)
@@ -295,6 +298,7 @@ def ingest_part(opt: IngestOptions, worker_index: int = 0, num_workers: int = 1)
     mine = {p for i, p in enumerate(patients) if i % num_workers == worker_index}
     folder = _part_dir(opt.out, worker_index, num_workers)
     fs.remove(folder)  # a re-run starts this part from scratch
+    fs.remove(fs.join(opt.out, PARTS_DIR, FINALIZED))  # a new ingest: an earlier finalize's leftovers are stale
     fs.makedirs(folder)
     from medtl.data.records import encode_example
 
@@ -341,37 +345,33 @@ def ingest_part(opt: IngestOptions, worker_index: int = 0, num_workers: int = 1)
 
 
 def finalize(opt: IngestOptions, num_workers: int) -> Manifest:
-    """Merge the k parts: final shard names, manifest.json (written last) and quarantine.csv."""
-    parts = []
-    missing = []
-    for w in range(num_workers):
-        path = fs.join(_part_dir(opt.out, w, num_workers), "part.json")
-        if not fs.exists(path):
-            missing.append(w)
-        else:
-            parts.append(json.loads(fs.read_text(path)))
-    if missing:
-        others = sorted({m.group(1) for name in fs.listdir(fs.join(opt.out, PARTS_DIR))
-                         if (m := re.match(r"worker-\d{5}-of-(\d{5})$", name)) and int(m.group(1)) != num_workers})
-        hint = f" (parts of a {int(others[0])}-worker ingest are there: pass --num-workers {int(others[0])})" if others else ""
-        raise MedtlError(f"ingest parts {', '.join(map(str, missing))} of {num_workers} are missing or unfinished in "
-                         f"{fs.join(opt.out, PARTS_DIR)}{hint}; re-run those workers "
-                         f"(--worker-index N --num-workers {num_workers})")
+    """Merge the k parts: final shard names, manifest.json (written last) and quarantine.csv.
+
+    Idempotent: a finalize killed at any point re-runs with the same options to the same bytes. Shards
+    already moved are recognised by their SHA-256, and the parts are removed only after a FINALIZED
+    marker says the manifest is complete and its checks passed."""
+    if _cleanup_pending(opt.out):
+        _remove_parts(opt.out)
+        log(f"ingest: {opt.out} was already finalized; removed the parts an interrupted finalize left")
+        return read_manifest(opt.out)
+    parts = _read_parts(opt.out, num_workers)
     labels = parts[0]["labels"]
     if any(p["labels"] != labels for p in parts):
         raise MedtlError(f"ingest parts in {opt.out} disagree on the label list; re-run all workers with the same inputs")
     remove_manifest(opt.out)  # no manifest while shards are being renamed
     manifest_splits = {}
     final_names = set()
+    renamed = 0
     for split in SPLITS:
         shards = [(p, s) for p in parts for s in p["splits"][split]["shards"]]
         entries = []
         from medtl.data.records import shard_name
 
         for i, (p, shard) in enumerate(shards):
+            faults.in_finalize("kill_in_finalize", renamed)
             name = shard_name(split, i, len(shards))
-            src = fs.join(_part_dir(opt.out, p["worker_index"], num_workers), shard["part_file"])
-            fs.rename(src, fs.join(opt.out, name))
+            _move_shard(opt.out, p, shard, name, num_workers)
+            renamed += 1
             final_names.add(name)
             entries.append(Shard(file=name, records=shard["records"], bytes=shard["bytes"], sha256=shard["sha256"]))
         positives = np.sum([p["splits"][split]["positives"] for p in parts], axis=0)
@@ -388,6 +388,7 @@ def finalize(opt: IngestOptions, num_workers: int) -> Manifest:
     for stale in fs.listdir(opt.out):  # shards of an earlier ingest that this one does not list
         if FINAL_SHARD.match(stale) and stale not in final_names:
             fs.remove(fs.join(opt.out, stale))
+    faults.in_finalize("kill_in_finalize", renamed)
     quarantine = sorted(q for p in parts for q in p["quarantine"])
     manifest = Manifest(
         medtl_version=medtl.__version__,
@@ -410,13 +411,13 @@ def finalize(opt: IngestOptions, num_workers: int) -> Manifest:
     )
     _write_quarantine(fs.join(opt.out, QUARANTINE), quarantine)
     write_manifest(opt.out, manifest)
-    fs.remove(fs.join(opt.out, PARTS_DIR))
 
     considered = sum(p["considered"] for p in parts)
     kept = sum(s.records for s in manifest_splits.values())
     log(f"ingest: wrote {kept} records ("
         + ", ".join(f"{k} {v.records} in {len(v.shards)} shard(s)" for k, v in manifest_splits.items())
         + f"); quarantined {len(quarantine)} of {considered} inputs (see {fs.join(opt.out, QUARANTINE)})")
+    _warn_empty_splits(opt, manifest)
     bad_fraction = len(quarantine) / max(considered, 1)
     if bad_fraction > opt.max_bad_fraction:
         first = quarantine[0]
@@ -427,7 +428,74 @@ def finalize(opt: IngestOptions, num_workers: int) -> Manifest:
         )
     if kept == 0:
         raise MedtlError(f"no records were written to {opt.out}; see {fs.join(opt.out, QUARANTINE)}")
+    # The parts go only now, so a finalize that failed a check above can be re-run (e.g. with a higher
+    # --max-bad-fraction) without re-running the workers.
+    fs.write_text_atomic(fs.join(opt.out, PARTS_DIR, FINALIZED), "")
+    _remove_parts(opt.out)
     return manifest
+
+
+def _read_parts(out: str, num_workers: int) -> list[dict]:
+    """Every worker's part.json, or an error naming the missing workers."""
+    parts, missing = [], []
+    for w in range(num_workers):
+        path = fs.join(_part_dir(out, w, num_workers), "part.json")
+        if not fs.exists(path):
+            missing.append(w)
+        else:
+            parts.append(json.loads(fs.read_text(path)))
+    if missing:
+        others = sorted({m.group(1) for name in fs.listdir(fs.join(out, PARTS_DIR))
+                         if (m := re.match(r"worker-\d{5}-of-(\d{5})$", name)) and int(m.group(1)) != num_workers})
+        hint = f" (parts of a {int(others[0])}-worker ingest are there: pass --num-workers {int(others[0])})" if others else ""
+        raise MedtlError(f"ingest parts {', '.join(map(str, missing))} of {num_workers} are missing or unfinished in "
+                         f"{fs.join(out, PARTS_DIR)}{hint}; re-run those workers "
+                         f"(--worker-index N --num-workers {num_workers})")
+    return parts
+
+
+def _move_shard(out: str, part: dict, shard: dict, name: str, num_workers: int) -> None:
+    """Give a part's shard its final name; a shard an earlier (killed) finalize moved is recognised by its hash."""
+    src = fs.join(_part_dir(out, part["worker_index"], num_workers), shard["part_file"])
+    dst = fs.join(out, name)
+    if fs.exists(src):
+        fs.rename(src, dst)
+    elif not (fs.exists(dst) and fs.size(dst) == shard["bytes"] and fs.sha256(dst) == shard["sha256"]):
+        raise MedtlError(f"shard {shard['part_file']} of ingest part {part['worker_index']} is neither in its part "
+                         f"folder nor at {dst}; re-run that worker (--worker-index {part['worker_index']} "
+                         f"--num-workers {num_workers}), then finalize")
+
+
+def _cleanup_pending(out: str) -> bool:
+    """True when a finalize got as far as removing the parts: its marker is there, or (the marker's
+    removal being the last step but one) an empty .parts/ beside the manifest."""
+    parts_dir = fs.join(out, PARTS_DIR)
+    if fs.exists(fs.join(parts_dir, FINALIZED)):
+        return True
+    return fs.exists(parts_dir) and not fs.listdir(parts_dir) and fs.exists(fs.join(out, MANIFEST_FILE))
+
+
+def _remove_parts(out: str) -> None:
+    """Remove the parts of a finalized ingest, the FINALIZED marker last."""
+    parts_dir = fs.join(out, PARTS_DIR)
+    folders = sorted(n for n in fs.listdir(parts_dir) if n != FINALIZED)
+    for done, name in enumerate(folders):
+        faults.in_finalize("kill_in_cleanup", done)
+        fs.remove(fs.join(parts_dir, name))
+    fs.remove(parts_dir)
+
+
+def _warn_empty_splits(opt: IngestOptions, manifest: Manifest) -> None:
+    """An empty val or test split is legal (records only to evaluate, say) but rarely meant: say so now."""
+    for split, fraction, needed_by in (("val", opt.val_fraction, "`medtl train`"),
+                                       ("test", opt.test_fraction, "`medtl evaluate` on the test split")):
+        if manifest.records(split) or not manifest.records("train"):
+            continue
+        fix = {"file": f"give some patients the split {split!r} in --split-file",
+               "given": f"use a dataset file with a {split} split"}.get(
+            manifest.split_source, f"ingest more patients or raise --{split}-fraction")
+        if manifest.split_source != "stratified" or fraction > 0:  # a fraction of 0 asked for it
+            log(f"warning: the {split} split of {opt.out} is empty (0 records) and {needed_by} needs one; {fix}")
 
 
 def ingest(opt: IngestOptions) -> Manifest:

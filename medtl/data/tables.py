@@ -89,12 +89,46 @@ def _read_rows(path: str, required: tuple[str, ...], hint: str) -> tuple[list[st
         raise MedtlError(f"labels file {path} is not a readable UTF-8 CSV ({exc})") from None
 
 
+def _check_unique_images(path: str, files: list[str]) -> None:
+    """files[i] is the image on row i + 2 (row 1: the header). One image on two rows would become two
+    records, or two contradicting ones: refused, never de-duplicated behind the user's back."""
+    rows: dict[str, list[int]] = {}
+    for row, file in enumerate(files, start=2):
+        if file:
+            rows.setdefault(os.path.normpath(file), []).append(row)
+    repeated = [r for r in rows.values() if len(r) > 1]
+    if repeated:
+        more = f" ({len(repeated) - 1} more image(s) are listed more than once too)" if len(repeated) > 1 else ""
+        raise MedtlError(f"labels file {path} lists the same image on rows {', '.join(map(str, repeated[0]))}{more}; "
+                         "list each image once, with all its labels on one row")
+
+
+def _label_key(name: str) -> str:
+    """A label name without case, spaces, underscores or hyphens: names with one key are one label misspelt."""
+    return re.sub(r"[\s_\-]+", "", name).casefold()
+
+
+def _check_spellings(path: str, names: list[tuple[str, str]]) -> None:
+    """names: (label name, where it was seen), in file order. Two spellings of one label would become
+    two labels, each missing the other's positives, so they are refused."""
+    first: dict[str, tuple[str, str]] = {}
+    for name, where in names:
+        other, other_where = first.setdefault(_label_key(name), (name, where))
+        if other != name:
+            raise MedtlError(f"labels file {path} spells one label two ways, {other!r} ({other_where}) and {name!r} "
+                             f"({where}); labels must match exactly: use one spelling")
+
+
 def _select(all_names: list[str], wanted: tuple[str, ...] | None, path: str) -> tuple[str, ...]:
     if wanted is None:
         return tuple(all_names)
     unknown = [n for n in wanted if n not in all_names]
     if unknown:
-        raise MedtlError(f"--label-names {', '.join(unknown)} not in {path}; it has: {', '.join(all_names)}")
+        near = {_label_key(n): n for n in all_names}
+        hints = [f"{n!r} differs from {near[_label_key(n)]!r} only by case or spacing" for n in unknown
+                 if _label_key(n) in near]
+        hint = f" ({'; '.join(hints)})" if hints else ""
+        raise MedtlError(f"--label-names {', '.join(unknown)} not in {path}{hint}; it has: {', '.join(all_names)}")
     return tuple(wanted)
 
 
@@ -102,16 +136,19 @@ def read_chestxray14(path: str, opt: TableOptions) -> LabelTable:
     """Data_Entry_2017.csv. Label names are the sorted findings seen, unless given."""
     _, rows = _read_rows(path, ("Image Index", "Finding Labels", "Patient ID"),
                          "Check --format (chestxray14 expects the Data_Entry_2017.csv header).")
-    parsed = []
+    _check_unique_images(path, [(row["Image Index"] or "").strip() for row in rows])
+    parsed, spellings = [], [(NO_FINDING, "the no-finding marker")]
     for line, row in enumerate(rows, start=2):
         file = (row["Image Index"] or "").strip()
         patient = (row["Patient ID"] or "").strip()
         if not file or not patient:
             raise MedtlError(f"labels file {path} line {line}: empty 'Image Index' or 'Patient ID'")
         findings = [f.strip() for f in (row["Finding Labels"] or "").split("|") if f.strip()]
+        spellings += [(f, f"first on row {line}") for f in findings]
         fields = (("view_position", (row.get("View Position") or "").strip()),
                   ("sex", (row.get("Patient Gender") or "").strip()))
         parsed.append((file, patient, [f for f in findings if f != NO_FINDING], fields))
+    _check_spellings(path, [(n, "--label-names") for n in opt.label_names or ()] + spellings)
     label_names = opt.label_names or tuple(sorted({f for _, _, fs, _ in parsed for f in fs}))
     if not label_names:
         raise MedtlError(f"labels file {path} has no findings other than '{NO_FINDING}'")
@@ -138,6 +175,8 @@ def _chexpert_patient(path_value: str) -> str:
 def read_chexpert(path: str, opt: TableOptions) -> LabelTable:
     """CheXpert train.csv / valid.csv, with the uncertainty and blank policies."""
     columns, rows = _read_rows(path, ("Path",), "Check --format (chexpert expects CheXpert's train.csv header).")
+    _check_spellings(path, [(c, f"column {i}") for i, c in enumerate(columns, start=1) if c])
+    _check_unique_images(path, [(row["Path"] or "").strip() for row in rows])
     available = [c for c in columns if c and c not in CHEXPERT_META]
     label_names = _select(available, opt.label_names, path)
     if not label_names:
@@ -185,6 +224,8 @@ def read_multihot(path: str, opt: TableOptions) -> LabelTable:
                                               ("patient", "patient_id", "patient id", "patientid")), None)
     required = (image_col,) + ((patient_col,) if opt.patient_column else ())
     _, rows = _read_rows(path, required, "Check --image-column / --patient-column.")
+    _check_spellings(path, [(c, f"column {i}") for i, c in enumerate(columns, start=1) if c])
+    _check_unique_images(path, [(row[image_col] or "").strip() for row in rows])
     available = [c for c in columns if c and c not in (image_col, patient_col)]
     label_names = _select(available, opt.label_names, path)
     if not label_names:

@@ -43,6 +43,13 @@ def _steps_per_epoch(manifest: Manifest, cfg: Config, ctx: dist.Context) -> int:
     return steps
 
 
+def _check_val_split(manifest: Manifest, records: str) -> None:
+    """Validation picks the best epoch and the thresholds: records without val records cannot train."""
+    if split_size(manifest, "val") == 0:
+        raise MedtlError(f"the val split of {records} is empty (0 records), and training needs it to pick the best "
+                         "epoch; re-run `medtl ingest` with more patients or a larger --val-fraction")
+
+
 def build_schedule(phase, learning_rate: float, steps_per_epoch: int):
     """Warmup (linear from 0) then cosine decay to 0, or constant, over the phase's steps."""
     total = phase.epochs * steps_per_epoch
@@ -147,6 +154,7 @@ def train(cfg: Config, workdir: str, until_phase: str | None = None) -> dict:
         tf.config.experimental.enable_op_determinism()
     ctx = dist.init(cfg.train.stall_shutdown_seconds)
     manifest = read_manifest(cfg.data.records)
+    _check_val_split(manifest, cfg.data.records)
     _check_outputs_outside_records(cfg, workdir)
     damaged = verify.check_cheap(cfg.data.records, manifest, ["train", "val"])
     if damaged:

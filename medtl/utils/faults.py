@@ -7,6 +7,10 @@ Set MEDTL_FAULTS to ';'-separated faults, each `kind:key=value,...`:
   stall:rank=R,step=S,seconds=T that rank sleeps T seconds before global step S (before its allreduce)
   kill_in_checkpoint:epoch=E    rank 0 SIGKILLs itself after writing epoch E's weights, before the pointer
   kill_trial:step=N,epoch=E     `medtl search` SIGKILLs itself after epoch E of trial number N
+  kill_in_finalize:step=N       ingest finalize SIGKILLs itself once N shards have their final names (N = all
+                                shards: before quarantine.csv and manifest.json are written)
+  kill_in_cleanup:step=N        ingest finalize SIGKILLs itself after writing the manifest, once N part folders
+                                are removed
 Never set in production; with it unset every hook here is a no-op.
 """
 from __future__ import annotations
@@ -92,4 +96,11 @@ def in_trial(trial_number: int, epoch: int) -> None:
     """Die in the middle of a search trial, if scheduled."""
     for fault in active("kill_trial"):
         if fault.step == trial_number and fault.epoch == epoch:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def in_finalize(kind: str, done: int) -> None:
+    """Die in ingest finalize (kind kill_in_finalize or kill_in_cleanup) after `done` steps, if scheduled."""
+    for fault in active(kind):
+        if fault.step == done:
             os.kill(os.getpid(), signal.SIGKILL)
