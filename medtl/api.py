@@ -251,13 +251,15 @@ def export(workdir: str, out: str, overrides: typing.Sequence[str] = ()) -> Expo
                         image_size=meta.image_size)
 
 
-def predict(model: str, images: str, out: str, batch_size: int = 32) -> PredictResult:
+def predict(model: str, images: str, out: str, batch_size: int = 32, ids_only: bool = False,
+            salt_file: str | None = None) -> PredictResult:
     """Predict study files (a folder, searched recursively, or a CSV with a 'path' column) with an exported
-    model; writes one CSV row per file to `out`."""
+    model; writes one CSV row per file to `out`, naming it by its path, or with `ids_only` by its salted
+    study id (the key ingest gives the same file under the same salt and base folder)."""
     if batch_size < 1:
         raise MedtlError(f"batch_size must be >= 1, got {batch_size}")
     from medtl.serve.predict import predict_files
 
-    counts = predict_files(model, images, out, batch_size)
+    counts = predict_files(model, images, out, batch_size, ids_only=ids_only, salt_file=salt_file)
     return PredictResult(out=out, files=counts["files"], predicted=counts["predicted"], errors=counts["errors"])
 

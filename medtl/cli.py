@@ -54,6 +54,11 @@ def _add_ingest_args(p: argparse.ArgumentParser) -> None:
                    help="fail if more than this fraction of inputs is quarantined (default 0.01)")
     p.add_argument("--salt-file", default=None,
                    help="secret salt for ID hashes (default $MEDTL_ID_SALT or ~/.config/medtl/id_salt)")
+    p.add_argument("--private-map", default=None, metavar="PATH",
+                   help="write the map from salted study id (as in quarantine.csv and logs) back to input path to "
+                        "this local file, outside the records; written by the finalizing step")
+    p.add_argument("--allow-burned-in", action="store_true",
+                   help="keep DICOM files whose BurnedInAnnotation is YES (default: quarantine them)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -162,6 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder of study files (searched recursively), or a CSV with a 'path' column")
     p.add_argument("--out", required=True, help="predictions CSV to write")
     p.add_argument("--batch-size", type=int, default=32, help="images per model call (default 32)")
+    p.add_argument("--ids-only", action="store_true",
+                   help="name each file by its salted study id instead of its path (the ids ingest gives the same "
+                        "files under the same salt and folder)")
+    p.add_argument("--salt-file", default=None,
+                   help="with --ids-only: secret salt (default $MEDTL_ID_SALT or ~/.config/medtl/id_salt)")
 
     p = sub.add_parser("demo", help="synth -> ingest -> train -> evaluate on built-in synthetic data",
                        description="Run the main job end to end on synthetic studies (about 10 minutes on 2 cores).")
@@ -271,7 +281,7 @@ def _ingest_options(args) -> api.IngestOptions:
         workers=getattr(args, "workers", 1), max_bad_fraction=args.max_bad_fraction, salt_file=args.salt_file,
         label_names=names(args.label_names) or None, uncertain=args.uncertain, blank=args.blank,
         image_column=args.image_column, patient_column=args.patient_column, split_file=args.split_file,
-        keep_fields=names(args.keep_fields))
+        keep_fields=names(args.keep_fields), private_map=args.private_map, allow_burned_in=args.allow_burned_in)
 
 
 def cmd_ingest(args) -> int:
@@ -332,7 +342,7 @@ def cmd_export(args) -> int:
 def cmd_predict(args) -> int:
     if args.batch_size < 1:
         raise MedtlError(f"--batch-size must be >= 1, got {args.batch_size}")
-    api.predict(args.model, args.images, args.out, args.batch_size)
+    api.predict(args.model, args.images, args.out, args.batch_size, ids_only=args.ids_only, salt_file=args.salt_file)
     return 0
 
 

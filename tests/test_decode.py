@@ -75,13 +75,19 @@ def test_pydicom_corpus_every_file_decoded_exactly_or_quarantined(tmp_path):
         writer.writerows(rows)
     r = run_cli("ingest", "--images", images, "--labels", tmp_path / "table.csv", "--format", "multihot",
                 "--out", tmp_path / "records", "--image-size", 48, "--max-bad-fraction", 1.0,
-                "--val-fraction", 0, "--test-fraction", 0)
+                "--val-fraction", 0, "--test-fraction", 0, "--private-map", tmp_path / "map.csv")
     assert r.returncode == 0, r.stderr
 
-    with open(tmp_path / "records" / "quarantine.csv", newline="") as fh:
-        quarantined = {row["file"]: row for row in csv.DictReader(fh)}
+    # quarantine.csv names studies by salted id only; the private map gives the file behind each.
     salt = load_salt()
     by_key = {salted_hash(salt, row["image"]): row["image"] for row in rows}
+    with open(tmp_path / "map.csv", newline="") as fh:
+        assert {row["study"]: row["path"] for row in csv.DictReader(fh)} == {
+            k: str(images / name) for k, name in by_key.items()}
+    text = (tmp_path / "records" / "quarantine.csv").read_text()
+    with open(tmp_path / "records" / "quarantine.csv", newline="") as fh:
+        quarantined = {by_key[row["study"]]: row for row in csv.DictReader(fh)}
+    assert not [name for name in quarantined if os.path.splitext(name)[0] in text]
     decoded = {}
     spec = feature_spec(1)
     for shard in sorted((tmp_path / "records").glob("train-*.tfrecord")):

@@ -92,11 +92,15 @@ def test_chexpert_label_selection_and_bad_values(tmp_path):
     out = tmp_path / "records"
     r = run_cli("ingest", "--images", root, "--labels", root / "train.csv", "--format", "chexpert", "--out", out,
                 "--image-size", 32, "--label-names", "Cardiomegaly,Edema", "--max-bad-fraction", 0.2,
-                "--val-fraction", 0, "--test-fraction", 0)
+                "--val-fraction", 0, "--test-fraction", 0, "--private-map", tmp_path / "map.csv")
     assert r.returncode == 0, r.stderr
     assert read_manifest(out).labels == ("Cardiomegaly", "Edema")
     quarantine = (out / "quarantine.csv").read_text()
-    assert f"{rows[3][0]},bad_label_value" in quarantine and "Cardiomegaly='maybe'" in quarantine
+    study = salted_hash(load_salt(), rows[3][0])
+    assert f"{study},bad_label_value" in quarantine and "Cardiomegaly='maybe'" in quarantine
+    assert rows[3][0] not in quarantine and "patient" not in quarantine and "view1" not in quarantine
+    with open(tmp_path / "map.csv", newline="") as fh:
+        assert {"study": study, "path": os.path.join(str(root), rows[3][0])} in list(csv.DictReader(fh))
     r = run_cli("ingest", "--images", root, "--labels", root / "train.csv", "--format", "chexpert", "--out", out,
                 "--label-names", "Cardiomegaly,Heartache")
     assert_user_error(r, "--label-names Heartache not in", "train.csv", "Pleural Effusion")
@@ -193,7 +197,8 @@ def test_split_file_is_honoured_and_checked(studies, tmp_path):
             writer.writerow([r["Image Index"], "test" if r["Image Index"] == first_patient[1] else "train"])
     r = run_cli("ingest", "--images", os.path.join(studies, "images"), "--labels", os.path.join(studies, "labels.csv"),
                 "--out", tmp_path / "r2", "--split-file", tmp_path / "bad.csv")
-    assert_user_error(r, "belong to the same patient", first_patient[1])
+    line = assert_user_error(r, "belong to the same patient", salted_hash(load_salt(), first_patient[1]))
+    assert os.path.splitext(first_patient[1])[0] not in line
 
 
 def test_unknown_label_is_quarantined(studies, tmp_path):

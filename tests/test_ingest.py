@@ -7,7 +7,9 @@ import shutil
 import numpy as np
 import pytest
 
+from medtl.data.deid import load_salt, salted_hash
 from medtl.data.ingest import IngestOptions, ingest
+from medtl.data.privatemap import read_private_map
 from medtl.data.manifest import read_manifest
 from medtl.data.records import KEY, LABELS, PATIENT, feature_spec
 from medtl.errors import MedtlError
@@ -114,15 +116,21 @@ def test_missing_image_is_quarantined_and_fails_above_the_threshold(studies, tmp
     os.remove(os.path.join(src, "images", first))
     opts = dict(images=os.path.join(src, "images"), labels=os.path.join(src, "labels.csv"),
                 image_size=32, progress=False)
+    study = salted_hash(load_salt(), first)
     with pytest.raises(MedtlError) as err:
-        ingest(IngestOptions(out=str(tmp_path / "r1"), max_bad_fraction=0.0, **opts))
-    assert first in str(err.value) and "missing_file" in str(err.value)
-    # Allowed: the file is listed in quarantine.csv with its reason, the rest is written.
+        ingest(IngestOptions(out=str(tmp_path / "r1"), max_bad_fraction=0.0, private_map=str(tmp_path / "map1.csv"),
+                             **opts))
+    # The error names the study by its salted id, never by its file name; the private map has the name.
+    assert study in str(err.value) and "missing_file" in str(err.value)
+    assert first not in str(err.value) and os.path.splitext(first)[0] not in str(err.value)
+    assert read_private_map(str(tmp_path / "map1.csv"))[study] == os.path.join(opts["images"], first)
+    # Allowed: the study is listed in quarantine.csv by its id with its reason, the rest is written.
     manifest = ingest(IngestOptions(out=str(tmp_path / "r2"), max_bad_fraction=0.05, **opts))
     with open(tmp_path / "r2" / "quarantine.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
-    assert rows == [{"file": first, "reason": "missing_file",
+    assert rows == [{"study": study, "reason": "missing_file",
                      "message": "listed in the labels table but not found on disk"}]
+    assert os.path.splitext(first)[0] not in (tmp_path / "r2" / "quarantine.csv").read_text()
     assert manifest.quarantined == 1
     assert sum(s.records for s in manifest.splits.values()) == 239
 
@@ -132,9 +140,12 @@ def test_image_on_disk_but_not_in_table_is_quarantined(studies, tmp_path):
     shutil.copy(os.path.join(src, "images", sorted(os.listdir(os.path.join(src, "images")))[0]),
                 os.path.join(src, "images", "stray.png"))
     ingest(IngestOptions(images=os.path.join(src, "images"), labels=os.path.join(src, "labels.csv"),
-                         out=str(tmp_path / "r"), image_size=32, max_bad_fraction=0.05, progress=False))
+                         out=str(tmp_path / "r"), image_size=32, max_bad_fraction=0.05, progress=False,
+                         private_map=str(tmp_path / "private" / "map.csv")))
     text = (tmp_path / "r" / "quarantine.csv").read_text()
-    assert "stray.png,not_in_labels" in text
+    study = salted_hash(load_salt(), "stray.png")
+    assert f"{study},not_in_labels" in text and "stray" not in text
+    assert read_private_map(str(tmp_path / "private" / "map.csv"))[study] == os.path.join(src, "images", "stray.png")
 
 
 def test_cli_ingest_errors(studies, tmp_path):

@@ -8,6 +8,8 @@ DICOM policy (documented in docs/ingest.md):
   window (first one in the file; the image's full range when it has none) ->
   MONOCHROME1 inverted -> scaled to [0, 1]. Multi-frame: the middle frame (or
   the first, by option). Colour images (secondary captures) become luminance.
+  A file whose BurnedInAnnotation (0028,0301) is YES is refused (burned_in_annotation)
+  unless allowed: pixels are never scrubbed, so text burned into them would be kept.
 """
 from __future__ import annotations
 
@@ -98,7 +100,14 @@ def _pixels(ds):
         raise DecodeError("undecodable_pixels", f"pixel data unreadable ({type(exc).__name__})") from None
 
 
-def decode_dicom(path: str, frame: str = "middle") -> np.ndarray:
+def _check_burned_in(ds) -> None:
+    """The header's own privacy signal: text burned into the pixels (which medtl never scrubs)."""
+    if str(ds.get("BurnedInAnnotation", "") or "").strip().upper() == "YES":
+        raise DecodeError("burned_in_annotation", "BurnedInAnnotation (0028,0301) is YES: the pixels carry text "
+                          "that may identify the patient; scrub the file or allow it with --allow-burned-in")
+
+
+def decode_dicom(path: str, frame: str = "middle", allow_burned_in: bool = False) -> np.ndarray:
     """A DICOM file as float32 (H, W) in [0, 1], following the policy in the module docstring."""
     import warnings
 
@@ -108,6 +117,8 @@ def decode_dicom(path: str, frame: str = "middle") -> np.ndarray:
         # pydicom warns about fixable oddities (padding, VR mismatches); the outcome is what counts.
         warnings.simplefilter("ignore")
         ds = _read_dataset(path)
+        if not allow_burned_in:
+            _check_burned_in(ds)
         if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
             raise DecodeError("no_pixel_data", "DICOM file has no pixel data (PixelData element)")
         _check_frame_count(ds)
@@ -215,7 +226,7 @@ def sniff(path: str) -> str:
     return "unknown"
 
 
-def decode_file(path: str, frame: str = "middle") -> np.ndarray:
+def decode_file(path: str, frame: str = "middle", allow_burned_in: bool = False) -> np.ndarray:
     """Any supported study file as float32 (H, W) in [0, 1]. Raises DecodeError."""
     if not os.path.exists(path):
         raise DecodeError("missing_file", "listed in the labels table but not found on disk")
@@ -223,12 +234,12 @@ def decode_file(path: str, frame: str = "middle") -> np.ndarray:
     if kind in ("png", "jpeg"):
         return decode_raster(path)
     if kind == "dicom":
-        return decode_dicom(path, frame)
+        return decode_dicom(path, frame, allow_burned_in)
     if os.path.isdir(path):
         raise DecodeError("not_dicom", "is a folder, not an image file")
     # No magic bytes and no .dcm suffix: DICOM without preamble is still possible.
     try:
-        return decode_dicom(path, frame)
+        return decode_dicom(path, frame, allow_burned_in)
     except DecodeError as exc:
         if exc.reason == "not_dicom":
             raise DecodeError("not_dicom", "not a DICOM, PNG or JPEG file") from None
@@ -283,11 +294,13 @@ def encode_png(image: np.ndarray, bit_depth: int) -> bytes:
     return buf.tobytes()
 
 
-def to_stored_png(source, size: int, bit_depth: int, aspect: str, frame: str = "middle") -> tuple[bytes | None, str, str]:
+def to_stored_png(source, size: int, bit_depth: int, aspect: str, frame: str = "middle",
+                  allow_burned_in: bool = False) -> tuple[bytes | None, str, str]:
     """The one path from a study (file path or in-memory array) to the PNG bytes ingest stores:
     (png, "", "") or (None, reason, message). Used by ingest and by `medtl predict`."""
     try:
-        image = decode_array(source) if isinstance(source, np.ndarray) else decode_file(source, frame)
+        image = (decode_array(source) if isinstance(source, np.ndarray)
+                 else decode_file(source, frame, allow_burned_in))
         return encode_png(resize(image, size, aspect), bit_depth), "", ""
     except DecodeError as exc:
         return None, exc.reason, exc.message

@@ -43,3 +43,20 @@ def load_salt(salt_file: str | None = None) -> bytes:
 def salted_hash(salt: bytes, value: str, length: int = 20) -> str:
     """HMAC-SHA256 of `value` under `salt`, hex, truncated to `length` characters."""
     return hmac.new(salt, value.encode("utf-8"), hashlib.sha256).hexdigest()[:length]
+
+
+# Names shorter than this are left in messages: they cannot single out a patient, and replacing
+# every "1" or "ct" in a decoder's message would garble it. Whole paths are always replaced.
+_MIN_REDACTED_NAME = 4
+
+
+def redact(text: str, relative_path: str, root: str = "") -> str:
+    """`text` with the names a study's path is made of replaced by `<study>`: the path (joined to
+    `root` as given and absolute), and each folder name, file name and file stem in `relative_path`.
+    Decoder messages can quote the file they failed on; this keeps them to the salted id."""
+    forms = {relative_path, os.path.join(root, relative_path), os.path.abspath(os.path.join(root, relative_path))}
+    for part in relative_path.replace("\\", "/").split("/"):
+        forms.update({part, os.path.splitext(part)[0]})
+    for form in sorted((f for f in forms if len(f) >= _MIN_REDACTED_NAME), key=len, reverse=True):
+        text = text.replace(form, "<study>")
+    return text

@@ -5,6 +5,10 @@ Outputs in the records folder (local path, s3:// or gs://):
   manifest.json                              labels, counts, prevalence, shard sizes and SHA-256
   quarantine.csv                             every input that could not be used, with a reason
 
+No name from the input (file or folder) leaves it: quarantine rows, part files and log
+lines name a study by its salted id, the records' key hash. Only --private-map PATH, a
+file the user names outside the records, maps the ids back to input paths.
+
 Every ingest runs as k worker parts (k=1 locally; k pods in a Kubernetes Indexed
 Job with --worker-index/--num-workers) and a finalize step. Parts write shards
 under .parts/ with temporary names; finalize gives them their final names and
@@ -26,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 import medtl
-from medtl.data import decode, deid, splits, tables
+from medtl.data import decode, deid, privatemap, splits, tables
 from medtl.data.manifest import (MANIFEST_FILE, PARTS_DIR, Manifest, Shard, SplitInfo, read_manifest, remove_manifest,
                                  write_manifest)
 from medtl.errors import MedtlError
@@ -67,6 +71,10 @@ class IngestOptions:
     split_file: str | None = None
     keep_fields: tuple[str, ...] = ()
     progress: bool = True
+    # Where to write the map from salted study id back to input path (never inside the records).
+    private_map: str | None = None
+    # Keep DICOM files whose BurnedInAnnotation is YES (quarantined otherwise).
+    allow_burned_in: bool = False
 
 
 # ----------------------------------------------------------------------------- decoding (worker processes)
@@ -74,8 +82,8 @@ class IngestOptions:
 
 def _decode_one(job: tuple) -> tuple[bytes | None, dict, str, str]:
     """(png, fields, reason, message) for one study; runs in worker processes, so no TensorFlow here."""
-    source, size, bit_depth, aspect, frame, field_names = job
-    png, reason, message = decode.to_stored_png(source, size, bit_depth, aspect, frame)
+    source, size, bit_depth, aspect, frame, field_names, allow_burned_in = job
+    png, reason, message = decode.to_stored_png(source, size, bit_depth, aspect, frame, allow_burned_in)
     fields = {}
     if png is not None and field_names and not isinstance(source, np.ndarray) and decode.sniff(source) == "dicom":
         fields = decode.dicom_fields(source, field_names)
@@ -161,6 +169,8 @@ def _check_options(opt: IngestOptions) -> None:
     elif not os.path.isdir(opt.images):
         raise MedtlError(f"images folder {opt.images} does not exist; pass the folder holding the studies with --images")
     _check_out_outside_input(opt)
+    if opt.private_map:
+        privatemap.check_location(opt.private_map, opt.out, opt.images)
     if opt.bit_depth not in (8, 16):
         raise MedtlError(f"--bit-depth must be 8 or 16, got {opt.bit_depth}")
     if opt.image_size < 32:
@@ -224,10 +234,10 @@ def _assign_splits(table: tables.LabelTable, opt: IngestOptions) -> tuple[dict[s
         for s in table.studies:
             split = given.get(f"patient:{s.patient}") or given.get(f"file:{s.file}")
             if split is None:
-                rejected.append((s.file, "not_in_split_file", f"not listed in {os.path.basename(opt.split_file)}"))
+                rejected.append((s.file, "not_in_split_file", "not listed in the split file"))
             else:
                 out[s.file] = split
-        _check_patient_disjoint(table, out)
+        _check_patient_disjoint(table, out, deid.load_salt(opt.salt_file))
         return out, rejected
     if all(s.split for s in table.studies):
         return {s.file: s.split for s in table.studies}, rejected
@@ -239,7 +249,7 @@ def _assign_splits(table: tables.LabelTable, opt: IngestOptions) -> tuple[dict[s
     return {s.file: by_patient[s.patient] for s in table.studies}, rejected
 
 
-def _check_patient_disjoint(table: tables.LabelTable, assignment: dict[str, str]) -> None:
+def _check_patient_disjoint(table: tables.LabelTable, assignment: dict[str, str], salt: bytes) -> None:
     seen: dict[str, tuple[str, str]] = {}
     for s in table.studies:
         split = assignment.get(s.file)
@@ -247,8 +257,9 @@ def _check_patient_disjoint(table: tables.LabelTable, assignment: dict[str, str]
             continue
         if s.patient in seen and seen[s.patient][1] != split:
             other = seen[s.patient][0]
-            raise MedtlError(f"split file puts {other} in {seen[s.patient][1]} and {s.file} in {split}, "
-                             "but they belong to the same patient; assign splits per patient")
+            raise MedtlError(f"split file puts study {_study_id(salt, other)} in {seen[s.patient][1]} and study "
+                             f"{_study_id(salt, s.file)} in {split}, but they belong to the same patient; assign "
+                             "splits per patient (--private-map PATH names the files behind study ids)")
         seen.setdefault(s.patient, (s.file, split))
 
 
@@ -279,6 +290,34 @@ def _plan(opt: IngestOptions) -> _Plan:
     return _Plan(table, order, rejects)
 
 
+# ----------------------------------------------------------------------------- names outside the input
+
+
+def _study_id(salt: bytes, file: str) -> str:
+    """A study's only name outside the input: the salted key hash its record carries."""
+    return deid.salted_hash(salt, file)
+
+
+def _quarantine_row(salt: bytes, opt: IngestOptions, file: str, reason: str, message: str) -> tuple[str, str, str]:
+    """(study id, reason, message), the message cleared of the names in the study's path."""
+    return _study_id(salt, file), reason, deid.redact(message, file, opt.images)
+
+
+def _write_private_map(opt: IngestOptions) -> None:
+    """Study id -> input path for every input this ingest considered, into the file the user named.
+    Recomputed from the inputs here, at finalize, because no part file may hold a path."""
+    if not opt.private_map:
+        return
+    salt = deid.load_salt(opt.salt_file)
+    table = tables.read_table(opt.labels, opt.images, _table_options(opt))
+    files = {s.file for s in table.studies} | {f for f, _, _ in table.rejected}
+    if opt.format != "medmnist":
+        files |= _files_on_disk(opt.images, files)
+    rows = {_study_id(salt, f): f if opt.format == "medmnist" else os.path.join(opt.images, f) for f in files}
+    privatemap.write_private_map(opt.private_map, rows)
+    log(f"ingest: private map of {len(rows)} study ids -> {opt.private_map} (it names input files: keep it private)")
+
+
 # ----------------------------------------------------------------------------- one worker's part
 
 
@@ -302,8 +341,7 @@ def ingest_part(opt: IngestOptions, worker_index: int = 0, num_workers: int = 1)
     fs.makedirs(folder)
     from medtl.data.records import encode_example
 
-    quarantine = plan.table_rejects if worker_index == 0 else []
-    quarantine = list(quarantine)
+    quarantine = [_quarantine_row(salt, opt, *row) for row in plan.table_rejects] if worker_index == 0 else []
     part = {"worker_index": worker_index, "num_workers": num_workers, "labels": list(names), "splits": {}}
     total = sum(sum(1 for s in v if s.patient in mine) for v in plan.order.values())
     target = int(opt.shard_mb * 1024 * 1024)
@@ -315,19 +353,21 @@ def ingest_part(opt: IngestOptions, worker_index: int = 0, num_workers: int = 1)
             writer = _ShardWriter(folder, split, target)
             jobs = [(plan.table.arrays[s.file] if plan.table.arrays else os.path.join(opt.images, s.file),
                      opt.image_size, opt.bit_depth, opt.aspect, opt.frame,
-                     tuple(f for f in opt.keep_fields if f not in dict(s.fields))) for s in studies]
+                     tuple(f for f in opt.keep_fields if f not in dict(s.fields)), opt.allow_burned_in)
+                    for s in studies]
             positives, known = np.zeros(len(names), int), np.zeros(len(names), int)
             patients_written = set()
             for study, (png, fields, reason, message) in zip(studies, pool.map(jobs)):
                 bar(1)
                 if png is None:
-                    quarantine.append((study.file, reason, message))
-                    debug(f"ingest: quarantined {study.file}: {reason}: {message}")
+                    quarantine.append(_quarantine_row(salt, opt, study.file, reason, message))
+                    debug(f"ingest: quarantined study {quarantine[-1][0]}: {reason}: {quarantine[-1][2]}")
                     continue
-                debug(f"ingest: {study.file} -> {split}")
+                key = _study_id(salt, study.file)
+                debug(f"ingest: study {key} -> {split}")
                 keep = {**dict(study.fields), **fields}
                 writer.write(encode_example(png, study.labels, study.mask, deid.salted_hash(salt, study.patient),
-                                            deid.salted_hash(salt, study.file), keep))
+                                            key, keep))
                 positives += np.array(study.labels) * np.array(study.mask)
                 known += np.array(study.mask)
                 patients_written.add(study.patient)
@@ -354,6 +394,8 @@ def finalize(opt: IngestOptions, num_workers: int) -> Manifest:
         _remove_parts(opt.out)
         log(f"ingest: {opt.out} was already finalized; removed the parts an interrupted finalize left")
         return read_manifest(opt.out)
+    if opt.private_map:
+        privatemap.check_location(opt.private_map, opt.out, opt.images)
     parts = _read_parts(opt.out, num_workers)
     labels = parts[0]["labels"]
     if any(p["labels"] != labels for p in parts):
@@ -411,6 +453,7 @@ def finalize(opt: IngestOptions, num_workers: int) -> Manifest:
     )
     _write_quarantine(fs.join(opt.out, QUARANTINE), quarantine)
     write_manifest(opt.out, manifest)
+    _write_private_map(opt)  # before the bad-fraction check: that is when the map is needed
 
     considered = sum(p["considered"] for p in parts)
     kept = sum(s.records for s in manifest_splits.values())
@@ -423,8 +466,9 @@ def finalize(opt: IngestOptions, num_workers: int) -> Manifest:
         first = quarantine[0]
         raise MedtlError(
             f"{len(quarantine)} of {considered} inputs quarantined ({bad_fraction:.1%} > --max-bad-fraction "
-            f"{opt.max_bad_fraction:.1%}); first: {first[0]}: {first[1]}: {first[2]}. Fix the inputs listed in "
-            f"{fs.join(opt.out, QUARANTINE)} or raise --max-bad-fraction."
+            f"{opt.max_bad_fraction:.1%}); first: study {first[0]}: {first[1]}: {first[2]}. Fix the inputs listed "
+            f"in {fs.join(opt.out, QUARANTINE)} (--private-map PATH names the file behind each study id) or raise "
+            "--max-bad-fraction."
         )
     if kept == 0:
         raise MedtlError(f"no records were written to {opt.out}; see {fs.join(opt.out, QUARANTINE)}")
@@ -507,7 +551,7 @@ def ingest(opt: IngestOptions) -> Manifest:
 def _write_quarantine(path: str, rows: list) -> None:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["file", "reason", "message"])
+    writer.writerow(["study", "reason", "message"])
     writer.writerows(rows)
     fs.write_text_atomic(path, buf.getvalue())
 

@@ -4,13 +4,19 @@ Files go through ingest's decode path (medtl.data.decode: decode_file -> resize 
 the export's aspect policy and stored size -> PNG at its bit depth) and then the
 export's bytes signature, so a study is seen as it would have been in training.
 A file that cannot be decoded gets a row with status 'error' and the reason.
+
+The CSV is the user's own output beside their own inputs, so by default it names each
+file by its path (relative to --images). With ids_only it names each by its salted study
+id instead (deid.salted_hash of that relative path: the key ingest stores for the same
+file under the same salt), and reasons are cleared of the file's names: such a CSV can
+leave the hospital with the records.
 """
 from __future__ import annotations
 
 import csv
 import os
 
-from medtl.data import decode
+from medtl.data import decode, deid
 from medtl.errors import MedtlError
 from medtl.serve.meta import ExportMeta, read_meta
 from medtl.utils.log import log
@@ -46,22 +52,34 @@ def list_inputs(images: str) -> tuple[str, list[str]]:
 
 def prepare(path: str, meta: ExportMeta) -> tuple[bytes | None, str]:
     """(stored-format PNG bytes, '') or (None, 'reason: message')."""
+    # Burned-in text is allowed here: nothing of the pixels is stored or shared, only probabilities.
     png, reason, message = decode.to_stored_png(path, meta.stored_image_size, meta.bit_depth, meta.aspect,
-                                                meta.frame)
+                                                meta.frame, allow_burned_in=True)
     return (png, "") if png is not None else (None, f"{reason}: {message}")
 
 
-def output_columns(label_names) -> list[str]:
-    return (["file", "status", "reason"] + [f"{n}_probability" for n in label_names]
+def output_columns(label_names, ids_only: bool = False) -> list[str]:
+    return (["study" if ids_only else "file", "status", "reason"] + [f"{n}_probability" for n in label_names]
             + [f"{n}_decision" for n in label_names])
 
 
-def predict_files(model_dir: str, images: str, out: str, batch_size: int = 32) -> dict:
-    """Write `out` (CSV); returns {'files', 'predicted', 'errors'}."""
+def _namer(base: str, ids_only: bool, salt_file: str | None):
+    """(file -> its name in the CSV, (file, reason) -> the reason as written)."""
+    if not ids_only:
+        return (lambda f: f), (lambda f, reason: reason)
+    salt = deid.load_salt(salt_file)
+    return (lambda f: deid.salted_hash(salt, f)), (lambda f, reason: deid.redact(reason, f, base))
+
+
+def predict_files(model_dir: str, images: str, out: str, batch_size: int = 32, ids_only: bool = False,
+                  salt_file: str | None = None) -> dict:
+    """Write `out` (CSV), naming files by path or, with `ids_only`, by salted study id; returns
+    {'files', 'predicted', 'errors'}."""
     from medtl.tf import tf
 
     meta = read_meta(model_dir)
     base, files = list_inputs(images)
+    name, clear = _namer(base, ids_only, salt_file)
     loaded = tf.saved_model.load(model_dir)  # keep a reference: signatures do not own the variables
     signature = loaded.signatures["predict_bytes"]
     names = meta.label_names
@@ -69,7 +87,7 @@ def predict_files(model_dir: str, images: str, out: str, batch_size: int = 32) -
     errors = 0
     with open(out, "w", newline="", encoding="utf-8") as fh, Progress(len(files), "predict") as bar:
         writer = csv.writer(fh, lineterminator="\n")
-        writer.writerow(output_columns(names))
+        writer.writerow(output_columns(names, ids_only))
         for start in range(0, len(files), batch_size):
             chunk = files[start:start + batch_size]
             prepared = [prepare(os.path.join(base, f), meta) for f in chunk]
@@ -81,10 +99,11 @@ def predict_files(model_dir: str, images: str, out: str, batch_size: int = 32) -
             for f, (png, reason) in zip(chunk, prepared):
                 if png is None:
                     errors += 1
-                    writer.writerow([f, "error", reason] + [""] * (2 * len(names)))
+                    writer.writerow([name(f), "error", clear(f, reason)] + [""] * (2 * len(names)))
                     continue
                 j = next(row_of_ok)
-                writer.writerow([f, "ok", ""] + [f"{p:.8f}" for p in probs[j]] + [int(d) for d in decisions[j]])
+                writer.writerow([name(f), "ok", ""] + [f"{p:.8f}" for p in probs[j]]
+                                + [int(d) for d in decisions[j]])
             bar(len(chunk))
     log(f"predict: {len(files) - errors} of {len(files)} files predicted, {errors} could not be decoded "
         f"(status 'error' with the reason in {out})")

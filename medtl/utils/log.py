@@ -10,7 +10,8 @@ import time
 
 from medtl.errors import MedtlError
 
-# MEDTL_LOG_LEVEL=debug adds per-file and per-shard detail (never identifiers: see README, De-identification).
+# MEDTL_LOG_LEVEL=debug adds per-study and per-shard detail (studies by salted id: never a name from the input;
+# see docs/ingest.md, De-identification).
 LEVEL_ENV = "MEDTL_LOG_LEVEL"
 # MEDTL_LOG_TIMESTAMPS=1 (or `medtl --log-timestamps`) starts each stderr line with the UTC time.
 TIMESTAMPS_ENV = "MEDTL_LOG_TIMESTAMPS"

@@ -148,10 +148,15 @@ def test_bad_dicom_corpus_is_quarantined_with_reasons(tmp_path):
     out = tmp_path / "records"
     r = run_cli("ingest", "--images", images, "--labels", tmp_path / "table.csv", "--format", "multihot",
                 "--out", out, "--image-size", 32, "--max-bad-fraction", 0.5, "--val-fraction", 0,
-                "--test-fraction", 0, env=env())
+                "--test-fraction", 0, "--private-map", tmp_path / "map.csv", env=env())
     assert r.returncode == 0, r.stderr
+    # Rows name studies by salted id, never by file name; the private map leads back to the files.
+    text = (out / "quarantine.csv").read_text()
+    assert not [name for name in bad if name in text]  # (their stems are reason codes, e.g. not_dicom)
+    with open(tmp_path / "map.csv", newline="") as fh:
+        path_of = {row["study"]: row["path"] for row in csv.DictReader(fh)}
     with open(out / "quarantine.csv", newline="") as fh:
-        quarantined = {row["file"]: row for row in csv.DictReader(fh)}
+        quarantined = {os.path.relpath(path_of[row["study"]], images): row for row in csv.DictReader(fh)}
     assert {f: row["reason"] for f, row in quarantined.items()} == bad
     assert all(row["message"] for row in quarantined.values())
     assert "NumberOfFrames" in quarantined["frames_uncounted.dcm"]["message"]
@@ -253,7 +258,7 @@ def test_fuzzed_files_decode_or_quarantine_never_crash_or_hang(tmp_path):
                 "--test-fraction", 0, env=env(), timeout=600)
     assert "Traceback" not in r.stderr
     with open(tmp_path / "records" / "quarantine.csv", newline="") as fh:
-        quarantined = {row["file"] for row in csv.DictReader(fh)}
+        quarantined = {row["study"] for row in csv.DictReader(fh)}
     kept = len(_shard_keys(tmp_path / "records")) if r.returncode == 0 else 0
     assert r.returncode == 0, r.stderr[-2000:]
     assert kept + len(quarantined) == len(subset)

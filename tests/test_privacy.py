@@ -1,0 +1,134 @@
+"""No name from the input leaves it: quarantine rows, part files and logs name studies by salted id; the
+private map (the one way back) is written only where the user says, never into the records; DICOM's
+BurnedInAnnotation quarantines a file unless allowed. (The byte search of every artefact of every
+command is tests/reliability/test_leaks.py.)"""
+import csv
+import os
+import shutil
+
+import pydicom
+import pytest
+
+from conftest import assert_user_error, cli_env, run_cli
+from medtl.data.deid import load_salt, redact, salted_hash
+from medtl.data.privatemap import read_private_map
+from reliability.helpers import blobs_under, find_leaks, pacs_layout
+
+DEBUG = {"MEDTL_LOG_LEVEL": "debug"}
+
+
+@pytest.fixture(scope="module")
+def pacs(tmp_path_factory):
+    """12 DICOM studies as MRN/ACCESSION.dcm, with one truncated, one burned-in and one stray (not in the
+    table) file; returns (folder, planted names, {case: relative path})."""
+    from medtl.data.synth import synthesize
+
+    flat = str(tmp_path_factory.mktemp("flat"))
+    synthesize(flat, 12, seed=3, size=32, dicom=True)
+    root = tmp_path_factory.mktemp("pacs")
+    planted = pacs_layout(flat, str(root))
+    images = root / "images"
+    with open(root / "labels.csv", newline="") as fh:
+        files = sorted(row["Image Index"] for row in csv.DictReader(fh))
+    truncated, burned = files[0], files[1]
+    data = (images / truncated).read_bytes()
+    (images / truncated).write_bytes(data[: len(data) - 500])
+    ds = pydicom.dcmread(images / burned)
+    ds.BurnedInAnnotation = "YES"
+    ds.save_as(images / burned)
+    stray = os.path.join(os.path.dirname(files[2]), "ACC9999999999.dcm")  # beside listed files: ingest sees it
+    shutil.copy(images / files[2], images / stray)
+    cases = {"truncated": truncated, "burned": burned, "stray": stray}
+    names = planted["folder name"] | planted["file name"] | {"ACC9999999999"}
+    return root, names, cases
+
+
+def _ingest(root, out, *extra, command="ingest"):
+    return run_cli(command, "--images", root / "images", "--labels", root / "labels.csv", "--out", out,
+                   "--image-size", 32, "--val-fraction", 0.2, "--test-fraction", 0.2, *extra, env=cli_env(**DEBUG))
+
+
+def _quarantine(out) -> dict[str, str]:
+    with open(out / "quarantine.csv", newline="") as fh:
+        return {row["study"]: row["reason"] for row in csv.DictReader(fh)}
+
+
+def test_quarantine_and_logs_name_studies_by_salted_id_only(pacs, tmp_path):
+    root, names, cases = pacs
+    salt = load_salt()
+    ids = {case: salted_hash(salt, path) for case, path in cases.items()}
+    # Too many bad files: the error names the first by its id; the private map is written all the same.
+    r = _ingest(root, tmp_path / "r1", "--private-map", tmp_path / "private" / "map.csv")
+    line = assert_user_error(r, "inputs quarantined", "study ")
+    assert any(i in line for i in ids.values())
+    out = tmp_path / "records"
+    r = _ingest(root, out, "--max-bad-fraction", 0.5)
+    assert r.returncode == 0, r.stderr
+    assert "medtl: debug: ingest: study " in r.stderr  # the per-study debug lines ran
+    assert _quarantine(out) == {ids["truncated"]: "truncated_pixel_data", ids["burned"]: "burned_in_annotation",
+                                ids["stray"]: "not_in_labels"}
+    blobs = blobs_under(out, tmp_path / "r1")
+    blobs["logs"] = (r.stdout + r.stderr).encode()
+    assert not find_leaks(names, blobs)
+    # The map leads from every id back to its file, and lives only where it was asked for.
+    mapped = read_private_map(str(tmp_path / "private" / "map.csv"))
+    assert {mapped[i] for i in ids.values()} == {str(root / "images" / p) for p in cases.values()}
+    assert len(mapped) == 13 and oct(os.stat(tmp_path / "private" / "map.csv").st_mode & 0o777) == "0o600"
+    # Explicitly allowed, the burned-in file is kept.
+    r = _ingest(root, tmp_path / "allowed", "--max-bad-fraction", 0.5, "--allow-burned-in")
+    assert r.returncode == 0, r.stderr
+    assert set(_quarantine(tmp_path / "allowed")) == {ids["truncated"], ids["stray"]}
+
+
+def test_partitioned_ingest_keeps_names_out_of_parts_and_writes_the_map_at_finalize(pacs, tmp_path):
+    root, names, cases = pacs
+    out, private = tmp_path / "records", tmp_path / "map.csv"
+    logs = {}
+    for w in (0, 1):
+        r = _ingest(root, out, "--worker-index", w, "--num-workers", 2, "--max-bad-fraction", 0.5,
+                    "--private-map", private)
+        assert r.returncode == 0, r.stderr
+        logs[f"worker {w}"] = (r.stdout + r.stderr).encode()
+    assert not private.exists(), "workers leave the map to finalize"
+    parts = blobs_under(out / ".parts")
+    assert sum(k.endswith("part.json") for k in parts) == 2
+    assert not find_leaks(names, {**parts, **logs})
+    r = _ingest(root, out, "--num-workers", 2, "--max-bad-fraction", 0.5, "--private-map", private,
+                command="ingest-finalize")
+    assert r.returncode == 0, r.stderr
+    assert not find_leaks(names, {**blobs_under(out), "finalize": (r.stdout + r.stderr).encode()})
+    salt = load_salt()
+    assert read_private_map(str(private))[salted_hash(salt, cases["truncated"])] == str(
+        root / "images" / cases["truncated"])
+    assert salted_hash(salt, cases["burned"]) in _quarantine(out)
+
+
+def test_private_map_is_refused_inside_the_records_or_the_input(pacs, tmp_path):
+    root, _, _ = pacs
+    out = tmp_path / "records"
+    for command, extra in (("ingest", ()), ("ingest-finalize", ("--num-workers", 2))):
+        r = _ingest(root, out, "--private-map", out / "map.csv", *extra, command=command)
+        assert_user_error(r, "--private-map", "inside the records folder")
+    r = _ingest(root, out, "--private-map", root / "images" / "map.csv")
+    assert_user_error(r, "--private-map", "inside the input folder")
+    assert not out.exists()
+
+
+def test_redact_removes_every_name_of_a_study_path():
+    text = "PermissionError: [Errno 13] Permission denied: '/data/MRN0000001/ACC0000000042.dcm' (ACC0000000042)"
+    clean = redact(text, "MRN0000001/ACC0000000042.dcm", "/data")
+    assert "MRN0000001" not in clean and "ACC0000000042" not in clean and "Permission denied" in clean
+    assert redact("expected 1024 bytes", "12/1.dcm", "/x") == "expected 1024 bytes"  # short names stay
+
+
+def test_record_allow_list_holds_no_date_uid_or_identity_tag():
+    """The only header fields records may keep (--keep-fields) are neither dates, times nor UIDs, nor
+    names or IDs; the rest of a record is the image, labels, mask and two salted hashes."""
+    from pydicom.datadict import dictionary_VR, tag_for_keyword
+
+    from medtl.data.decode import SAFE_FIELDS
+    from medtl.data.records import ALLOWED_FEATURES, FIELD_PREFIX, IMAGE, KEY, LABELS, MASK, PATIENT
+
+    for keyword in SAFE_FIELDS.values():
+        assert dictionary_VR(tag_for_keyword(keyword)) not in ("DA", "DT", "TM", "UI", "PN", "LO", "SH"), keyword
+    assert set(ALLOWED_FEATURES) == {IMAGE, LABELS, MASK, PATIENT, KEY} | {FIELD_PREFIX + f for f in SAFE_FIELDS}
