@@ -6,13 +6,12 @@ import csv
 import os
 import shutil
 
-import pydicom
 import pytest
 
 from conftest import assert_user_error, cli_env, run_cli
 from medtl.data.deid import load_salt, redact, salted_hash
 from medtl.data.privatemap import read_private_map
-from reliability.helpers import blobs_under, find_leaks, pacs_layout
+from reliability.helpers import blobs_under, damage_two_studies, find_leaks, pacs_layout
 
 DEBUG = {"MEDTL_LOG_LEVEL": "debug"}
 
@@ -30,12 +29,7 @@ def pacs(tmp_path_factory):
     images = root / "images"
     with open(root / "labels.csv", newline="") as fh:
         files = sorted(row["Image Index"] for row in csv.DictReader(fh))
-    truncated, burned = files[0], files[1]
-    data = (images / truncated).read_bytes()
-    (images / truncated).write_bytes(data[: len(data) - 500])
-    ds = pydicom.dcmread(images / burned)
-    ds.BurnedInAnnotation = "YES"
-    ds.save_as(images / burned)
+    truncated, burned = damage_two_studies(images, files, cut=500)
     stray = os.path.join(os.path.dirname(files[2]), "ACC9999999999.dcm")  # beside listed files: ingest sees it
     shutil.copy(images / files[2], images / stray)
     cases = {"truncated": truncated, "burned": burned, "stray": stray}

@@ -54,6 +54,20 @@ def tree_digest(folder) -> dict[str, str]:
 PLANTED_KINDS = ("tag", "date", "uid", "folder name", "file name")
 
 
+def damage_two_studies(images, files, cut: int) -> tuple[str, str]:
+    """Cut `cut` bytes off the first study and mark the second BurnedInAnnotation=YES: both must be
+    quarantined, by salted id. Returns (truncated, burned) relative names."""
+    import pydicom
+
+    truncated, burned = files[0], files[1]
+    data = (images / truncated).read_bytes()
+    (images / truncated).write_bytes(data[: len(data) - cut])
+    ds = pydicom.dcmread(images / burned)
+    ds.BurnedInAnnotation = "YES"
+    ds.save_as(images / burned)
+    return truncated, burned
+
+
 def pacs_layout(studies, out) -> dict[str, set[str]]:
     """Synthetic DICOM studies (synth --dicom) re-filed the way a PACS export lays them out,
     OUT/images/MRN/ACCESSION.dcm, with OUT/labels.csv pointing there, and more identifiers planted:

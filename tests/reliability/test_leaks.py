@@ -17,13 +17,12 @@ import stat
 import time
 import zipfile
 
-import pydicom
 import pytest
 
 from conftest import assert_user_error
 from medtl.data.records import ALLOWED_FEATURES
-from reliability.helpers import (HOROVODRUN, JOBS, PLANTED_KINDS, TINY, Corpus, env, pacs_layout, report, run_cli,
-                                 search_blobs, tree_digest)
+from reliability.helpers import (HOROVODRUN, JOBS, PLANTED_KINDS, TINY, Corpus, damage_two_studies, env, pacs_layout,
+                                 report, run_cli, search_blobs, tree_digest)
 
 pytestmark = pytest.mark.slow
 
@@ -62,17 +61,6 @@ class _Commands:
         if ok:
             assert r.returncode == 0, f"{name}: {r.stderr[-3000:]}"
         return r
-
-
-def _damage(images, files) -> tuple[str, str]:
-    """Truncate one study and mark another BurnedInAnnotation=YES: both must be quarantined by id."""
-    truncated, burned = files[0], files[1]
-    data = (images / truncated).read_bytes()
-    (images / truncated).write_bytes(data[: len(data) - 2000])
-    ds = pydicom.dcmread(images / burned)
-    ds.BurnedInAnnotation = "YES"
-    ds.save_as(images / burned)
-    return truncated, burned
 
 
 def _ingest_all(cmd, studies, art, user) -> tuple:
@@ -163,7 +151,7 @@ def test_no_identifier_reaches_any_artefact_and_input_stays_untouched(dicom_stud
     with open(studies / "labels.csv", newline="") as fh:
         files = sorted(row["Image Index"] for row in csv.DictReader(fh))
     assert all("/" in f for f in files)  # MRN/ACCESSION.dcm
-    truncated, burned = _damage(images, files)
+    truncated, burned = damage_two_studies(images, files, cut=2000)
     enforced = _read_only(studies)
     before = tree_digest(studies)
     user.mkdir()
