@@ -62,23 +62,31 @@ def test_nan_batch_on_one_rank_keeps_ranks_in_sync(killed_run):
            nan_batches_injected=1)
 
 
+# How each launcher names the rank that died (horovodrun: the first process that failed).
+KILLED = {"horovodrun": (r"Process 1 exit with status code 137", r"Process name: 1"),
+          "mpirun": (r"mpirun noticed that process rank 1 with PID \d+ on node \S+ exited on signal 9 \(Killed\)",)}
+
+
 def test_killed_rank_names_it_and_resume_runs_every_epoch_once(killed_run, records):
-    run, r, seconds, kill_step = killed_run
+    run, r, seconds, kill_step, launcher = killed_run
     out = r.stdout + r.stderr
     assert r.returncode != 0
     assert seconds < 120, f"launcher took {seconds:.0f} s to exit after a rank died"
-    assert re.search(r"Process 1 exit with status code 137", out), out[-3000:]
-    assert "Process name: 1" in out  # horovodrun names the first rank that failed
+    for pattern in KILLED[launcher]:
+        assert re.search(pattern, out), out[-3000:]
     state = json.load(open(run / "checkpoints" / "state.json"))
     assert state["epochs_done"] == 2 and state["ranks"] == 2
     assert os.path.exists(run / "checkpoints" / state["checkpoint"])
 
-    r = train(records, run)  # one rank this time
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "resuming" in r.stderr and "after epoch 2" in r.stderr
+    # horovodrun: one rank this time. mpirun: the same 2-rank command, as a restarted MPIJob launcher runs it.
+    argv, ranks = {"horovodrun": (None, 1), "mpirun": (launcher_argv("mpirun"), 2)}[launcher]
+    r = train(records, run, launcher=argv)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-3000:]
+    assert "resuming" in out and "after epoch 2" in out
     rows = history(run)
     assert [(row["epoch"], row["phase"]) for row in rows] == [(0, "head"), (1, "head"), (2, "top"), (3, "top")]
-    assert [row["ranks"] for row in rows] == [2, 2, 1, 1]
+    assert [row["ranks"] for row in rows] == [2, 2, ranks, ranks]
 
     r = train(records, run, "train.jit_compile=true")  # an execution setting may change
     assert r.returncode == 0 and "is complete" in r.stderr and "nothing to do" in r.stderr
