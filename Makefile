@@ -3,7 +3,9 @@
 #   make demo   create .venv if missing (the pinned stack and Horovod), then synth -> ingest -> train
 #               -> evaluate; the README gives the time of the last measured run
 #   make test   the same .venv plus the test tools (pytest, Chromium, kubectl), then the whole suite,
-#               slow tests included
+#               slow tests included. The 2-rank tests also run under mpirun; as root they pass OpenMPI's
+#               --allow-run-as-root themselves (elsewhere: OMPI_ALLOW_RUN_AS_ROOT=1 and
+#               OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1).
 #
 # Versions are pinned in setup.cfg (pip) and here (Horovod, built from source against
 # the installed TensorFlow; see docs/stack.md).
@@ -12,11 +14,13 @@ PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 HOROVOD_VERSION := 0.28.1
-# Gloo on, MPI off: horovodrun --gloo works without an MPI installation.
-HOROVOD_BUILD_ENV := HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITHOUT_MPI=1 \
+# Gloo and MPI, as in production: `horovodrun --gloo` for local runs, `mpirun` (OpenMPI) as the
+# MPIJob's launcher runs it (k8s/base/train.yaml); the tests run both.
+HOROVOD_BUILD_ENV := HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITH_MPI=1 \
 	HOROVOD_WITHOUT_PYTORCH=1 HOROVOD_WITHOUT_MXNET=1
-# Horovod's build: every command needs these.
-BUILD_APT_PACKAGES := cmake g++ gcc make
+# Horovod's build: every command needs these (OpenMPI's headers and mpicxx before the build, mpirun
+# after it).
+BUILD_APT_PACKAGES := cmake g++ gcc make libopenmpi-dev openmpi-bin
 # Tests only: headless Chromium renders report.html in the report test (tests/test_evaluate_cli.py).
 TEST_APT_PACKAGES := chromium
 DEMO_OUT ?= demo_out
@@ -32,7 +36,7 @@ APT_INSTALL = $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninter
 
 # What Horovod's build needs (make demo and make test).
 build-deps:
-	@missing=""; for tool in cmake g++ gcc make; do command -v $$tool >/dev/null || missing=yes; done; \
+	@missing=""; for tool in cmake g++ gcc make mpicxx mpirun; do command -v $$tool >/dev/null || missing=yes; done; \
 	if [ -n "$$missing" ]; then echo "installing Debian packages: $(BUILD_APT_PACKAGES)"; \
 		$(APT_INSTALL) $(BUILD_APT_PACKAGES); fi
 
@@ -61,15 +65,23 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	touch $@
 
 # Horovod compiles against the TensorFlow in the venv (docs/stack.md gives the time; then pip's wheel cache).
-$(VENV)/.horovod: $(VENV)/.installed | build-deps
-	$(BIN)/python -c "import horovod.tensorflow as h; assert h.gloo_built()" 2>/dev/null || \
-		$(HOROVOD_BUILD_ENV) $(BIN)/pip install -q --no-build-isolation horovod==$(HOROVOD_VERSION)
-	$(BIN)/python -c "import horovod.tensorflow as h; assert h.gloo_built(), 'Horovod built without Gloo'"
+# The marker is named after what was built: a venv from before MPI (marker .horovod, Gloo only) has no
+# .horovod-gloo-mpi, so its Horovod is checked and rebuilt. pip's wheel cache is keyed by version, not by
+# the HOROVOD_* flags: a cached Gloo-only wheel is dropped from it before the rebuild.
+HOROVOD_CHECK := import horovod.tensorflow as h; assert h.gloo_built(), 'Horovod built without Gloo'; \
+	assert h.mpi_built(), 'Horovod built without MPI'
+HOROVOD_PIP = $(HOROVOD_BUILD_ENV) $(BIN)/pip install -q --no-build-isolation
+$(VENV)/.horovod-gloo-mpi: $(VENV)/.installed | build-deps
+	$(BIN)/python -c "$(HOROVOD_CHECK)" 2>/dev/null || \
+		{ $(HOROVOD_PIP) horovod==$(HOROVOD_VERSION) && $(BIN)/python -c "$(HOROVOD_CHECK)" 2>/dev/null; } || \
+		{ $(BIN)/pip cache remove horovod 2>/dev/null; \
+		  $(HOROVOD_PIP) --force-reinstall --no-deps horovod==$(HOROVOD_VERSION); }
+	$(BIN)/python -c "$(HOROVOD_CHECK)"
 	touch $@
 
-venv: $(VENV)/.horovod
-test-venv: $(VENV)/.horovod $(VENV)/.installed-test
-horovod: $(VENV)/.horovod
+venv: $(VENV)/.horovod-gloo-mpi
+test-venv: $(VENV)/.horovod-gloo-mpi $(VENV)/.installed-test
+horovod: $(VENV)/.horovod-gloo-mpi
 
 # The container image for clusters (needs a Docker engine; see docs/kubernetes.md).
 IMAGE ?= medtl:$(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' medtl/__init__.py)
@@ -79,7 +91,7 @@ image:
 demo: venv
 	$(BIN)/medtl demo --out $(DEMO_OUT)
 
-# The whole suite, slow end-to-end tests (real CLI, 2-rank horovodrun, headless Chromium) and the
+# The whole suite, slow end-to-end tests (real CLI, 2-rank horovodrun and mpirun, headless Chromium) and the
 # reliability suite included, on 2 pytest-xdist workers (a test file stays on one worker, so its
 # module fixtures are built once). It ends with the reliability summary table.
 PYTEST_WORKERS ?= 2

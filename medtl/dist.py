@@ -5,7 +5,10 @@ launched by horovodrun or mpirun. Otherwise everything degrades to one process.
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -14,6 +17,7 @@ import numpy as np
 
 from medtl.errors import MedtlError
 from medtl.tf import tf
+from medtl.utils import faults
 from medtl.utils.log import set_primary
 
 # Variables that horovodrun (Gloo) or an MPI launcher sets in every rank.
@@ -112,18 +116,20 @@ def broadcast_variables(ctx: Context, variables) -> None:
         ctx.hvd.broadcast_variables(variables, root_rank=0)
 
 
-def allgather(ctx: Context, array: np.ndarray) -> np.ndarray:
+def allgather(ctx: Context, array: np.ndarray, name: str = "allgather") -> np.ndarray:
     """Concatenate each rank's rows (ranks may hold different counts) in rank order."""
     if not ctx.distributed:
         return array
-    return ctx.hvd.allgather(tf.convert_to_tensor(array)).numpy()
+    with _collective(ctx, f"the allgather of {name}", name):
+        return ctx.hvd.allgather(tf.convert_to_tensor(array)).numpy()
 
 
 def allreduce_mean(ctx: Context, value: float, name: str) -> float:
     """The mean of a scalar over ranks (Horovod's MetricAverageCallback is broken with tf-keras)."""
     if not ctx.distributed:
         return float(value)
-    return float(ctx.hvd.allreduce(tf.constant(float(value), tf.float64), op=ctx.hvd.Average, name=name).numpy())
+    with _collective(ctx, f"the allreduce of {name}", name):
+        return float(ctx.hvd.allreduce(tf.constant(float(value), tf.float64), op=ctx.hvd.Average, name=name).numpy())
 
 
 def primary_reports_agreed_stop(ctx: Context, grace_seconds: float = 10.0) -> None:
@@ -151,7 +157,8 @@ def allgather_objects(ctx: Context, obj: Any, name: str) -> list:
     """Every rank's Python object, in rank order, on every rank."""
     if not ctx.distributed:
         return [obj]
-    return ctx.hvd.allgather_object(obj, name=name)
+    with _collective(ctx, f"the allgather of {name}", name):
+        return ctx.hvd.allgather_object(obj, name=name)
 
 
 def lr_scale(ctx: Context, policy: str) -> float:
@@ -165,7 +172,7 @@ def lr_scale(ctx: Context, policy: str) -> float:
 
 def fingerprints_agree(ctx: Context, fingerprint: float) -> list[float]:
     """Every rank's value of `fingerprint`, in rank order (to check that weights are in sync)."""
-    return [float(v) for v in allgather(ctx, np.array([fingerprint], np.float64))]
+    return [float(v) for v in allgather(ctx, np.array([fingerprint], np.float64), "weights_fingerprint")]
 
 
 def horovod_info() -> dict:
@@ -186,6 +193,114 @@ def horovod_info() -> dict:
 # --------------------------------------------------------------------------- stall watchdog
 
 _HEARTBEAT_SCOPE = "medtl-heartbeat"
+_watchdog: "StallWatchdog | None" = None  # the running one, which the collectives above report to
+
+
+@contextlib.contextmanager
+def _collective(ctx: Context, what: str, name: str):
+    """A collective that waits on every rank: timed by the running StallWatchdog, if any.
+
+    A scheduled `stall_collective` fault sleeps before this rank reports that it has arrived, as a
+    rank held up just before the collective would.
+    """
+    faults.before_collective(ctx.rank, name)
+    dog = _watchdog
+    if dog is None:
+        yield
+        return
+    dog.enter(what, timed=True)
+    try:
+        yield
+    finally:
+        dog.end()
+
+
+def reached(what: str) -> None:
+    """Tell the running StallWatchdog that this rank has reached `what` (a stage between collectives,
+    such as validation): named as a rank's last position when it goes missing there."""
+    if _watchdog is not None:
+        _watchdog.enter(what, timed=False)
+
+
+class HeartbeatStore:
+    """A key-value store over HTTP that every rank reaches, for the ranks' positions.
+
+    Under horovodrun --gloo it is the launcher's rendezvous store. mpirun has none, so there rank 0
+    serves one (Horovod's KVStoreServer) and broadcasts its address at start, while every rank is
+    still in step. Requests time out: a missing rank must not block the watchdog that reports it.
+    """
+
+    TIMEOUT_SECONDS = 3.0
+
+    def __init__(self, addr: str, port: int, server=None):
+        self.addr, self.port, self.server = addr, int(port), server
+
+    @classmethod
+    def for_context(cls, ctx: Context) -> "HeartbeatStore | None":
+        addr, port = os.environ.get("HOROVOD_GLOO_RENDEZVOUS_ADDR"), os.environ.get("HOROVOD_GLOO_RENDEZVOUS_PORT")
+        if addr and port:
+            return cls(addr, int(port))
+        server, address = None, None
+        if ctx.primary:
+            server, address = cls._serve()
+        address = broadcast_object(ctx, address, "medtl_heartbeat_store")
+        return cls(*address, server=server) if address else None
+
+    @staticmethod
+    def _serve() -> tuple:
+        """(server, (address, port)) of a store served by this process, or (None, None) if it cannot be."""
+        from horovod.runner.http.http_server import KVStoreServer
+
+        try:
+            server = KVStoreServer(verbose=0)
+            port = server.start_server()
+        except Exception:  # no store: the watchdog still stops the job, without naming the rank
+            return None, None
+        return server, (_own_address(), port)
+
+    def _url(self, key: str) -> str:
+        return f"http://{self.addr}:{self.port}/{_HEARTBEAT_SCOPE}/{key}"
+
+    @staticmethod
+    def _open(request):
+        from urllib.request import ProxyHandler, build_opener
+
+        # Direct: an http_proxy set for downloads must not carry the ranks' own traffic.
+        return build_opener(ProxyHandler({})).open(request, timeout=HeartbeatStore.TIMEOUT_SECONDS)
+
+    def put(self, key: str, value: dict) -> None:
+        from urllib.request import Request
+
+        self._open(Request(self._url(key), data=json.dumps(value).encode(), method="PUT")).close()
+
+    def get(self, key: str) -> dict | None:
+        """The value under `key`, or None if it was never put (or the store cannot be read)."""
+        try:
+            with self._open(self._url(key)) as response:
+                return json.loads(response.read())
+        except Exception:
+            return None
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.shutdown_server()
+
+
+def _own_address() -> str:
+    """An address of this host that the other ranks can reach: the host name's (a pod's IP in a
+    cluster) unless that is loopback (Debian maps it to 127.0.1.1), then the outgoing interface's."""
+    try:
+        addr = socket.gethostbyname(socket.gethostname())
+    except OSError:
+        addr = "127.0.0.1"
+    if not addr.startswith("127."):
+        return addr
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect(("10.255.255.255", 1))  # UDP: picks a route, sends nothing
+            return probe.getsockname()[0]
+    except OSError:
+        return addr  # one host only: loopback is right
 
 
 class StallWatchdog:
@@ -193,96 +308,100 @@ class StallWatchdog:
 
     Horovod's own stall shutdown (HOROVOD_STALL_SHUTDOWN_TIME_SECONDS) did not fire under
     horovodrun --gloo here: a rank that stopped before an allreduce left the others waiting
-    for good. So each rank records the training step it has reached; a thread publishes it to
-    the launcher's rendezvous key-value store (Gloo) and, when this rank has been inside one
-    step for `seconds`, reads the others', prints which ranks have not reached the step, and
-    exits, so that the launcher stops the job.
+    for good. So each rank records its position: the training step it is in, the stage it has
+    reached (validation), the collective it waits in (dist.allgather, allgather_objects,
+    allreduce_mean). Every rank passes the same positions in the same order, so a count of them
+    orders the ranks. A thread publishes the position to a HeartbeatStore and, when this rank has
+    waited in one step or collective for `seconds`, reads the others', prints which ranks have not
+    reached its position and where they were last seen, and exits, so that the launcher (horovodrun
+    or mpirun) stops the job.
     """
 
     EXIT_CODE = 1  # a runtime failure (medtl.errors.EXIT_RUNTIME): the Job may retry and resume
-
-    def __init__(self, ctx: Context, seconds: float, poll_seconds: float | None = None):
-        self.ctx, self.seconds = ctx, float(seconds)
-        self.poll = poll_seconds or max(0.5, min(5.0, self.seconds / 8))
-        self.step = -1            # the global step this rank is in (or last finished)
-        self.in_step_since = None  # monotonic time the current step began; None between steps
-        self.limit = self.seconds   # seconds the current step may take
-        self._published = None
-        self._stop = None
-        addr, port = os.environ.get("HOROVOD_GLOO_RENDEZVOUS_ADDR"), os.environ.get("HOROVOD_GLOO_RENDEZVOUS_PORT")
-        self.kv = (addr, int(port)) if addr and port else None
-
     # The first step of a phase also traces (and with XLA compiles) the train step: it may take longer.
     FIRST_STEP_FACTOR = 5
 
-    def begin(self, step: int, first: bool = False) -> None:
-        import time
+    def __init__(self, ctx: Context, seconds: float, poll_seconds: float | None = None, store=None):
+        self.ctx, self.seconds = ctx, float(seconds)
+        self.poll = poll_seconds or max(0.5, min(5.0, self.seconds / 8))
+        self.count = 0               # positions passed (the same sequence on every rank)
+        self.where = "the start"     # this rank's position
+        self.in_step_since = None    # monotonic time the current timed wait began; None when not waiting
+        self.limit = self.seconds    # seconds the current wait may take
+        self.store = store
+        self._published = None
+        self._stop = None
 
-        self.limit = self.seconds * (self.FIRST_STEP_FACTOR if first else 1)
-        self.step, self.in_step_since = step, time.monotonic()
+    def begin(self, step: int, first: bool = False) -> None:
+        """This rank starts global training step `step` (`first`: the first of a phase)."""
+        self.enter(f"training step {step}", timed=True, factor=self.FIRST_STEP_FACTOR if first else 1)
+
+    def enter(self, where: str, timed: bool, factor: float = 1) -> None:
+        """This rank reaches `where`; `timed`: it is a wait that must end within the limit."""
+        self.count += 1
+        self.where, self.limit = where, self.seconds * factor
+        self.in_step_since = time.monotonic() if timed else None
 
     def end(self) -> None:
         self.in_step_since = None
 
     def start(self) -> "StallWatchdog":
+        """Start watching (on every rank at the same point: under mpirun this broadcasts the store)."""
         import threading
 
+        global _watchdog
         if not self.ctx.distributed or self.seconds <= 0:
             return self
+        if self.store is None:
+            self.store = HeartbeatStore.for_context(self.ctx)
         self._stop = threading.Event()
         threading.Thread(target=self._run, name="medtl-stall-watchdog", daemon=True).start()
+        _watchdog = self
         return self
 
     def stop(self) -> None:
+        global _watchdog
         if self._stop is not None:
             self._stop.set()
+        if _watchdog is self:
+            _watchdog = None
+        if self.store is not None and self.store.server is not None:
+            self.store.close()
 
     def _publish(self) -> None:
-        if self.kv is None or self._published == self.step:
+        position = {"count": self.count, "where": self.where}
+        if self.store is None or self._published == position:
             return
-        from horovod.runner.http.http_client import put_data_into_kvstore
-
         try:
-            put_data_into_kvstore(*self.kv, _HEARTBEAT_SCOPE, str(self.ctx.rank), self.step)
-            self._published = self.step
+            self.store.put(str(self.ctx.rank), position)
+            self._published = position
         except Exception:  # the store is advisory: a failed publish must not stop training
             pass
 
-    def peers(self) -> dict[int, int | None]:
-        """Every other rank's last published step (None when unknown)."""
-        if self.kv is None:
+    def peers(self) -> dict[int, dict | None]:
+        """Every other rank's last published position (None when unknown)."""
+        if self.store is None:
             return {}
-        from horovod.runner.http.http_client import read_data_from_kvstore
-
-        steps = {}
-        for rank in range(self.ctx.size):
-            if rank == self.ctx.rank:
-                continue
-            try:
-                steps[rank] = read_data_from_kvstore(*self.kv, _HEARTBEAT_SCOPE, str(rank))
-            except Exception:
-                steps[rank] = None
-        return steps
+        return {rank: self.store.get(str(rank)) for rank in range(self.ctx.size) if rank != self.ctx.rank}
 
     def message(self, waited: float) -> str:
-        step = self.step
+        where = self.where
         peers = self.peers()
-        behind = sorted(r for r, s in peers.items() if s is None or s < step)
+        behind = sorted(r for r, p in peers.items() if p is None or p.get("count", -1) < self.count)
         if behind:
-            who = (f"rank(s) {', '.join(map(str, behind))} did not reach training step {step} (last seen at "
-                   + ", ".join(f"rank {r}: {'no step' if peers[r] is None else f'step {peers[r]}'}" for r in behind)
-                   + ")")
+            seen = ", ".join(f"rank {r}: {peers[r]['where'] if peers[r] else 'no heartbeat'}" for r in behind)
+            who = f"rank(s) {', '.join(map(str, behind))} did not reach {where} (last seen at {seen})"
         elif peers:
-            who = f"every rank reached training step {step} but it has not completed (a collective or a read is stuck)"
+            who = f"every rank reached {where} but it has not completed (a collective or a read is stuck)"
         else:
-            who = f"training step {step} has not completed (the missing rank is unknown: no Gloo rendezvous store)"
+            who = f"{where} has not completed (the missing rank is unknown: no heartbeat store)"
+        first = " (x5 for a first step)" if self.limit > self.seconds else ""
         return (f"rank {self.ctx.rank} waited {waited:.0f} s for the other ranks: {who}; stopping the job after "
-                f"train.stall_shutdown_seconds={self.seconds:g}{' (x5 for a first step)' if self.limit > self.seconds else ''}. Re-run the same command to resume from the last "
-                "checkpoint.")
+                f"train.stall_shutdown_seconds={self.seconds:g}{first}. Re-run the same command to resume from "
+                "the last checkpoint.")
 
     def _run(self) -> None:
         import sys
-        import time
 
         while not self._stop.wait(self.poll):
             self._publish()

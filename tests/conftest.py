@@ -32,6 +32,50 @@ def run_cli(*args, env: dict | None = None, timeout: float = 900, cwd: str | Non
                           cwd=cwd or REPO)
 
 
+# The two launchers the 2-rank tests run under. horovodrun --gloo is the local way; mpirun is what the
+# training MPIJob's launcher runs in production, so its options come from the manifest itself.
+TRAIN_MANIFEST = os.path.join(REPO, "k8s", "base", "train.yaml")
+LAUNCHERS = ("horovodrun", "mpirun")
+
+
+def manifest_mpirun() -> tuple[list[str], list[str]]:
+    """(command, args) of the launcher container of k8s/base/train.yaml: mpirun and its fixed options,
+    then `-np N medtl train ...`."""
+    import yaml
+
+    with open(TRAIN_MANIFEST) as fh:
+        job = yaml.safe_load(fh)
+    container = job["spec"]["mpiReplicaSpecs"]["Launcher"]["template"]["spec"]["containers"][0]
+    return [str(a) for a in container["command"]], [str(a) for a in container["args"]]
+
+
+def launcher_argv(name: str, ranks: int = 2) -> list[str]:
+    """The argv that starts `ranks` local ranks of the command appended to it.
+
+    mpirun: the manifest's command with its options unchanged, adapted to one machine: the ranks go to
+    localhost (-H; the operator's hostfile does this in a cluster), root may run them here
+    (--allow-run-as-root: OpenMPI refuses root, the image's user is not root), and each output line
+    names its rank (--tag-output, for the tests' assertions). `-np` comes first as in the manifest's args.
+    """
+    if name == "horovodrun":
+        return [os.path.join(os.path.dirname(sys.executable), "horovodrun"), "-np", str(ranks),
+                "-H", f"localhost:{ranks}", "--gloo"]
+    command, args = manifest_mpirun()
+    assert command[0] == "mpirun" and args[0] == "-np", (command, args)
+    local = ["-H", f"localhost:{ranks}", "--tag-output"] + (["--allow-run-as-root"] if os.geteuid() == 0 else [])
+    return command + local + ["-np", str(ranks)]
+
+
+def rank_lines(output: str, prefix: str = "") -> dict[int, list[str]]:
+    """{rank: its lines that start with `prefix`}, from horovodrun's `[R]<stderr>:` or mpirun
+    --tag-output's `[JOB,R]<stderr>:` line prefixes."""
+    found: dict[int, list[str]] = {}
+    pattern = rf"^\[(?:\d+,)?(\d+)\]<std(?:out|err)>:({re.escape(prefix)}.*)$"
+    for match in re.finditer(pattern, output, re.M):
+        found.setdefault(int(match.group(1)), []).append(match.group(2))
+    return found
+
+
 def ingest_args(studies, out, *extra) -> tuple:
     """`medtl ingest` arguments for synthetic studies (tiny shards, so several per split)."""
     return ("--images", os.path.join(studies, "images"), "--labels", os.path.join(studies, "labels.csv"),

@@ -1,16 +1,15 @@
-"""Distributed phased training through the CLI under horovodrun (2 ranks, Gloo, CPU); faults are in reliability/."""
+"""Distributed phased training through the CLI on 2 CPU ranks, under horovodrun --gloo and under mpirun as the
+training MPIJob runs it (k8s/base/train.yaml); faults are in reliability/."""
 import json
 import math
 import os
 import re
-import sys
 
 import pytest
 
-from conftest import JOBS, cli_env, run_cli
+from conftest import JOBS, LAUNCHERS, cli_env, launcher_argv, run_cli
 
 pytestmark = pytest.mark.slow
-HOROVODRUN = [os.path.join(os.path.dirname(sys.executable), "horovodrun"), "-np", "2", "-H", "localhost:2", "--gloo"]
 
 
 def _history(run):
@@ -25,11 +24,12 @@ def _train(records, run, *sets, launcher=None, env=None):
     return run_cli(*args, launcher=launcher, env=env or cli_env(), timeout=1100)
 
 
-def test_two_ranks_mixed_precision_phases_and_tensorboard(records, tmp_path):
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_two_ranks_mixed_precision_phases_and_tensorboard(records, tmp_path, launcher):
     """Faults (dead, stalled and NaN ranks) are in tests/reliability/test_ranks.py."""
     run = tmp_path / "run"
     r = _train(records, run, "train.precision=mixed_float16", "phases.1.trainable={regex: '^(block7|top_)'}",
-               launcher=HOROVODRUN)
+               launcher=launcher_argv(launcher))
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-4000:]
     assert len(re.findall(r"weights identical on 2 rank\(s\)", out)) == 2

@@ -45,7 +45,7 @@ def predict_split(model, cfg: Config, manifest: Manifest, split: str, ctx: dist.
     keys = ("probs", "labels", "mask") + (("patient", "key") if with_ids else ())
     local = {k: np.concatenate(parts[k]) if parts[k] else
              np.zeros(empty[k], np.uint8 if k in ("patient", "key") else np.float32) for k in keys}
-    out = {k: dist.allgather(ctx, v) for k, v in local.items()}
+    out = {k: dist.allgather(ctx, v, f"{split}_{k}") for k, v in local.items()}
     _check_complete(out, manifest, split, cfg.data.records)
     for k in ("patient", "key"):
         if k in out:

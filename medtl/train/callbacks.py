@@ -167,6 +167,8 @@ class EpochMetrics(tf.keras.callbacks.Callback):
         logs["loss"] = dist.allreduce_mean(self.ctx, float(logs.get("loss", math.nan)), "epoch_loss")
         logs["images_per_second"] = self.images_per_epoch / seconds if seconds > 0 else 0.0
         logs["lr"] = current_learning_rate(self.model.optimizer)
+        dist.reached(f"validation after epoch {epoch + 1}")
+        faults.in_validation(self.ctx.rank, epoch)
         out = predict_split(self.model, self.cfg, self.manifest, "val", self.ctx)
         summary = summary_metrics(out["labels"], out["probs"], self.label_names, out["mask"])
         logs["val_loss"] = mean_bce(out["labels"], out["probs"], out["mask"])

@@ -5,6 +5,12 @@ Set MEDTL_FAULTS to ';'-separated faults, each `kind:key=value,...`:
   nan_from:step=S               every rank's inputs are NaN from global step S on (persistent)
   kill:rank=R,step=S            that rank SIGKILLs itself before global step S
   stall:rank=R,step=S,seconds=T that rank sleeps T seconds before global step S (before its allreduce)
+  stall_validation:rank=R,epoch=E,seconds=T
+                                that rank sleeps T seconds in the validation after epoch E (0-based), before
+                                its predictions (the others wait in the allgather of them)
+  stall_collective:rank=R,name=N,seconds=T
+                                that rank sleeps T seconds before the collective named N (medtl.dist's
+                                allgather, allgather_objects or allreduce_mean; e.g. weights_fingerprint), once
   kill_in_checkpoint:epoch=E    rank 0 SIGKILLs itself after writing epoch E's weights, before the pointer
   kill_trial:step=N,epoch=E     `medtl search` SIGKILLs itself after epoch E of trial number N
   kill_in_finalize:step=N       ingest finalize SIGKILLs itself once N shards have their final names (N = all
@@ -30,6 +36,7 @@ class Fault:
     step: int | None = None
     epoch: int | None = None
     seconds: float = 0.0
+    name: str | None = None
 
 
 def parse(text: str) -> list[Fault]:
@@ -38,7 +45,8 @@ def parse(text: str) -> list[Fault]:
         kind, _, args = item.partition(":")
         values = dict(pair.split("=", 1) for pair in args.split(",") if pair)
         faults.append(Fault(kind=kind, rank=_int(values.get("rank")), step=_int(values.get("step")),
-                            epoch=_int(values.get("epoch")), seconds=float(values.get("seconds", 0))))
+                            epoch=_int(values.get("epoch")), seconds=float(values.get("seconds", 0)),
+                            name=values.get("name")))
     return faults
 
 
@@ -82,6 +90,24 @@ def before_step(rank: int, step: int) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
     for fault in active("stall"):
         if _mine(fault, rank) and fault.step == step:
+            time.sleep(fault.seconds)
+
+
+def in_validation(rank: int, epoch: int) -> None:
+    """Stall this rank in the validation after `epoch`, if scheduled."""
+    for fault in active("stall_validation"):
+        if _mine(fault, rank) and fault.epoch == epoch:
+            time.sleep(fault.seconds)
+
+
+_collectives_stalled: set = set()
+
+
+def before_collective(rank: int, name: str) -> None:
+    """Stall this rank before the first collective named `name`, if scheduled."""
+    for fault in active("stall_collective"):
+        if _mine(fault, rank) and fault.name == name and fault not in _collectives_stalled:
+            _collectives_stalled.add(fault)
             time.sleep(fault.seconds)
 
 

@@ -7,15 +7,15 @@ import hashlib
 import io
 import json
 import os
-import sys
 import tarfile
 import zipfile
 
-from conftest import JOBS, RELIABILITY_ROW, REPO, cli_env, run_cli  # noqa: F401  (re-exported to the suite)
+from conftest import (JOBS, LAUNCHERS, RELIABILITY_ROW, REPO, cli_env, launcher_argv,  # noqa: F401  (re-exported
+                      rank_lines, run_cli)                                             # to the suite)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = os.path.join(HERE, "tiny.yaml")
-HOROVODRUN = [os.path.join(os.path.dirname(sys.executable), "horovodrun"), "-np", "2", "-H", "localhost:2", "--gloo"]
+HOROVODRUN = launcher_argv("horovodrun")
 _RUNNING: list = []  # the test item running now (set by an autouse fixture in conftest.py)
 
 
