@@ -703,5 +703,5 @@ def reference_markdown() -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":  # python -m medtl.config  (regenerates docs/config.md's reference table)
+if __name__ == "__main__":  # python -m medtl.config  (prints docs/config.md's reference table)
     print(reference_markdown())

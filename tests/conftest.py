@@ -61,6 +61,8 @@ def launcher_argv(name: str, ranks: int = 2) -> list[str]:
         return [os.path.join(os.path.dirname(sys.executable), "horovodrun"), "-np", str(ranks),
                 "-H", f"localhost:{ranks}", "--gloo"]
     command, args = manifest_mpirun()
+    if command[:2] == ["tini", "--"]:
+        command = command[2:]  # the image's init (PID 1 in the pod); here the test process is the parent
     assert command[0] == "mpirun" and args[0] == "-np", (command, args)
     local = ["-H", f"localhost:{ranks}", "--tag-output"] + (["--allow-run-as-root"] if os.geteuid() == 0 else [])
     return command + local + ["-np", str(ranks)]

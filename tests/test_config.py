@@ -164,4 +164,4 @@ def test_docs_config_reference_is_current():
     page = open(os.path.join(REPO, "docs", "config.md")).read()
     start = page.index("-->", page.index("<!-- config-reference:start")) + 3
     end = page.index("<!-- config-reference:end -->")
-    assert page[start:end].strip() == reference_markdown(), "regenerate with: python -m medtl.config"
+    assert page[start:end].strip() == reference_markdown(), "paste the output of `python -m medtl.config` between the markers"

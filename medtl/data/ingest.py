@@ -474,7 +474,8 @@ def finalize(opt: IngestOptions, num_workers: int) -> Manifest:
         raise MedtlError(f"no records were written to {opt.out}; see {fs.join(opt.out, QUARANTINE)}")
     # The parts go only now, so a finalize that failed a check above can be re-run (e.g. with a higher
     # --max-bad-fraction) without re-running the workers.
-    fs.write_text_atomic(fs.join(opt.out, PARTS_DIR, FINALIZED), "")
+    # Not empty: tensorflow-io's S3 filesystem cannot rename an empty object (the atomic write renames).
+    fs.write_text_atomic(fs.join(opt.out, PARTS_DIR, FINALIZED), "finalized\n")
     _remove_parts(opt.out)
     return manifest
 
