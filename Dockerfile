@@ -46,7 +46,7 @@ ENV PATH=/opt/medtl/bin:$PATH
 # k8s/base/train.yaml), never the operator's user key. StrictModes stays on (the default): the
 # operator's secret mount and the emptyDir HOME are world-writable, so sshd reads the authorized
 # key through AuthorizedKeysCommand (a root-owned cat), which StrictModes does not apply to. The
-# launcher does not check host keys (they are new in every pod); the NetworkPolicy in train.yaml
+# launcher does not check host keys (they are new in every pod); the NetworkPolicy in k8s/base/networkpolicy.yaml
 # admits only the launcher to port 2222. With readOnlyRootFilesystem, HOME and /tmp are emptyDirs.
 RUN useradd --create-home --uid 1000 --user-group --shell /bin/bash medtl \
     && mkdir -p /run/sshd /etc/ssh/medtl-host \

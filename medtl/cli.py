@@ -174,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --ids-only: secret salt (default $MEDTL_ID_SALT or ~/.config/medtl/id_salt)")
 
     p = sub.add_parser("demo", help="synth -> ingest -> train -> evaluate on built-in synthetic data",
-                       description="Run the main job end to end on synthetic studies (about 10 minutes on 2 cores).")
+                       description="Run the main job end to end on synthetic studies (its time on 2 cores: see the README).")
     p.add_argument("--out", required=True, help="demo folder")
     p.add_argument("--config", default=jobfiles.job_file("demo.yaml"), help="job config (default jobs/demo.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -49,6 +49,8 @@ def _onednn_state() -> str:
         return "on" if _pywrap_util_port.IsMklEnabled() else "off"
     except (ImportError, AttributeError):  # a TensorFlow build without this query
         return "unknown"
+
+
 def devices_in_use() -> list[str]:
     """The devices this process trains on, e.g. ['CPU', 'GPU:0 (NVIDIA A100-SXM4-40GB)'] (under
     Horovod, the one GPU pinned to this rank). Does not start TensorFlow's runtime."""

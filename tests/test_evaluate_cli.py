@@ -305,6 +305,14 @@ def test_evaluate_bad_input(run, exported, studies, tmp_path):
     r = run_cli("evaluate", "--workdir", bare, "--out", tmp_path / "x")
     assert_user_error(r, f"run folder {bare} has no checkpoint", "medtl train")
 
+    # A damaged best checkpoint is a runtime failure (exit 1: the folder, not the command, is wrong).
+    damaged = tmp_path / "damaged"
+    shutil.copytree(run, damaged)
+    best = damaged / "checkpoints" / "best.weights.h5"
+    best.write_bytes(best.read_bytes()[:4096])
+    r = run_cli("evaluate", "--workdir", damaged, "--out", tmp_path / "x")
+    assert_user_error(r, f"checkpoint {best} is damaged or unreadable", exit_code=1)
+
     r = run_cli("evaluate", "--workdir", run, "--out", tmp_path / "x", "--set", "data.image_size=32")
     assert_user_error(r, "only evaluate.* keys")
 

@@ -126,3 +126,13 @@ def test_record_allow_list_holds_no_date_uid_or_identity_tag():
     for keyword in SAFE_FIELDS.values():
         assert dictionary_VR(tag_for_keyword(keyword)) not in ("DA", "DT", "TM", "UI", "PN", "LO", "SH"), keyword
     assert set(ALLOWED_FEATURES) == {IMAGE, LABELS, MASK, PATIENT, KEY} | {FIELD_PREFIX + f for f in SAFE_FIELDS}
+
+
+def test_an_unreadable_file_is_quarantined_by_reason_without_its_path():
+    """An OS read error's own text quotes the path; the quarantine reason must not. /proc/self/mem exists
+    and opens, but reading its first bytes fails with EIO, for root as for anyone (chmod would not stop root)."""
+    from medtl.data.decode import to_stored_png
+
+    png, reason, message = to_stored_png("/proc/self/mem", 32, 8, "pad")
+    assert png is None and reason == "unreadable_file", (reason, message)
+    assert "proc" not in message and "mem" not in message, message

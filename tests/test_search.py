@@ -111,7 +111,7 @@ def test_bad_input_is_one_line_at_start(case, records, tmp_path):
     else:
         extra, fragments = ["--storage", "nosuchdb://x"], ["search storage", "database URL"]
     r = search_cli(records, tmp_path / "run", *extra, space=space, budget=budget)
-    assert_user_error(r, *fragments)
+    assert_user_error(r, *fragments, exit_code=2)  # a usage error: a Job must not retry it
     assert not os.path.exists(tmp_path / "features")  # nothing extracted before the error
 
 

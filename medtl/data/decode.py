@@ -306,6 +306,8 @@ def to_stored_png(source, size: int, bit_depth: int, aspect: str, frame: str = "
         return None, exc.reason, exc.message
     except MemoryError:
         return None, "too_large", "image too large to decode in memory"
+    except OSError as exc:  # permissions, I/O errors: strerror only, since str(exc) quotes the path
+        return None, "unreadable_file", f"cannot be read ({exc.strerror or type(exc).__name__})"
     except Exception as exc:  # one bad file must not stop the batch
         text = str(exc).splitlines()[0][:160] if str(exc) else ""
         return None, "decode_failed", f"{type(exc).__name__}: {text}"

@@ -213,7 +213,12 @@ def _files_on_disk(images: str, listed: set[str]) -> set[str]:
         full = os.path.join(images, folder)
         if not os.path.isdir(full):
             continue
-        for name in os.listdir(full):
+        try:
+            names = os.listdir(full)
+        except OSError as exc:  # the folder's name may be an MRN: name only the --images root
+            raise MedtlError(f"a folder under --images {images} cannot be listed ({exc.strerror}); make the "
+                             "input tree readable by this user") from None
+        for name in names:
             if name.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(full, name)):
                 found.add(os.path.join(folder, name) if folder else name)
     return found

@@ -96,18 +96,21 @@ def open_storage(url: str):
 
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # the heartbeat
 
+    shown = url.split("@")[-1] if "@" in url else url  # never print a password
+    example = "sqlite:///runs/search/study.db or postgresql://USER:PASSWORD@HOST/DB"
+    if not url.startswith(("sqlite:", "postgresql", "mysql", "oracle", "mssql")):
+        raise MedtlError(f"search storage {shown!r} is not a database URL; give one such as {example}")
     try:
-        if url.startswith(("sqlite:", "postgresql", "mysql", "oracle", "mssql")):
-            return optuna.storages.RDBStorage(
-                url, engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None,
-                heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS)
-        raise ValueError("not a database URL")
-    except Exception as exc:  # a bad URL, a missing driver, an unreachable server
+        return optuna.storages.RDBStorage(
+            url, engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None,
+            heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS)
+    except (ImportError, ModuleNotFoundError) as exc:  # the URL's driver is not installed: a usage error
+        raise MedtlError(f"search storage {shown!r} needs a database driver that is not installed "
+                         f"({str(exc).splitlines()[0][:160]}); install it or use {example}") from None
+    except Exception as exc:  # an unreachable server, a malformed URL the driver rejects
         # Exit 1, not 2: a database that is not up yet (its pod still starting) is worth a retry.
-        shown = url.split("@")[-1] if "@" in url else url  # never print a password
         raise RunFailure(f"search storage {shown!r} cannot be opened ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0][:160]}); give a database URL such as "
-                         "sqlite:///runs/search/study.db or postgresql://USER:PASSWORD@HOST/DB") from None
+                         f"{str(exc).splitlines()[0][:160]}); give a database URL such as {example}") from None
 
 
 def _worker_id() -> str:

@@ -320,6 +320,9 @@ def load_run(workdir: str, weights_file: str | None = None):
     model = build_model(cfg, manifest.num_labels, weights="none")
     try:
         model.load_weights(weights)
+    except OSError as exc:  # h5py: truncated or corrupt file, a damaged run folder (exit 1)
+        raise RunFailure(f"checkpoint {weights} is damaged or unreadable ({str(exc).splitlines()[0][:160]}); "
+                         "re-train, or restore the run folder from a copy") from None
     except Exception as exc:
         raise MedtlError(f"checkpoint {weights} does not match the run's config: {str(exc).splitlines()[0][:200]}") from None
     return cfg, manifest, model
