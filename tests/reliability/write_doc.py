@@ -21,7 +21,7 @@ NOTES = """
 
 ## NaN checks and the CPU's kernels
 
-Checks 9a and 9b once failed on an Intel Xeon (Sapphire Rapids: AVX512_VNNI, AVX512_BF16, AMX)
+Checks 9a and 9b once failed on an Intel Xeon (AVX512_VNNI, AVX512_BF16, AMX: Sapphire Rapids or newer)
 and passed on AMD EPYC. The cause, measured on the Xeon:
 
 - TensorFlow 2.17 turns its oneDNN ops on by default on x86 CPUs with AVX512_VNNI, AVX512_BF16
