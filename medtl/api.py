@@ -22,8 +22,8 @@ from medtl.errors import MedtlError
 from medtl.utils.log import copy_to_run_folder, log, warning
 
 __all__ = ["Config", "IngestOptions", "load_job_config", "synth", "ingest", "ingest_part", "ingest_finalize",
-           "train", "search", "evaluate", "export", "predict", "SynthResult", "IngestResult", "TrainResult",
-           "SearchResult", "EvaluateResult", "ExportResult", "PredictResult"]
+           "train", "pretrain", "search", "evaluate", "export", "predict", "SynthResult", "IngestResult", "TrainResult",
+           "PretrainResult", "SearchResult", "EvaluateResult", "ExportResult", "PredictResult"]
 
 ConfigLike = typing.Union[Config, str, os.PathLike]
 
@@ -61,6 +61,17 @@ class TrainResult:
     stopped_after_phase: str | None  # set when until_phase stopped before the last phase
     weights_fingerprints: dict[str, str]  # phase -> weights hash (equal on every rank); phases trained now
     log_path: str  # the copy of the log in the run folder
+
+
+@dataclass(frozen=True)
+class PretrainResult:
+    workdir: str  # the run folder, as `train` writes it
+    base_weights: str  # the base file: pass it as model.weights (its sidecar is base_weights + ".json")
+    method: str
+    backbone: str
+    epochs: int  # epochs completed, over all phases
+    best_val_auroc: float | None  # of the pretraining task (its own labels), not of a target task
+    ranks: int
 
 
 @dataclass(frozen=True)
@@ -192,6 +203,24 @@ def train(config: ConfigLike, workdir: str, overrides: typing.Sequence[str] = ()
     return TrainResult(workdir=workdir, best_val_auroc=summary["best_val_auroc"], epochs=summary["epochs"],
                        ranks=ctx.size, stopped_after_phase=summary.get("stopped_after_phase"),
                        weights_fingerprints=dict(summary.get("weights_fingerprint") or {}), log_path=log_path)
+
+
+def pretrain(config: ConfigLike, workdir: str, overrides: typing.Sequence[str] = ()) -> PretrainResult:
+    """Pretrain the configured backbone by `pretrain.method` into the run folder `workdir` and write its base
+    file (rank 0); the same call with the same workdir resumes. Under horovodrun it runs on every rank."""
+    cfg = _job_config(config, overrides)
+    _need_records(cfg)
+    from medtl import dist
+    from medtl.train.pretrain import check_pretrain_config, pretrain_supervised
+
+    check_pretrain_config(cfg)
+    ctx = dist.init(cfg.train.stall_shutdown_seconds)
+    with copy_to_run_folder(workdir):
+        _log_devices(cfg.train.precision)
+        summary = pretrain_supervised(cfg, workdir)  # the one method built (PretrainConfig.check)
+    return PretrainResult(workdir=workdir, base_weights=summary["base_weights"], method=cfg.pretrain.method,
+                          backbone=cfg.model.backbone, epochs=summary["epochs"],
+                          best_val_auroc=summary["best_val_auroc"], ranks=ctx.size)
 
 
 def search(config: ConfigLike, space: str, budget: float, workdir: str, overrides: typing.Sequence[str] = (),

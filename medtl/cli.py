@@ -109,6 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop after this phase (by name); the same command with the same --workdir resumes "
                         "with the next phase (for clusters that limit job length)")
 
+    p = sub.add_parser("pretrain", help="pretrain the base in-domain; writes RUN/base.weights.h5 for model.weights",
+                       description="Train the configured backbone by the config's pretrain.method (supervised: the "
+                                   "phases on data.records' labels), then write the base file RUN/base.weights.h5 "
+                                   "and its sidecar. Run under horovodrun for several ranks.")
+    _add_config_args(p)
+    p.add_argument("--workdir", required=True, help="run folder for config, history, checkpoints and the base file")
+
     p = sub.add_parser("search", help="budgeted search for a classification head, on cached base features",
                        description="Successive halving over the head space of --space (Optuna), training heads on "
                                    "a cache of the frozen base's features. --budget counts full trainings (phase 1's "
@@ -312,6 +319,15 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_pretrain(args) -> int:
+    from medtl.utils.log import is_primary  # only rank 0 prints, as only it logs
+
+    result = api.pretrain(args.config, args.workdir, args.overrides)
+    if is_primary():
+        print(result.base_weights)
+    return 0
+
+
 def cmd_search(args) -> int:
     api.search(args.config, args.space, args.budget, args.workdir, args.overrides, args.storage, args.study_name)
     return 0
@@ -405,8 +421,8 @@ def cmd_env(args) -> int:
 
 
 COMMANDS = {"synth": cmd_synth, "ingest": cmd_ingest, "ingest-finalize": cmd_ingest_finalize, "verify": cmd_verify,
-            "train": cmd_train, "search": cmd_search, "evaluate": cmd_evaluate, "compare": cmd_compare, "export": cmd_export,
-            "predict": cmd_predict, "demo": cmd_demo, "bench": cmd_bench, "k8s": cmd_k8s, "env": cmd_env}
+            "train": cmd_train, "pretrain": cmd_pretrain, "search": cmd_search, "evaluate": cmd_evaluate,
+            "compare": cmd_compare, "export": cmd_export, "predict": cmd_predict, "demo": cmd_demo, "bench": cmd_bench, "k8s": cmd_k8s, "env": cmd_env}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -380,6 +380,24 @@ class SearchConfig:
         return problems
 
 
+# Pretraining methods medtl knows of; only those in PRETRAIN_METHODS are built.
+PRETRAIN_METHODS = ("supervised",)
+_PRETRAIN_NOT_BUILT = ("simclr", "moco", "byol", "dino")
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    # `medtl pretrain`'s method: supervised (train the base with the phases on data.records' labels, then keep the base); required by `medtl pretrain`, ignored by the other commands.
+    method: str = ""
+
+    def check(self) -> list[tuple[str, str]]:
+        if self.method in ("",) + PRETRAIN_METHODS:
+            return []
+        if self.method in _PRETRAIN_NOT_BUILT:
+            return [("method", f"{self.method!r} is not built yet; use supervised")]
+        return [("method", f"must be supervised, got {self.method!r}")]
+
+
 @dataclass(frozen=True)
 class Config:
     # Seed for model initialisation, shuffling and augmentation.
@@ -393,6 +411,8 @@ class Config:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     # Head search (`medtl search`): feature cache and successive halving.
     search: SearchConfig = field(default_factory=SearchConfig)
+    # In-domain pretraining of the base (`medtl pretrain`).
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
     def check(self) -> list[tuple[str, str]]:
         problems = []

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 from medtl.errors import MedtlError
+from medtl.models import basefile
 from medtl.models.specs import BACKBONES, BackboneSpec, get_spec  # noqa: F401  (re-exported)
 from medtl.tf import tf
 
@@ -79,9 +80,12 @@ def build_backbone(name: str, weights: str, image_size: int, channels: int) -> t
                 f"weights file {weights} does not exist; set model.weights to an existing .h5 file, "
                 "imagenet, or none"
             )
+        basefile.check_fits(weights, spec.name, channels)  # a pretrained base's sidecar, when it has one
         base = constructor(include_top=False, weights=None, input_shape=shape, **kwargs)
         try:
             base.load_weights(weights)
+        except OSError as exc:  # h5py: a truncated or corrupt file
+            raise basefile.damaged(weights, exc) from None
         except Exception as exc:
             raise MedtlError(
                 f"weights file {weights} does not fit {spec.name} at {shape}: {str(exc).splitlines()[0][:200]}. "

@@ -6,6 +6,7 @@ RUN/
   trainable.json               per phase, the variables it trained
   train_summary.json           what the last `medtl train` returned
   thresholds.json              operating thresholds, tuned by `medtl evaluate` / `medtl export`
+  base.weights.h5 (+ .json)    the pretrained base and its sidecar (`medtl pretrain`; medtl.models.basefile)
   tensorboard/                 scalars per epoch
   checkpoints/
     epoch-NNNN.weights.h5      model + optimizer state after global epoch NNNN (the last K kept)
@@ -30,6 +31,7 @@ from medtl.utils import faults, fs
 
 CHECKPOINT_DIR = "checkpoints"
 BEST_WEIGHTS = "best.weights.h5"
+BASE_WEIGHTS = "base.weights.h5"
 EPOCH_FILE = re.compile(r"^epoch-(\d{4})\.weights\.h5$")
 _WEIGHTS_SUFFIX = ".weights.h5"
 
@@ -145,6 +147,11 @@ class RunDir:
     def checkpoint(self, name: str) -> str:
         """An epoch checkpoint named by RunState.checkpoint."""
         return self._file(CHECKPOINT_DIR, name)
+
+    @property
+    def base_weights(self) -> str:
+        """The pretrained base `medtl pretrain` writes (its content is medtl.models.basefile's)."""
+        return self._file(BASE_WEIGHTS)
 
     @property
     def tensorboard(self) -> str:

@@ -1,0 +1,43 @@
+"""`medtl pretrain`: train a base in-domain and keep it as a base file (medtl.models.basefile).
+
+supervised: the phases of the job train the configured backbone on data.records' labels (any label set)
+with the same loop as `medtl train`, so horovodrun, LR scaling, rank-0 I/O and resume are the same;
+then rank 0 writes the backbone of the best weights to RUN/base.weights.h5 with its sidecar.
+"""
+from __future__ import annotations
+
+from medtl.config import PRETRAIN_METHODS, Config
+from medtl.errors import ConfigError
+from medtl.utils.log import log
+
+
+def check_pretrain_config(cfg: Config) -> None:
+    """What `medtl pretrain` needs beyond a valid job config."""
+    if not cfg.pretrain.method:
+        raise ConfigError(f"pretrain.method is missing; add `pretrain: {{method: supervised}}` to the job config "
+                          f"(or --set pretrain.method=supervised); built methods: {', '.join(PRETRAIN_METHODS)}")
+    if all(phase.trainable.kind == "none" for phase in cfg.phases):
+        raise ConfigError("no phase trains the base (every phases.N.trainable is none), so pretraining would keep "
+                          "a random base; set phases.0.trainable=all")
+
+
+def pretrain_supervised(cfg: Config, workdir: str) -> dict:
+    """Train, then write the base file from the run's best weights (rank 0). Returns the loop's summary
+    with "base_weights" (the path) and "meta" (the BaseMeta, on rank 0; None elsewhere)."""
+    from medtl import dist
+    from medtl.models import basefile
+    from medtl.train.loop import train
+    from medtl.train.rundir import RunDir, load_run
+
+    summary = train(cfg, workdir)
+    ctx = dist.init(cfg.train.stall_shutdown_seconds)
+    run = RunDir(workdir, ctx.primary)
+    meta = None
+    if ctx.primary:
+        _, manifest, model = load_run(workdir)
+        meta = basefile.make_meta(cfg, cfg.pretrain.method, summary["epochs"], manifest.digest())
+        basefile.write_base(model.get_layer("backbone"), meta, run.base_weights)
+        log(f"pretrain: wrote {run.base_weights} ({meta.backbone}, {meta.channels} channel(s), {meta.epochs} "
+            f"epoch(s), best val macro AUROC {summary['best_val_auroc']}); use it with "
+            f"model.weights={run.base_weights}")
+    return {**summary, "base_weights": run.base_weights, "meta": meta}
