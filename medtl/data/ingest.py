@@ -151,8 +151,9 @@ class _ShardWriter:
         path = self._path(len(self.shards))
         self.shards.append({"part_file": os.path.basename(path), "records": self._count,
                             "bytes": fs.size(path), "sha256": fs.sha256(path)})
-        debug(f"ingest: wrote {path} ({self._count} records, {self.shards[-1]['bytes']} bytes, "
-              f"sha256 {self.shards[-1]['sha256'][:16]})")
+        # The shard's own name only: the folder is the user's --out, already named once at the start.
+        debug(f"ingest: wrote shard {os.path.basename(path)} ({self._count} records, "
+              f"{self.shards[-1]['bytes']} bytes, sha256 {self.shards[-1]['sha256'][:16]})")
 
     def finish(self) -> list[dict]:
         self._close()
