@@ -95,7 +95,7 @@ demo: venv
 # reliability suite included, on 2 pytest-xdist workers (a test file stays on one worker, so its
 # module fixtures are built once). It ends with the reliability summary table.
 PYTEST_WORKERS ?= 2
-PYTEST_XDIST = -n $(PYTEST_WORKERS) --dist loadfile
+PYTEST_XDIST = -n $(PYTEST_WORKERS) --dist loadfile --durations=25
 test: test-venv test-deps
 	MEDTL_RELIABILITY_REPORT=$(RELIABILITY_SUMMARY) $(BIN)/python -m pytest $(PYTEST_XDIST) $(PYTEST_ARGS)
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from medtl.errors import MedtlError
+from medtl.errors import MedtlError, RunFailure
 from medtl.tf import tf
 from medtl.utils import faults
 from medtl.utils.log import set_primary
@@ -64,9 +64,14 @@ def init(stall_shutdown_seconds: int = DEFAULT_STALL_SHUTDOWN_SECONDS) -> Contex
         _context = Context()
         set_primary(True)
         return _context
-    # Horovod's own stall check warns (and would shut down); StallWatchdog is what ends the job.
+    # Horovod's own stall check warns; StallWatchdog is what ends the job, naming the missing rank.
+    # Horovod's shutdown (it fires under mpirun, not under horovodrun --gloo) is only a backstop, set
+    # past the watchdog's longest limit: at the same limit it raced the watchdog and could win, leaving
+    # "Horovod has been shut down" where the line naming the stalled rank should be.
     os.environ.setdefault("HOROVOD_STALL_CHECK_TIME_SECONDS", str(max(1, min(60, stall_shutdown_seconds // 2 or 60))))
-    os.environ.setdefault("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", str(stall_shutdown_seconds))
+    if stall_shutdown_seconds > 0:
+        backstop = StallWatchdog.FIRST_STEP_FACTOR * stall_shutdown_seconds + 60
+        os.environ.setdefault("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", str(backstop))
     try:
         import horovod.tensorflow as hvd
     except ImportError as exc:
@@ -211,6 +216,13 @@ def _collective(ctx: Context, what: str, name: str):
     dog.enter(what, timed=True)
     try:
         yield
+    except Exception as exc:
+        if "Horovod has been shut down" not in str(exc):
+            raise
+        raise RunFailure(
+            f"rank {ctx.rank}: Horovod shut down while this rank waited in {what}: another rank failed or "
+            "stalled (its error is above). Re-run the same command to resume from the last checkpoint."
+        ) from None
     finally:
         dog.end()
 
