@@ -316,20 +316,20 @@ def test_evaluate_bad_input(run, exported, studies, tmp_path):
     r = run_cli("evaluate", "--workdir", run, "--out", tmp_path / "x", "--set", "data.image_size=32")
     assert_user_error(r, "only evaluate.* keys")
 
+    # The records for the two checks below are built in this process (what is under test is evaluate).
+    from medtl.data.ingest import IngestOptions, ingest
+    from medtl.data.synth import synthesize
+
     # Records with other labels: 6 studies carry only some of the 8 findings.
-    r = run_cli("synth", "--out", tmp_path / "few", "--n", 6, "--seed", 1, "--size", 64)
-    assert r.returncode == 0, r.stderr
-    r = run_cli("ingest", "--images", tmp_path / "few" / "images", "--labels", tmp_path / "few" / "labels.csv",
-                "--out", tmp_path / "few_records", "--image-size", 64)
-    assert r.returncode == 0, r.stderr
+    synthesize(str(tmp_path / "few"), 6, seed=1, size=64)
+    ingest(IngestOptions(images=str(tmp_path / "few" / "images"), labels=str(tmp_path / "few" / "labels.csv"),
+                         out=str(tmp_path / "few_records"), image_size=64, progress=False))
     r = run_cli("evaluate", "--model", exported, "--records", tmp_path / "few_records", "--out", tmp_path / "x")
     assert_user_error(r, f"model {exported} was exported with labels", "same labels")
 
     # Same labels, but no test split.
-    r = run_cli("ingest", "--images", os.path.join(studies, "images"), "--labels",
-                os.path.join(studies, "labels.csv"), "--out", tmp_path / "no_test", "--image-size", 64,
-                "--test-fraction", 0)
-    assert r.returncode == 0, r.stderr
+    ingest(IngestOptions(images=os.path.join(studies, "images"), labels=os.path.join(studies, "labels.csv"),
+                         out=str(tmp_path / "no_test"), image_size=64, test_fraction=0.0, progress=False))
     r = run_cli("evaluate", "--model", exported, "--records", tmp_path / "no_test", "--out", tmp_path / "x")
     assert_user_error(r, "split 'test' of", "is empty (0 records)")
 

@@ -80,7 +80,7 @@ def build_backbone(name: str, weights: str, image_size: int, channels: int) -> t
                 f"weights file {weights} does not exist; set model.weights to an existing .h5 file, "
                 "imagenet, or none"
             )
-        basefile.check_fits(weights, spec.name, channels)  # a pretrained base's sidecar, when it has one
+        basefile.check_fits(weights, spec.name, channels, image_size)  # a pretrained base's sidecar, when it has one
         base = constructor(include_top=False, weights=None, input_shape=shape, **kwargs)
         try:
             base.load_weights(weights)

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, fields
 import medtl
 from medtl.errors import MedtlError
 from medtl.utils import fs
+from medtl.utils.log import warning
 
 SIDECAR_SUFFIX = ".json"
 
@@ -63,10 +64,17 @@ def read_meta(weights: str) -> BaseMeta | None:
     return BaseMeta.from_dict(raw, path)
 
 
-def check_fits(weights: str, backbone: str, channels: int) -> None:
-    """Refuse a base whose sidecar names another backbone or channel count than the job builds."""
+def check_fits(weights: str, backbone: str, channels: int, image_size: int | None = None) -> None:
+    """Refuse a base whose sidecar names another backbone or channel count than the job builds; warn when
+    it was pretrained at another input size (the weights fit any size, but its features were learned at one)."""
     meta = read_meta(weights)
-    if meta is None or (meta.backbone == backbone and meta.channels == channels):
+    if meta is None:
+        return
+    if meta.backbone == backbone and meta.channels == channels:
+        if image_size is not None and meta.image_size != image_size:
+            warning(f"base file {weights} was pretrained at {meta.image_size} px and this job builds "
+                    f"{image_size} px: it loads, but its features were learned at {meta.image_size} px; set "
+                    f"data.image_size={meta.image_size}, or pretrain at {image_size} px, if the head learns poorly")
         return
     raise MedtlError(
         f"base file {weights} was pretrained for {meta.backbone} with {meta.channels} channel(s); this job builds "

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass
 
@@ -87,6 +88,9 @@ def before_step(rank: int, step: int) -> None:
     """Kill or stall this rank before a global step, if scheduled."""
     for fault in active("kill"):
         if _mine(fault, rank) and fault.step == step:
+            # The wall-clock time, so that a test can time the launcher's exit from the death itself.
+            print(f"medtl fault: rank {rank} SIGKILLs itself before global step {step} at unix time "
+                  f"{time.time():.3f}", file=sys.stderr, flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
     for fault in active("stall"):
         if _mine(fault, rank) and fault.step == step:

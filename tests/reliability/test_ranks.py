@@ -43,10 +43,13 @@ def killed_run(records, tmp_path_factory, request):
     run = tmp_path_factory.mktemp(f"killed-{launcher}") / "run"
     steps = _steps(records, 2)
     kill_step = 2 * steps + steps // 2
-    start = time.monotonic()
     r = train(records, run, launcher=launcher_argv(launcher),
               extra_env={"MEDTL_FAULTS": f"nan_batch:rank=1,step=2;kill:rank=1,step={kill_step}"})
-    return run, r, time.monotonic() - start, kill_step, launcher
+    ended = time.time()
+    # Timed from the death (the fault prints the time), not from the start: a loaded machine
+    # slows the training before it, which is not what the check is about.
+    died = re.search(r"SIGKILLs itself before global step \d+ at unix time ([\d.]+)", r.stdout + r.stderr)
+    return run, r, ended - float(died.group(1)) if died else None, kill_step, launcher
 
 
 def test_nan_batch_on_one_rank_keeps_ranks_in_sync(killed_run):
@@ -71,7 +74,8 @@ def test_killed_rank_names_it_and_resume_runs_every_epoch_once(killed_run, recor
     run, r, seconds, kill_step, launcher = killed_run
     out = r.stdout + r.stderr
     assert r.returncode != 0
-    assert seconds < 120, f"launcher took {seconds:.0f} s to exit after a rank died"
+    assert seconds is not None, f"rank 1 did not report its scheduled death: {out[-3000:]}"
+    assert seconds < 60, f"launcher took {seconds:.0f} s to exit after a rank died"
     for pattern in KILLED[launcher]:
         assert re.search(pattern, out), out[-3000:]
     state = json.load(open(run / "checkpoints" / "state.json"))
@@ -88,15 +92,16 @@ def test_killed_rank_names_it_and_resume_runs_every_epoch_once(killed_run, recor
     assert [(row["epoch"], row["phase"]) for row in rows] == [(0, "head"), (1, "head"), (2, "top"), (3, "top")]
     assert [row["ranks"] for row in rows] == [2, 2, ranks, ranks]
 
-    r = train(records, run, "train.jit_compile=true")  # an execution setting may change
-    assert r.returncode == 0 and "is complete" in r.stderr and "nothing to do" in r.stderr
-    assert len(history(run)) == 4
-    assert_user_error(train(records, run, "model.head.dropout=0.5"), "holds a run with a different config",
-                      "model.head.dropout")
+    if launcher == "horovodrun":  # on 1 rank, launcher-independent: once is enough
+        r = train(records, run, "train.jit_compile=true")  # an execution setting may change
+        assert r.returncode == 0 and "is complete" in r.stderr and "nothing to do" in r.stderr
+        assert len(history(run)) == 4
+        assert_user_error(train(records, run, "model.head.dropout=0.5"), "holds a run with a different config",
+                          "model.head.dropout")
     report(f"1. Rank death{_under(launcher)}",
            f"SIGKILL of rank 1 of 2 at global step {kill_step} (mid-epoch 3), then a re-run on {ranks} rank(s)",
-           f"{launcher} exited non-zero after {seconds:.0f} s naming rank 1 (< 120 s); the re-run resumed after "
-           "epoch 2 and history.jsonl lists epochs 0-3 once each", ranks_killed=1)
+           f"{launcher} exited non-zero {seconds:.0f} s after the rank died, naming rank 1 (< 60 s); the re-run "
+           "resumed after epoch 2 and history.jsonl lists epochs 0-3 once each", ranks_killed=1)
 
 
 # (launcher, fault on rank 1, where rank 0 waits, where rank 1 was last seen, summary row, what was done).
@@ -104,15 +109,15 @@ def test_killed_rank_names_it_and_resume_runs_every_epoch_once(killed_run, recor
 # weights-fingerprint allgather ended the same way, `stall_collective:rank=1,name=weights_fingerprint`, with
 # --set phases.0.epochs=1); one 2-rank run each costs about a minute of `make test`.
 STALLS = [
-    pytest.param("horovodrun", "stall:rank=1,step=3,seconds=900", "training step 3", "training step 2",
-                 "2. Stall", "rank 1 of 2 blocked 900 s before the allreduce of step 3", id="step-horovodrun"),
+    # One stall per launcher and per kind of wait: each launcher's heartbeat store (horovodrun's
+    # rendezvous, the one rank 0 serves under mpirun) and both kinds of timed wait are covered.
     pytest.param("mpirun", "stall:rank=1,step=3,seconds=900", "training step 3", "training step 2",
-                 "2b. Stall under mpirun", "rank 1 of 2 blocked 900 s before the allreduce of step 3",
+                 "2. Stall under mpirun", "rank 1 of 2 blocked 900 s before the allreduce of step 3",
                  id="step-mpirun"),
-    pytest.param("mpirun", "stall_validation:rank=1,epoch=0,seconds=900", "the allgather of val_probs",
-                 "validation after epoch 1", "2c. Stall in validation under mpirun",
+    pytest.param("horovodrun", "stall_validation:rank=1,epoch=0,seconds=900", "the allgather of val_probs",
+                 "validation after epoch 1", "2b. Stall in validation",
                  "rank 1 of 2 blocked 900 s in the validation after epoch 1, before its predictions",
-                 id="validation-mpirun"),
+                 id="validation-horovodrun"),
 ]
 
 
