@@ -177,6 +177,16 @@ def dicom_fields(path: str, names: tuple[str, ...]) -> dict[str, str]:
     return {name: str(ds.get(SAFE_FIELDS[name], "") or "").strip() for name in names}
 
 
+def dicom_patient_id(path: str) -> str:
+    """The PatientID of a DICOM file ("" when absent), read from its header only. Raises DecodeError."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = _read_dataset(path, stop_before_pixels=True)
+    return str(ds.get("PatientID", "") or "").strip()
+
+
 def _voi_output_range(ds) -> tuple[float, float]:
     """The (y_min, y_max) that pydicom's VOI LUT or windowing maps its output onto."""
     if "VOILUTSequence" in ds:

@@ -69,9 +69,11 @@ class TableOptions:
     keep_fields: tuple[str, ...] = ()
 
 
-def _read_rows(path: str, required: tuple[str, ...], hint: str) -> tuple[list[str], list[dict[str, str]]]:
+def _read_rows(path: str, required: tuple[str, ...], hint: str,
+               what: str = "labels file", option: str = "--labels") -> tuple[list[str], list[dict[str, str]]]:
+    """(columns, rows) of a CSV; `what` and `option` name it in errors (a labels table, or ingest's --patients)."""
     if os.path.isdir(path):
-        raise MedtlError(f"labels file {path} is a folder; pass the CSV file with --labels")
+        raise MedtlError(f"{what} {path} is a folder; pass the CSV file with {option}")
     try:
         with open(path, newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
@@ -79,17 +81,18 @@ def _read_rows(path: str, required: tuple[str, ...], hint: str) -> tuple[list[st
             missing = [c for c in required if c not in columns]
             if missing:
                 raise MedtlError(
-                    f"labels file {path} lacks column(s) {', '.join(repr(c) for c in missing)}; "
+                    f"{what} {path} lacks column(s) {', '.join(repr(c) for c in missing)}; "
                     f"found {', '.join(repr(c) for c in columns if c) or 'no header'}. {hint}"
                 )
             return columns, list(reader)
     except FileNotFoundError:
-        raise MedtlError(f"labels file {path} does not exist; pass the CSV with --labels") from None
+        raise MedtlError(f"{what} {path} does not exist; pass the CSV with {option}") from None
     except (UnicodeDecodeError, csv.Error) as exc:
-        raise MedtlError(f"labels file {path} is not a readable UTF-8 CSV ({exc})") from None
+        raise MedtlError(f"{what} {path} is not a readable UTF-8 CSV ({exc})") from None
 
 
-def _check_unique_images(path: str, files: list[str]) -> None:
+def _check_unique_images(path: str, files: list[str], what: str = "labels file",
+                         fix: str = "list each image once, with all its labels on one row") -> None:
     """files[i] is the image on row i + 2 (row 1: the header). One image on two rows would become two
     records, or two contradicting ones: refused, never de-duplicated behind the user's back."""
     rows: dict[str, list[int]] = {}
@@ -99,8 +102,8 @@ def _check_unique_images(path: str, files: list[str]) -> None:
     repeated = [r for r in rows.values() if len(r) > 1]
     if repeated:
         more = f" ({len(repeated) - 1} more image(s) are listed more than once too)" if len(repeated) > 1 else ""
-        raise MedtlError(f"labels file {path} lists the same image on rows {', '.join(map(str, repeated[0]))}{more}; "
-                         "list each image once, with all its labels on one row")
+        raise MedtlError(f"{what} {path} lists the same image on rows {', '.join(map(str, repeated[0]))}{more}; "
+                         f"{fix}")
 
 
 def _label_key(name: str) -> str:
