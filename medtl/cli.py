@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write 16-bit DICOM files carrying fake patient identifiers instead of PNG")
 
     p = sub.add_parser("ingest", help="studies + labels table -> sharded, de-identified TFRecords",
-                       description="Decode, de-identify, split by patient and shard studies into TFRecords. "
+                       description="Decode, de-identify, split by patient and shard studies into TFRecords "
+                                   "(with --unlabeled: every image under --images, without labels). "
                                    "With --num-workers K, run K of these (--worker-index 0..K-1, e.g. a Kubernetes "
                                    "Indexed Job), then `medtl ingest-finalize`.")
     _add_ingest_args(p)

@@ -128,12 +128,15 @@ def test_image_only_stream_reads_unlabeled_records(dicom_studies, tmp_path):
     from medtl import api
     from medtl.data.ingest import IngestOptions, finalize, ingest, ingest_part
     from medtl.data.pipeline import build_dataset
+    from medtl.errors import MedtlError
 
     out = str(tmp_path / "records")
     opt = IngestOptions(images=os.path.join(dicom_studies, "images"), labels=None, out=out, unlabeled=True,
                         image_size=32, progress=False)
     for worker in (0, 1):
         ingest_part(opt, worker, 2)
+    with pytest.raises(MedtlError, match="not written without --unlabeled"):
+        finalize(dataclasses.replace(opt, unlabeled=False), 2)  # the workers' options, or refused
     parted = finalize(opt, 2)
     whole = ingest(dataclasses.replace(opt, out=str(tmp_path / "whole")))
     counts = lambda m: {s: (i.records, i.patients) for s, i in m.splits.items()}  # noqa: E731

@@ -20,6 +20,8 @@ import numpy as np
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC = b"\xff\xd8\xff"
 ASPECT_POLICIES = ("pad", "crop", "stretch")
+# Names of study files in a folder (files without a suffix are told apart by their first bytes: sniff).
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
 
 
 class DecodeError(Exception):

@@ -43,7 +43,6 @@ from medtl.utils.progress import Progress
 
 SPLITS = ("train", "val", "test")
 QUARANTINE = "quarantine.csv"
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
 FINAL_SHARD = re.compile(r"^(train|val|test)-\d{5}-of-\d{5}\.tfrecord$")
 # In .parts/ once the manifest is written and checked: the parts are only being removed.
 FINALIZED = "FINALIZED"
@@ -240,7 +239,7 @@ def _files_on_disk(images: str, listed: set[str]) -> set[str]:
             raise MedtlError(f"a folder under --images {images} cannot be listed ({exc.strerror}); make the "
                              "input tree readable by this user") from None
         for name in names:
-            if name.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(full, name)):
+            if name.lower().endswith(decode.IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(full, name)):
                 found.add(os.path.join(folder, name) if folder else name)
     return found
 
@@ -397,7 +396,8 @@ def ingest_part(opt: IngestOptions, worker_index: int = 0, num_workers: int = 1)
     from medtl.data.records import encode_example
 
     quarantine = [_quarantine_row(salt, opt, *row) for row in plan.table_rejects] if worker_index == 0 else []
-    part = {"worker_index": worker_index, "num_workers": num_workers, "labels": list(names), "splits": {}}
+    part = {"worker_index": worker_index, "num_workers": num_workers, "labels": list(names), "splits": {},
+            "unlabeled": opt.unlabeled}
     total = sum(sum(1 for s in v if s.patient in mine) for v in plan.order.values())
     target = int(opt.shard_mb * 1024 * 1024)
     where = f" (worker {worker_index + 1}/{num_workers})" if num_workers > 1 else ""
@@ -455,6 +455,10 @@ def finalize(opt: IngestOptions, num_workers: int) -> Manifest:
     labels = parts[0]["labels"]
     if any(p["labels"] != labels for p in parts):
         raise MedtlError(f"ingest parts in {opt.out} disagree on the label list; re-run all workers with the same inputs")
+    if any(p.get("unlabeled", False) != opt.unlabeled for p in parts):
+        given = "with" if opt.unlabeled else "without"
+        raise MedtlError(f"ingest parts in {opt.out} were not written {given} --unlabeled; pass the workers' options to "
+                         "`medtl ingest-finalize`")
     remove_manifest(opt.out)  # no manifest while shards are being renamed
     manifest_splits = {}
     final_names = set()
@@ -518,8 +522,9 @@ def finalize(opt: IngestOptions, num_workers: int) -> Manifest:
     _warn_empty_splits(opt, manifest)
     if opt.unlabeled and kept == 0:
         first = f" (first: study {': '.join(quarantine[0])})" if quarantine else ""
-        raise MedtlError(f"none of the {considered} image files under --images {opt.images} could be read{first}; see {fs.join(opt.out, QUARANTINE)}, and point "
-                         "--images at readable DICOM, PNG or JPEG studies")
+        raise MedtlError(f"none of the {considered} image files under --images {opt.images} could be read{first}; "
+                         f"see {fs.join(opt.out, QUARANTINE)}, and point --images at readable DICOM, PNG or JPEG "
+                         "studies")
     bad_fraction = len(quarantine) / max(considered, 1)
     if bad_fraction > opt.max_bad_fraction:
         first = quarantine[0]

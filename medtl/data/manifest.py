@@ -152,8 +152,8 @@ def read_manifest(records: str, unlabeled_ok: bool = False) -> Manifest:
         raise MedtlError(f"{path} is not a JSON object; re-run `medtl ingest`")
     manifest = Manifest.from_dict(raw, path)
     if not unlabeled_ok and not manifest.labeled:
-        raise MedtlError(f"records folder {records} is unlabeled (ingested with --unlabeled) and this job needs labels; "
-                         + UNLABELED_FIX)
+        raise MedtlError(f"records folder {records} is unlabeled (ingested with --unlabeled) and this job needs "
+                         f"labels; {UNLABELED_FIX}")
     return manifest
 
 

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from medtl.data import decode, tables
 from medtl.errors import MedtlError
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
 IMAGE_KINDS = ("dicom", "png", "jpeg")
 # DICOM media files that index a DICOM export and hold no image.
 INDEX_FILES = ("DICOMDIR",)
@@ -31,7 +30,7 @@ class UnlabeledScan:
 
 def _is_image(path: str, name: str) -> bool:
     """By suffix, or (PACS exports name files by UID or number, without a suffix) by the first bytes."""
-    if name.lower().endswith(IMAGE_EXTENSIONS):
+    if name.lower().endswith(decode.IMAGE_EXTENSIONS):
         return True
     try:
         return decode.sniff(path) in IMAGE_KINDS
@@ -63,7 +62,7 @@ def find_images(images: str) -> tuple[list[str], int]:
 def read_patients(path: str, image_column: str | None, patient_column: str | None) -> dict[str, tuple[int, str]]:
     """{normalised image path: (row, patient)} from a --patients CSV; a row with an empty patient gives none."""
     what = "--patients file"
-    columns, rows = tables._read_rows(path, (), "", what, "--patients")
+    columns, rows = tables.read_rows(path, (), "", what, "--patients")
     lowered = {c.lower(): c for c in columns if c}
     image_col = image_column or next((lowered[c] for c in IMAGE_COLUMNS if c in lowered), None)
     patient_col = patient_column or next((lowered[c] for c in PATIENT_COLUMNS if c in lowered), None)
@@ -72,7 +71,7 @@ def read_patients(path: str, image_column: str | None, patient_column: str | Non
     if image_col is None or patient_col is None or missing:
         found = ", ".join(repr(c) for c in columns if c) or "no header"
         raise MedtlError(f"{what} {path} needs an image and a patient column; found {found}. {hint}")
-    tables._check_unique_images(path, [(row[image_col] or "").strip() for row in rows], what,
+    tables.check_unique_images(path, [(row[image_col] or "").strip() for row in rows], what,
                                 "list each image once, on the row of its patient")
     out = {}
     for line, row in enumerate(rows, start=2):
