@@ -24,7 +24,14 @@ def _add_ingest_args(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--images", required=True,
                    help="folder holding the image files named in the table (for medmnist: the .npz file)")
-    p.add_argument("--labels", default=None, help="labels table (CSV); not used by --format medmnist")
+    p.add_argument("--labels", default=None, help="labels table (CSV); not used by --format medmnist or --unlabeled")
+    p.add_argument("--unlabeled", action="store_true",
+                   help="no labels table: every DICOM/PNG/JPEG file under --images (recursively) becomes a study "
+                        "without labels, e.g. for self-supervised pretraining; patients from DICOM PatientID or "
+                        "--patients")
+    p.add_argument("--patients", default=None, metavar="CSV",
+                   help="with --unlabeled: CSV with an image column (path relative to --images) and a patient column "
+                        "(see --image-column, --patient-column); needed for PNG/JPEG, overrides DICOM PatientID")
     p.add_argument("--format", default="chestxray14", choices=tables.FORMATS,
                    help="labels table layout (default chestxray14)")
     p.add_argument("--out", required=True, help="records folder to write (local, s3:// or gs://)")
@@ -40,8 +47,8 @@ def _add_ingest_args(p: argparse.ArgumentParser) -> None:
                    help="chexpert: uncertain (-1) labels become 1, 0, or are ignored (masked) (default ones)")
     p.add_argument("--blank", default="mask", choices=tables.BLANK_POLICIES,
                    help="chexpert/multihot: blank labels are masked out of the loss, or read as 0 (default mask)")
-    p.add_argument("--image-column", default=None, help="multihot: the image path column")
-    p.add_argument("--patient-column", default=None, help="multihot: the patient ID column")
+    p.add_argument("--image-column", default=None, help="multihot and --patients: the image path column")
+    p.add_argument("--patient-column", default=None, help="multihot and --patients: the patient ID column")
     p.add_argument("--split-file", default=None,
                    help="CSV with 'split' and 'patient' (or 'file') columns: use these splits instead of stratifying")
     p.add_argument("--keep-fields", default="",
@@ -80,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write 16-bit DICOM files carrying fake patient identifiers instead of PNG")
 
     p = sub.add_parser("ingest", help="studies + labels table -> sharded, de-identified TFRecords",
-                       description="Decode, de-identify, split by patient and shard studies into TFRecords. "
+                       description="Decode, de-identify, split by patient and shard studies into TFRecords "
+                                   "(with --unlabeled: every image under --images, without labels). "
                                    "With --num-workers K, run K of these (--worker-index 0..K-1, e.g. a Kubernetes "
                                    "Indexed Job), then `medtl ingest-finalize`.")
     _add_ingest_args(p)
@@ -288,7 +296,8 @@ def _ingest_options(args) -> api.IngestOptions:
         workers=getattr(args, "workers", 1), max_bad_fraction=args.max_bad_fraction, salt_file=args.salt_file,
         label_names=names(args.label_names) or None, uncertain=args.uncertain, blank=args.blank,
         image_column=args.image_column, patient_column=args.patient_column, split_file=args.split_file,
-        keep_fields=names(args.keep_fields), private_map=args.private_map, allow_burned_in=args.allow_burned_in)
+        keep_fields=names(args.keep_fields), private_map=args.private_map, allow_burned_in=args.allow_burned_in,
+        unlabeled=args.unlabeled, patients=args.patients)
 
 
 def cmd_ingest(args) -> int:

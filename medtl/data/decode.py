@@ -20,6 +20,8 @@ import numpy as np
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC = b"\xff\xd8\xff"
 ASPECT_POLICIES = ("pad", "crop", "stretch")
+# Names of study files in a folder (files without a suffix are told apart by their first bytes: sniff).
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
 
 
 class DecodeError(Exception):
@@ -175,6 +177,16 @@ def dicom_fields(path: str, names: tuple[str, ...]) -> dict[str, str]:
         warnings.simplefilter("ignore")
         ds = _read_dataset(path, stop_before_pixels=True)
     return {name: str(ds.get(SAFE_FIELDS[name], "") or "").strip() for name in names}
+
+
+def dicom_patient_id(path: str) -> str:
+    """The PatientID of a DICOM file ("" when absent), read from its header only. Raises DecodeError."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = _read_dataset(path, stop_before_pixels=True)
+    return str(ds.get("PatientID", "") or "").strip()
 
 
 def _voi_output_range(ds) -> tuple[float, float]:

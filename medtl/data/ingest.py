@@ -1,5 +1,8 @@
 """Ingest: study files + a labels table -> de-identified, patient-split, sharded TFRecords.
 
+With --unlabeled there is no table: every image under --images becomes a study without labels, its
+patient taken from a --patients CSV or the DICOM PatientID (medtl.data.unlabeled).
+
 Outputs in the records folder (local path, s3:// or gs://):
   {train,val,test}-NNNNN-of-MMMMM.tfrecord   shards
   manifest.json                              labels, counts, prevalence, shard sizes and SHA-256
@@ -30,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 import medtl
-from medtl.data import decode, deid, privatemap, splits, tables
+from medtl.data import decode, deid, privatemap, splits, tables, unlabeled
 from medtl.data.manifest import (MANIFEST_FILE, PARTS_DIR, Manifest, Shard, SplitInfo, read_manifest, remove_manifest,
                                  write_manifest)
 from medtl.errors import MedtlError
@@ -40,7 +43,6 @@ from medtl.utils.progress import Progress
 
 SPLITS = ("train", "val", "test")
 QUARANTINE = "quarantine.csv"
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
 FINAL_SHARD = re.compile(r"^(train|val|test)-\d{5}-of-\d{5}\.tfrecord$")
 # In .parts/ once the manifest is written and checked: the parts are only being removed.
 FINALIZED = "FINALIZED"
@@ -75,6 +77,10 @@ class IngestOptions:
     private_map: str | None = None
     # Keep DICOM files whose BurnedInAnnotation is YES (quarantined otherwise).
     allow_burned_in: bool = False
+    # No labels table: every image under `images` is a study without labels (for self-supervised pretraining).
+    unlabeled: bool = False
+    # With `unlabeled`: a CSV naming each image's patient (image_column, patient_column); else DICOM PatientID.
+    patients: str | None = None
 
 
 # ----------------------------------------------------------------------------- decoding (worker processes)
@@ -163,8 +169,21 @@ class _ShardWriter:
 # ----------------------------------------------------------------------------- planning
 
 
+def _check_unlabeled_options(opt: IngestOptions) -> None:
+    if opt.unlabeled and opt.labels:
+        raise MedtlError(f"--unlabeled ingests images without a labels table, but --labels {opt.labels} was given "
+                         "too; drop --labels for unlabeled records, or --unlabeled to ingest the labels")
+    if opt.unlabeled and opt.format == "medmnist":
+        raise MedtlError("--unlabeled reads a folder of DICOM/PNG/JPEG files, not a MedMNIST .npz; drop "
+                         "--format medmnist")
+    if opt.patients and not opt.unlabeled:
+        raise MedtlError(f"--patients {opt.patients} goes with --unlabeled; a labels table names each image's "
+                         "patient itself (--patient-column)")
+
+
 def _check_options(opt: IngestOptions) -> None:
-    if opt.format == "medmnist":
+    _check_unlabeled_options(opt)
+    if opt.format == "medmnist" and not opt.unlabeled:
         if not os.path.isfile(opt.images):
             raise MedtlError(f"MedMNIST file {opt.images} does not exist; pass the .npz file with --images")
     elif not os.path.isdir(opt.images):
@@ -220,7 +239,7 @@ def _files_on_disk(images: str, listed: set[str]) -> set[str]:
             raise MedtlError(f"a folder under --images {images} cannot be listed ({exc.strerror}); make the "
                              "input tree readable by this user") from None
         for name in names:
-            if name.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(full, name)):
+            if name.lower().endswith(decode.IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(full, name)):
                 found.add(os.path.join(folder, name) if folder else name)
     return found
 
@@ -276,13 +295,39 @@ class _Plan:
     table_rejects: list             # (file, reason, message) decided before decoding
 
 
+def _read_unlabeled(opt: IngestOptions) -> tables.LabelTable:
+    """The studies of an --unlabeled ingest; refused when an image has no patient (every image its own
+    patient would put one patient's images in several splits)."""
+    found = unlabeled.scan(opt.images, opt.patients, opt.image_column, opt.patient_column)
+    if found.skipped:
+        log(f"ingest: {found.skipped} file(s) under --images are not DICOM, PNG or JPEG files and are not ingested")
+    if found.unused_rows:
+        log(f"warning: --patients {opt.patients}: {len(found.unused_rows)} row(s) name no image found under --images "
+            f"(first: row {found.unused_rows[0]}); they are ignored")
+    if found.no_patient:
+        salt = deid.load_salt(opt.salt_file)
+        first = _study_id(salt, found.no_patient[0])
+        if opt.private_map:  # the one way from the id to the file; written now, as no finalize will run
+            _write_private_map(opt)
+        where = (f" (the private map {opt.private_map} names its file)" if opt.private_map
+                 else " (--private-map PATH writes a file naming it)")
+        count = f"{len(found.no_patient)} of {found.images} images under --images {opt.images}"
+        if opt.patients:
+            raise MedtlError(f"--patients {opt.patients} has no row with a patient for {count}, and they carry no "
+                             f"DICOM PatientID; first: study {first}{where}. Add a row for each image")
+        raise MedtlError(f"{count} have no patient id (PNG and JPEG files carry none; a DICOM's PatientID can be "
+                         f"empty); first: study {first}{where}. Pass --patients CSV with an image and a patient "
+                         "column, so that each patient's images stay in one split")
+    return found.table
+
+
 def _plan(opt: IngestOptions) -> _Plan:
     """Everything every worker computes identically: the table, the split and the record order."""
-    table = tables.read_table(opt.labels, opt.images, _table_options(opt))
+    table = _read_unlabeled(opt) if opt.unlabeled else tables.read_table(opt.labels, opt.images, _table_options(opt))
     rejects = list(table.rejected)
     assignment, split_rejects = _assign_splits(table, opt)
     rejects += split_rejects
-    if opt.format != "medmnist":
+    if opt.format != "medmnist" and not opt.unlabeled:
         listed = {s.file for s in table.studies} | {f for f, _, _ in table.rejected}
         for extra in sorted(_files_on_disk(opt.images, listed) - listed):
             rejects.append((extra, "not_in_labels", "image file on disk but not in the labels table"))
@@ -315,10 +360,13 @@ def _write_private_map(opt: IngestOptions) -> None:
     if not opt.private_map:
         return
     salt = deid.load_salt(opt.salt_file)
-    table = tables.read_table(opt.labels, opt.images, _table_options(opt))
-    files = {s.file for s in table.studies} | {f for f, _, _ in table.rejected}
-    if opt.format != "medmnist":
-        files |= _files_on_disk(opt.images, files)
+    if opt.unlabeled:
+        files = set(unlabeled.find_images(opt.images)[0])
+    else:
+        table = tables.read_table(opt.labels, opt.images, _table_options(opt))
+        files = {s.file for s in table.studies} | {f for f, _, _ in table.rejected}
+        if opt.format != "medmnist":
+            files |= _files_on_disk(opt.images, files)
     rows = {_study_id(salt, f): f if opt.format == "medmnist" else os.path.join(opt.images, f) for f in files}
     privatemap.write_private_map(opt.private_map, rows)
     log(f"ingest: private map of {len(rows)} study ids -> {opt.private_map} (it names input files: keep it private)")
@@ -348,7 +396,8 @@ def ingest_part(opt: IngestOptions, worker_index: int = 0, num_workers: int = 1)
     from medtl.data.records import encode_example
 
     quarantine = [_quarantine_row(salt, opt, *row) for row in plan.table_rejects] if worker_index == 0 else []
-    part = {"worker_index": worker_index, "num_workers": num_workers, "labels": list(names), "splits": {}}
+    part = {"worker_index": worker_index, "num_workers": num_workers, "labels": list(names), "splits": {},
+            "unlabeled": opt.unlabeled}
     total = sum(sum(1 for s in v if s.patient in mine) for v in plan.order.values())
     target = int(opt.shard_mb * 1024 * 1024)
     where = f" (worker {worker_index + 1}/{num_workers})" if num_workers > 1 else ""
@@ -374,8 +423,8 @@ def ingest_part(opt: IngestOptions, worker_index: int = 0, num_workers: int = 1)
                 keep = {**dict(study.fields), **fields}
                 writer.write(encode_example(png, study.labels, study.mask, deid.salted_hash(salt, study.patient),
                                             key, keep))
-                positives += np.array(study.labels) * np.array(study.mask)
-                known += np.array(study.mask)
+                positives += np.array(study.labels, int) * np.array(study.mask, int)
+                known += np.array(study.mask, int)
                 patients_written.add(study.patient)
             shards = writer.finish()
             part["splits"][split] = {"records": sum(s["records"] for s in shards), "shards": shards,
@@ -399,13 +448,17 @@ def finalize(opt: IngestOptions, num_workers: int) -> Manifest:
     if _cleanup_pending(opt.out):
         _remove_parts(opt.out)
         log(f"ingest: {opt.out} was already finalized; removed the parts an interrupted finalize left")
-        return read_manifest(opt.out)
+        return read_manifest(opt.out, unlabeled_ok=True)
     if opt.private_map:
         privatemap.check_location(opt.private_map, opt.out, opt.images)
     parts = _read_parts(opt.out, num_workers)
     labels = parts[0]["labels"]
     if any(p["labels"] != labels for p in parts):
         raise MedtlError(f"ingest parts in {opt.out} disagree on the label list; re-run all workers with the same inputs")
+    if any(p.get("unlabeled", False) != opt.unlabeled for p in parts):
+        given = "with" if opt.unlabeled else "without"
+        raise MedtlError(f"ingest parts in {opt.out} were not written {given} --unlabeled; pass the workers' options to "
+                         "`medtl ingest-finalize`")
     remove_manifest(opt.out)  # no manifest while shards are being renamed
     manifest_splits = {}
     final_names = set()
@@ -440,18 +493,18 @@ def finalize(opt: IngestOptions, num_workers: int) -> Manifest:
     quarantine = sorted(q for p in parts for q in p["quarantine"])
     manifest = Manifest(
         medtl_version=medtl.__version__,
-        format=opt.format,
+        format="unlabeled" if opt.unlabeled else opt.format,
         labels=tuple(labels),
         stored_image_size=opt.image_size,
         bit_depth=opt.bit_depth,
         channels=1,
         aspect=opt.aspect,
         frame=opt.frame,
-        uncertain=opt.uncertain if opt.format == "chexpert" else None,
-        blank=opt.blank if opt.format in ("chexpert", "multihot") else None,
+        uncertain=opt.uncertain if opt.format == "chexpert" and not opt.unlabeled else None,
+        blank=opt.blank if opt.format in ("chexpert", "multihot") and not opt.unlabeled else None,
         fields=tuple(sorted(opt.keep_fields)),
         split_seed=opt.seed,
-        split_source="file" if opt.split_file else "given" if opt.format == "medmnist" else "stratified",
+        split_source=_split_source(opt),
         val_fraction=opt.val_fraction,
         test_fraction=opt.test_fraction,
         quarantined=len(quarantine),
@@ -467,6 +520,11 @@ def finalize(opt: IngestOptions, num_workers: int) -> Manifest:
         + ", ".join(f"{k} {v.records} in {len(v.shards)} shard(s)" for k, v in manifest_splits.items())
         + f"); quarantined {len(quarantine)} of {considered} inputs (see {fs.join(opt.out, QUARANTINE)})")
     _warn_empty_splits(opt, manifest)
+    if opt.unlabeled and kept == 0:
+        first = f" (first: study {': '.join(quarantine[0])})" if quarantine else ""
+        raise MedtlError(f"none of the {considered} image files under --images {opt.images} could be read{first}; "
+                         f"see {fs.join(opt.out, QUARANTINE)}, and point --images at readable DICOM, PNG or JPEG "
+                         "studies")
     bad_fraction = len(quarantine) / max(considered, 1)
     if bad_fraction > opt.max_bad_fraction:
         first = quarantine[0]
@@ -484,6 +542,15 @@ def finalize(opt: IngestOptions, num_workers: int) -> Manifest:
     fs.write_text_atomic(fs.join(opt.out, PARTS_DIR, FINALIZED), "finalized\n")
     _remove_parts(opt.out)
     return manifest
+
+
+def _split_source(opt: IngestOptions) -> str:
+    """How patients were assigned: a split file, the dataset's own split, stratified on labels, or (no labels) at random."""
+    if opt.split_file:
+        return "file"
+    if opt.format == "medmnist" and not opt.unlabeled:
+        return "given"
+    return "random" if opt.unlabeled else "stratified"
 
 
 def _read_parts(out: str, num_workers: int) -> list[dict]:
@@ -545,7 +612,7 @@ def _warn_empty_splits(opt: IngestOptions, manifest: Manifest) -> None:
         fix = {"file": f"give some patients the split {split!r} in --split-file",
                "given": f"use a dataset file with a {split} split"}.get(
             manifest.split_source, f"ingest more patients or raise --{split}-fraction")
-        if manifest.split_source != "stratified" or fraction > 0:  # a fraction of 0 asked for it
+        if manifest.split_source in ("file", "given") or fraction > 0:  # a fraction of 0 asked for it
             log(f"warning: the {split} split of {opt.out} is empty (0 records) and {needed_by} needs one; {fix}")
 
 

@@ -75,6 +75,11 @@ class Manifest:
     def num_labels(self) -> int:
         return len(self.labels)
 
+    @property
+    def labeled(self) -> bool:
+        """False for records of `medtl ingest --unlabeled`: images only, every label vector empty."""
+        return bool(self.labels)
+
     def records(self, split: str) -> int:
         return self.splits[split].records
 
@@ -123,8 +128,16 @@ def manifest_path(records: str) -> str:
     return fs.join(records, MANIFEST_FILE)
 
 
-def read_manifest(records: str) -> Manifest:
-    """The manifest of a records folder, with a clear error when it is missing or unreadable."""
+# What a job that needs labels says to records without them; one text, so every such job says the same.
+UNLABELED_FIX = ("ingest a labels table into a records folder for it (`medtl ingest --labels CSV`), or pretrain on "
+                 "these records with pretrain.method: simclr")
+
+
+def read_manifest(records: str, unlabeled_ok: bool = False) -> Manifest:
+    """The manifest of a records folder, with a clear error when it is missing or unreadable.
+
+    Every job reads its records through here, and most need labels: records of `medtl ingest --unlabeled`
+    are refused unless the caller reads images only (`unlabeled_ok`: verify, self-supervised pretraining)."""
     path = manifest_path(records)
     if not fs.exists(path):
         hint = (" (an ingest is unfinished: run `medtl ingest-finalize`)"
@@ -137,7 +150,21 @@ def read_manifest(records: str) -> Manifest:
         raise MedtlError(f"{path} is not valid JSON ({exc}); re-run `medtl ingest`") from None
     if not isinstance(raw, dict):
         raise MedtlError(f"{path} is not a JSON object; re-run `medtl ingest`")
-    return Manifest.from_dict(raw, path)
+    manifest = Manifest.from_dict(raw, path)
+    if not unlabeled_ok and not manifest.labeled:
+        raise MedtlError(f"records folder {records} is unlabeled (ingested with --unlabeled) and this job needs "
+                         f"labels; {UNLABELED_FIX}")
+    return manifest
+
+
+def check_train_split(records: str, manifest: Manifest) -> None:
+    """A job that trains on the train split: one line naming the folder when that split holds no images."""
+    if "train" in manifest.splits and manifest.records("train") > 0:
+        return
+    total = sum(s.records for s in manifest.splits.values())
+    what = "no images at all (0 records in every split)" if not total else "no images in its train split (0 records)"
+    raise MedtlError(f"records folder {records} holds {what}; re-run `medtl ingest` with studies that decode (its "
+                     "quarantine.csv lists the inputs it could not use)")
 
 
 def write_manifest(records: str, manifest: Manifest) -> None:

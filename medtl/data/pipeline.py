@@ -4,6 +4,8 @@ Training streams are shuffled, repeated, augmented (data.augment) and batched wi
 drop_remainder; eval streams read every record of the split exactly once, in shard order.
 Elements are (image, labels, mask): image (batch, size, size, channels) float32 in [0, 255],
 labels and mask (batch, num_labels) float32. Keras uses the mask as the loss's sample weight.
+With image_only (jobs that ignore labels, e.g. self-supervised pretraining) elements are the images
+alone, and records without labels (`medtl ingest --unlabeled`, num_labels 0) are read too.
 """
 from __future__ import annotations
 
@@ -275,14 +277,19 @@ def build_model_input_fn(channels: int):
 
 
 def build_dataset(cfg: Config, split: str, rank: int = 0, num_ranks: int = 1, manifest: Manifest | None = None,
-                  training: bool | None = None, first_epoch: int = 0, with_ids: bool = False) -> tf.data.Dataset:
+                  training: bool | None = None, first_epoch: int = 0, with_ids: bool = False,
+                  image_only: bool = False) -> tf.data.Dataset:
     """The batched dataset of `split` for one rank. Training streams repeat forever; their shuffles
     and augmentations are seeded by (seed, rank, first_epoch, position in the stream), so build
     one per phase with the epoch it starts at (a resumed run does not replay epoch 1).
 
     with_ids (eval streams) adds the salted patient and record-key hashes: (image, labels, mask, patient, key).
+    image_only gives the images alone, (batch, size, size, channels), and accepts unlabeled records; the
+    stream is otherwise the same (shuffle, augmentation, rank sharding, cache).
     """
-    manifest = manifest or read_manifest(cfg.data.records)
+    if with_ids and image_only:
+        raise ValueError("with_ids and image_only exclude each other")
+    manifest = manifest or read_manifest(cfg.data.records, unlabeled_ok=image_only)
     training = split == "train" if training is None else training
     augment = training and bool(cfg.data.augment)
     deterministic = cfg.data.deterministic or not training
@@ -304,6 +311,8 @@ def build_dataset(cfg: Config, split: str, rank: int = 0, num_ranks: int = 1, ma
     else:
         ds = ds.batch(cfg.train.batch_size)
     ds = ds.map(build_model_input_fn(cfg.data.channels), num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+    if image_only:
+        ds = ds.map(lambda images, labels, mask: images)  # (batch, size, size, channels)
     options = tf.data.Options()
     options.deterministic = deterministic
     return ds.with_options(options).prefetch(AUTOTUNE)

@@ -2,7 +2,8 @@
 
 Every image of a patient lands in the same split. Patients are stratified on
 the union of their images' labels (iterstrat), so per-label prevalence stays
-close across splits. Seeded: the same inputs and seed give the same split.
+close across splits. Patients without labels (an unlabeled ingest) are split at random, by the same
+fractions. Seeded: the same inputs and seed give the same split.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ def split_patients(patient_labels: dict[str, np.ndarray], val_fraction: float, t
     if len(patients) < 3 and (val_fraction or test_fraction):
         raise MedtlError(f"only {len(patients)} patient(s): a patient-level split needs at least 3")
     y = np.stack([patient_labels[p] for p in patients]).astype(int)
+    stratified = y.shape[1] > 0
     # A "no finding" column keeps healthy patients stratified too.
     y = np.concatenate([y, (y.sum(axis=1) == 0).astype(int)[:, None]], axis=1)
     index = np.arange(len(patients))
@@ -35,6 +37,9 @@ def split_patients(patient_labels: dict[str, np.ndarray], val_fraction: float, t
         n_out = max(1, int(round(fraction * len(pool))))
         if n_out >= len(pool):
             n_out = len(pool) - 1
+        if not stratified:  # nothing to stratify on: a seeded draw of patients
+            order = np.random.default_rng(rng_seed).permutation(len(pool))
+            return np.sort(pool[order[n_out:]]), np.sort(pool[order[:n_out]])
         splitter = MultilabelStratifiedShuffleSplit(n_splits=1, test_size=n_out, random_state=rng_seed)
         keep, out = next(splitter.split(pool[:, None], y[pool]))
         return pool[keep], pool[out]

@@ -69,9 +69,11 @@ class TableOptions:
     keep_fields: tuple[str, ...] = ()
 
 
-def _read_rows(path: str, required: tuple[str, ...], hint: str) -> tuple[list[str], list[dict[str, str]]]:
+def read_rows(path: str, required: tuple[str, ...], hint: str,
+               what: str = "labels file", option: str = "--labels") -> tuple[list[str], list[dict[str, str]]]:
+    """(columns, rows) of a CSV; `what` and `option` name it in errors (a labels table, or ingest's --patients)."""
     if os.path.isdir(path):
-        raise MedtlError(f"labels file {path} is a folder; pass the CSV file with --labels")
+        raise MedtlError(f"{what} {path} is a folder; pass the CSV file with {option}")
     try:
         with open(path, newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
@@ -79,17 +81,18 @@ def _read_rows(path: str, required: tuple[str, ...], hint: str) -> tuple[list[st
             missing = [c for c in required if c not in columns]
             if missing:
                 raise MedtlError(
-                    f"labels file {path} lacks column(s) {', '.join(repr(c) for c in missing)}; "
+                    f"{what} {path} lacks column(s) {', '.join(repr(c) for c in missing)}; "
                     f"found {', '.join(repr(c) for c in columns if c) or 'no header'}. {hint}"
                 )
             return columns, list(reader)
     except FileNotFoundError:
-        raise MedtlError(f"labels file {path} does not exist; pass the CSV with --labels") from None
+        raise MedtlError(f"{what} {path} does not exist; pass the CSV with {option}") from None
     except (UnicodeDecodeError, csv.Error) as exc:
-        raise MedtlError(f"labels file {path} is not a readable UTF-8 CSV ({exc})") from None
+        raise MedtlError(f"{what} {path} is not a readable UTF-8 CSV ({exc})") from None
 
 
-def _check_unique_images(path: str, files: list[str]) -> None:
+def check_unique_images(path: str, files: list[str], what: str = "labels file",
+                         fix: str = "list each image once, with all its labels on one row") -> None:
     """files[i] is the image on row i + 2 (row 1: the header). One image on two rows would become two
     records, or two contradicting ones: refused, never de-duplicated behind the user's back."""
     rows: dict[str, list[int]] = {}
@@ -99,8 +102,8 @@ def _check_unique_images(path: str, files: list[str]) -> None:
     repeated = [r for r in rows.values() if len(r) > 1]
     if repeated:
         more = f" ({len(repeated) - 1} more image(s) are listed more than once too)" if len(repeated) > 1 else ""
-        raise MedtlError(f"labels file {path} lists the same image on rows {', '.join(map(str, repeated[0]))}{more}; "
-                         "list each image once, with all its labels on one row")
+        raise MedtlError(f"{what} {path} lists the same image on rows {', '.join(map(str, repeated[0]))}{more}; "
+                         f"{fix}")
 
 
 def _label_key(name: str) -> str:
@@ -134,9 +137,9 @@ def _select(all_names: list[str], wanted: tuple[str, ...] | None, path: str) -> 
 
 def read_chestxray14(path: str, opt: TableOptions) -> LabelTable:
     """Data_Entry_2017.csv. Label names are the sorted findings seen, unless given."""
-    _, rows = _read_rows(path, ("Image Index", "Finding Labels", "Patient ID"),
+    _, rows = read_rows(path, ("Image Index", "Finding Labels", "Patient ID"),
                          "Check --format (chestxray14 expects the Data_Entry_2017.csv header).")
-    _check_unique_images(path, [(row["Image Index"] or "").strip() for row in rows])
+    check_unique_images(path, [(row["Image Index"] or "").strip() for row in rows])
     parsed, spellings = [], [(NO_FINDING, "the no-finding marker")]
     for line, row in enumerate(rows, start=2):
         file = (row["Image Index"] or "").strip()
@@ -174,9 +177,9 @@ def _chexpert_patient(path_value: str) -> str:
 
 def read_chexpert(path: str, opt: TableOptions) -> LabelTable:
     """CheXpert train.csv / valid.csv, with the uncertainty and blank policies."""
-    columns, rows = _read_rows(path, ("Path",), "Check --format (chexpert expects CheXpert's train.csv header).")
+    columns, rows = read_rows(path, ("Path",), "Check --format (chexpert expects CheXpert's train.csv header).")
     _check_spellings(path, [(c, f"column {i}") for i, c in enumerate(columns, start=1) if c])
-    _check_unique_images(path, [(row["Path"] or "").strip() for row in rows])
+    check_unique_images(path, [(row["Path"] or "").strip() for row in rows])
     available = [c for c in columns if c and c not in CHEXPERT_META]
     label_names = _select(available, opt.label_names, path)
     if not label_names:
@@ -223,9 +226,9 @@ def read_multihot(path: str, opt: TableOptions) -> LabelTable:
     patient_col = opt.patient_column or next((c for c in columns if c.lower() in
                                               ("patient", "patient_id", "patient id", "patientid")), None)
     required = (image_col,) + ((patient_col,) if opt.patient_column else ())
-    _, rows = _read_rows(path, required, "Check --image-column / --patient-column.")
+    _, rows = read_rows(path, required, "Check --image-column / --patient-column.")
     _check_spellings(path, [(c, f"column {i}") for i, c in enumerate(columns, start=1) if c])
-    _check_unique_images(path, [(row[image_col] or "").strip() for row in rows])
+    check_unique_images(path, [(row[image_col] or "").strip() for row in rows])
     available = [c for c in columns if c and c not in (image_col, patient_col)]
     label_names = _select(available, opt.label_names, path)
     if not label_names:
@@ -316,7 +319,7 @@ def read_table(path: str | None, images: str, opt: TableOptions) -> LabelTable:
 
 def read_split_file(path: str) -> dict[str, str]:
     """A user-provided split list: CSV with columns (patient or file) and split (train/val/test)."""
-    columns, rows = _read_rows(path, ("split",), "A split file needs a 'split' column and 'patient' or 'file'.")
+    columns, rows = read_rows(path, ("split",), "A split file needs a 'split' column and 'patient' or 'file'.")
     key = "patient" if "patient" in columns else "file" if "file" in columns else None
     if key is None:
         raise MedtlError(f"split file {path} needs a 'patient' or 'file' column next to 'split'")

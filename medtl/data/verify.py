@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from medtl.data.manifest import Manifest, Shard, read_manifest
+from medtl.data.manifest import Manifest, Shard, check_train_split, read_manifest
 from medtl.errors import MedtlError, RunFailure
 from medtl.utils import fs
 from medtl.utils.log import log
@@ -105,8 +105,11 @@ def check_deep(records: str, manifest: Manifest, splits=None, progress: bool = F
 
 
 def verify_records(records: str, deep: bool = True) -> dict:
-    """The `medtl verify` command: raise MedtlError naming the first damaged shard."""
-    manifest = read_manifest(records)
+    """The `medtl verify` command: raise MedtlError naming the first damaged shard, or the folder when it
+    holds no records at all. Unlabeled records (`medtl ingest --unlabeled`) are checked like labeled ones."""
+    manifest = read_manifest(records, unlabeled_ok=True)
+    if not any(s.records for s in manifest.splits.values()):
+        check_train_split(records, manifest)  # names the folder: no images at all
     problems = check_deep(records, manifest) if deep else check_cheap(records, manifest)
     shards = sum(len(s.shards) for s in manifest.splits.values())
     count = sum(s.records for s in manifest.splits.values())

@@ -175,10 +175,11 @@ def run_search(cfg: Config, space_path: str, budget: float, workdir: str, storag
     if ctx.primary:
         open_storage(storage_url)  # a bad URL fails now, before any feature is extracted
 
-    from medtl.data.manifest import read_manifest
+    from medtl.data.manifest import check_train_split, read_manifest
     from medtl.search import cache
 
-    manifest = read_manifest(cfg.data.records)
+    manifest = read_manifest(cfg.data.records)  # refuses unlabeled records
+    check_train_split(cfg.data.records, manifest)
     folder, index, extracted = cache.ensure_cache(cfg, manifest, ctx)
     if not ctx.primary:
         return None  # ranks split the extraction; trials run on rank 0 (or on several workers, see README)

@@ -18,7 +18,7 @@ import numpy as np
 from medtl import dist
 from medtl.config import Config
 from medtl.data import verify
-from medtl.data.manifest import Manifest, read_manifest
+from medtl.data.manifest import Manifest, check_train_split, read_manifest
 from medtl.data.pipeline import build_dataset, pipeline_errors, split_size
 from medtl.errors import MedtlError, RunFailure
 from medtl.models.build import build_model, set_precision
@@ -153,7 +153,8 @@ def train(cfg: Config, workdir: str, until_phase: str | None = None) -> dict:
         # Same batches are not enough for the same weights: kernels must also reduce in a fixed order.
         tf.config.experimental.enable_op_determinism()
     ctx = dist.init(cfg.train.stall_shutdown_seconds)
-    manifest = read_manifest(cfg.data.records)
+    manifest = read_manifest(cfg.data.records)  # refuses unlabeled records
+    check_train_split(cfg.data.records, manifest)
     _check_val_split(manifest, cfg.data.records)
     _check_outputs_outside_records(cfg, workdir)
     damaged = verify.check_cheap(cfg.data.records, manifest, ["train", "val"])

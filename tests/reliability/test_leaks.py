@@ -1,5 +1,5 @@
 """Planted identifiers never reach a shared artefact or a log line, and the input folder is never written
-(checks 7, 13).
+(checks 7, 7b, 13).
 
 Identifiers are planted in DICOM tags, dates and UIDs, and in the file and folder names of a PACS export
 (MRN/ACCESSION.dcm). Every command runs at debug log level: ingest (whole, and partitioned into two
@@ -7,7 +7,8 @@ workers and a finalize), train on 1 rank and on 2 (horovodrun) with data.cache, 
 bootstrap, compare, export, predict (the default CSV is the user's own file beside the inputs, and names
 files; --ids-only is searched) and search. Then every file medtl wrote (records, .parts/*/part.json as
 the workers left them, run folders, caches, reports, export, search DB and feature cache) and every log
-stream of every rank is byte-searched once (helpers.Corpus says how bytes are counted).
+stream of every rank is byte-searched once (helpers.Corpus says how bytes are counted). Check 7b ingests
+the same planted export with --unlabeled (no labels table) and searches its records and log the same way.
 """
 import csv
 import io
@@ -218,3 +219,62 @@ def test_no_identifier_reaches_any_artefact_and_input_stays_untouched(dicom_stud
            "input; train --workdir inside the records",
            f"all succeeded; the {len(before)} input files are byte-identical afterwards; both writes into inputs "
            "refused with one error line", input_files_hashed=len(before))
+
+
+def test_unlabeled_ingest_leaks_no_identifier(dicom_studies, tmp_path):
+    """The same planted PACS export ingested with --unlabeled (patients from the DICOM PatientID, which is
+    also the folder name) at debug level: nothing planted reaches the records, the manifest, the quarantine
+    or the log, and the private map stays where the user put it, outside the records."""
+    started = time.monotonic()
+    studies, art, user = tmp_path / "studies", tmp_path / "artefacts", tmp_path / "user"
+    planted = pacs_layout(dicom_studies, str(studies))
+    needles = {value: kind for kind in PLANTED_KINDS for value in planted[kind]}
+    needles[SALT] = "salt"
+    images = studies / "images"
+    with open(studies / "labels.csv", newline="") as fh:
+        files = sorted(row["Image Index"] for row in csv.DictReader(fh))
+    truncated, burned = damage_two_studies(images, files, cut=2000)
+    os.remove(studies / "labels.csv")  # no table: the files alone, as an archive export comes
+    before = tree_digest(studies)
+
+    cmd = _Commands()
+    records = art / "records-unlabeled"
+    cmd("ingest --unlabeled", "ingest", "--images", images, "--unlabeled", "--out", records, "--image-size", 32,
+        "--keep-fields", "view_position,modality,sex", "--max-bad-fraction", 0.1,
+        "--private-map", user / "private-map.csv")
+    assert tree_digest(studies) == before, "the input folder changed"
+
+    from medtl.data.deid import salted_hash
+
+    ids = {salted_hash(SALT.encode(), f): f for f in files}
+    with open(records / "quarantine.csv", newline="") as fh:
+        assert {ids[row["study"]]: row["reason"] for row in csv.DictReader(fh)} == {
+            truncated: "truncated_pixel_data", burned: "burned_in_annotation"}
+    with open(user / "private-map.csv", newline="") as fh:
+        assert {row["study"]: row["path"] for row in csv.DictReader(fh)} == {
+            k: os.path.join(images, f) for k, f in ids.items()}
+    names = set(os.listdir(records))
+    assert {"manifest.json", "quarantine.csv"} <= names and all(
+        n in ("manifest.json", "quarantine.csv") or n.endswith(".tfrecord") for n in names), names
+    assert "ingest: study " in cmd.logs["ingest --unlabeled"]  # debug level was on: a line per study
+
+    corpus = Corpus()
+    corpus.add_tree(art)
+    corpus.add("log: ingest --unlabeled", cmd.logs["ingest --unlabeled"].encode())
+    leaks = corpus.find(needles)
+    assert not leaks, {needle: (needles[needle], where) for needle, where in leaks.items()}
+    from medtl.tf import tf
+
+    patients = set()
+    for shard in sorted(f for f in os.listdir(records) if f.endswith(".tfrecord")):
+        for record in tf.data.TFRecordDataset(str(records / shard)):
+            feature = tf.train.Example.FromString(record.numpy()).features.feature
+            assert set(feature) <= set(ALLOWED_FEATURES) and not feature["labels"].int64_list.value
+            patients.add(feature["patient"].bytes_list.value[0])
+    assert 1 < len(patients) < len(files) - 2  # patients from PatientID, not one per image
+    report("7b. Identifier leak, unlabeled ingest", f"the same {len(needles)} planted values and PACS layout "
+           "(MRN/ACCESSION.dcm, one study truncated, one BurnedInAnnotation=YES), without a labels table: "
+           "`medtl ingest --unlabeled` at debug log level, patients from the DICOM PatientID",
+           f"none found in {corpus.files} files and the log; records carry no labels and {len(patients)} salted "
+           f"patients; quarantine by salted id; the private map only where the user put it; "
+           f"{time.monotonic() - started:.0f} s", identifiers_planted=len(needles), bytes_searched=corpus.bytes_counted)
