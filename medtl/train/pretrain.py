@@ -3,6 +3,10 @@
 supervised: the phases of the job train the configured backbone on data.records' labels (any label set)
 with the same loop as `medtl train`, so horovodrun, LR scaling, rank-0 I/O and resume are the same;
 then rank 0 writes the backbone of the best weights to RUN/base.weights.h5 with its sidecar.
+
+simclr: self-supervised, the same phases train the backbone with a projection head on the NT-Xent loss
+over two augmented views of each train image, labels unread (medtl.train.simclr); rank 0 then writes the
+backbone of the last phase's final weights the same way.
 """
 from __future__ import annotations
 
@@ -14,8 +18,9 @@ from medtl.utils.log import log
 def check_pretrain_config(cfg: Config) -> None:
     """What `medtl pretrain` needs beyond a valid job config."""
     if not cfg.pretrain.method:
-        raise ConfigError(f"pretrain.method is missing; add `pretrain: {{method: supervised}}` to the job config "
-                          f"(or --set pretrain.method=supervised); built methods: {', '.join(PRETRAIN_METHODS)}")
+        raise ConfigError(f"pretrain.method is missing; add `pretrain: {{method: supervised}}` (labels) or "
+                          f"`pretrain: {{method: simclr}}` (no labels) to the job config, or --set "
+                          f"pretrain.method=...; built methods: {', '.join(PRETRAIN_METHODS)}")
     if all(phase.trainable.kind == "none" for phase in cfg.phases):
         raise ConfigError("no phase trains the base (every phases.N.trainable is none), so pretraining would keep "
                           "a random base; set phases.0.trainable=all")
@@ -41,3 +46,31 @@ def pretrain_supervised(cfg: Config, workdir: str) -> dict:
             f"epoch(s), best val macro AUROC {summary['best_val_auroc']}); use it with "
             f"model.weights={run.base_weights}")
     return {**summary, "base_weights": run.base_weights, "meta": meta}
+
+
+def pretrain_simclr(cfg: Config, workdir: str) -> dict:
+    """Self-supervised pretraining, then the base file from the final weights (rank 0). Returns the loop's
+    summary with "base_weights" (the path) and "meta" (the BaseMeta, on rank 0; None elsewhere)."""
+    from medtl import dist
+    from medtl.models import basefile
+    from medtl.train.rundir import RunDir
+    from medtl.train.simclr import train_simclr
+
+    summary, model = train_simclr(cfg, workdir)
+    ctx = dist.init(cfg.train.stall_shutdown_seconds)
+    run = RunDir(workdir, ctx.primary)
+    meta = None
+    if ctx.primary:
+        meta = basefile.make_meta(cfg, cfg.pretrain.method, summary["epochs"], summary["manifest_digest"])
+        basefile.write_base(model.get_layer("backbone"), meta, run.base_weights)
+        log(f"pretrain: wrote {run.base_weights} ({meta.backbone}, {meta.channels} channel(s), {meta.epochs} "
+            f"epoch(s) of simclr, final contrastive loss {summary.get('loss')}); use it with "
+            f"model.weights={run.base_weights}")
+    return {**summary, "base_weights": run.base_weights, "meta": meta}
+
+
+def run_pretrain(cfg: Config, workdir: str) -> dict:
+    """`medtl pretrain` by cfg.pretrain.method (checked by check_pretrain_config)."""
+    if cfg.pretrain.method == "simclr":
+        return pretrain_simclr(cfg, workdir)
+    return pretrain_supervised(cfg, workdir)
