@@ -178,6 +178,17 @@ def primary_reports_agreed_stop(ctx: Context, grace_seconds: float = 10.0) -> No
         time.sleep(grace_seconds)
 
 
+def average_variables(ctx: Context, variables, name: str) -> None:
+    """Set each variable to its mean over ranks: for state each rank updates from its own batches, such as
+    the moving statistics of BatchNorm layers that train (their weights get averaged gradients; these do not)."""
+    if not ctx.distributed or not variables:
+        return
+    with _collective(ctx, f"the allreduce of {name}", name):
+        means = ctx.hvd.grouped_allreduce([v.read_value() for v in variables], op=ctx.hvd.Average, name=name)
+    for variable, mean in zip(variables, means):
+        variable.assign(mean)
+
+
 def broadcast_object(ctx: Context, obj: Any, name: str) -> Any:
     """Rank 0's Python object, on every rank."""
     if not ctx.distributed:

@@ -4,11 +4,14 @@ base) and under horovodrun -np 2 (negatives gathered from both ranks, identical 
 import json
 import math
 import os
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
 
-from conftest import REPO, assert_user_error, cli_env, launcher_argv, run_cli
+from conftest import REPO, assert_user_error, cli_env, launcher_argv, rank_lines, run_cli
 
 TINY = os.path.join(REPO, "tests", "reliability", "tiny.yaml")
 SIMCLR_SET = ("--set", "pretrain.method=simclr",
@@ -146,3 +149,44 @@ def test_pretrain_simclr_two_ranks_gathers_negatives(records, tmp_path):
     meta = json.load(open(os.path.join(run, "base.weights.h5.json")))
     assert meta["method"] == "simclr" and meta["epochs"] == 1
     assert [json.loads(line)["ranks"] for line in open(os.path.join(run, "history.jsonl"))] == [2]
+
+
+# Run by horovodrun -np 2: the NT-Xent gradient with each rank's 2 images' projections gathered (dist.rows_gatherer),
+# averaged over ranks as the train step averages gradients, against one process holding all 4 images.
+GATHER_GRADIENT_CHECK = textwrap.dedent("""
+    import numpy as np
+    from medtl import dist
+    from medtl.models.contrastive import nt_xent
+    from medtl.tf import tf
+
+    ctx = dist.init()
+    rng = np.random.default_rng(0)
+    view_a, view_b = (rng.normal(size=(4, 3)).astype("float32") for _ in range(2))
+    weights = tf.Variable(rng.normal(size=(3, 2)).astype("float32"))
+    gather, mine = dist.rows_gatherer(ctx, "check"), slice(2 * ctx.rank, 2 * ctx.rank + 2)
+
+    @tf.function
+    def averaged_gradient():
+        with tf.GradientTape() as tape:
+            pairs = gather(tf.concat([tf.matmul(view_a[mine], weights), tf.matmul(view_b[mine], weights)], 1))
+            loss, _ = nt_xent(*tf.split(pairs, 2, axis=1), 2 * ctx.rank, 2, 0.5)
+        return ctx.hvd.allreduce(tape.gradient(loss, weights), op=ctx.hvd.Average)
+
+    with tf.GradientTape() as tape:
+        loss, _ = nt_xent(tf.matmul(view_a, weights), tf.matmul(view_b, weights), 0, 4, 0.5)
+    difference = np.abs(averaged_gradient().numpy() - tape.gradient(loss, weights).numpy()).max()
+    print(f"difference {difference:.3g}")
+""")
+
+
+@pytest.mark.slow
+def test_gathered_gradient_is_the_global_batch_gradient(tmp_path):
+    """Horovod's own allgather gradient averages over ranks: there this check found a difference of 0.77."""
+    script = tmp_path / "check.py"
+    script.write_text(GATHER_GRADIENT_CHECK)
+    result = subprocess.run(launcher_argv("horovodrun") + [sys.executable, str(script)], capture_output=True,
+                            text=True, env=cli_env(PYTHONPATH=REPO), timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = rank_lines(result.stdout, "difference ")
+    assert sorted(lines) == [0, 1], result.stdout[-2000:]
+    assert all(float(found[0].split()[1]) < 1e-5 for found in lines.values()), lines

@@ -55,9 +55,17 @@ def check_train_images(manifest: Manifest, records: str) -> None:
                          "data.records at another records folder")
 
 
+def batch_norm_statistics(model) -> list:
+    """The moving means and variances of the BatchNorm layers that train (each rank updates its own)."""
+    layers = [layer for layer in model.get_layer("backbone").layers
+              if isinstance(layer, tf.keras.layers.BatchNormalization) and layer.trainable]
+    return [v for layer in layers for v in (layer.moving_mean, layer.moving_variance)]
+
+
 class ContrastiveEpochs(tf.keras.callbacks.Callback):
     """Per epoch, on every rank: the rank-averaged contrastive loss and positive-pair top-1 accuracy, one log
-    line (rank 0), then the epoch's commit (checkpoint, history line, resume pointer: rank 0 writes). At the end
+    line (rank 0), BatchNorm moving statistics averaged over ranks (so all hold the same weights), then the
+    epoch's commit (checkpoint, history line, resume pointer: rank 0 writes). At the end
     of a phase its weights are kept (RunDir.phase_weights), as the next phase and the base file start there."""
 
     def __init__(self, ctx, run: RunDir, phase, index: int, phase_start: int, state: RunState,
@@ -85,6 +93,7 @@ class ContrastiveEpochs(tf.keras.callbacks.Callback):
         log(f"simclr epoch {epoch + 1} (phase '{self.phase.name}' {in_phase}/{self.phase.epochs}): contrastive loss "
             f"{loss:.4f}, positive-pair top-1 {top1:.3f} (chance {1 / (self.negatives + 1):.3f}), lr {lr:.3g}, "
             f"{images_per_second:.1f} img/s")
+        dist.average_variables(self.ctx, batch_norm_statistics(self.model), "batch_norm_statistics")
         state = self.state
         state.epochs_done, state.phase_index, state.epoch_in_phase = epoch + 1, self.index, in_phase
         state.phase_done = in_phase >= self.phase.epochs
