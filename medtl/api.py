@@ -212,10 +212,11 @@ def pretrain(config: ConfigLike, workdir: str, overrides: typing.Sequence[str] =
     file (rank 0); the same call with the same workdir resumes. Under horovodrun it runs on every rank."""
     cfg = _job_config(config, overrides)
     _need_records(cfg)
-    from medtl import dist
     from medtl.train.pretrain import check_pretrain_config, run_pretrain
 
-    check_pretrain_config(cfg)
+    check_pretrain_config(cfg)  # before TensorFlow loads: a bad config fails in a second
+    from medtl import dist
+
     ctx = dist.init(cfg.train.stall_shutdown_seconds)
     with copy_to_run_folder(workdir):
         _log_devices(cfg.train.precision)

@@ -11,7 +11,8 @@ backbone of the last phase's final weights the same way.
 from __future__ import annotations
 
 from medtl.config import PRETRAIN_METHODS, Config
-from medtl.errors import ConfigError
+from medtl.data.manifest import Manifest, read_manifest
+from medtl.errors import ConfigError, MedtlError
 from medtl.utils.log import log
 
 
@@ -24,6 +25,32 @@ def check_pretrain_config(cfg: Config) -> None:
     if all(phase.trainable.kind == "none" for phase in cfg.phases):
         raise ConfigError("no phase trains the base (every phases.N.trainable is none), so pretraining would keep "
                           "a random base; set phases.0.trainable=all")
+    if cfg.pretrain.method == "simclr":
+        check_views_batch(cfg.train.batch_size, 1)
+    check_train_images(read_manifest(cfg.data.records), cfg.data.records)
+
+
+def negatives_per_anchor(per_rank_batch_size: int, ranks: int) -> int:
+    """Each anchor's negatives: both views of every other image of the global batch."""
+    return 2 * per_rank_batch_size * ranks - 2
+
+
+def check_views_batch(per_rank_batch_size: int, ranks: int) -> None:
+    """NT-Xent needs other images in the batch to contrast with: 2 per rank, which gives every anchor at least
+    negatives_per_anchor(2, 1) = 2 negatives on any number of ranks."""
+    if per_rank_batch_size < 2 or negatives_per_anchor(per_rank_batch_size, ranks) < 2:
+        raise ConfigError(
+            f"train.batch_size={per_rank_batch_size} is too small for pretrain.method=simclr: each rank needs at "
+            "least 2 images per step (the other images' views are an anchor's negatives); set "
+            "train.batch_size=2 or more (32 or more per rank learns better)")
+
+
+def check_train_images(manifest: Manifest, records: str) -> None:
+    """Pretraining learns from the train split alone (labels or not): it must hold images."""
+    if "train" not in manifest.splits or manifest.records("train") == 0:
+        raise MedtlError(f"the train split of {records} has no images (0 records), so there is nothing to pretrain "
+                         "on; ingest studies into it with `medtl ingest` (simclr needs no labels), or point "
+                         "data.records at another records folder")
 
 
 def pretrain_supervised(cfg: Config, workdir: str) -> dict:

@@ -18,9 +18,9 @@ import numpy as np
 from medtl import dist
 from medtl.config import Config
 from medtl.data import verify
-from medtl.data.manifest import Manifest, read_manifest
+from medtl.data.manifest import read_manifest
 from medtl.data.pipeline import build_views_dataset, pipeline_errors, split_size
-from medtl.errors import ConfigError, MedtlError, RunFailure
+from medtl.errors import RunFailure
 from medtl.models.build import set_precision
 from medtl.models.contrastive import build_simclr_model
 from medtl.tf import tf
@@ -28,31 +28,10 @@ from medtl.train import callbacks as cb
 from medtl.train.loop import (_check_in_sync, _check_outputs_outside_records, _configure_threads, _phase_plan,
                               _prepare_run, _restore_previous_best, _steps_per_epoch, _verbosity, build_optimizer)
 from medtl.train.phases import apply_phase, check_phases_trainable, trainable_variable_names
+from medtl.train.pretrain import check_train_images, check_views_batch, negatives_per_anchor
 from medtl.train.rundir import RunDir, RunState
 from medtl.utils import faults
 from medtl.utils.log import log
-
-
-def negatives_per_anchor(per_rank_batch_size: int, ranks: int) -> int:
-    """Each anchor's negatives: both views of every other image of the global batch."""
-    return 2 * per_rank_batch_size * ranks - 2
-
-
-def check_views_batch(per_rank_batch_size: int, ranks: int) -> None:
-    """NT-Xent needs other images in the batch to contrast with: 2 per rank, which gives every anchor at least
-    negatives_per_anchor(2, 1) = 2 negatives on any number of ranks."""
-    if per_rank_batch_size < 2 or negatives_per_anchor(per_rank_batch_size, ranks) < 2:
-        raise ConfigError(
-            f"train.batch_size={per_rank_batch_size} is too small for pretrain.method=simclr: each rank needs at "
-            "least 2 images per step (the other images' views are an anchor's negatives); set "
-            "train.batch_size=2 or more (32 or more per rank learns better)")
-
-
-def check_train_images(manifest: Manifest, records: str) -> None:
-    if "train" not in manifest.splits or split_size(manifest, "train") == 0:
-        raise MedtlError(f"the train split of {records} has no images (0 records), so there is nothing to pretrain "
-                         "on; ingest studies into it with `medtl ingest` (labels are not needed for simclr), or point "
-                         "data.records at another records folder")
 
 
 def batch_norm_statistics(model) -> list:
