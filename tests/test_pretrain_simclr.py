@@ -1,6 +1,6 @@
 """`medtl pretrain` with pretrain.method simclr: the NT-Xent loss against hand-computed values, the two-view
-stream on records without labels, the CLI on 1 rank (killed mid-run, resumed, then `medtl train` from its
-base) and under horovodrun -np 2 (negatives gathered from both ranks, identical weights), and the refusals."""
+stream on records without labels, the CLI on 1 rank (then `medtl train` from its base) and under horovodrun
+-np 2 (negatives gathered from both ranks, the gathered gradient, identical weights), and the refusals."""
 import json
 import math
 import os
@@ -15,13 +15,13 @@ from conftest import REPO, assert_user_error, cli_env, launcher_argv, rank_lines
 
 TINY = os.path.join(REPO, "tests", "reliability", "tiny.yaml")
 SIMCLR_SET = ("--set", "pretrain.method=simclr",
-              "--set", "phases=[{name: all, epochs: 2, learning_rate: 0.001, trainable: all, train_batch_norm: true}]")
+              "--set", "phases=[{name: all, epochs: 1, learning_rate: 0.001, trainable: all, train_batch_norm: true}]")
 HEAD_ONLY_SET = ("--set", "phases=[{name: head, epochs: 1, learning_rate: 0.001, trainable: none}]")
 
 
-def _pretrain(records, run, *extra, launcher=None, env=None):
+def _pretrain(records, run, *extra, launcher=None):
     return run_cli("pretrain", "--config", TINY, "--workdir", run, "--set", f"data.records={records}",
-                   *SIMCLR_SET, *extra, launcher=launcher, env=env)
+                   *SIMCLR_SET, *extra, launcher=launcher)
 
 
 def _loss(positive, negatives, temperature):
@@ -110,26 +110,24 @@ def test_simclr_bad_inputs(records, tmp_path):
 
 
 @pytest.mark.slow
-def test_pretrain_simclr_resumes_and_its_base_trains(records, tmp_path):
+def test_pretrain_simclr_writes_a_base_that_train_starts_from(records, tmp_path):
+    """Resuming mid-run is `medtl train`'s code (RunDir, the phase plan, the epoch checkpoint); it is not
+    repeated here, to keep this file's time down (a run killed in epoch 2 resumed after epoch 1 when built)."""
     from medtl.data.manifest import read_manifest
 
     run = str(tmp_path / "pre")
-    steps = read_manifest(records).records("train") // 8
-    killed = _pretrain(records, run, env=cli_env(MEDTL_FAULTS=f"kill:rank=0,step={steps + 1}"))  # in epoch 2
-    assert killed.returncode != 0 and not os.path.exists(os.path.join(run, "base.weights.h5"))
     result = _pretrain(records, run)
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-3000:]
-    assert "resuming" in out and "after epoch 1" in out
     assert f"{2 * 8 - 2} negatives per anchor gathered from 1 rank(s)" in out
-    assert "simclr epoch 2 (phase 'all' 2/2): contrastive loss" in out and "positive-pair top-1" in out
+    assert "simclr epoch 1 (phase 'all' 1/1): contrastive loss" in out and "positive-pair top-1" in out
     base = os.path.join(run, "base.weights.h5")
     assert result.stdout.strip().splitlines()[-1] == base
     meta = json.load(open(base + ".json"))
-    assert meta["method"] == "simclr" and meta["epochs"] == 2 and meta["backbone"] == "MobileNetV3Small"
+    assert meta["method"] == "simclr" and meta["epochs"] == 1 and meta["backbone"] == "MobileNetV3Small"
     assert meta["records_digest"] == read_manifest(records).digest()
     rows = [json.loads(line) for line in open(os.path.join(run, "history.jsonl"))]
-    assert [row["epoch"] for row in rows] == [0, 1] and all(math.isfinite(row["loss"]) for row in rows)
+    assert len(rows) == 1 and math.isfinite(rows[0]["loss"]) and rows[0]["negatives_per_anchor"] == 14
 
     target = run_cli("train", "--config", TINY, "--workdir", str(tmp_path / "target"), "--set",
                      f"data.records={records}", "--set", f"model.weights={base}", *HEAD_ONLY_SET)
@@ -139,7 +137,7 @@ def test_pretrain_simclr_resumes_and_its_base_trains(records, tmp_path):
 @pytest.mark.slow
 def test_pretrain_simclr_two_ranks_gathers_negatives(records, tmp_path):
     run = str(tmp_path / "pre")
-    result = _pretrain(records, run, "--set", "phases.0.epochs=1", launcher=launcher_argv("horovodrun"))
+    result = _pretrain(records, run, launcher=launcher_argv("horovodrun"))
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-4000:]
     assert "global batch 16 (8 per rank, 2 views each)" in out
