@@ -70,8 +70,10 @@ class PretrainResult:
     method: str
     backbone: str
     epochs: int  # epochs completed, over all phases
-    best_val_auroc: float | None  # of the pretraining task (its own labels), not of a target task
+    best_val_auroc: float | None  # supervised: of the pretraining task (its own labels), not of a target task
     ranks: int
+    contrastive_loss: float | None = None  # simclr: the last epoch's NT-Xent loss (rank-averaged)
+    positive_top1: float | None = None  # simclr: the last epoch's positive-pair top-1 accuracy
 
 
 @dataclass(frozen=True)
@@ -210,17 +212,19 @@ def pretrain(config: ConfigLike, workdir: str, overrides: typing.Sequence[str] =
     file (rank 0); the same call with the same workdir resumes. Under horovodrun it runs on every rank."""
     cfg = _job_config(config, overrides)
     _need_records(cfg)
-    from medtl import dist
-    from medtl.train.pretrain import check_pretrain_config, pretrain_supervised
+    from medtl.train.pretrain import check_pretrain_config, run_pretrain
 
-    check_pretrain_config(cfg)
+    check_pretrain_config(cfg)  # before TensorFlow loads: a bad config fails in a second
+    from medtl import dist
+
     ctx = dist.init(cfg.train.stall_shutdown_seconds)
     with copy_to_run_folder(workdir):
         _log_devices(cfg.train.precision)
-        summary = pretrain_supervised(cfg, workdir)  # the one method built (PretrainConfig.check)
+        summary = run_pretrain(cfg, workdir)
     return PretrainResult(workdir=workdir, base_weights=summary["base_weights"], method=cfg.pretrain.method,
                           backbone=cfg.model.backbone, epochs=summary["epochs"],
-                          best_val_auroc=summary["best_val_auroc"], ranks=ctx.size)
+                          best_val_auroc=summary["best_val_auroc"], ranks=ctx.size,
+                          contrastive_loss=summary.get("loss"), positive_top1=summary.get("positive_top1"))
 
 
 def search(config: ConfigLike, space: str, budget: float, workdir: str, overrides: typing.Sequence[str] = (),

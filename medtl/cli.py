@@ -119,8 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pretrain", help="pretrain the base in-domain; writes RUN/base.weights.h5 for model.weights",
                        description="Train the configured backbone by the config's pretrain.method (supervised: the "
-                                   "phases on data.records' labels), then write the base file RUN/base.weights.h5 "
-                                   "and its sidecar. Run under horovodrun for several ranks.")
+                                   "phases on data.records' labels; simclr: self-supervised, labels unused), then "
+                                   "write the base file RUN/base.weights.h5 and its sidecar. Run under horovodrun "
+                                   "for several ranks.")
     _add_config_args(p)
     p.add_argument("--workdir", required=True, help="run folder for config, history, checkpoints and the base file")
 

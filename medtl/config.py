@@ -381,21 +381,62 @@ class SearchConfig:
 
 
 # Pretraining methods medtl knows of; only those in PRETRAIN_METHODS are built.
-PRETRAIN_METHODS = ("supervised",)
-_PRETRAIN_NOT_BUILT = ("simclr", "moco", "byol", "dino")
+PRETRAIN_METHODS = ("supervised", "simclr")
+_PRETRAIN_NOT_BUILT = ("moco", "byol", "dino")
+
+# The self-supervised (simclr) views' photometric transforms, after the random resized crop that
+# pretrain.crop_scale sets. Stronger than DEFAULT_AUGMENT, since two views of one film must differ
+# enough to make matching them a task, yet radiograph-sensible: no colour jitter (grayscale), no
+# mirror unless data.augment has HorizontalFlip (laterality is anatomy), no solarize or cutout.
+SIMCLR_AUGMENT: tuple[Transform, ...] = (
+    # Positioning differences.
+    _t("Affine", rotate=(-10, 10), p=0.5),
+    # SimCLR's colour distortion, reduced to what a radiograph has: exposure and contrast.
+    _t("RandomBrightnessContrast", brightness_limit=0.3, contrast_limit=0.3, p=0.8),
+    _t("RandomGamma", gamma_limit=(70, 140), p=0.5),
+    # Detector resolution and noise differ between machines.
+    _t("GaussianBlur", blur_limit=(3, 5), sigma_limit=(0.1, 1.5), p=0.5),
+    _t("GaussNoise", std_range=(0.01, 0.05), p=0.3),
+)
 
 
 @dataclass(frozen=True)
 class PretrainConfig:
-    # `medtl pretrain`'s method: supervised (train the base with the phases on data.records' labels, then keep the base); required by `medtl pretrain`, ignored by the other commands.
+    # `medtl pretrain`'s method: supervised (train the base with the phases on data.records' labels, then keep the base) or simclr (self-supervised, contrastive: labels ignored); required by `medtl pretrain`, ignored by the other commands.
     method: str = ""
+    # simclr: temperature of the NT-Xent loss (lower sharpens the softmax over the negatives).
+    temperature: float = 0.2
+    # simclr: units of the projection head's hidden layer (on the pooled base features; not kept in the base file).
+    projection_width: int = 512
+    # simclr: size of the projection the loss compares.
+    projection_dim: int = 128
+    # simclr: area range, as fractions of the image, of each view's random resized crop (before the transforms of pretrain.augment).
+    crop_scale: tuple[float, ...] = (0.3, 1.0)
+    # simclr: albumentations transforms applied to each view after its crop (data.augment is not used; a HorizontalFlip there adds one here).
+    augment: tuple[Transform, ...] = SIMCLR_AUGMENT
 
     def check(self) -> list[tuple[str, str]]:
-        if self.method in ("",) + PRETRAIN_METHODS:
-            return []
-        if self.method in _PRETRAIN_NOT_BUILT:
-            return [("method", f"{self.method!r} is not built yet; use supervised")]
-        return [("method", f"must be supervised, got {self.method!r}")]
+        problems = []
+        if self.method not in ("",) + PRETRAIN_METHODS:
+            if self.method in _PRETRAIN_NOT_BUILT:
+                problems.append(("method", f"{self.method!r} is not built yet; use simclr or supervised"))
+            else:
+                problems.append(("method", f"must be supervised or simclr, got {self.method!r}"))
+        if not self.temperature > 0:
+            problems.append(("temperature", f"must be > 0, got {self.temperature}"))
+        for name in ("projection_width", "projection_dim"):
+            if getattr(self, name) < 1:
+                problems.append((name, f"must be >= 1, got {getattr(self, name)}"))
+        if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            problems.append(("crop_scale", f"must be [low, high] with 0 < low <= high <= 1, got "
+                                           f"{list(self.crop_scale)}"))
+        return problems
+
+    def view_policy(self, image_size: int, data_augment: tuple[Transform, ...]) -> tuple[Transform, ...]:
+        """The transforms that make one simclr view: crop, a flip when data.augment allows one, then augment."""
+        crop = _t("RandomResizedCrop", size=(image_size, image_size), scale=tuple(self.crop_scale), p=1.0)
+        flip = tuple(t for t in data_augment if t.name == "HorizontalFlip")[:1]
+        return (crop,) + flip + self.augment
 
 
 @dataclass(frozen=True)
@@ -425,6 +466,13 @@ class Config:
         elif self.data.augment:
             problems.extend((f"data.{key}", message) for key, message in check_policy(self.data.augment,
                                                                                      self.data.image_size))
+        if self.pretrain.method == "simclr" and self.data.image_size >= min_size:
+            policy = self.pretrain.view_policy(self.data.image_size, self.data.augment)
+            offset = len(policy) - len(self.pretrain.augment)  # the crop (and flip) come first
+            for key, message in check_policy(policy, self.data.image_size):
+                index = int(key.split(".")[1]) - offset
+                where = f"pretrain.augment.{index}" if index >= 0 else "pretrain.crop_scale"
+                problems.append((where, message))
         if not self.phases:
             problems.append(("phases", "must list at least one phase"))
         names = [p.name for p in self.phases]

@@ -115,6 +115,33 @@ def gradient_reducer(ctx: Context, fp16_compression: bool = False):
     return reduce_fn
 
 
+def rows_gatherer(ctx: Context, name: str):
+    """A function for a train step: (n, d) rows of this rank -> (ranks * n, d) every rank's rows in rank
+    order, differentiable; None on one process. Every rank must pass the same n (drop_remainder batches).
+
+    Its gradient sums the upstream gradients over ranks and keeps this rank's rows. With each rank's loss
+    a mean over its own anchors and the gradients then averaged (gradient_reducer), that is the gradient of
+    the mean over all anchors. Horovod's own allgather gradient averages instead, which would shrink the
+    part flowing through other ranks' negatives by 1/ranks.
+    """
+    if not ctx.distributed:
+        return None
+    hvd, rank = ctx.hvd, ctx.rank
+
+    @tf.custom_gradient
+    def gather_fn(rows):
+        gathered = hvd.allgather(rows, name=name)
+
+        def grad_fn(upstream):  # (ranks * n, d) -> (n, d)
+            total = hvd.allreduce(upstream, op=hvd.Sum, name=f"{name}_grad")
+            n = tf.shape(rows)[0]
+            return total[rank * n:(rank + 1) * n]
+
+        return gathered, grad_fn
+
+    return gather_fn
+
+
 def broadcast_variables(ctx: Context, variables) -> None:
     """Copy rank 0's values of `variables` (weights and optimizer state) to every rank."""
     if ctx.distributed:
@@ -149,6 +176,17 @@ def primary_reports_agreed_stop(ctx: Context, grace_seconds: float = 10.0) -> No
     allreduce_mean(ctx, 0.0, "agreed_stop")
     if not ctx.primary:
         time.sleep(grace_seconds)
+
+
+def average_variables(ctx: Context, variables, name: str) -> None:
+    """Set each variable to its mean over ranks: for state each rank updates from its own batches, such as
+    the moving statistics of BatchNorm layers that train (their weights get averaged gradients; these do not)."""
+    if not ctx.distributed or not variables:
+        return
+    with _collective(ctx, f"the allreduce of {name}", name):
+        means = ctx.hvd.grouped_allreduce([v.read_value() for v in variables], op=ctx.hvd.Average, name=name)
+    for variable, mean in zip(variables, means):
+        variable.assign(mean)
 
 
 def broadcast_object(ctx: Context, obj: Any, name: str) -> Any:

@@ -86,7 +86,7 @@ def test_mismatched_or_damaged_base_is_refused(base_run, records, tmp_path):
 def test_pretrain_needs_a_built_method(records, tmp_path):
     run = str(tmp_path / "run")
     assert_user_error(_pretrain(records, run), "pretrain.method is missing", "supervised", exit_code=2)
-    assert_user_error(_pretrain(records, run, "--set", "pretrain.method=simclr"), "pretrain.method",
+    assert_user_error(_pretrain(records, run, "--set", "pretrain.method=moco"), "pretrain.method",
                       "not built yet", exit_code=2)
     assert_user_error(_pretrain(records, run, "--set", "pretrain.method=magic"), "pretrain.method",
                       "supervised", exit_code=2)

@@ -60,3 +60,19 @@ def build_augment_fn(policy: Sequence[Transform], seed_parts: Sequence[int]):
         return tf.ensure_shape(out, images.shape), labels, mask
 
     return augment_fn
+
+
+def build_views_fn(policy: Sequence[Transform], seed_parts: Sequence[int]):
+    """A tf.data map function over batches of (indices, images uint8 (n, size, size, 1)) -> (2n, size, size, 1):
+    every image augmented twice by `policy`, independently (self-supervised views a, then views b)."""
+    view_a = BatchAugmenter(policy, (*seed_parts, 0))
+    view_b = BatchAugmenter(policy, (*seed_parts, 1))
+
+    def two_views(images: np.ndarray, indices: np.ndarray) -> np.ndarray:
+        return np.concatenate([view_a(images, indices), view_b(images, indices)], axis=0)
+
+    def views_fn(indices, images):
+        out = tf.numpy_function(two_views, [images, indices], tf.uint8, stateful=False, name="views")
+        return tf.ensure_shape(out, [2 * images.shape[0], *images.shape[1:]])
+
+    return views_fn

@@ -17,7 +17,7 @@ import re
 import numpy as np
 
 from medtl.config import Config
-from medtl.data.augment import build_augment_fn
+from medtl.data.augment import build_augment_fn, build_views_fn
 from medtl.data.manifest import Manifest, read_manifest
 from medtl.data.records import IMAGE, KEY, LABELS, MASK, PATIENT
 from medtl.errors import MedtlError, RunFailure
@@ -313,6 +313,29 @@ def build_dataset(cfg: Config, split: str, rank: int = 0, num_ranks: int = 1, ma
     ds = ds.map(build_model_input_fn(cfg.data.channels), num_parallel_calls=AUTOTUNE, deterministic=deterministic)
     if image_only:
         ds = ds.map(lambda images, labels, mask: images)  # (batch, size, size, channels)
+    options = tf.data.Options()
+    options.deterministic = deterministic
+    return ds.with_options(options).prefetch(AUTOTUNE)
+
+
+def build_views_dataset(cfg: Config, rank: int = 0, num_ranks: int = 1, manifest: Manifest | None = None,
+                        first_epoch: int = 0) -> tf.data.Dataset:
+    """The self-supervised (simclr) training stream of one rank: batches (2 * batch, size, size, channels)
+    float32 in [0, 255], two views of each of train.batch_size train images (pretrain.view_policy): views a,
+    then views b. Labels are dropped unread, so records with no labels train the same. Shuffle, repeat,
+    rank sharding and seeds are the training stream's; batches are whole (drop_remainder), so every rank
+    holds the same number of images, as gathering the projections needs."""
+    manifest = manifest or read_manifest(cfg.data.records)
+    deterministic = cfg.data.deterministic
+    ds = build_decoded(cfg, manifest, "train", rank, num_ranks, True, True, first_epoch)
+    ds = ds.map(lambda image, labels, mask: image)  # (size, size, 1) uint8
+    ds = ds.shuffle(cfg.data.shuffle_buffer, seed=_seed(cfg.seed, rank, first_epoch), reshuffle_each_iteration=True)
+    ds = ds.repeat().enumerate().batch(cfg.train.batch_size, drop_remainder=True)
+    policy = cfg.pretrain.view_policy(cfg.data.image_size, cfg.data.augment)
+    ds = ds.map(build_views_fn(policy, (cfg.seed, rank, first_epoch)), num_parallel_calls=AUTOTUNE,
+                deterministic=deterministic)
+    ds = ds.map(lambda views: to_channels(views, cfg.data.channels), num_parallel_calls=AUTOTUNE,
+                deterministic=deterministic)
     options = tf.data.Options()
     options.deterministic = deterministic
     return ds.with_options(options).prefetch(AUTOTUNE)

@@ -3,22 +3,54 @@
 supervised: the phases of the job train the configured backbone on data.records' labels (any label set)
 with the same loop as `medtl train`, so horovodrun, LR scaling, rank-0 I/O and resume are the same;
 then rank 0 writes the backbone of the best weights to RUN/base.weights.h5 with its sidecar.
+
+simclr: self-supervised, the same phases train the backbone with a projection head on the NT-Xent loss
+over two augmented views of each train image, labels unread (medtl.train.simclr); rank 0 then writes the
+backbone of the last phase's final weights the same way.
 """
 from __future__ import annotations
 
 from medtl.config import PRETRAIN_METHODS, Config
-from medtl.errors import ConfigError
+from medtl.data.manifest import Manifest, read_manifest
+from medtl.errors import ConfigError, MedtlError
 from medtl.utils.log import log
 
 
 def check_pretrain_config(cfg: Config) -> None:
     """What `medtl pretrain` needs beyond a valid job config."""
     if not cfg.pretrain.method:
-        raise ConfigError(f"pretrain.method is missing; add `pretrain: {{method: supervised}}` to the job config "
-                          f"(or --set pretrain.method=supervised); built methods: {', '.join(PRETRAIN_METHODS)}")
+        raise ConfigError(f"pretrain.method is missing; add `pretrain: {{method: supervised}}` (labels) or "
+                          f"`pretrain: {{method: simclr}}` (no labels) to the job config, or --set "
+                          f"pretrain.method=...; built methods: {', '.join(PRETRAIN_METHODS)}")
     if all(phase.trainable.kind == "none" for phase in cfg.phases):
         raise ConfigError("no phase trains the base (every phases.N.trainable is none), so pretraining would keep "
                           "a random base; set phases.0.trainable=all")
+    if cfg.pretrain.method == "simclr":
+        check_views_batch(cfg.train.batch_size, 1)
+    check_train_images(read_manifest(cfg.data.records), cfg.data.records)
+
+
+def negatives_per_anchor(per_rank_batch_size: int, ranks: int) -> int:
+    """Each anchor's negatives: both views of every other image of the global batch."""
+    return 2 * per_rank_batch_size * ranks - 2
+
+
+def check_views_batch(per_rank_batch_size: int, ranks: int) -> None:
+    """NT-Xent needs other images in the batch to contrast with: 2 per rank, which gives every anchor at least
+    negatives_per_anchor(2, 1) = 2 negatives on any number of ranks."""
+    if per_rank_batch_size < 2 or negatives_per_anchor(per_rank_batch_size, ranks) < 2:
+        raise ConfigError(
+            f"train.batch_size={per_rank_batch_size} is too small for pretrain.method=simclr: each rank needs at "
+            "least 2 images per step (the other images' views are an anchor's negatives); set "
+            "train.batch_size=2 or more (32 or more per rank learns better)")
+
+
+def check_train_images(manifest: Manifest, records: str) -> None:
+    """Pretraining learns from the train split alone (labels or not): it must hold images."""
+    if "train" not in manifest.splits or manifest.records("train") == 0:
+        raise MedtlError(f"the train split of {records} has no images (0 records), so there is nothing to pretrain "
+                         "on; ingest studies into it with `medtl ingest` (simclr needs no labels), or point "
+                         "data.records at another records folder")
 
 
 def pretrain_supervised(cfg: Config, workdir: str) -> dict:
@@ -41,3 +73,31 @@ def pretrain_supervised(cfg: Config, workdir: str) -> dict:
             f"epoch(s), best val macro AUROC {summary['best_val_auroc']}); use it with "
             f"model.weights={run.base_weights}")
     return {**summary, "base_weights": run.base_weights, "meta": meta}
+
+
+def pretrain_simclr(cfg: Config, workdir: str) -> dict:
+    """Self-supervised pretraining, then the base file from the final weights (rank 0). Returns the loop's
+    summary with "base_weights" (the path) and "meta" (the BaseMeta, on rank 0; None elsewhere)."""
+    from medtl import dist
+    from medtl.models import basefile
+    from medtl.train.rundir import RunDir
+    from medtl.train.simclr import train_simclr
+
+    summary, model = train_simclr(cfg, workdir)
+    ctx = dist.init(cfg.train.stall_shutdown_seconds)
+    run = RunDir(workdir, ctx.primary)
+    meta = None
+    if ctx.primary:
+        meta = basefile.make_meta(cfg, cfg.pretrain.method, summary["epochs"], summary["manifest_digest"])
+        basefile.write_base(model.get_layer("backbone"), meta, run.base_weights)
+        log(f"pretrain: wrote {run.base_weights} ({meta.backbone}, {meta.channels} channel(s), {meta.epochs} "
+            f"epoch(s) of simclr, final contrastive loss {summary.get('loss')}); use it with "
+            f"model.weights={run.base_weights}")
+    return {**summary, "base_weights": run.base_weights, "meta": meta}
+
+
+def run_pretrain(cfg: Config, workdir: str) -> dict:
+    """`medtl pretrain` by cfg.pretrain.method (checked by check_pretrain_config)."""
+    if cfg.pretrain.method == "simclr":
+        return pretrain_simclr(cfg, workdir)
+    return pretrain_supervised(cfg, workdir)
