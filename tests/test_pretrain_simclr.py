@@ -103,20 +103,32 @@ def test_simclr_bad_inputs(records, tmp_path):
     assert_user_error(_pretrain(records, run, "--set", "train.batch_size=1"), "train.batch_size=1",
                       "simclr", "set train.batch_size=2 or more", exit_code=2)
     empty = _unlabeled_records(str(tmp_path / "empty"), 0)
-    assert_user_error(_pretrain(empty, run), f"the train split of {empty} has no images", "medtl ingest",
+    assert_user_error(_pretrain(empty, run), f"records folder {empty} holds no images", "medtl ingest",
                       exit_code=2)
     assert_user_error(_pretrain(records, run, "--set", "pretrain.method=moco"), "not built yet", exit_code=2)
     assert not os.path.exists(os.path.join(run, "base.weights.h5"))
 
 
 @pytest.mark.slow
-def test_pretrain_simclr_writes_a_base_that_train_starts_from(records, tmp_path):
+def test_pretrain_simclr_on_unlabeled_dicoms_writes_a_base_that_train_starts_from(records, tmp_path):
     """Resuming mid-run is `medtl train`'s code (RunDir, the phase plan, the epoch checkpoint); it is not
     repeated here, to keep this file's time down (a run killed in epoch 2 resumed after epoch 1 when built)."""
     from medtl.data.manifest import read_manifest
+    from medtl.data.synth import synthesize
+
+    # A hospital's archive: DICOM studies without labels, ingested as such (patient ids from the DICOM tags).
+    synthesize(str(tmp_path / "archive"), 40, seed=3, size=64, dicom=True)
+    unlabeled = str(tmp_path / "unlabeled")
+    ingested = run_cli("ingest", "--images", tmp_path / "archive" / "images", "--unlabeled", "--out", unlabeled,
+                       "--image-size", 64)
+    assert ingested.returncode == 0, ingested.stderr[-3000:]
+    assert not read_manifest(unlabeled, unlabeled_ok=True).labeled
+    assert_user_error(run_cli("pretrain", "--config", TINY, "--workdir", str(tmp_path / "sup"), "--set",
+                              f"data.records={unlabeled}", "--set", "pretrain.method=supervised"),
+                      f"records folder {unlabeled} is unlabeled", "simclr")
 
     run = str(tmp_path / "pre")
-    result = _pretrain(records, run)
+    result = _pretrain(unlabeled, run)
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-3000:]
     assert f"{2 * 8 - 2} negatives per anchor gathered from 1 rank(s)" in out
@@ -125,7 +137,7 @@ def test_pretrain_simclr_writes_a_base_that_train_starts_from(records, tmp_path)
     assert result.stdout.strip().splitlines()[-1] == base
     meta = json.load(open(base + ".json"))
     assert meta["method"] == "simclr" and meta["epochs"] == 1 and meta["backbone"] == "MobileNetV3Small"
-    assert meta["records_digest"] == read_manifest(records).digest()
+    assert meta["records_digest"] == read_manifest(unlabeled, unlabeled_ok=True).digest()
     rows = [json.loads(line) for line in open(os.path.join(run, "history.jsonl"))]
     assert len(rows) == 1 and math.isfinite(rows[0]["loss"]) and rows[0]["negatives_per_anchor"] == 14
 

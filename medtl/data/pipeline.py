@@ -325,7 +325,7 @@ def build_views_dataset(cfg: Config, rank: int = 0, num_ranks: int = 1, manifest
     then views b. Labels are dropped unread, so records with no labels train the same. Shuffle, repeat,
     rank sharding and seeds are the training stream's; batches are whole (drop_remainder), so every rank
     holds the same number of images, as gathering the projections needs."""
-    manifest = manifest or read_manifest(cfg.data.records)
+    manifest = manifest or read_manifest(cfg.data.records, unlabeled_ok=True)
     deterministic = cfg.data.deterministic
     ds = build_decoded(cfg, manifest, "train", rank, num_ranks, True, True, first_epoch)
     ds = ds.map(lambda image, labels, mask: image)  # (size, size, 1) uint8

@@ -113,3 +113,11 @@ def block_groups(base: tf.keras.Model, backbone: str) -> list[list[tf.keras.laye
             keys.append(key)
         groups[-1].append(layer)
     return groups
+
+
+def batch_norm_statistics(model: tf.keras.Model) -> list:
+    """The moving means and variances of the base's BatchNorm layers that train (train_batch_norm): each rank
+    updates its own from its own batches, unlike the weights, whose gradients are averaged."""
+    layers = [layer for layer in model.get_layer("backbone").layers
+              if isinstance(layer, tf.keras.layers.BatchNormalization) and layer.trainable]
+    return [v for layer in layers for v in (layer.moving_mean, layer.moving_variance)]

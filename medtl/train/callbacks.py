@@ -13,6 +13,7 @@ import numpy as np
 
 from medtl import dist
 from medtl.errors import Terminated
+from medtl.models.backbones import batch_norm_statistics
 from medtl.models.metrics import mean_bce, summary_metrics
 from medtl.models.predict import predict_split
 from medtl.tf import tf
@@ -167,6 +168,9 @@ class EpochMetrics(tf.keras.callbacks.Callback):
         logs["loss"] = dist.allreduce_mean(self.ctx, float(logs.get("loss", math.nan)), "epoch_loss")
         logs["images_per_second"] = self.images_per_epoch / seconds if seconds > 0 else 0.0
         logs["lr"] = current_learning_rate(self.model.optimizer)
+        # Ranks that train BatchNorm hold different moving statistics: average them, so that every rank
+        # validates (and keeps) the same network.
+        dist.average_variables(self.ctx, batch_norm_statistics(self.model), "batch_norm_statistics")
         dist.reached(f"validation after epoch {epoch + 1}")
         faults.in_validation(self.ctx.rank, epoch)
         out = predict_split(self.model, self.cfg, self.manifest, "val", self.ctx)

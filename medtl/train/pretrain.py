@@ -11,8 +11,8 @@ backbone of the last phase's final weights the same way.
 from __future__ import annotations
 
 from medtl.config import PRETRAIN_METHODS, Config
-from medtl.data.manifest import Manifest, read_manifest
-from medtl.errors import ConfigError, MedtlError
+from medtl.data.manifest import check_train_split, read_manifest
+from medtl.errors import ConfigError
 from medtl.utils.log import log
 
 
@@ -27,7 +27,10 @@ def check_pretrain_config(cfg: Config) -> None:
                           "a random base; set phases.0.trainable=all")
     if cfg.pretrain.method == "simclr":
         check_views_batch(cfg.train.batch_size, 1)
-    check_train_images(read_manifest(cfg.data.records), cfg.data.records)
+    # simclr reads images only, so unlabeled records (`medtl ingest --unlabeled`) are its to take; supervised
+    # needs labels and is refused them here, in one line, before TensorFlow loads.
+    check_train_split(cfg.data.records,
+                      read_manifest(cfg.data.records, unlabeled_ok=cfg.pretrain.method == "simclr"))
 
 
 def negatives_per_anchor(per_rank_batch_size: int, ranks: int) -> int:
@@ -43,14 +46,6 @@ def check_views_batch(per_rank_batch_size: int, ranks: int) -> None:
             f"train.batch_size={per_rank_batch_size} is too small for pretrain.method=simclr: each rank needs at "
             "least 2 images per step (the other images' views are an anchor's negatives); set "
             "train.batch_size=2 or more (32 or more per rank learns better)")
-
-
-def check_train_images(manifest: Manifest, records: str) -> None:
-    """Pretraining learns from the train split alone (labels or not): it must hold images."""
-    if "train" not in manifest.splits or manifest.records("train") == 0:
-        raise MedtlError(f"the train split of {records} has no images (0 records), so there is nothing to pretrain "
-                         "on; ingest studies into it with `medtl ingest` (simclr needs no labels), or point "
-                         "data.records at another records folder")
 
 
 def pretrain_supervised(cfg: Config, workdir: str) -> dict:

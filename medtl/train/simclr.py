@@ -18,9 +18,10 @@ import numpy as np
 from medtl import dist
 from medtl.config import Config
 from medtl.data import verify
-from medtl.data.manifest import read_manifest
+from medtl.data.manifest import check_train_split, read_manifest
 from medtl.data.pipeline import build_views_dataset, pipeline_errors, split_size
 from medtl.errors import RunFailure
+from medtl.models.backbones import batch_norm_statistics
 from medtl.models.build import set_precision
 from medtl.models.contrastive import build_simclr_model
 from medtl.tf import tf
@@ -28,17 +29,10 @@ from medtl.train import callbacks as cb
 from medtl.train.loop import (_check_in_sync, _check_outputs_outside_records, _configure_threads, _phase_plan,
                               _prepare_run, _restore_previous_best, _steps_per_epoch, _verbosity, build_optimizer)
 from medtl.train.phases import apply_phase, check_phases_trainable, trainable_variable_names
-from medtl.train.pretrain import check_train_images, check_views_batch, negatives_per_anchor
+from medtl.train.pretrain import check_views_batch, negatives_per_anchor
 from medtl.train.rundir import RunDir, RunState
 from medtl.utils import faults
 from medtl.utils.log import log
-
-
-def batch_norm_statistics(model) -> list:
-    """The moving means and variances of the BatchNorm layers that train (each rank updates its own)."""
-    layers = [layer for layer in model.get_layer("backbone").layers
-              if isinstance(layer, tf.keras.layers.BatchNormalization) and layer.trainable]
-    return [v for layer in layers for v in (layer.moving_mean, layer.moving_variance)]
 
 
 class ContrastiveEpochs(tf.keras.callbacks.Callback):
@@ -95,8 +89,8 @@ def train_simclr(cfg: Config, workdir: str):
         tf.config.experimental.enable_op_determinism()
     ctx = dist.init(cfg.train.stall_shutdown_seconds)
     check_views_batch(cfg.train.batch_size, ctx.size)
-    manifest = read_manifest(cfg.data.records)
-    check_train_images(manifest, cfg.data.records)
+    manifest = read_manifest(cfg.data.records, unlabeled_ok=True)  # labels are never read
+    check_train_split(cfg.data.records, manifest)
     _check_outputs_outside_records(cfg, workdir)
     damaged = verify.check_cheap(cfg.data.records, manifest, ["train"])
     if damaged:
