@@ -101,11 +101,3 @@ def test_plain_weights_file_without_sidecar_has_no_meta(tmp_path):
     assert basefile.read_meta(str(plain)) is None
     basefile.check_fits(str(plain), "EfficientNetB0", 3)  # a user's own .h5: loaded unchecked, as before
 
-
-@pytest.mark.slow
-def test_base_pretrained_at_another_size_loads_with_a_warning(base_run, records, tmp_path):
-    base = os.path.join(base_run[0], "base.weights.h5")  # pretrained at 64 px
-    result = _train(records, str(tmp_path / "run"), base, "--set", "data.image_size=32")
-    assert result.returncode == 0, result.stderr[-3000:]
-    warnings = [line for line in result.stderr.splitlines() if "pretrained at 64 px" in line]
-    assert len(warnings) == 1 and "builds 32 px" in warnings[0] and "data.image_size=64" in warnings[0], warnings

@@ -141,9 +141,13 @@ def test_pretrain_simclr_on_unlabeled_dicoms_writes_a_base_that_train_starts_fro
     rows = [json.loads(line) for line in open(os.path.join(run, "history.jsonl"))]
     assert len(rows) == 1 and math.isfinite(rows[0]["loss"]) and rows[0]["negatives_per_anchor"] == 14
 
+    # The labeled job at another input size than the pretraining's: the base loads, with one warning.
     target = run_cli("train", "--config", TINY, "--workdir", str(tmp_path / "target"), "--set",
-                     f"data.records={records}", "--set", f"model.weights={base}", *HEAD_ONLY_SET)
+                     f"data.records={records}", "--set", f"model.weights={base}", "--set", "data.image_size=32",
+                     *HEAD_ONLY_SET)
     assert target.returncode == 0, target.stderr[-3000:]
+    warnings = [line for line in target.stderr.splitlines() if "pretrained at 64 px" in line]
+    assert len(warnings) == 1 and "builds 32 px" in warnings[0] and "data.image_size=64" in warnings[0], warnings
 
 
 @pytest.mark.slow
