@@ -48,47 +48,46 @@ def check_views_batch(per_rank_batch_size: int, ranks: int) -> None:
             "train.batch_size=2 or more (32 or more per rank learns better)")
 
 
-def pretrain_supervised(cfg: Config, workdir: str) -> dict:
-    """Train, then write the base file from the run's best weights (rank 0). Returns the loop's summary
-    with "base_weights" (the path) and "meta" (the BaseMeta, on rank 0; None elsewhere)."""
-    from medtl import dist
-    from medtl.models import basefile
-    from medtl.train.loop import train
-    from medtl.train.rundir import RunDir, load_run
-
-    summary = train(cfg, workdir)
-    ctx = dist.init(cfg.train.stall_shutdown_seconds)
-    run = RunDir(workdir, ctx.primary)
-    meta = None
-    if ctx.primary:
-        _, manifest, model = load_run(workdir)
-        meta = basefile.make_meta(cfg, cfg.pretrain.method, summary["epochs"], manifest.digest())
-        basefile.write_base(model.get_layer("backbone"), meta, run.base_weights)
-        log(f"pretrain: wrote {run.base_weights} ({meta.backbone}, {meta.channels} channel(s), {meta.epochs} "
-            f"epoch(s), best val macro AUROC {summary['best_val_auroc']}); use it with "
-            f"model.weights={run.base_weights}")
-    return {**summary, "base_weights": run.base_weights, "meta": meta}
-
-
-def pretrain_simclr(cfg: Config, workdir: str) -> dict:
-    """Self-supervised pretraining, then the base file from the final weights (rank 0). Returns the loop's
-    summary with "base_weights" (the path) and "meta" (the BaseMeta, on rank 0; None elsewhere)."""
+def _keep_base(cfg: Config, workdir: str, summary: dict, load, result: str) -> dict:
+    """Rank 0 writes the backbone of the model that `load()` returns (with the records' digest) to
+    RUN/base.weights.h5 with its sidecar; `result` says what the method reached, for the log line.
+    Returns `summary` with "base_weights" (the path) and "meta" (the BaseMeta; None off rank 0)."""
     from medtl import dist
     from medtl.models import basefile
     from medtl.train.rundir import RunDir
+
+    run = RunDir(workdir, dist.init(cfg.train.stall_shutdown_seconds).primary)
+    meta = None
+    if run.primary:
+        model, digest = load()
+        meta = basefile.make_meta(cfg, cfg.pretrain.method, summary["epochs"], digest)
+        basefile.write_base(model.get_layer("backbone"), meta, run.base_weights)
+        log(f"pretrain: wrote {run.base_weights} ({meta.backbone}, {meta.channels} channel(s), {meta.epochs} "
+            f"epoch(s) of {meta.method}, {result}); use it with model.weights={run.base_weights}")
+    return {**summary, "base_weights": run.base_weights, "meta": meta}
+
+
+def pretrain_supervised(cfg: Config, workdir: str) -> dict:
+    """Train, then keep the base of the run's best weights."""
+    from medtl.train.loop import train
+    from medtl.train.rundir import load_run
+
+    summary = train(cfg, workdir)
+
+    def best():
+        _, manifest, model = load_run(workdir)
+        return model, manifest.digest()
+
+    return _keep_base(cfg, workdir, summary, best, f"best val macro AUROC {summary['best_val_auroc']}")
+
+
+def pretrain_simclr(cfg: Config, workdir: str) -> dict:
+    """Self-supervised pretraining, then keep the base of the final weights."""
     from medtl.train.simclr import train_simclr
 
     summary, model = train_simclr(cfg, workdir)
-    ctx = dist.init(cfg.train.stall_shutdown_seconds)
-    run = RunDir(workdir, ctx.primary)
-    meta = None
-    if ctx.primary:
-        meta = basefile.make_meta(cfg, cfg.pretrain.method, summary["epochs"], summary["manifest_digest"])
-        basefile.write_base(model.get_layer("backbone"), meta, run.base_weights)
-        log(f"pretrain: wrote {run.base_weights} ({meta.backbone}, {meta.channels} channel(s), {meta.epochs} "
-            f"epoch(s) of simclr, final contrastive loss {summary.get('loss')}); use it with "
-            f"model.weights={run.base_weights}")
-    return {**summary, "base_weights": run.base_weights, "meta": meta}
+    return _keep_base(cfg, workdir, summary, lambda: (model, summary["manifest_digest"]),
+                      f"final contrastive loss {summary.get('loss')}")
 
 
 def run_pretrain(cfg: Config, workdir: str) -> dict:
