@@ -400,6 +400,21 @@ SIMCLR_AUGMENT: tuple[Transform, ...] = (
 )
 
 
+def negatives_per_anchor(per_rank_batch_size: int, ranks: int) -> int:
+    """Each anchor's negatives: both views of every other image of the global batch."""
+    return 2 * per_rank_batch_size * ranks - 2
+
+
+def check_views_batch(per_rank_batch_size: int, ranks: int) -> None:
+    """NT-Xent needs other images in the batch to contrast with: 2 per rank, which gives every anchor at least
+    negatives_per_anchor(2, 1) = 2 negatives on any number of ranks."""
+    if per_rank_batch_size < 2 or negatives_per_anchor(per_rank_batch_size, ranks) < 2:
+        raise ConfigError(
+            f"train.batch_size={per_rank_batch_size} is too small for pretrain.method=simclr: each rank needs at "
+            "least 2 images per step (the other images' views are an anchor's negatives); set "
+            "train.batch_size=2 or more (32 or more per rank learns better)")
+
+
 @dataclass(frozen=True)
 class PretrainConfig:
     # `medtl pretrain`'s method: supervised (train the base with the phases on data.records' labels, then keep the base) or simclr (self-supervised, contrastive: labels ignored); required by `medtl pretrain`, ignored by the other commands.

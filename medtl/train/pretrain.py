@@ -10,7 +10,7 @@ backbone of the last phase's final weights the same way.
 """
 from __future__ import annotations
 
-from medtl.config import PRETRAIN_METHODS, Config
+from medtl.config import PRETRAIN_METHODS, Config, check_views_batch
 from medtl.data.manifest import check_train_split, read_manifest
 from medtl.errors import ConfigError
 from medtl.utils.log import log
@@ -31,21 +31,6 @@ def check_pretrain_config(cfg: Config) -> None:
     # needs labels and is refused them here, in one line, before TensorFlow loads.
     check_train_split(cfg.data.records,
                       read_manifest(cfg.data.records, unlabeled_ok=cfg.pretrain.method == "simclr"))
-
-
-def negatives_per_anchor(per_rank_batch_size: int, ranks: int) -> int:
-    """Each anchor's negatives: both views of every other image of the global batch."""
-    return 2 * per_rank_batch_size * ranks - 2
-
-
-def check_views_batch(per_rank_batch_size: int, ranks: int) -> None:
-    """NT-Xent needs other images in the batch to contrast with: 2 per rank, which gives every anchor at least
-    negatives_per_anchor(2, 1) = 2 negatives on any number of ranks."""
-    if per_rank_batch_size < 2 or negatives_per_anchor(per_rank_batch_size, ranks) < 2:
-        raise ConfigError(
-            f"train.batch_size={per_rank_batch_size} is too small for pretrain.method=simclr: each rank needs at "
-            "least 2 images per step (the other images' views are an anchor's negatives); set "
-            "train.batch_size=2 or more (32 or more per rank learns better)")
 
 
 def _keep_base(cfg: Config, workdir: str, summary: dict, load, result: str) -> dict:

@@ -16,7 +16,7 @@ import time
 import numpy as np
 
 from medtl import dist
-from medtl.config import Config
+from medtl.config import Config, check_views_batch, negatives_per_anchor
 from medtl.data import verify
 from medtl.data.manifest import check_train_split, read_manifest
 from medtl.data.pipeline import build_views_dataset, pipeline_errors, split_size
@@ -29,7 +29,6 @@ from medtl.train import callbacks as cb
 from medtl.train.loop import (_check_in_sync, _check_outputs_outside_records, _configure_threads, _phase_plan,
                               _prepare_run, _restore_previous_best, _steps_per_epoch, _verbosity, build_optimizer)
 from medtl.train.phases import apply_phase, check_phases_trainable, trainable_variable_names
-from medtl.train.pretrain import check_views_batch, negatives_per_anchor
 from medtl.train.rundir import RunDir, RunState
 from medtl.utils import faults
 from medtl.utils.log import log
