@@ -148,20 +148,7 @@ def train(cfg: Config, workdir: str, until_phase: str | None = None) -> dict:
     """Run (or resume) the phases of `cfg` up to and including `until_phase` (default: all of them);
     returns a summary. A later run with the same workdir resumes where this one stopped."""
     last = _last_phase(cfg, until_phase)
-    _configure_threads(cfg)
-    if cfg.data.deterministic:
-        # Same batches are not enough for the same weights: kernels must also reduce in a fixed order.
-        tf.config.experimental.enable_op_determinism()
-    ctx = dist.init(cfg.train.stall_shutdown_seconds)
-    manifest = read_manifest(cfg.data.records)  # refuses unlabeled records
-    check_train_split(cfg.data.records, manifest)
-    _check_val_split(manifest, cfg.data.records)
-    _check_outputs_outside_records(cfg, workdir)
-    damaged = verify.check_cheap(cfg.data.records, manifest, ["train", "val"])
-    if damaged:
-        raise RunFailure(f"{damaged[0]}; run `medtl verify {cfg.data.records}` and re-ingest or restore it")
-    run = RunDir(workdir, ctx.primary)
-    state = _prepare_run(ctx, cfg, run)
+    ctx, manifest, run, state = open_run(cfg, workdir, ("train", "val"))  # refuses unlabeled records
     if state.finished(cfg):
         log(f"train: {workdir} is complete ({state.epochs_done} epochs, best val macro AUROC "
             f"{state.overall_best:.4f}); nothing to do. Train into a new --workdir to start again.")
@@ -264,6 +251,28 @@ def _run_phases(ctx, cfg, run: RunDir, manifest, state, model, loss, steps, sign
         fingerprints[phase.name] = _check_in_sync(ctx, model, phase.name)
         log(f"phase '{phase.name}' done: best val macro AUROC {tracker.best:.4f} (epoch {tracker.best_epoch + 1})")
     return fingerprints
+
+
+def open_run(cfg: Config, workdir: str, splits: tuple[str, ...], unlabeled_ok: bool = False):
+    """What every training job (`medtl train`, `medtl pretrain`) does before it builds a model: TensorFlow's
+    threads and determinism, Horovod, the records' checks (the `splits` it reads must hold images and be
+    undamaged; val also labels of both kinds), outputs outside the records, then the run folder and its
+    state, resumed if there is one. Returns (ctx, manifest, run, state)."""
+    _configure_threads(cfg)
+    if cfg.data.deterministic:
+        # Same batches are not enough for the same weights: kernels must also reduce in a fixed order.
+        tf.config.experimental.enable_op_determinism()
+    ctx = dist.init(cfg.train.stall_shutdown_seconds)
+    manifest = read_manifest(cfg.data.records, unlabeled_ok=unlabeled_ok)
+    check_train_split(cfg.data.records, manifest)
+    if "val" in splits:
+        _check_val_split(manifest, cfg.data.records)
+    _check_outputs_outside_records(cfg, workdir)
+    damaged = verify.check_cheap(cfg.data.records, manifest, list(splits))
+    if damaged:
+        raise RunFailure(f"{damaged[0]}; run `medtl verify {cfg.data.records}` and re-ingest or restore it")
+    run = RunDir(workdir, ctx.primary)
+    return ctx, manifest, run, _prepare_run(ctx, cfg, run)
 
 
 def _check_outputs_outside_records(cfg: Config, workdir: str) -> None:

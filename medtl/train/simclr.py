@@ -18,7 +18,6 @@ import numpy as np
 from medtl import dist
 from medtl.config import Config, check_views_batch, negatives_per_anchor
 from medtl.data import verify
-from medtl.data.manifest import check_train_split, read_manifest
 from medtl.data.pipeline import build_views_dataset, pipeline_errors, split_size
 from medtl.errors import RunFailure
 from medtl.models.backbones import batch_norm_statistics
@@ -26,8 +25,8 @@ from medtl.models.build import set_precision
 from medtl.models.contrastive import build_simclr_model
 from medtl.tf import tf
 from medtl.train import callbacks as cb
-from medtl.train.loop import (_check_in_sync, _check_outputs_outside_records, _configure_threads, _phase_plan,
-                              _prepare_run, _restore_previous_best, _steps_per_epoch, _verbosity, build_optimizer)
+from medtl.train.loop import (_check_in_sync, _phase_plan, _restore_previous_best, _steps_per_epoch, _verbosity,
+                              build_optimizer, open_run)
 from medtl.train.phases import apply_phase, check_phases_trainable, trainable_variable_names
 from medtl.train.rundir import RunDir, RunState
 from medtl.utils import faults
@@ -83,19 +82,8 @@ class ContrastiveEpochs(tf.keras.callbacks.Callback):
 def train_simclr(cfg: Config, workdir: str):
     """Run (or resume) the phases of `cfg` with the NT-Xent loss; returns (summary, model). The model holds the
     last phase's final weights on every rank (rank 0's alone when the run was already complete)."""
-    _configure_threads(cfg)
-    if cfg.data.deterministic:
-        tf.config.experimental.enable_op_determinism()
-    ctx = dist.init(cfg.train.stall_shutdown_seconds)
-    check_views_batch(cfg.train.batch_size, ctx.size)
-    manifest = read_manifest(cfg.data.records, unlabeled_ok=True)  # labels are never read
-    check_train_split(cfg.data.records, manifest)
-    _check_outputs_outside_records(cfg, workdir)
-    damaged = verify.check_cheap(cfg.data.records, manifest, ["train"])
-    if damaged:
-        raise RunFailure(f"{damaged[0]}; run `medtl verify {cfg.data.records}` and re-ingest or restore it")
-    run = RunDir(workdir, ctx.primary)
-    state = _prepare_run(ctx, cfg, run)
+    check_views_batch(cfg.train.batch_size, 1)  # per rank; the same on any number of ranks
+    ctx, manifest, run, state = open_run(cfg, workdir, ("train",), unlabeled_ok=True)  # labels are never read
     tf.keras.utils.set_random_seed(cfg.seed + 1000 * state.epochs_done)
     set_precision(cfg.train.precision)
     model = build_simclr_model(cfg)
