@@ -61,6 +61,7 @@ class TrainResult:
     stopped_after_phase: str | None  # set when until_phase stopped before the last phase
     weights_fingerprints: dict[str, str]  # phase -> weights hash (equal on every rank); phases trained now
     log_path: str  # the copy of the log in the run folder
+    phase_best_val_auroc: dict[str, float] | None = None  # phase -> its best val macro AUROC (phases trained so far)
 
 
 @dataclass(frozen=True)
@@ -133,8 +134,9 @@ def _need_records(cfg: Config) -> None:
 
 
 def synth(out: str, n: int = 1000, seed: int = 0, size: int = 256, dicom: bool = False,
-          progress: bool = True) -> SynthResult:
-    """Write `n` synthetic chest-X-ray-like studies (ChestX-ray14 layout) into OUT/images and OUT/labels.csv."""
+          progress: bool = True, first_patient: int = 1) -> SynthResult:
+    """Write `n` synthetic chest-X-ray-like studies (ChestX-ray14 layout) into OUT/images and OUT/labels.csv.
+    Patients are numbered from `first_patient`, so sets made with different numbers share no patient id."""
     from medtl.data.synth import synthesize
     from medtl.utils.progress import Progress
 
@@ -143,7 +145,7 @@ def synth(out: str, n: int = 1000, seed: int = 0, size: int = 256, dicom: bool =
     if size < 32:
         raise MedtlError(f"size must be >= 32, got {size}")
     with Progress(n, "synth", enabled=progress) as bar:
-        info = synthesize(out, n, seed, size, dicom, progress=bar)
+        info = synthesize(out, n, seed, size, dicom, progress=bar, first_patient=first_patient)
     return SynthResult(out=out, images=os.path.join(out, "images"), labels=os.path.join(out, "labels.csv"),
                        num_images=info["images"], num_patients=info["patients"], prevalence=dict(info["prevalence"]))
 
@@ -204,7 +206,8 @@ def train(config: ConfigLike, workdir: str, overrides: typing.Sequence[str] = ()
         summary = train_phases(cfg, workdir, until_phase=until_phase)
     return TrainResult(workdir=workdir, best_val_auroc=summary["best_val_auroc"], epochs=summary["epochs"],
                        ranks=ctx.size, stopped_after_phase=summary.get("stopped_after_phase"),
-                       weights_fingerprints=dict(summary.get("weights_fingerprint") or {}), log_path=log_path)
+                       weights_fingerprints=dict(summary.get("weights_fingerprint") or {}), log_path=log_path,
+                       phase_best_val_auroc=dict(summary.get("phase_best_val_auroc") or {}))
 
 
 def pretrain(config: ConfigLike, workdir: str, overrides: typing.Sequence[str] = ()) -> PretrainResult:

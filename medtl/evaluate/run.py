@@ -128,6 +128,22 @@ def add_intervals(summary: dict, preds: dict, cfg: Config) -> dict:
     return summary
 
 
+def base_provenance(weights: str) -> str:
+    """What the base started from: imagenet, none (random), or a file and, for a pretrained base, its sidecar."""
+    from medtl.models import basefile
+
+    if weights in ("imagenet", "none"):
+        return {"imagenet": "ImageNet (Keras)", "none": "random initialisation"}[weights]
+    try:
+        meta = basefile.read_meta(weights)
+    except MedtlError:
+        meta = None
+    if meta is None:
+        return weights
+    return (f"{weights} ({meta.method} pretraining, {meta.epochs} epoch(s) at {meta.image_size} px on records "
+            f"{meta.records_digest[:16]})")
+
+
 def build_report(source: Source, split: str, preds: dict) -> dict:
     """metrics.json's content: metrics at the saved thresholds, intervals, thresholds, provenance."""
     cfg, manifest, ev = source.cfg, source.manifest, source.cfg.evaluate
@@ -143,6 +159,7 @@ def build_report(source: Source, split: str, preds: dict) -> dict:
     provenance = {
         "split": split, "data records": cfg.data.records, "data manifest sha256": manifest.digest(),
         "model": f"{cfg.model.backbone} at {cfg.data.image_size} px, {cfg.data.channels} channel(s)",
+        "base weights": base_provenance(cfg.model.weights),
         **source.provenance,
         "test-time augmentation": ev.tta, "medtl version": medtl.__version__, "tensorflow": tf.__version__,
         "evaluated at (UTC)": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
@@ -153,6 +170,7 @@ def build_report(source: Source, split: str, preds: dict) -> dict:
     return {"split": split, "n": summary["n"], "patients": int(len(np.unique(preds["patient"]))),
             "labels": summary["labels"], "macro": summary["macro"], "micro": summary["micro"],
             "thresholds": thr, "calibration_bins": ev.calibration_bins,
+            "phases": rep.phase_summary(source.history, cfg),
             "bootstrap": {"resamples": ev.bootstrap, "seed": ev.seed, "confidence": ev.confidence,
                           "unit": "patient"},
             "provenance": provenance}
