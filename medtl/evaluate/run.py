@@ -17,7 +17,7 @@ import numpy as np
 import medtl
 from medtl import dist
 from medtl.config import Config, dump_config, load_config, to_tree
-from medtl.data.manifest import Manifest
+from medtl.data.manifest import Manifest, check_split
 from medtl.errors import MedtlError
 from medtl.evaluate import report as rep
 from medtl.evaluate.bootstrap import bootstrap_distributions, percentile_interval
@@ -53,16 +53,6 @@ def with_evaluate_overrides(cfg: Config, overrides: list[str]) -> Config:
             raise MedtlError(f"--set {assignment}: only evaluate.* keys can be changed after training "
                              "(e.g. --set evaluate.threshold_policy=f1)")
     return load_config(raw=to_tree(cfg), overrides=overrides) if overrides else cfg
-
-
-def check_split(manifest: Manifest, split: str, records: str, purpose: str = "evaluate") -> None:
-    """Clear errors for a split that is not in the manifest or holds no records."""
-    if split not in manifest.splits:
-        raise MedtlError(f"split {split!r} is not in {records}/manifest.json; it has: "
-                         f"{', '.join(manifest.splits)}")
-    if manifest.records(split) == 0:
-        raise MedtlError(f"split {split!r} of {records} is empty (0 records), nothing to {purpose}; "
-                         "re-run `medtl ingest` with more studies or a larger --val-fraction/--test-fraction")
 
 
 def _thresholds_stale(saved: Thresholds | None, cfg: Config, digest: str, label_names) -> bool:

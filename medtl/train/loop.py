@@ -18,7 +18,7 @@ import numpy as np
 from medtl import dist
 from medtl.config import Config
 from medtl.data import verify
-from medtl.data.manifest import Manifest, check_train_split, read_manifest
+from medtl.data.manifest import Manifest, check_train_split, check_val_split, read_manifest
 from medtl.data.pipeline import build_dataset, pipeline_errors, records_in, split_size
 from medtl.errors import MedtlError, RunFailure
 from medtl.models.build import build_model, set_precision
@@ -26,7 +26,7 @@ from medtl.models.losses import build_loss
 from medtl.tf import tf
 from medtl.train import callbacks as cb
 from medtl.train.phases import apply_phase, check_phases_trainable, trainable_variable_names
-from medtl.train.rundir import RunDir, RunState
+from medtl.train.rundir import RunDir, RunState, check_outside_records
 from medtl.utils import faults
 from medtl.utils.log import log
 
@@ -41,13 +41,6 @@ def _steps_per_epoch(manifest: Manifest, cfg: Config, ctx: dist.Context) -> int:
             f"({cfg.train.batch_size} x {ctx.size} ranks); lower train.batch_size or ingest more studies"
         )
     return steps
-
-
-def _check_val_split(manifest: Manifest, records: str) -> None:
-    """Validation picks the best epoch and the thresholds: records without val records cannot train."""
-    if split_size(manifest, "val") == 0:
-        raise MedtlError(f"the val split of {records} is empty (0 records), and training needs it to pick the best "
-                         "epoch; re-run `medtl ingest` with more patients or a larger --val-fraction")
 
 
 def build_schedule(phase, learning_rate: float, steps_per_epoch: int):
@@ -274,28 +267,14 @@ def open_run(cfg: Config, workdir: str, splits: tuple[str, ...], unlabeled_ok: b
     manifest = read_manifest(cfg.data.records, unlabeled_ok=unlabeled_ok)
     check_train_split(cfg.data.records, manifest)
     if "val" in splits:
-        _check_val_split(manifest, cfg.data.records)
-    _check_outputs_outside_records(cfg, workdir)
+        check_val_split(cfg.data.records, manifest)
+    check_outside_records(cfg, workdir)
     damaged = verify.check_cheap(cfg.data.records, manifest, list(splits))
     if damaged:
         raise RunFailure(f"{damaged[0]}; run `medtl verify {cfg.data.records}` and re-ingest or restore it")
     records_in(cfg, manifest, "train")  # data.train_fraction's subset, refused here if it lacks a label's positives
     run = RunDir(workdir, ctx.primary)
     return ctx, manifest, run, _prepare_run(ctx, cfg, run)
-
-
-def _check_outputs_outside_records(cfg: Config, workdir: str) -> None:
-    """Records are read-only input: the run folder and a cache folder must live elsewhere."""
-    if "://" in cfg.data.records:
-        return
-    records = os.path.realpath(cfg.data.records)
-    for what, path in (("--workdir", workdir), ("data.cache", cfg.data.cache)):
-        if what == "data.cache" and path in ("none", "memory"):
-            continue
-        full = os.path.realpath(path)
-        if full == records or full.startswith(records + os.sep):
-            raise MedtlError(f"{what} {path} is inside the records folder {cfg.data.records}; records are read-only "
-                             f"input to training: put {what} outside it")
 
 
 def _restore_previous_best(ctx, model, run: RunDir, cfg, index: int) -> None:
