@@ -270,8 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = bench.add_parser("input", help="images/s of each input-pipeline stage vs naive loaders",
                          description="Images/s, per run and per CPU core, of (a) read + parse, (b) + decode + resize, "
-                                     "(c) + the default augmentation, (d) image_dataset_from_directory and (e) a PIL "
-                                     "loop over the same images, with the ratios (c)/(b) and (c)/(d).")
+                                     "(c) + the default augmentation over PNG shards, (d) image_dataset_from_directory "
+                                     "and (e) a PIL loop over the same images, and (a-raw) to (c-raw) over decode-free "
+                                     "raw shards of the same studies at --image-size; with the ratios, the pixels "
+                                     "decoded per pixel used, and cores per GPU.")
     b.add_argument("--records", default=None,
                    help="records folder to read (its train split); default: synthesise --n studies at --source-size")
     b.add_argument("--image-size", type=int, default=380, help="side the stream resizes to (default 380)")
@@ -281,7 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--n", type=int, default=256, help="synthetic studies without --records (default 256)")
     b.add_argument("--source-size", type=int, default=512,
                    help="side of the synthetic 16-bit shards without --records (default 512)")
-    b.add_argument("--max-png", type=int, default=512, help="records exported as PNG files for (d), (e) (default 512)")
+    b.add_argument("--max-png", type=int, default=512,
+                   help="records exported as PNG files for (d), (e), and, with --records, rewritten in the other "
+                        "encoding for its stages (default 512)")
     b.add_argument("--work", default=None, help="folder for the synthetic shards and PNG files (default: temporary)")
     b.add_argument("--alternatives", action="store_true",
                    help="also measure other ways to augment: one numpy_function call per image, TF-native ops")

@@ -46,7 +46,6 @@ QUARANTINE = "quarantine.csv"
 FINAL_SHARD = re.compile(r"^(train|val|test)-\d{5}-of-\d{5}\.tfrecord$")
 # In .parts/ once the manifest is written and checked: the parts are only being removed.
 FINALIZED = "FINALIZED"
-MIN_IMAGE_SIZE = 32  # stored side in pixels
 
 
 @dataclass(frozen=True)
@@ -198,8 +197,8 @@ def _check_options(opt: IngestOptions) -> None:
         raise MedtlError(f"--bit-depth must be 8 or 16, got {opt.bit_depth}")
     if opt.encoding not in decode.ENCODINGS:
         raise MedtlError(f"--encoding must be one of {', '.join(decode.ENCODINGS)}, got {opt.encoding}")
-    if opt.image_size < MIN_IMAGE_SIZE:
-        raise MedtlError(f"--image-size must be >= {MIN_IMAGE_SIZE}, got {opt.image_size}")
+    if opt.image_size < 32:
+        raise MedtlError(f"--image-size must be >= 32, got {opt.image_size}")
     if opt.aspect not in decode.ASPECT_POLICIES:
         raise MedtlError(f"--aspect must be one of {', '.join(decode.ASPECT_POLICIES)}, got {opt.aspect}")
     if opt.frame not in decode.FRAME_POLICIES:
@@ -646,10 +645,7 @@ def image_size_from_job(path: str) -> int:
     """The stored size that matches a job: its model input, data.image_size (`medtl ingest --size-from`)."""
     from medtl.config import load_job_config
 
-    size = load_job_config(path).data.image_size
-    if size < MIN_IMAGE_SIZE:
-        raise MedtlError(f"--size-from {path}: its data.image_size is {size} px, below the {MIN_IMAGE_SIZE} px ingest "
-                         f"stores at least; pass --image-size {MIN_IMAGE_SIZE} (training resizes to {size})")
+    size = load_job_config(path).data.image_size  # >= 32, as every backbone needs (Config.check)
     log(f"ingest: storing images at {size} px, the data.image_size of {path}")
     return size
 

@@ -260,6 +260,19 @@ def to_channels(images, channels: int):
     return tf.image.grayscale_to_rgb(images) if channels == 3 else images
 
 
+def _stream_to_channels(images, channels: int):
+    """to_channels for tf.data, which always runs on the CPU: there an outer product with ones(1, 3) (exact:
+    each value times 1.0) costs about 0.2 ms per 380 px image against 0.4-0.9 ms for grayscale_to_rgb's
+    tile, about half of a decode-free stream's work (docs/benchmarks.md). The export keeps the tile: on a
+    GPU, TF32 matmuls would round."""
+    images = tf.cast(images, tf.float32)
+    if channels != 3:
+        return images
+    shape = tf.shape(images)  # (..., size, size, 1)
+    rgb = tf.linalg.matmul(tf.reshape(images, (-1, 1)), tf.ones((1, 3), tf.float32))
+    return tf.reshape(rgb, tf.concat([shape[:-1], [3]], 0))
+
+
 def build_resize_fn(stored_size: int, image_size: int, channels: int):
     """(stored, stored, 1) float32 in [0, 255] -> the model input: the eval stream's preprocessing,
     also used by the exported SavedModel (medtl.serve.export) so serving sees training's pixels."""
@@ -360,7 +373,7 @@ def build_decoded(cfg: Config, manifest: Manifest, split: str, rank: int, num_ra
 
 def build_model_input_fn(channels: int):
     def model_input_fn(images, labels, mask, *ids):  # (batch, size, size, 1) -> (batch, size, size, channels)
-        return (to_channels(images, channels), labels, mask, *ids)
+        return (_stream_to_channels(images, channels), labels, mask, *ids)
 
     return model_input_fn
 
@@ -423,7 +436,7 @@ def build_views_dataset(cfg: Config, rank: int = 0, num_ranks: int = 1, manifest
     policy = cfg.pretrain.view_policy(cfg.data.image_size, cfg.data.augment)
     ds = ds.map(build_views_fn(policy, (cfg.seed, rank, first_epoch)), num_parallel_calls=AUTOTUNE,
                 deterministic=deterministic)
-    ds = ds.map(lambda views: to_channels(views, cfg.data.channels), num_parallel_calls=AUTOTUNE,
+    ds = ds.map(lambda views: _stream_to_channels(views, cfg.data.channels), num_parallel_calls=AUTOTUNE,
                 deterministic=deterministic)
     options = tf.data.Options()
     options.deterministic = deterministic
