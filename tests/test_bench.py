@@ -2,12 +2,14 @@
 import os
 import re
 
+import cv2
+import numpy as np
 import pytest
 
 from medtl.bench.input import STAGES
 from medtl.data.manifest import read_manifest
 
-from conftest import assert_user_error, run_cli
+from conftest import assert_user_error, record_images, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -56,6 +58,15 @@ def test_bench_reads_given_records(records, tmp_path):
     raw = read_manifest(tmp_path / "work" / "records-raw")
     assert (raw.encoding, raw.stored_image_size, raw.records("train")) == ("raw", 32, 16)
     assert "(a-raw)-(c-raw) read 32 px 16-bit raw shards (16 train records" in r.stdout
+    # Those pixels are the 64 px PNG records' shrunk 2x by area: means of 2x2 blocks (OpenCV decodes the PNGs).
+    raw_images = record_images(tmp_path / "work" / "records-raw", "train", "image/raw")
+    pngs = record_images(records, "train", "image/png")
+    assert len(raw_images) == 16
+    for key, data in raw_images.items():
+        levels = cv2.imdecode(np.frombuffer(pngs[key], np.uint8), cv2.IMREAD_UNCHANGED).astype(np.float64)
+        want = levels.reshape(32, 2, 32, 2).mean(axis=(1, 3))
+        np.testing.assert_allclose(np.frombuffer(data, "<u2").reshape(32, 32), want, atol=1.0)
+
 
 
 def test_bench_user_errors(tmp_path):

@@ -14,7 +14,7 @@ from medtl.data.manifest import (Manifest, SplitInfo, check_input_size, oversize
                                  write_manifest)
 from medtl.errors import EXIT_RUNTIME, EXIT_USAGE, MedtlError
 
-from conftest import REPO, assert_user_error, run_cli
+from conftest import REPO, assert_user_error, record_images, run_cli
 
 TINY = os.path.join(REPO, "tests", "reliability", "tiny.yaml")  # 64 px
 SIZE = 64
@@ -32,18 +32,6 @@ def raw_records(studies, tmp_path_factory) -> str:
     return out
 
 
-def _images(folder: str, split: str, feature: str) -> dict[str, bytes]:
-    """{record key: stored image bytes} of a split, read with TensorFlow's protobuf alone."""
-    from medtl.tf import tf
-
-    out = {}
-    for name in sorted(f for f in os.listdir(folder) if f.startswith(split + "-")):
-        for record in tf.data.TFRecordDataset(os.path.join(folder, name)):
-            feat = tf.train.Example.FromString(record.numpy()).features.feature
-            out[feat["key"].bytes_list.value[0].decode()] = feat[feature].bytes_list.value[0]
-    return out
-
-
 def test_raw_ingest_stores_the_png_records_pixels(raw_records, records):
     import cv2
 
@@ -51,8 +39,8 @@ def test_raw_ingest_stores_the_png_records_pixels(raw_records, records):
         raw = json.load(fh)
     assert (raw["encoding"], raw["image_size"], raw["bit_depth"]) == ("raw", SIZE, 16)
     assert sum(len(s["shards"]) for s in raw["splits"].values()) < 8  # the training stream reads all at once
-    stored = _images(raw_records, "test", "image/raw")
-    pngs = _images(records, "test", "image/png")  # conftest: the same studies, 64 px 16-bit PNG
+    stored = record_images(raw_records, "test", "image/raw")
+    pngs = record_images(records, "test", "image/png")  # conftest: the same studies, 64 px 16-bit PNG
     assert stored.keys() == pngs.keys() and len(stored) > 10
     for key, data in stored.items():
         assert len(data) == SIZE * SIZE * 2
@@ -73,7 +61,7 @@ def test_raw_records_train_evaluate_and_export_taking_png_and_jpeg(raw_records, 
                 "--set", "phases.0.epochs=1", "--until-phase", "head")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "pixels per pixel the model uses" not in r.stderr  # stored at the input size: no warning
-    r = run_cli("evaluate", "--workdir", run, "--split", "test", "--out", report, "--set", "evaluate.bootstrap=20")
+    r = run_cli("evaluate", "--workdir", run, "--split", "test", "--out", report, "--set", "evaluate.bootstrap=50")
     assert r.returncode == 0, r.stderr[-3000:]
     r = run_cli("export", "--workdir", run, "--out", model)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -82,7 +70,7 @@ def test_raw_records_train_evaluate_and_export_taking_png_and_jpeg(raw_records, 
     # what evaluate computed from the raw stream, record by record.
     predictions = np.load(os.path.join(report, "predictions.npz"))
     by_key = dict(zip(predictions["key"].astype(str), predictions["probs"]))
-    stored = _images(raw_records, "test", "image/raw")
+    stored = record_images(raw_records, "test", "image/raw")
     keys = sorted(stored)[:8]
     pixels = [np.frombuffer(stored[k], "<u2").reshape(SIZE, SIZE) for k in keys]
     pngs = [cv2.imencode(".png", p)[1].tobytes() for p in pixels]

@@ -23,23 +23,12 @@ def build_compose(policy: Sequence[Transform]):
     return albumentations().Compose([instantiate(t) for t in policy], p=1.0)
 
 
-def _single_threaded_opencv() -> None:
-    """OpenCV's own thread pool (one thread per core by default) in every transform call: tf.data already
-    augments several batches at once, so those threads only contend. The default policy took 1.24 ms of
-    CPU per 380 px image with them and 0.78 ms without (docs/benchmarks.md). Process-wide, which the
-    training process (augmentation being its only OpenCV user) can take."""
-    import cv2
-
-    cv2.setNumThreads(1)
-
-
 class BatchAugmenter:
     """Applies the policy to each image of a batch. Image i is augmented with a generator seeded by
     (seed_parts..., indices[i]), so the result depends on the image's stream position, not on
     which tf.data thread runs it or when."""
 
     def __init__(self, policy: Sequence[Transform], seed_parts: Sequence[int]):
-        _single_threaded_opencv()
         self.policy = tuple(policy)
         self.seed_parts = tuple(int(s) for s in seed_parts)
         self._local = threading.local()  # one Compose per thread: its random state is set per image
