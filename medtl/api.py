@@ -136,7 +136,7 @@ def _need_records(cfg: Config) -> None:
 def _preflight(cfg: Config, workdir: str, unlabeled_ok: bool = False, val: bool = True) -> None:
     """What a training job checks of its inputs before TensorFlow loads (local records cost no import), so a
     wrong folder or an empty split is reported in a second; the job checks them again as it starts."""
-    from medtl.data.manifest import check_train_split, check_val_split, read_manifest
+    from medtl.data.manifest import check_input_size, check_train_split, check_val_split, read_manifest
     from medtl.train.rundir import check_outside_records
 
     _need_records(cfg)
@@ -144,6 +144,7 @@ def _preflight(cfg: Config, workdir: str, unlabeled_ok: bool = False, val: bool 
         return  # object storage: checked once, by the job, through TensorFlow's filesystems
     manifest = read_manifest(cfg.data.records, unlabeled_ok=unlabeled_ok)
     check_train_split(cfg.data.records, manifest)
+    check_input_size(cfg.data.records, manifest, cfg.data.image_size, cfg.data.allow_upsample)
     if val:
         check_val_split(cfg.data.records, manifest)
     check_outside_records(cfg, workdir)

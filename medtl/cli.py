@@ -35,8 +35,15 @@ def _add_ingest_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", default="chestxray14", choices=tables.FORMATS,
                    help="labels table layout (default chestxray14)")
     p.add_argument("--out", required=True, help="records folder to write (local, s3:// or gs://)")
-    p.add_argument("--image-size", type=int, default=512, help="stored image side in pixels (default 512)")
-    p.add_argument("--bit-depth", type=int, default=16, choices=(8, 16), help="stored PNG bit depth (default 16)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--image-size", type=int, default=None, help="stored image side in pixels (default 512)")
+    size.add_argument("--size-from", default=None, metavar="CONFIG", type=jobfiles.resolve,
+                      help="store images at the model input size of this job config (its data.image_size), e.g. "
+                           "jobs/chestxray14_b4.yaml, so training reads no pixel it does not use")
+    p.add_argument("--bit-depth", type=int, default=16, choices=(8, 16), help="stored bit depth (default 16)")
+    p.add_argument("--encoding", default="png", choices=decode.ENCODINGS,
+                   help="how shards store images: png (lossless, decoded every epoch; default) or raw (uncompressed "
+                        "pixels read without a decode: less CPU per image, larger shards; see docs/ingest.md)")
     p.add_argument("--aspect", default="pad", choices=decode.ASPECT_POLICIES,
                    help="non-square images: pad (letterbox, default), crop (centre) or stretch")
     p.add_argument("--frame", default="middle", choices=decode.FRAME_POLICIES,
@@ -263,8 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = bench.add_parser("input", help="images/s of each input-pipeline stage vs naive loaders",
                          description="Images/s, per run and per CPU core, of (a) read + parse, (b) + decode + resize, "
-                                     "(c) + the default augmentation, (d) image_dataset_from_directory and (e) a PIL "
-                                     "loop over the same images, with the ratios (c)/(b) and (c)/(d).")
+                                     "(c) + the default augmentation over PNG shards, (d) image_dataset_from_directory "
+                                     "and (e) a PIL loop over the same images, and (a-raw) to (c-raw) over decode-free "
+                                     "raw shards of the same studies at --image-size; with the ratios, the pixels "
+                                     "decoded per pixel used, and cores per GPU.")
     b.add_argument("--records", default=None,
                    help="records folder to read (its train split); default: synthesise --n studies at --source-size")
     b.add_argument("--image-size", type=int, default=380, help="side the stream resizes to (default 380)")
@@ -274,7 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--n", type=int, default=256, help="synthetic studies without --records (default 256)")
     b.add_argument("--source-size", type=int, default=512,
                    help="side of the synthetic 16-bit shards without --records (default 512)")
-    b.add_argument("--max-png", type=int, default=512, help="records exported as PNG files for (d), (e) (default 512)")
+    b.add_argument("--max-png", type=int, default=512,
+                   help="records exported as PNG files for (d), (e), and, with --records, rewritten in the other "
+                        "encoding for its stages (default 512)")
     b.add_argument("--work", default=None, help="folder for the synthetic shards and PNG files (default: temporary)")
     b.add_argument("--alternatives", action="store_true",
                    help="also measure other ways to augment: one numpy_function call per image, TF-native ops")
@@ -315,9 +326,15 @@ def _ingest_options(args) -> api.IngestOptions:
     def names(text):
         return tuple(n.strip() for n in text.split(",") if n.strip()) if text else ()
 
+    if args.size_from:
+        from medtl.data.ingest import image_size_from_job
+
+        image_size = image_size_from_job(args.size_from)
+    else:
+        image_size = api.IngestOptions.image_size if args.image_size is None else args.image_size
     return api.IngestOptions(
-        images=args.images, labels=args.labels, out=args.out, format=args.format, image_size=args.image_size,
-        bit_depth=args.bit_depth, aspect=args.aspect, frame=args.frame, val_fraction=args.val_fraction,
+        images=args.images, labels=args.labels, out=args.out, format=args.format, image_size=image_size,
+        bit_depth=args.bit_depth, encoding=args.encoding, aspect=args.aspect, frame=args.frame, val_fraction=args.val_fraction,
         test_fraction=args.test_fraction, seed=args.seed, shard_mb=args.shard_mb,
         workers=getattr(args, "workers", 1), max_bad_fraction=args.max_bad_fraction, salt_file=args.salt_file,
         label_names=names(args.label_names) or None, uncertain=args.uncertain, blank=args.blank,

@@ -145,6 +145,9 @@ class DataConfig:
     records: str = ""
     # Side of the square image the model sees, in pixels. Shards are resized to it on the fly.
     image_size: int = 224
+    # Accept a data.image_size larger than the records' stored size (the images are then upsampled, and
+    # hold no more detail than stored); false refuses such a job. See docs/training.md, Input pipeline.
+    allow_upsample: bool = False
     # 3 to feed grayscale studies to ImageNet-style backbones (gray repeated), or 1.
     channels: int = 3
     # Training shuffle buffer, in records.

@@ -84,6 +84,18 @@ def ingest_args(studies, out, *extra) -> tuple:
             "--out", out, "--image-size", 48, "--shard-mb", 0.05, *extra)
 
 
+def record_images(folder, split: str, feature: str) -> dict[str, bytes]:
+    """{record key: stored image bytes under `feature`} of a split's shards, read with the protobuf alone."""
+    from medtl.tf import tf
+
+    out = {}
+    for name in sorted(f for f in os.listdir(folder) if f.startswith(split + "-")):
+        for record in tf.data.TFRecordDataset(os.path.join(folder, name)):
+            feat = tf.train.Example.FromString(record.numpy()).features.feature
+            out[feat["key"].bytes_list.value[0].decode()] = feat[feature].bytes_list.value[0]
+    return out
+
+
 def tree_bytes(folder) -> dict:
     """{file name: bytes} of a records folder, to compare two ingests byte for byte."""
     return {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder))}

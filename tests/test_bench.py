@@ -2,16 +2,18 @@
 import os
 import re
 
+import cv2
+import numpy as np
 import pytest
 
 from medtl.bench.input import STAGES
 from medtl.data.manifest import read_manifest
 
-from conftest import assert_user_error, run_cli
+from conftest import assert_user_error, record_images, run_cli
 
 pytestmark = pytest.mark.slow
 
-ROW = re.compile(r"^\((\w)\) (.+?)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$")
+ROW = re.compile(r"^\(([\w-]+)\) (.+?)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$")
 
 
 def _rows(stdout: str) -> dict:
@@ -26,12 +28,23 @@ def test_bench_synthesises_its_source_and_measures_every_stage(tmp_path):
     rows = _rows(r.stdout)
     assert sorted(rows) == sorted(STAGES)
     assert all(v > 0 for row in rows.values() for v in row)
-    for key in ("(c)/(b) = ", "(c)/(d) = ", "(c)/(e) = "):
+    for key in ("(b)/(a) = ", "(c)/(a) = ", "(c)/(b) = ", "(c)/(d) = ", "(c)/(e) = ", "(b-raw)/(a-raw) = ",
+                "(c-raw)/(a-raw) = ", "(c-raw)/(b-raw) = ", "(b-raw)/(b) = "):
         assert key in r.stdout
-    assert "goal >= 0.85" in r.stdout and "goal >= 3" in r.stdout and re.search(r"470 img/s GPU needs .* cores", r.stdout)
+    assert re.search(r"^\(c-raw\)/\(b-raw\) = .* goal >= 0.9: ", r.stdout, re.M)
+    assert re.search(r"^\(b-raw\)/\(a-raw\) = .* goal >= 0.5: ", r.stdout, re.M) and "goal >= 3" in r.stdout
+    for encoding, stage, goal in (("png", "c", "goal <= 4: "), ("raw", "c-raw", "goal <= 1.5: ")):
+        assert re.search(rf"^{encoding}: one 470 img/s GPU \(A100\) needs 470 / [\d.]+ = [\d.]+ cores at \({stage}\)"
+                         rf"\s+{goal}", r.stdout, re.M), r.stdout
+        assert re.search(rf"^{encoding}: one 1000 img/s GPU \(H100 class\) needs", r.stdout, re.M)
+    # Pixels decoded per pixel used: (64 / 48)^2 for the png shards; none for raw ones at the input size.
+    assert "png: 64 px stored for a 48 px input: 1.78 decoded, 1.78 read per pixel used" in r.stdout
+    assert "raw: 48 px stored for a 48 px input: none decoded, 1.00 read per pixel used" in r.stdout
     assert "machine: " in r.stdout and "load average before" in r.stdout
     manifest = read_manifest(work / "records")
     assert (manifest.stored_image_size, manifest.bit_depth, manifest.records("train")) == (64, 16, 24)
+    raw = read_manifest(work / "records-raw")
+    assert (raw.encoding, raw.stored_image_size, raw.bit_depth, raw.records("train")) == ("raw", 48, 16, 24)
     assert len(os.listdir(work / "png")) == 24
 
 
@@ -41,6 +54,19 @@ def test_bench_reads_given_records(records, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert sorted(_rows(r.stdout)) == sorted(STAGES)
     assert f"in {records}; (d) and (e) read 16 of them" in r.stdout
+    # Its decode-free stages read its first --max-png records rewritten as raw pixels at the input size.
+    raw = read_manifest(tmp_path / "work" / "records-raw")
+    assert (raw.encoding, raw.stored_image_size, raw.records("train")) == ("raw", 32, 16)
+    assert "(a-raw)-(c-raw) read 32 px 16-bit raw shards (16 train records" in r.stdout
+    # Those pixels are the 64 px PNG records' shrunk 2x by area: means of 2x2 blocks (OpenCV decodes the PNGs).
+    raw_images = record_images(tmp_path / "work" / "records-raw", "train", "image/raw")
+    pngs = record_images(records, "train", "image/png")
+    assert len(raw_images) == 16
+    for key, data in raw_images.items():
+        levels = cv2.imdecode(np.frombuffer(pngs[key], np.uint8), cv2.IMREAD_UNCHANGED).astype(np.float64)
+        want = levels.reshape(32, 2, 32, 2).mean(axis=(1, 3))
+        np.testing.assert_allclose(np.frombuffer(data, "<u2").reshape(32, 32), want, atol=1.0)
+
 
 
 def test_bench_user_errors(tmp_path):

@@ -9,7 +9,7 @@ import pytest
 
 from medtl.config import load_config
 from medtl.data import pipeline
-from medtl.data.decode import encode_png
+from medtl.data.decode import encode_png, encode_stored
 from medtl.data.manifest import Manifest, Shard, SplitInfo, read_manifest, write_manifest
 from medtl.data.pipeline import build_dataset, pipeline_errors, plan_shards
 from medtl.data.records import encode_example, shard_name
@@ -40,9 +40,9 @@ def mask_of(index: int) -> list[int]:
 
 
 def write_records(out, shards: dict[str, list[int]], size: int = 32, num_labels: int = NUM_LABELS,
-                  bad_shard: tuple[str, int] | None = None, bad: dict | None = None) -> Manifest:
+                  bad_shard: tuple[str, int] | None = None, bad: dict | None = None, encoding: str = "png") -> Manifest:
     """Shards in `medtl ingest`'s layout: shards[split] lists records per shard; indices run on
-    across splits. `bad` (image_size / num_labels) applies to the records of `bad_shard`."""
+    across splits. `bad` (image_size / num_labels / png: the stored bytes) applies to the records of `bad_shard`."""
     os.makedirs(out, exist_ok=True)
     index = 0
     splits = {}
@@ -53,17 +53,18 @@ def write_records(out, shards: dict[str, list[int]], size: int = 32, num_labels:
             broken = bad if bad_shard == (split, i) else {}
             with tf.io.TFRecordWriter(os.path.join(out, name)) as writer:
                 for _ in range(count):
-                    png = broken.get("png", encode_png(record_image(index, broken.get("image_size", size)), 16))
+                    png = broken.get("png", encode_stored(record_image(index, broken.get("image_size", size)), 16,
+                                                          encoding))
                     labels = (labels_of(index) + [0] * 8)[:broken.get("num_labels", num_labels)]
                     mask = (mask_of(index) + [1] * 8)[:broken.get("num_labels", num_labels)]
-                    writer.write(encode_example(png, labels, mask, "p", str(index)))
+                    writer.write(encode_example(png, labels, mask, "p", str(index), encoding=encoding))
                     index += 1
             path = os.path.join(out, name)
             files.append(Shard(file=name, records=count, bytes=os.path.getsize(path),
                                sha256=hashlib.sha256(open(path, "rb").read()).hexdigest()))
         splits[split] = SplitInfo(records=sum(counts), shards=tuple(files))
     manifest = Manifest(labels=tuple(f"L{i}" for i in range(num_labels)), stored_image_size=size, bit_depth=16,
-                        channels=1, splits=splits)
+                        channels=1, splits=splits, encoding=encoding)
     write_manifest(str(out), manifest)
     return manifest
 
@@ -111,6 +112,31 @@ def test_resize_from_stored_size(tmp_path):
     images = take(build_dataset(cfg, "val"), 1)[0][0]
     assert images.shape == (2, 40, 40, 3)
     assert [index_of(im) for im in images] == [4, 5]  # area resize keeps the grey level
+
+
+def test_raw_and_png_records_give_the_same_streams(tmp_path):
+    """Raw pixels read with a reshape are the PNG records' decoded pixels: eval and (unaugmented) training."""
+    shards = {"train": [6, 6], "val": [5]}
+    streams = {}
+    for encoding in ("png", "raw"):
+        write_records(tmp_path / encoding, shards, size=40, encoding=encoding)
+        cfg = cfg_for(tmp_path / encoding, "data.augment=[]", "data.channels=3", "data.deterministic=true")
+        streams[encoding] = [take(build_dataset(cfg, "val"), 3), take(build_dataset(cfg, "train"), 4)]
+    for png, raw in zip(*streams.values()):
+        for a, b in zip(png, raw):
+            for x, y in zip(a, b):
+                np.testing.assert_array_equal(x, y)
+    images = streams["raw"][0][0][0]  # (batch, 32, 32, 3): gray repeated, levels kept by the area resize
+    assert images.shape[-1] == 3 and (images[..., 0] == images[..., 2]).all()
+    assert index_of(images[0]) == 12
+
+
+def test_stream_channels_equal_the_exports(tmp_path):
+    """The stream's gray -> RGB (an outer product) gives the export's grayscale_to_rgb values exactly."""
+    values = tf.constant(np.random.default_rng(0).uniform(0, 255, (2, 5, 7, 1)).astype(np.float32))
+    np.testing.assert_array_equal(pipeline._stream_to_channels(values, 3).numpy(),
+                                  pipeline.to_channels(values, 3).numpy())
+    np.testing.assert_array_equal(pipeline._stream_to_channels(values, 1).numpy(), values.numpy())
 
 
 def test_eval_reads_every_record_once_in_shard_order(small):
@@ -262,14 +288,17 @@ def test_a_cache_in_use_is_a_clear_error(tmp_path):
     del writing
 
 
-@pytest.mark.parametrize("bad, message", [
-    ({"image_size": 24}, "a record holds a 24x24 px image but manifest.json says the shards hold 32x32 images"),
-    ({"num_labels": 2}, "a record has 2 values in 'labels' but manifest.json lists 3 labels"),
-    ({"png": b""}, "a record has no image"),
+@pytest.mark.parametrize("encoding, bad, message", [
+    ("png", {"image_size": 24}, "a record holds a 24x24 px image but manifest.json says the shards hold 32x32 images"),
+    ("png", {"num_labels": 2}, "a record has 2 values in 'labels' but manifest.json lists 3 labels"),
+    ("png", {"png": b""}, "a record has no image ('image/png', the feature of png records)"),
+    ("raw", {"image_size": 24}, "a record holds 1152 image bytes but manifest.json says the shards hold 32x32 16-bit "
+                                "raw images (2048 bytes each)"),
+    ("raw", {"png": b"\0" * 2047}, "a record holds 2047 image bytes"),
 ])
-def test_shard_that_does_not_match_the_manifest_is_named(tmp_path, bad, message):
+def test_shard_that_does_not_match_the_manifest_is_named(tmp_path, encoding, bad, message):
     records = tmp_path / "O'Brien's scans é"  # quotes and UTF-8 survive TensorFlow's escaping
-    write_records(records, {"train": [4, 4], "val": [2, 2]}, bad_shard=("val", 1), bad=bad)
+    write_records(records, {"train": [4, 4], "val": [2, 2]}, bad_shard=("val", 1), bad=bad, encoding=encoding)
     cfg = cfg_for(records)
     with pytest.raises(MedtlError) as err:
         with pipeline_errors():

@@ -117,15 +117,16 @@ def test_redact_removes_every_name_of_a_study_path():
 
 def test_record_allow_list_holds_no_date_uid_or_identity_tag():
     """The only header fields records may keep (--keep-fields) are neither dates, times nor UIDs, nor
-    names or IDs; the rest of a record is the image, labels, mask and two salted hashes."""
+    names or IDs; the rest of a record is the image (PNG or raw pixels), labels, mask and two salted hashes."""
     from pydicom.datadict import dictionary_VR, tag_for_keyword
 
     from medtl.data.decode import SAFE_FIELDS
-    from medtl.data.records import ALLOWED_FEATURES, FIELD_PREFIX, IMAGE, KEY, LABELS, MASK, PATIENT
+    from medtl.data.records import ALLOWED_FEATURES, FIELD_PREFIX, IMAGE, IMAGE_RAW, KEY, LABELS, MASK, PATIENT
 
     for keyword in SAFE_FIELDS.values():
         assert dictionary_VR(tag_for_keyword(keyword)) not in ("DA", "DT", "TM", "UI", "PN", "LO", "SH"), keyword
-    assert set(ALLOWED_FEATURES) == {IMAGE, LABELS, MASK, PATIENT, KEY} | {FIELD_PREFIX + f for f in SAFE_FIELDS}
+    assert set(ALLOWED_FEATURES) == ({IMAGE, IMAGE_RAW, LABELS, MASK, PATIENT, KEY}
+                                     | {FIELD_PREFIX + f for f in SAFE_FIELDS})
 
 
 def test_an_unreadable_file_is_quarantined_by_reason_without_its_path():

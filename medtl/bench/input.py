@@ -3,9 +3,11 @@
     medtl bench input --records DIR --image-size 380   # the train split of DIR
     medtl bench input --image-size 380                  # synthesises 512 px 16-bit shards first
 
-Stages run in turn, for several rounds, and each keeps its median, so load from other
-processes spreads over all of them. "Per core" is images per CPU-second of this process:
-what one fully busy core delivers, however many cores the process got.
+The same studies are read both ways: as PNG shards (--records, or synthetic ones at --source-size)
+and as decode-free raw shards at the model input size (ingested from the same synthetic studies, or
+made from the first --max-png records of --records). Stages run in turn, for several rounds, and each
+keeps its median, so load from other processes spreads over all of them. "Per core" is images per
+CPU-second of this process: what one fully busy core delivers, however many cores the process got.
 """
 from __future__ import annotations
 
@@ -27,19 +29,32 @@ from medtl.data.manifest import Manifest
 from medtl.errors import MedtlError
 from medtl.utils.log import log
 
-# One A100 training EfficientNetB4 at 380 px in mixed precision (the issue's reference figure).
-GPU_IMAGES_PER_SECOND = 470.0
-GOAL_AUGMENT_RATIO = 0.85  # (c)/(b)
+# EfficientNetB4 training at 380 px in mixed precision: one A100 (the issue's reference figure), and
+# about what an H100-class GPU takes.
+GPU_IMAGES_PER_SECOND = {"A100": 470.0, "H100 class": 1000.0}
+REFERENCE_GPU = "A100"
+GOAL_AUGMENT_RATIO = 0.9  # (c)/(b), both encodings
 GOAL_BASELINE_RATIO = 3.0  # (c)/(d)
-GOAL_CORES_PER_GPU = 4.0
+GOAL_READ_RATIO = 0.5  # (b-raw)/(a-raw): decode-free shards near the read limit
+# Cores per reference GPU at (c): decode-free shards, and PNG shards (the goal before raw shards existed).
+GOAL_CORES_PER_GPU = {"raw": 1.5, "png": 4.0}
+DISK_IMAGES = 500_000  # the disk figure printed per encoding
 
 STAGES = {
-    "a": "read + parse, no decode",
-    "b": "+ decode + resize",
-    "c": "+ default augmentation",
+    "a": "png: read + parse, no decode",
+    "b": "png: + decode + resize",
+    "c": "png: + default augmentation",
     "d": "naive: image_dataset_from_directory",
     "e": "naive: PIL loop, one thread",
+    "a-raw": "raw: read + parse",
+    "b-raw": "raw: + decode_raw + reshape",
+    "c-raw": "raw: + default augmentation",
 }
+# (top, bottom, goal or None): the ratios printed, in order.
+RATIOS = (("b", "a", None), ("c", "a", None), ("c", "b", GOAL_AUGMENT_RATIO), ("c", "d", GOAL_BASELINE_RATIO),
+          ("c", "e", None), ("b-raw", "a-raw", GOAL_READ_RATIO), ("c-raw", "a-raw", None),
+          ("c-raw", "b-raw", GOAL_AUGMENT_RATIO), ("b-raw", "b", None), ("c-raw", "c", None),
+          ("c1", "b", None), ("c2", "b", None))
 # With --alternatives: other ways to run the augmentation, to re-check the choice of (c).
 ALTERNATIVES = {
     "c1": "(c), one numpy_function call per image",
@@ -86,21 +101,56 @@ def _check(opt: BenchOptions) -> None:
         raise MedtlError(f"--seconds must be > 0, got {opt.seconds}")
 
 
-def make_source(work: str, n: int, size: int) -> str:
-    """n synthetic studies ingested as size px 16-bit PNG shards, all in the train split."""
+def make_sources(work: str, n: int, size: int, image_size: int) -> dict[str, str]:
+    """n synthetic studies ingested twice, all in the train split: as size px 16-bit PNG shards, and as
+    16-bit raw shards at the model input size. {encoding: records folder}."""
     from medtl.data.ingest import IngestOptions, ingest
     from medtl.data.synth import synthesize
 
-    studies, records = os.path.join(work, "studies"), os.path.join(work, "records")
+    studies = os.path.join(work, "studies")
     salt = os.path.join(work, "salt")  # a throwaway secret: never the user's salt file
     with open(salt, "w") as fh:
         fh.write(secrets.token_hex(32))
     log(f"bench: synthesising {n} studies at {size} px into {studies}")
     synthesize(studies, n, seed=0, size=size)
-    ingest(IngestOptions(images=os.path.join(studies, "images"), labels=os.path.join(studies, "labels.csv"),
-                         out=records, image_size=size, bit_depth=16, val_fraction=0.0, test_fraction=0.0,
-                         shard_mb=16.0, salt_file=salt, progress=False))
-    return records
+    out = {}
+    for encoding, stored in (("png", size), ("raw", image_size)):
+        out[encoding] = os.path.join(work, "records" if encoding == "png" else "records-raw")
+        ingest(IngestOptions(images=os.path.join(studies, "images"), labels=os.path.join(studies, "labels.csv"),
+                             out=out[encoding], image_size=stored, bit_depth=16, val_fraction=0.0, test_fraction=0.0,
+                             shard_mb=16.0, salt_file=salt, progress=False, encoding=encoding))
+    return out
+
+
+def transcode(cfg, manifest: Manifest, out: str, encoding: str, size: int, limit: int) -> str:
+    """The first `limit` train records of cfg.data.records rewritten in `encoding` at `size` px (area
+    resize, as the pipeline does), into one shard of a train-only records folder `out`."""
+    import dataclasses
+
+    from medtl.data.decode import encode_stored
+    from medtl.data.manifest import Shard, SplitInfo, write_manifest
+    from medtl.data.pipeline import build_decode_fn, build_records, shard_paths
+    from medtl.data.records import encode_example, shard_name
+    from medtl.tf import tf
+    from medtl.utils import fs
+
+    os.makedirs(out, exist_ok=True)
+    files = shard_paths(cfg.data.records, manifest, "train")
+    decode_fn = build_decode_fn(manifest, size, quantise=False, with_ids=True)
+    records = build_records(files, True, 0, 1, False, None, True).map(decode_fn).take(limit)
+    name, count = shard_name("train", 0, 1), 0
+    with tf.io.TFRecordWriter(os.path.join(out, name)) as writer:
+        for image, labels, mask, patient, key in records:
+            data = encode_stored(image.numpy()[..., 0] / 255.0, manifest.bit_depth, encoding)
+            writer.write(encode_example(data, labels.numpy().astype(int), mask.numpy().astype(int),
+                                        patient.numpy().decode(), key.numpy().decode(), encoding=encoding))
+            count += 1
+    path = os.path.join(out, name)
+    shard = Shard(file=name, records=count, bytes=fs.size(path), sha256=fs.sha256(path))
+    write_manifest(out, dataclasses.replace(manifest, stored_image_size=size, encoding=encoding,
+                                            splits={"train": SplitInfo(records=count, shards=(shard,))}))
+    log(f"bench: {count} train records of {cfg.data.records} as {size} px {encoding} shards in {out}")
+    return out
 
 
 def export_pngs(cfg, manifest: Manifest, out: str, limit: int) -> list[str]:
@@ -141,22 +191,32 @@ def pil_batches(paths: list[str], size: int, batch_size: int):
         yield len(np.stack(batch))  # (batch, size, size)
 
 
-def stage_streams(cfg, manifest: Manifest, pngs: list[str], alternatives: bool = False) -> dict:
-    """{stage: a function returning an endless iterator of batch sizes}, stages as in STAGES
-    (and ALTERNATIVES)."""
+def _encoding_streams(cfg, manifest: Manifest, suffix: str) -> dict:
+    """Stages (a), (b) and (c) of one records folder: read + parse, + decode + resize, + augmentation."""
     import dataclasses
 
     from medtl.data.pipeline import AUTOTUNE, build_dataset, build_parse_fn, build_records, shard_paths
-    from medtl.tf import tf
 
-    size, batch_size = cfg.data.image_size, cfg.train.batch_size
     plain = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, augment=()))
 
     def parse_only():  # the training stream's reading and parsing, without the decode
         files = shard_paths(cfg.data.records, manifest, "train")
         ds = build_records(files, True, 0, 1, True, 0, False).repeat()
         ds = ds.map(build_parse_fn(manifest), num_parallel_calls=AUTOTUNE, deterministic=False)
-        return _batch_sizes(ds.batch(batch_size).prefetch(AUTOTUNE))
+        return _batch_sizes(ds.batch(cfg.train.batch_size).prefetch(AUTOTUNE))
+
+    return {"a" + suffix: parse_only,
+            "b" + suffix: lambda: _batch_sizes(build_dataset(plain, "train", manifest=manifest)),
+            "c" + suffix: lambda: _batch_sizes(build_dataset(cfg, "train", manifest=manifest))}
+
+
+def stage_streams(sources: dict, pngs: list[str], alternatives: bool = False) -> dict:
+    """{stage: a function returning an endless iterator of batch sizes}, stages as in STAGES (and
+    ALTERNATIVES). sources: {encoding: (cfg, manifest)} of the png and the raw records."""
+    from medtl.tf import tf
+
+    cfg, manifest = sources["png"]
+    size, batch_size = cfg.data.image_size, cfg.train.batch_size
 
     def keras_loader():
         with contextlib.redirect_stdout(io.StringIO()):  # it prints "Found N files."
@@ -165,9 +225,8 @@ def stage_streams(cfg, manifest: Manifest, pngs: list[str], alternatives: bool =
                 image_size=(size, size), shuffle=False)
         return _batch_sizes(ds.repeat())
 
-    streams = {"a": parse_only, "b": lambda: _batch_sizes(build_dataset(plain, "train")),
-               "c": lambda: _batch_sizes(build_dataset(cfg, "train")), "d": keras_loader,
-               "e": lambda: pil_batches(pngs, size, batch_size)}
+    streams = {**_encoding_streams(cfg, manifest, ""), "d": keras_loader,
+               "e": lambda: pil_batches(pngs, size, batch_size), **_encoding_streams(*sources["raw"], "-raw")}
     if alternatives:
         streams["c1"] = lambda: _alternative_stream(cfg, manifest, per_image_fn=build_per_image_fn(cfg))
         streams["c2"] = lambda: _alternative_stream(cfg, manifest, batch_fn=build_tf_native_fn(size))
@@ -271,24 +330,35 @@ def _load() -> str:
 
 
 def _config(records: str, opt: BenchOptions):
-    """The production job's input settings (EfficientNetB4, 3 channels, default augmentation)."""
+    """The production job's input settings (EfficientNetB4, 3 channels, default augmentation). Records
+    smaller than --image-size are measured as they are (upsampled), not refused."""
     return load_config(raw={
-        "data": {"records": records, "image_size": opt.image_size, "channels": 3},
+        "data": {"records": records, "image_size": opt.image_size, "channels": 3, "allow_upsample": True},
         "model": {"backbone": "EfficientNetB4", "weights": "none"},
         "train": {"batch_size": opt.batch_size},
         "phases": [{"name": "bench", "epochs": 1, "learning_rate": 1.0e-3}]})
 
 
+def storage(manifest: Manifest, image_size: int) -> dict:
+    """Bytes per stored train image, and pixels decoded and read per pixel the model uses."""
+    split = manifest.splits["train"]
+    per_image = sum(s.bytes or 0 for s in split.shards) / max(split.records, 1)
+    read = (manifest.stored_image_size / image_size) ** 2
+    return {"bytes": per_image, "read": read, "decoded": read if manifest.encoding == "png" else 0.0,
+            "size": manifest.stored_image_size}
+
+
 def summarise(runs: dict[str, list[Run]]) -> dict:
-    """Median img/s and per-core img/s of each stage, and the ratios the goals are about."""
+    """Median img/s and per-core img/s of each stage, the ratios the goals are about, and cores per GPU."""
     out: dict = {stage: {"img_s": statistics.median(r.rate for r in rs),
                          "per_core": statistics.median(r.per_core for r in rs),
                          "cores_busy": statistics.median(r.cpu / r.wall for r in rs)} for stage, rs in runs.items()}
-    for top, bottom in (("c", "b"), ("c", "d"), ("c", "e"), ("c1", "b"), ("c2", "b")):
-        if top not in out:
-            continue
-        out[f"{top}/{bottom}"] = {k: out[top][k] / out[bottom][k] for k in ("img_s", "per_core")}
-    out["cores_per_gpu"] = GPU_IMAGES_PER_SECOND / out["c"]["per_core"]
+    for top, bottom, _ in RATIOS:
+        if top in out and bottom in out:
+            out[f"{top}/{bottom}"] = {k: out[top][k] / out[bottom][k] for k in ("img_s", "per_core")}
+    out["cores_per_gpu"] = {encoding: {gpu: rate / out[stage]["per_core"]
+                                       for gpu, rate in GPU_IMAGES_PER_SECOND.items()}
+                            for encoding, stage in (("png", "c"), ("raw", "c-raw")) if stage in out}
     return out
 
 
@@ -297,29 +367,54 @@ def _verdict(ratio: dict, goal: float) -> str:
     return "met" if all(met) else "met per core, not in img/s" if met[1] else "not met"
 
 
-def report(result: dict, header: list[str]) -> str:
-    lines = header + ["", f"{'stage':44s} {'img/s':>8s} {'per core':>9s} {'cores busy':>11s}"]
+def _stage_lines(result: dict) -> list[str]:
+    lines = [f"{'stage':44s} {'img/s':>8s} {'per core':>9s} {'cores busy':>11s}"]
     for stage, label in {**STAGES, **ALTERNATIVES}.items():
-        if stage not in result:
-            continue
-        row = result[stage]
-        lines.append(f"({stage}) {label:{40 - len(stage) + 1}s} {row['img_s']:8.1f} {row['per_core']:9.1f} "
-                     f"{row['cores_busy']:11.2f}")
+        if stage in result:
+            row = result[stage]
+            lines.append(f"{'(' + stage + ') ' + label:44s} {row['img_s']:8.1f} {row['per_core']:9.1f} "
+                         f"{row['cores_busy']:11.2f}")
     lines.append("per core: images per CPU-second of this process, i.e. what one fully busy core delivers")
-    lines.append("")
-    for key, goal in (("c/b", GOAL_AUGMENT_RATIO), ("c/d", GOAL_BASELINE_RATIO), ("c/e", None), ("c1/b", None),
-                      ("c2/b", None)):
-        if key not in result:
-            continue
-        ratio = result[key]
-        judged = f"goal >= {goal:g}: {_verdict(ratio, goal)}" if goal else "(for reference)"
-        lines.append(f"({key.replace('/', ')/(')}) = {ratio['img_s']:.2f} in img/s, {ratio['per_core']:.2f} per core"
-                     f"   {judged}")
-    cores = result["cores_per_gpu"]
-    lines.append(f"one {GPU_IMAGES_PER_SECOND:g} img/s GPU needs {GPU_IMAGES_PER_SECOND:g} / "
-                 f"{result['c']['per_core']:.1f} = {cores:.1f} cores at (c)   goal <= {GOAL_CORES_PER_GPU:g}: "
-                 f"{'met' if cores <= GOAL_CORES_PER_GPU else 'not met'}")
-    return "\n".join(lines)
+    return lines
+
+
+def _ratio_lines(result: dict) -> list[str]:
+    lines = []
+    for top, bottom, goal in RATIOS:
+        ratio = result.get(f"{top}/{bottom}")
+        if ratio is not None:
+            judged = f"goal >= {goal:g}: {_verdict(ratio, goal)}" if goal else "(for reference)"
+            lines.append(f"({top})/({bottom}) = {ratio['img_s']:.2f} in img/s, {ratio['per_core']:.2f} per core"
+                         f"   {judged}")
+    return lines
+
+
+def _cores_lines(result: dict) -> list[str]:
+    lines = []
+    for encoding, stage in (("png", "c"), ("raw", "c-raw")):
+        per_core = result[stage]["per_core"]
+        for gpu, rate in GPU_IMAGES_PER_SECOND.items():
+            cores = result["cores_per_gpu"][encoding][gpu]
+            goal = GOAL_CORES_PER_GPU[encoding] if gpu == REFERENCE_GPU else None
+            judged = f"goal <= {goal:g}: {'met' if cores <= goal else 'not met'}" if goal else "(for reference)"
+            lines.append(f"{encoding}: one {rate:g} img/s GPU ({gpu}) needs {rate:g} / {per_core:.1f} = {cores:.2f} "
+                         f"cores at ({stage})   {judged}")
+    return lines
+
+
+def _storage_lines(stored: dict, image_size: int) -> list[str]:
+    lines = []
+    for encoding, info in stored.items():
+        decoded = f"{info['decoded']:.2f} decoded" if info["decoded"] else "none decoded"
+        lines.append(f"{encoding}: {info['size']} px stored for a {image_size} px input: {decoded}, {info['read']:.2f} "
+                     f"read per pixel used; {info['bytes'] / 1024:.1f} KiB per image, "
+                     f"{info['bytes'] * DISK_IMAGES / 1e9:.0f} GB per {DISK_IMAGES // 1000}k images")
+    return lines
+
+
+def report(result: dict, header: list[str], stored: dict, image_size: int) -> str:
+    return "\n".join(header + [""] + _stage_lines(result) + [""] + _storage_lines(stored, image_size) + [""]
+                     + _ratio_lines(result) + _cores_lines(result))
 
 
 def run_bench(opt: BenchOptions) -> dict:
@@ -334,24 +429,52 @@ def run_bench(opt: BenchOptions) -> dict:
             shutil.rmtree(work, ignore_errors=True)
 
 
+def _sources(opt: BenchOptions, work: str) -> dict[str, str]:
+    """{encoding: records folder} of the png and raw records the stages read."""
+    from medtl.data.manifest import read_manifest
+
+    if not opt.records:
+        return make_sources(work, opt.n, opt.source_size, opt.image_size)
+    records = opt.records if "://" in opt.records else os.path.abspath(opt.records)
+    manifest = read_manifest(records)
+    _check_train_records(records, manifest, opt.batch_size)
+    other = "raw" if manifest.encoding == "png" else "png"
+    # Decode-free shards at the model's size; PNG shards at the raw records' own size.
+    size = opt.image_size if other == "raw" else manifest.stored_image_size
+    made = transcode(_config(records, opt), manifest, os.path.join(work, f"records-{other}"), other, size,
+                     opt.max_png)
+    return {manifest.encoding: records, other: made}
+
+
+def _check_train_records(records: str, manifest: Manifest, batch_size: int) -> None:
+    count = manifest.records("train") if "train" in manifest.splits else 0
+    if count < batch_size:
+        raise MedtlError(f"{records} has {count} train records, fewer than one batch of {batch_size}; "
+                         "point --records at a bigger ingest or lower --batch-size")
+
+
+def _header(opt: BenchOptions, sources: dict, pngs: list[str]) -> list[str]:
+    (png_cfg, png), (raw_cfg, raw) = sources["png"], sources["raw"]
+    return [f"medtl bench input: {opt.image_size} px input, batch {opt.batch_size}; (a)-(c) read "
+            f"{png.stored_image_size} px {png.bit_depth}-bit png shards ({png.records('train')} train records in "
+            f"{png_cfg.data.records}; (d) and (e) read {len(pngs)} of them as PNG files); (a-raw)-(c-raw) read "
+            f"{raw.stored_image_size} px {raw.bit_depth}-bit raw shards ({raw.records('train')} train records in "
+            f"{raw_cfg.data.records})",
+            f"machine: {_machine()}; load average before: {_load()}",
+            f"{opt.rounds} round(s) x {opt.seconds:g} s per stage; medians over rounds"]
+
+
 def _run(opt: BenchOptions, work: str) -> dict:
     from medtl.data.manifest import read_manifest
 
-    records = opt.records or make_source(work, opt.n, opt.source_size)
-    records = records if "://" in records else os.path.abspath(records)
-    manifest = read_manifest(records)
-    count = manifest.records("train") if "train" in manifest.splits else 0
-    if count < opt.batch_size:
-        raise MedtlError(f"{records} has {count} train records, fewer than one batch of {opt.batch_size}; "
-                         "point --records at a bigger ingest or lower --batch-size")
-    cfg = _config(records, opt)
-    pngs = export_pngs(cfg, manifest, os.path.join(work, "png"), opt.max_png)
-    header = [f"medtl bench input: {opt.image_size} px from {manifest.stored_image_size} px {manifest.bit_depth}-bit "
-              f"shards ({count} train records in {records}; (d) and (e) read {len(pngs)} of them as PNG files), "
-              f"batch {opt.batch_size}",
-              f"machine: {_machine()}; load average before: {_load()}",
-              f"{opt.rounds} round(s) x {opt.seconds:g} s per stage; medians over rounds"]
-    streams = stage_streams(cfg, manifest, pngs, opt.alternatives)
+    sources = {}
+    for encoding, records in _sources(opt, work).items():
+        manifest = read_manifest(records)
+        _check_train_records(records, manifest, opt.batch_size)
+        sources[encoding] = (_config(records, opt), manifest)
+    pngs = export_pngs(*sources["png"], os.path.join(work, "png"), opt.max_png)
+    header = _header(opt, sources, pngs)
+    streams = stage_streams(sources, pngs, opt.alternatives)
     runs: dict[str, list[Run]] = {stage: [] for stage in streams}
     for round_index in range(opt.rounds):
         for stage, make in streams.items():
@@ -360,5 +483,7 @@ def _run(opt: BenchOptions, work: str) -> dict:
                 f"{runs[stage][-1].rate:.1f} img/s, {runs[stage][-1].per_core:.1f} per core")
     header[1] += f", after: {_load()}"
     result = summarise(runs)
-    print(report(result, header), flush=True)
+    stored = {encoding: storage(manifest, opt.image_size) for encoding, (_, manifest) in sources.items()}
+    result["storage"] = stored
+    print(report(result, header, stored, opt.image_size), flush=True)
     return result

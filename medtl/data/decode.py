@@ -1,4 +1,5 @@
-"""Study files (DICOM, PNG, JPEG) to display-ready grayscale pixels, and back to stored PNG bytes.
+"""Study files (DICOM, PNG, JPEG) to display-ready grayscale pixels, and back to the bytes ingest stores
+(a lossless PNG, or raw little-endian pixels that need no decode: ENCODINGS).
 
 One decode path serves ingest and `medtl predict`, so a model sees the same
 pixels at training and at inference time.
@@ -22,6 +23,9 @@ JPEG_MAGIC = b"\xff\xd8\xff"
 ASPECT_POLICIES = ("pad", "crop", "stretch")
 # Names of study files in a folder (files without a suffix are told apart by their first bytes: sniff).
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
+# How records store an image: png (zlib-compressed, decoded every epoch) or raw (the pixels as they are,
+# uint8 or uint16 little-endian by bit depth, row by row: read with a reshape). docs/ingest.md has the trade-off.
+ENCODINGS = ("png", "raw")
 
 
 class DecodeError(Exception):
@@ -294,26 +298,49 @@ def resize(image: np.ndarray, size: int, aspect: str = "pad") -> np.ndarray:
     return np.clip(out, 0.0, 1.0)
 
 
+def quantise(image: np.ndarray, bit_depth: int) -> np.ndarray:
+    """A [0, 1] float image as uint8 or uint16 levels (one quantisation for every stored encoding)."""
+    top = (1 << bit_depth) - 1
+    return np.round(image * top).astype(np.uint8 if bit_depth == 8 else np.uint16)
+
+
 def encode_png(image: np.ndarray, bit_depth: int) -> bytes:
     """A [0, 1] float image as lossless grayscale PNG bytes of the given bit depth (8 or 16)."""
     import cv2
 
-    top = (1 << bit_depth) - 1
-    dtype = np.uint8 if bit_depth == 8 else np.uint16
-    ok, buf = cv2.imencode(".png", np.round(image * top).astype(dtype))
+    ok, buf = cv2.imencode(".png", quantise(image, bit_depth))
     if not ok:  # pragma: no cover - cv2 only fails on invalid arrays
         raise RuntimeError("PNG encoding failed")
     return buf.tobytes()
 
 
+def encode_raw(image: np.ndarray, bit_depth: int) -> bytes:
+    """A [0, 1] float image as its raw pixels: uint8 or little-endian uint16, row-major (what
+    tf.io.decode_raw reads back), quantised as encode_png does, so both store the same values."""
+    levels = quantise(image, bit_depth)
+    return levels.astype(levels.dtype.newbyteorder("<")).tobytes()
+
+
+def encode_stored(image: np.ndarray, bit_depth: int, encoding: str) -> bytes:
+    if encoding not in ENCODINGS:
+        raise ValueError(f"encoding must be one of {ENCODINGS}, got {encoding!r}")
+    return encode_png(image, bit_depth) if encoding == "png" else encode_raw(image, bit_depth)
+
+
 def to_stored_png(source, size: int, bit_depth: int, aspect: str, frame: str = "middle",
                   allow_burned_in: bool = False) -> tuple[bytes | None, str, str]:
-    """The one path from a study (file path or in-memory array) to the PNG bytes ingest stores:
-    (png, "", "") or (None, reason, message). Used by ingest and by `medtl predict`."""
+    """The stored image as PNG bytes, whatever the records' encoding: what `medtl predict` sends an export."""
+    return to_stored(source, size, bit_depth, aspect, frame, allow_burned_in, "png")
+
+
+def to_stored(source, size: int, bit_depth: int, aspect: str, frame: str = "middle",
+              allow_burned_in: bool = False, encoding: str = "png") -> tuple[bytes | None, str, str]:
+    """The one path from a study (file path or in-memory array) to the bytes ingest stores:
+    (data, "", "") or (None, reason, message). Used by ingest and by `medtl predict`."""
     try:
         image = (decode_array(source) if isinstance(source, np.ndarray)
                  else decode_file(source, frame, allow_burned_in))
-        return encode_png(resize(image, size, aspect), bit_depth), "", ""
+        return encode_stored(resize(image, size, aspect), bit_depth, encoding), "", ""
     except DecodeError as exc:
         return None, exc.reason, exc.message
     except MemoryError:

@@ -81,19 +81,21 @@ class IngestOptions:
     unlabeled: bool = False
     # With `unlabeled`: a CSV naming each image's patient (image_column, patient_column); else DICOM PatientID.
     patients: str | None = None
+    # How shards store each image (decode.ENCODINGS): png (smaller, decoded every epoch) or raw pixels.
+    encoding: str = "png"
 
 
 # ----------------------------------------------------------------------------- decoding (worker processes)
 
 
 def _decode_one(job: tuple) -> tuple[bytes | None, dict, str, str]:
-    """(png, fields, reason, message) for one study; runs in worker processes, so no TensorFlow here."""
-    source, size, bit_depth, aspect, frame, field_names, allow_burned_in = job
-    png, reason, message = decode.to_stored_png(source, size, bit_depth, aspect, frame, allow_burned_in)
+    """(stored image bytes, fields, reason, message) for one study; runs in worker processes, so no TensorFlow here."""
+    source, size, bit_depth, aspect, frame, field_names, allow_burned_in, encoding = job
+    image, reason, message = decode.to_stored(source, size, bit_depth, aspect, frame, allow_burned_in, encoding)
     fields = {}
-    if png is not None and field_names and not isinstance(source, np.ndarray) and decode.sniff(source) == "dicom":
+    if image is not None and field_names and not isinstance(source, np.ndarray) and decode.sniff(source) == "dicom":
         fields = decode.dicom_fields(source, field_names)
-    return png, fields, reason, message
+    return image, fields, reason, message
 
 
 class _Pool:
@@ -193,6 +195,8 @@ def _check_options(opt: IngestOptions) -> None:
         privatemap.check_location(opt.private_map, opt.out, opt.images)
     if opt.bit_depth not in (8, 16):
         raise MedtlError(f"--bit-depth must be 8 or 16, got {opt.bit_depth}")
+    if opt.encoding not in decode.ENCODINGS:
+        raise MedtlError(f"--encoding must be one of {', '.join(decode.ENCODINGS)}, got {opt.encoding}")
     if opt.image_size < 32:
         raise MedtlError(f"--image-size must be >= 32, got {opt.image_size}")
     if opt.aspect not in decode.ASPECT_POLICIES:
@@ -397,32 +401,33 @@ def ingest_part(opt: IngestOptions, worker_index: int = 0, num_workers: int = 1)
 
     quarantine = [_quarantine_row(salt, opt, *row) for row in plan.table_rejects] if worker_index == 0 else []
     part = {"worker_index": worker_index, "num_workers": num_workers, "labels": list(names), "splits": {},
-            "unlabeled": opt.unlabeled}
+            "unlabeled": opt.unlabeled, "stored": _stored_form(opt)}
     total = sum(sum(1 for s in v if s.patient in mine) for v in plan.order.values())
     target = int(opt.shard_mb * 1024 * 1024)
     where = f" (worker {worker_index + 1}/{num_workers})" if num_workers > 1 else ""
-    log(f"ingest{where}: {total} images of {len(mine)} patients, {len(names)} labels -> {opt.out}")
+    log(f"ingest{where}: {total} images of {len(mine)} patients, {len(names)} labels -> {opt.out} "
+        f"({opt.image_size} px, {opt.bit_depth}-bit {opt.encoding})")
     with Progress(total, "ingest", enabled=opt.progress) as bar, _Pool(opt.workers) as pool:
         for split in SPLITS:
             studies = [s for s in plan.order[split] if s.patient in mine]
             writer = _ShardWriter(folder, split, target)
             jobs = [(plan.table.arrays[s.file] if plan.table.arrays else os.path.join(opt.images, s.file),
                      opt.image_size, opt.bit_depth, opt.aspect, opt.frame,
-                     tuple(f for f in opt.keep_fields if f not in dict(s.fields)), opt.allow_burned_in)
+                     tuple(f for f in opt.keep_fields if f not in dict(s.fields)), opt.allow_burned_in, opt.encoding)
                     for s in studies]
             positives, known = np.zeros(len(names), int), np.zeros(len(names), int)
             patients_written = set()
-            for study, (png, fields, reason, message) in zip(studies, pool.map(jobs)):
+            for study, (image, fields, reason, message) in zip(studies, pool.map(jobs)):
                 bar(1)
-                if png is None:
+                if image is None:
                     quarantine.append(_quarantine_row(salt, opt, study.file, reason, message))
                     debug(f"ingest: quarantined study {quarantine[-1][0]}: {reason}: {quarantine[-1][2]}")
                     continue
                 key = _study_id(salt, study.file)
                 debug(f"ingest: study {key} -> {split}")
                 keep = {**dict(study.fields), **fields}
-                writer.write(encode_example(png, study.labels, study.mask, deid.salted_hash(salt, study.patient),
-                                            key, keep))
+                writer.write(encode_example(image, study.labels, study.mask, deid.salted_hash(salt, study.patient),
+                                            key, keep, opt.encoding))
                 positives += np.array(study.labels, int) * np.array(study.mask, int)
                 known += np.array(study.mask, int)
                 patients_written.add(study.patient)
@@ -459,6 +464,7 @@ def finalize(opt: IngestOptions, num_workers: int) -> Manifest:
         given = "with" if opt.unlabeled else "without"
         raise MedtlError(f"ingest parts in {opt.out} were not written {given} --unlabeled; pass the workers' options to "
                          "`medtl ingest-finalize`")
+    _check_stored_form(opt, parts)
     remove_manifest(opt.out)  # no manifest while shards are being renamed
     manifest_splits = {}
     final_names = set()
@@ -509,6 +515,7 @@ def finalize(opt: IngestOptions, num_workers: int) -> Manifest:
         test_fraction=opt.test_fraction,
         quarantined=len(quarantine),
         splits=manifest_splits,
+        encoding=opt.encoding,
     )
     _write_quarantine(fs.join(opt.out, QUARANTINE), quarantine)
     write_manifest(opt.out, manifest)
@@ -542,6 +549,24 @@ def finalize(opt: IngestOptions, num_workers: int) -> Manifest:
     fs.write_text_atomic(fs.join(opt.out, PARTS_DIR, FINALIZED), "finalized\n")
     _remove_parts(opt.out)
     return manifest
+
+
+def _stored_form(opt: IngestOptions) -> dict:
+    """What a part's shards hold, which the manifest written by finalize states: size, bit depth, encoding."""
+    return {"image_size": opt.image_size, "bit_depth": opt.bit_depth, "encoding": opt.encoding}
+
+
+def _check_stored_form(opt: IngestOptions, parts: list[dict]) -> None:
+    """Finalize's options must describe the shards the workers wrote, or the manifest would misstate them."""
+    want = _stored_form(opt)
+    flags = {"image_size": "--image-size", "bit_depth": "--bit-depth", "encoding": "--encoding"}
+    for part in parts:
+        stored = part.get("stored", want)  # parts of an older medtl did not record it
+        for key, flag in flags.items():
+            if stored[key] != want[key]:
+                raise MedtlError(f"ingest part {part['worker_index']} in {opt.out} was written with {flag} "
+                                 f"{stored[key]} but finalize was given {flag} {want[key]}; pass the workers' "
+                                 "options to `medtl ingest-finalize`")
 
 
 def _split_source(opt: IngestOptions) -> str:
@@ -614,6 +639,15 @@ def _warn_empty_splits(opt: IngestOptions, manifest: Manifest) -> None:
             manifest.split_source, f"ingest more patients or raise --{split}-fraction")
         if manifest.split_source in ("file", "given") or fraction > 0:  # a fraction of 0 asked for it
             log(f"warning: the {split} split of {opt.out} is empty (0 records) and {needed_by} needs one; {fix}")
+
+
+def image_size_from_job(path: str) -> int:
+    """The stored size that matches a job: its model input, data.image_size (`medtl ingest --size-from`)."""
+    from medtl.config import load_job_config
+
+    size = load_job_config(path).data.image_size  # >= 32, as every backbone needs (Config.check)
+    log(f"ingest: storing images at {size} px, the data.image_size of {path}")
+    return size
 
 
 def ingest(opt: IngestOptions) -> Manifest:

@@ -9,6 +9,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
+from medtl.data.decode import ENCODINGS
 from medtl.errors import MedtlError
 from medtl.utils import fs
 
@@ -70,10 +71,17 @@ class Manifest:
     val_fraction: float | None = None
     test_fraction: float | None = None
     quarantined: int = 0
+    # How the shards store each image (medtl.data.decode.ENCODINGS); manifests older than the field are png.
+    encoding: str = "png"
 
     @property
     def num_labels(self) -> int:
         return len(self.labels)
+
+    @property
+    def raw_image_bytes(self) -> int:
+        """Bytes of one stored image as raw pixels (what every raw record must hold)."""
+        return self.stored_image_size * self.stored_image_size * self.channels * (self.bit_depth // 8)
 
     @property
     def labeled(self) -> bool:
@@ -90,17 +98,27 @@ class Manifest:
                 "aspect": self.aspect, "frame": self.frame, "uncertain": self.uncertain, "blank": self.blank,
                 "fields": list(self.fields), "split_seed": self.split_seed, "split_source": self.split_source,
                 "val_fraction": self.val_fraction, "test_fraction": self.test_fraction,
-                "quarantined": self.quarantined, "splits": {k: v.to_dict() for k, v in self.splits.items()}}
+                "quarantined": self.quarantined, "encoding": self.encoding,
+                "splits": {k: v.to_dict() for k, v in self.splits.items()}}
 
     def digest(self) -> str:
-        """A short SHA-256 of the content, to name the data in reports and exports."""
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+        """A short SHA-256 of the content, to name the data in reports and exports. A png manifest hashes
+        without its encoding, so records ingested before the field existed keep the digest they had."""
+        content = self.to_dict()
+        if self.encoding == "png":
+            del content["encoding"]
+        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
     @classmethod
     def from_dict(cls, raw: dict, where: str = MANIFEST_FILE) -> "Manifest":
         missing = [k for k in ("labels", "image_size", "bit_depth", "splits") if k not in raw]
         if missing:
             raise MedtlError(f"{where} lacks {', '.join(missing)}; it was not written by `medtl ingest`: re-run it")
+        encoding = raw.get("encoding", "png")
+        if encoding not in ENCODINGS:
+            raise MedtlError(f"{where}: key 'encoding' is {encoding!r}, which this medtl cannot read (it knows "
+                             f"{', '.join(ENCODINGS)}); re-ingest with `medtl ingest --encoding png` or `--encoding "
+                             "raw`, or read these records with the medtl version that wrote them")
         try:
             splits = {name: _split_from_dict(info) for name, info in raw["splits"].items()}
             return cls(labels=tuple(raw["labels"]), stored_image_size=int(raw["image_size"]),
@@ -110,7 +128,7 @@ class Manifest:
                        uncertain=raw.get("uncertain"), blank=raw.get("blank"), fields=tuple(raw.get("fields", ())),
                        split_seed=raw.get("split_seed"), split_source=raw.get("split_source"),
                        val_fraction=raw.get("val_fraction"), test_fraction=raw.get("test_fraction"),
-                       quarantined=int(raw.get("quarantined", 0)))
+                       quarantined=int(raw.get("quarantined", 0)), encoding=encoding)
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
             raise MedtlError(f"{where} is malformed ({type(exc).__name__}: {exc}); re-run `medtl ingest`") from None
 
@@ -182,6 +200,33 @@ def check_train_split(records: str, manifest: Manifest) -> None:
     what = "no images at all (0 records in every split)" if not total else "no images in its train split (0 records)"
     raise MedtlError(f"records folder {records} holds {what}; re-run `medtl ingest` with studies that decode (its "
                      "quarantine.csv lists the inputs it could not use)")
+
+
+# Stored side over model input side beyond which `medtl train` says the records are larger than the job needs.
+OVERSIZE_RATIO = 1.5
+
+
+def check_input_size(records: str, manifest: Manifest, image_size: int, allow_upsample: bool) -> None:
+    """A model input larger than the stored images is upsampled detail that is not there: refused unless
+    the job says so (data.allow_upsample)."""
+    stored = manifest.stored_image_size
+    if image_size > stored and not allow_upsample:
+        raise MedtlError(f"data.image_size is {image_size} px but {records} stores {stored} px images (manifest.json "
+                         f"image_size), so they would be upsampled; set data.allow_upsample: true to train on upsampled "
+                         f"images, or re-ingest at {image_size} px (`medtl ingest --size-from CONFIG`)")
+
+
+def oversize_warning(records: str, manifest: Manifest, image_size: int) -> str | None:
+    """The warning for records stored more than OVERSIZE_RATIO times larger than the model input, with the
+    cost in pixels (every epoch reads and resizes them, and decodes them if png); None otherwise."""
+    stored = manifest.stored_image_size
+    if stored <= OVERSIZE_RATIO * image_size:
+        return None
+    work = "decodes and resizes" if manifest.encoding == "png" else "reads and resizes"
+    return (f"{records} stores {stored} px images, {stored / image_size:.1f}x the model input data.image_size "
+            f"{image_size} px (more than {OVERSIZE_RATIO:g}x): every epoch {work} {(stored / image_size) ** 2:.1f} "
+            f"pixels per pixel the model uses; re-ingest at {image_size} px for less CPU per image (`medtl ingest "
+            "--size-from CONFIG`, docs/ingest.md)")
 
 
 def write_manifest(records: str, manifest: Manifest) -> None:

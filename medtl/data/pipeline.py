@@ -18,8 +18,8 @@ import numpy as np
 
 from medtl.config import Config
 from medtl.data.augment import build_augment_fn, build_views_fn
-from medtl.data.manifest import Manifest, read_manifest
-from medtl.data.records import IMAGE, KEY, LABELS, MASK, PATIENT
+from medtl.data.manifest import Manifest, check_input_size, read_manifest
+from medtl.data.records import KEY, LABELS, MASK, PATIENT, image_feature
 from medtl.data.subsets import TrainSubset, select
 from medtl.errors import MedtlError, RunFailure
 from medtl.tf import tf
@@ -209,8 +209,8 @@ def _checked_image(image, stored: int, shard):
         return tf.ensure_shape(tf.identity(image), (stored, stored, 1))
 
 
-def _record_spec(with_ids: bool = False) -> dict:
-    spec = {IMAGE: tf.io.FixedLenFeature([], tf.string, default_value=""),
+def _record_spec(encoding: str, with_ids: bool = False) -> dict:
+    spec = {image_feature(encoding): tf.io.FixedLenFeature([], tf.string, default_value=""),
             LABELS: tf.io.VarLenFeature(tf.int64), MASK: tf.io.VarLenFeature(tf.int64)}
     if with_ids:
         spec.update({PATIENT: tf.io.FixedLenFeature([], tf.string), KEY: tf.io.FixedLenFeature([], tf.string)})
@@ -221,6 +221,28 @@ def decode_stored_png(png, bit_depth: int):
     """PNG bytes at the stored bit depth -> (h, w, 1) float32 in [0, 255]."""
     dtype = tf.uint16 if int(bit_depth) == 16 else tf.uint8
     return tf.cast(tf.io.decode_png(png, channels=1, dtype=dtype), tf.float32) * (255.0 / ((1 << int(bit_depth)) - 1))
+
+
+def _decode_raw(data, manifest: Manifest, shard):
+    """Raw stored pixels -> (stored, stored, 1) uint8/uint16, the byte count checked against the manifest."""
+    size, expected = manifest.stored_image_size, manifest.raw_image_bytes
+    found = tf.strings.length(data)
+    check = _require(tf.equal(found, expected), shard, "a record holds ", tf.strings.as_string(found),
+                     f" image bytes but manifest.json says the shards hold {size}x{size} {manifest.bit_depth}-bit raw "
+                     f"images ({expected} bytes each); the shard is damaged or not the manifest's: re-run "
+                     "`medtl ingest` for this folder")
+    with tf.control_dependencies([check]):
+        pixels = tf.io.decode_raw(data, tf.uint16 if manifest.bit_depth == 16 else tf.uint8, little_endian=True)
+    return tf.reshape(pixels, (size, size, 1))
+
+
+def decode_stored(data, manifest: Manifest, shard):
+    """A record's stored image (manifest.encoding) -> (stored, stored, 1) float32 in [0, 255], checked
+    against the manifest's size (a failed check names the shard)."""
+    if manifest.encoding == "raw":
+        scale = 255.0 / ((1 << manifest.bit_depth) - 1)
+        return tf.cast(_decode_raw(data, manifest, shard), tf.float32) * scale
+    return _checked_image(decode_stored_png(data, manifest.bit_depth), manifest.stored_image_size, shard)
 
 
 def resize_stored(image, stored_size: int, image_size: int):
@@ -238,6 +260,19 @@ def to_channels(images, channels: int):
     return tf.image.grayscale_to_rgb(images) if channels == 3 else images
 
 
+def _stream_to_channels(images, channels: int):
+    """to_channels for tf.data, which always runs on the CPU: there an outer product with ones(1, 3) (exact:
+    each value times 1.0) costs about 0.2 ms per 380 px image against 0.4-0.9 ms for grayscale_to_rgb's
+    tile, about half of a decode-free stream's work (docs/benchmarks.md). The export keeps the tile: on a
+    GPU, TF32 matmuls would round."""
+    images = tf.cast(images, tf.float32)
+    if channels != 3:
+        return images
+    shape = tf.shape(images)  # (..., size, size, 1)
+    rgb = tf.linalg.matmul(tf.reshape(images, (-1, 1)), tf.ones((1, 3), tf.float32))
+    return tf.reshape(rgb, tf.concat([shape[:-1], [3]], 0))
+
+
 def build_resize_fn(stored_size: int, image_size: int, channels: int):
     """(stored, stored, 1) float32 in [0, 255] -> the model input: the eval stream's preprocessing,
     also used by the exported SavedModel (medtl.serve.export) so serving sees training's pixels."""
@@ -249,20 +284,22 @@ def build_resize_fn(stored_size: int, image_size: int, channels: int):
 
 
 def build_parse_fn(manifest: Manifest, with_ids: bool = False):
-    """parse_fn(shard, record) -> (png bytes, labels (L,) int64, mask (L,) int64[, patient, key]),
+    """parse_fn(shard, record) -> (stored image bytes, labels (L,) int64, mask (L,) int64[, patient, key]),
     checked against the manifest."""
     num_labels = manifest.num_labels
-    spec = _record_spec(with_ids)
+    spec = _record_spec(manifest.encoding, with_ids)
+    image_key = image_feature(manifest.encoding)
 
     def parse_fn(shard, record):
         ex = tf.io.parse_single_example(record, spec)
         labels = _checked_vector(ex[LABELS].values, num_labels, shard, LABELS)
         mask = _checked_vector(ex[MASK].values, num_labels, shard, MASK)
-        empty = _require(tf.strings.length(ex[IMAGE]) > 0, shard, "a record has no image; the shard is damaged or "
-                         "not written by medtl: re-run `medtl ingest` for this folder")
+        empty = _require(tf.strings.length(ex[image_key]) > 0, shard, f"a record has no image ('{image_key}', the "
+                         f"feature of {manifest.encoding} records); the shard is damaged or not written by medtl: "
+                         "re-run `medtl ingest` for this folder")
         with tf.control_dependencies([empty]):
-            png = tf.identity(ex[IMAGE])
-        return (png, labels, mask) + ((ex[PATIENT], ex[KEY]) if with_ids else ())
+            data = tf.identity(ex[image_key])
+        return (data, labels, mask) + ((ex[PATIENT], ex[KEY]) if with_ids else ())
 
     return parse_fn
 
@@ -272,11 +309,10 @@ def build_decode_fn(manifest: Manifest, image_size: int, quantise: bool, with_id
     The image is float32 in [0, 255], rounded to uint8 when `quantise` (what albumentations takes)."""
     parse_fn = build_parse_fn(manifest, with_ids)
     stored = manifest.stored_image_size
-    bit_depth = manifest.bit_depth
 
     def decode_fn(shard, record):
-        png, labels, mask, *ids = parse_fn(shard, record)
-        image = _checked_image(decode_stored_png(png, bit_depth), stored, shard)  # (stored, stored, 1)
+        data, labels, mask, *ids = parse_fn(shard, record)
+        image = decode_stored(data, manifest, shard)  # (stored, stored, 1)
         image = resize_stored(image, stored, image_size)
         if quantise:
             image = tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
@@ -301,6 +337,7 @@ def build_decoded(cfg: Config, manifest: Manifest, split: str, rank: int, num_ra
                   quantise: bool, first_epoch: int, with_ids: bool = False) -> tf.data.Dataset:
     """This rank's decoded (image, labels, mask[, patient, key]) records before the shuffle buffer,
     cached if asked."""
+    check_input_size(cfg.data.records, manifest, cfg.data.image_size, cfg.data.allow_upsample)
     files = shard_paths(cfg.data.records, manifest, split)
     expected = {f"{cfg.data.records.rstrip('/')}/{shard.file}": shard.records
                 for shard in manifest.splits[split].shards}
@@ -336,7 +373,7 @@ def build_decoded(cfg: Config, manifest: Manifest, split: str, rank: int, num_ra
 
 def build_model_input_fn(channels: int):
     def model_input_fn(images, labels, mask, *ids):  # (batch, size, size, 1) -> (batch, size, size, channels)
-        return (to_channels(images, channels), labels, mask, *ids)
+        return (_stream_to_channels(images, channels), labels, mask, *ids)
 
     return model_input_fn
 
@@ -399,7 +436,7 @@ def build_views_dataset(cfg: Config, rank: int = 0, num_ranks: int = 1, manifest
     policy = cfg.pretrain.view_policy(cfg.data.image_size, cfg.data.augment)
     ds = ds.map(build_views_fn(policy, (cfg.seed, rank, first_epoch)), num_parallel_calls=AUTOTUNE,
                 deterministic=deterministic)
-    ds = ds.map(lambda views: to_channels(views, cfg.data.channels), num_parallel_calls=AUTOTUNE,
+    ds = ds.map(lambda views: _stream_to_channels(views, cfg.data.channels), num_parallel_calls=AUTOTUNE,
                 deterministic=deterministic)
     options = tf.data.Options()
     options.deterministic = deterministic

@@ -1,6 +1,7 @@
 """The TFRecord schema: what one record carries, and nothing more.
 
-Allow-list: the stored image, labels, label mask, a salted hash of the patient,
+Allow-list: the stored image (PNG bytes under image/png, or raw pixels under image/raw, by the
+manifest's encoding), labels, label mask, a salted hash of the patient,
 a salted hash of the image key, and (only if asked for) a few safe acquisition
 fields. Patient names, IDs, dates and accession numbers have no field to go into.
 """
@@ -10,23 +11,30 @@ from medtl.data.decode import SAFE_FIELDS as _DICOM_FIELDS
 from medtl.tf import tf
 
 IMAGE = "image/png"
+IMAGE_RAW = "image/raw"  # records of `medtl ingest --encoding raw`
 LABELS = "labels"
 MASK = "mask"
 PATIENT = "patient"
 KEY = "key"
 FIELD_PREFIX = "field/"
 SAFE_FIELDS = tuple(_DICOM_FIELDS)
-ALLOWED_FEATURES = (IMAGE, LABELS, MASK, PATIENT, KEY) + tuple(FIELD_PREFIX + f for f in SAFE_FIELDS)
+ALLOWED_FEATURES = (IMAGE, IMAGE_RAW, LABELS, MASK, PATIENT, KEY) + tuple(FIELD_PREFIX + f for f in SAFE_FIELDS)
 
 
-def encode_example(png: bytes, labels, mask, patient_hash: str, key_hash: str,
-                   fields: dict[str, str] | None = None) -> bytes:
-    """One serialised tf.train.Example (deterministic bytes for the same inputs)."""
+def image_feature(encoding: str) -> str:
+    """The feature holding the image in records of this encoding (medtl.data.decode.ENCODINGS)."""
+    return IMAGE_RAW if encoding == "raw" else IMAGE
+
+
+def encode_example(image: bytes, labels, mask, patient_hash: str, key_hash: str,
+                   fields: dict[str, str] | None = None, encoding: str = "png") -> bytes:
+    """One serialised tf.train.Example (deterministic bytes for the same inputs); `image` holds the
+    stored bytes of `encoding`."""
     unknown = set(fields or {}) - set(SAFE_FIELDS)
     if unknown:  # the allow-list is enforced here, whatever the caller passes
         raise ValueError(f"fields {sorted(unknown)} are not on the record allow-list {SAFE_FIELDS}")
     feature = {
-        IMAGE: tf.train.Feature(bytes_list=tf.train.BytesList(value=[png])),
+        image_feature(encoding): tf.train.Feature(bytes_list=tf.train.BytesList(value=[image])),
         LABELS: tf.train.Feature(int64_list=tf.train.Int64List(value=list(labels))),
         MASK: tf.train.Feature(int64_list=tf.train.Int64List(value=list(mask))),
         PATIENT: tf.train.Feature(bytes_list=tf.train.BytesList(value=[patient_hash.encode()])),
@@ -38,9 +46,9 @@ def encode_example(png: bytes, labels, mask, patient_hash: str, key_hash: str,
     return example.SerializeToString(deterministic=True)
 
 
-def feature_spec(num_labels: int) -> dict:
+def feature_spec(num_labels: int, encoding: str = "png") -> dict:
     return {
-        IMAGE: tf.io.FixedLenFeature([], tf.string),
+        image_feature(encoding): tf.io.FixedLenFeature([], tf.string),
         LABELS: tf.io.FixedLenFeature([num_labels], tf.int64),
         MASK: tf.io.FixedLenFeature([num_labels], tf.int64),
         PATIENT: tf.io.FixedLenFeature([], tf.string),

@@ -52,25 +52,23 @@ def check_cheap(records: str, manifest: Manifest, splits=None) -> list[Problem]:
 
 def _read_records(path: str, manifest: Manifest, expected: int) -> Problem | None:
     """Read, parse and decode every record of one shard."""
-    from medtl.data.records import IMAGE, LABELS, MASK, feature_spec
+    from medtl.data.records import LABELS, MASK, feature_spec, image_feature
     from medtl.tf import tf
 
     num_labels = manifest.num_labels
-    spec = feature_spec(num_labels)
-    dtype = tf.uint16 if manifest.bit_depth == 16 else tf.uint8
-    size = manifest.stored_image_size
+    spec = feature_spec(num_labels, manifest.encoding)
+    image_key = image_feature(manifest.encoding)
     count = 0
     try:
         for record in tf.data.TFRecordDataset(path):
             try:
                 ex = tf.io.parse_single_example(record, spec)
-                image = tf.io.decode_png(ex[IMAGE], channels=1, dtype=dtype)
+                wrong = _image_problem(ex[image_key], manifest)
             except tf.errors.InvalidArgumentError as exc:
-                return Problem(path, "bad_record", f"record {count} does not parse as a medtl record with "
-                                                   f"{num_labels} labels: {_first_line(exc)}")
-            if tuple(image.shape) != (size, size, 1):
-                return Problem(path, "bad_record", f"record {count} image is {tuple(image.shape[:2])}, "
-                                                   f"manifest says ({size}, {size})")
+                return Problem(path, "bad_record", f"record {count} does not parse as a medtl {manifest.encoding} "
+                                                   f"record with {num_labels} labels: {_first_line(exc)}")
+            if wrong:
+                return Problem(path, "bad_record", f"record {count} {wrong}")
             if ex[LABELS].shape[0] != num_labels or ex[MASK].shape[0] != num_labels:
                 return Problem(path, "bad_record", f"record {count} has {ex[LABELS].shape[0]} labels, expected {num_labels}")
             count += 1
@@ -78,6 +76,25 @@ def _read_records(path: str, manifest: Manifest, expected: int) -> Problem | Non
         return Problem(path, "corrupted", f"unreadable after record {count} ({_first_line(exc)})")
     if count != expected:
         return Problem(path, "count_mismatch", f"{count} records, manifest says {expected}")
+    return None
+
+
+def _image_problem(data, manifest: Manifest) -> str | None:
+    """What is wrong with one record's stored image against the manifest, or None (raises
+    InvalidArgumentError for a PNG that does not decode)."""
+    from medtl.tf import tf
+
+    size = manifest.stored_image_size
+    if manifest.encoding == "raw":
+        found = len(data.numpy())
+        if found != manifest.raw_image_bytes:
+            return (f"holds {found} image bytes, manifest says {size}x{size} {manifest.bit_depth}-bit raw "
+                    f"({manifest.raw_image_bytes} bytes)")
+        return None
+    dtype = tf.uint16 if manifest.bit_depth == 16 else tf.uint8
+    image = tf.io.decode_png(data, channels=1, dtype=dtype)
+    if tuple(image.shape) != (size, size, 1):
+        return f"image is {tuple(image.shape[:2])}, manifest says ({size}, {size})"
     return None
 
 

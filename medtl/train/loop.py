@@ -18,7 +18,8 @@ import numpy as np
 from medtl import dist
 from medtl.config import Config
 from medtl.data import verify
-from medtl.data.manifest import Manifest, check_train_split, check_val_split, read_manifest
+from medtl.data.manifest import (Manifest, check_input_size, check_train_split, check_val_split, oversize_warning,
+                                 read_manifest)
 from medtl.data.pipeline import build_dataset, pipeline_errors, records_in, split_size
 from medtl.errors import MedtlError, RunFailure
 from medtl.models.build import build_model, set_precision
@@ -28,7 +29,7 @@ from medtl.train import callbacks as cb
 from medtl.train.phases import apply_phase, check_phases_trainable, trainable_variable_names
 from medtl.train.rundir import RunDir, RunState, check_outside_records
 from medtl.utils import faults
-from medtl.utils.log import log
+from medtl.utils.log import log, warning
 
 
 def _steps_per_epoch(manifest: Manifest, cfg: Config, ctx: dist.Context) -> int:
@@ -266,6 +267,7 @@ def open_run(cfg: Config, workdir: str, splits: tuple[str, ...], unlabeled_ok: b
     ctx = dist.init(cfg.train.stall_shutdown_seconds)
     manifest = read_manifest(cfg.data.records, unlabeled_ok=unlabeled_ok)
     check_train_split(cfg.data.records, manifest)
+    check_input_size(cfg.data.records, manifest, cfg.data.image_size, cfg.data.allow_upsample)
     if "val" in splits:
         check_val_split(cfg.data.records, manifest)
     check_outside_records(cfg, workdir)
@@ -273,6 +275,9 @@ def open_run(cfg: Config, workdir: str, splits: tuple[str, ...], unlabeled_ok: b
     if damaged:
         raise RunFailure(f"{damaged[0]}; run `medtl verify {cfg.data.records}` and re-ingest or restore it")
     records_in(cfg, manifest, "train")  # data.train_fraction's subset, refused here if it lacks a label's positives
+    oversize = oversize_warning(cfg.data.records, manifest, cfg.data.image_size)
+    if oversize:
+        warning(oversize)
     run = RunDir(workdir, ctx.primary)
     return ctx, manifest, run, _prepare_run(ctx, cfg, run)
 
