@@ -213,7 +213,7 @@ class HeadLayer:
     rate: float = 0.0         # dropout
     pooling: str = "avg"      # global_pool
     name: str = ""            # the Keras layer name; "" = head_<index>_<type> (the short form names its layers)
-    yaml_type = "head layers: flatten, batch_norm, {type: value} or {type: {field: value}}"
+    yaml_type = "head layer: flatten, batch_norm, {type: value} or {type: {field: value}}"
 
     @classmethod
     def from_yaml(cls, raw: Any, key: str) -> "HeadLayer":
@@ -392,7 +392,7 @@ def head_shape_problems(layers: typing.Sequence[HeadLayer], side: int | None) ->
 
 @dataclass(frozen=True)
 class ModelConfig:
-    # A tf.keras.applications backbone name, e.g. EfficientNetB4, EfficientNetB0, ResNet50, DenseNet121.
+    # A tf.keras.applications backbone name, e.g. EfficientNetB4, EfficientNetB0, ResNet50, DenseNet121, InceptionV3, InceptionResNetV2, Xception (docs/training.md, Backbones).
     backbone: str = "EfficientNetB0"
     # Base weights: imagenet (Keras cache ~/.keras/models, downloaded if online), none (random), or a .h5 path.
     weights: str = "imagenet"
@@ -828,6 +828,10 @@ def _apply_override(tree: dict, assignment: str) -> None:
     for depth, part in enumerate(parts):
         here = ".".join(parts[: depth + 1])
         last = depth == len(parts) - 1
+        if hasattr(tp, "from_yaml"):  # e.g. a head layer or a phase's trainable: one YAML value, not a mapping
+            parent = ".".join(parts[:depth])
+            raise ConfigError(f"--set {dotted}: '{parent}' is one value ({tp.yaml_type}); set it whole, "
+                              f"e.g. --set '{parent}=...'")
         expected = list if typing.get_origin(tp) is tuple else dict
         if not isinstance(node, expected):
             raise ConfigError(f"--set {dotted}: '{'.'.join(parts[:depth])}' is not a "

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from medtl.config import HeadConfig, HeadLayer, load_config
+from medtl.errors import ConfigError
 from medtl.search.space import Head, defaults_from, load_space
 
 from conftest import JOBS, REPO, assert_user_error, run_cli
@@ -125,6 +126,14 @@ def test_a_layer_list_round_trips_through_the_run_config(tmp_path):
     assert load_config(str(tmp_path / "c.yaml")) == cfg
     saved = yaml.safe_load(dump_config(cfg))["model"]["head"]
     assert list(saved) == ["layers"] and saved["layers"][3] == "batch_norm"
+
+
+def test_set_changes_a_layer_whole():
+    best = os.path.join(JOBS, "heads", "best_b4.yaml")
+    cfg = load_config(best, ["model.head.layers.0={conv: {filters: 16, activation: linear}}"])
+    assert cfg.model.head.layers[0] == HeadLayer("conv", filters=16, activation="linear")
+    with pytest.raises(ConfigError, match="'model.head.layers.0' is one value \\(head layer: .*set it whole"):
+        load_config(best, ["model.head.layers.0.conv.filters=16"])
 
 
 # ----------------------------------------------------------------------------- bad input, through the CLI
