@@ -61,6 +61,7 @@ class TrainResult:
     stopped_after_phase: str | None  # set when until_phase stopped before the last phase
     weights_fingerprints: dict[str, str]  # phase -> weights hash (equal on every rank); phases trained now
     log_path: str  # the copy of the log in the run folder
+    phase_best_val_auroc: dict[str, float] | None = None  # phase -> its best val macro AUROC (phases trained so far)
 
 
 @dataclass(frozen=True)
@@ -132,9 +133,26 @@ def _need_records(cfg: Config) -> None:
         raise MedtlError("data.records is empty; set it in the config or with --set data.records=DIR")
 
 
+def _preflight(cfg: Config, workdir: str, unlabeled_ok: bool = False, val: bool = True) -> None:
+    """What a training job checks of its inputs before TensorFlow loads (local records cost no import), so a
+    wrong folder or an empty split is reported in a second; the job checks them again as it starts."""
+    from medtl.data.manifest import check_train_split, check_val_split, read_manifest
+    from medtl.train.rundir import check_outside_records
+
+    _need_records(cfg)
+    if "://" in cfg.data.records:
+        return  # object storage: checked once, by the job, through TensorFlow's filesystems
+    manifest = read_manifest(cfg.data.records, unlabeled_ok=unlabeled_ok)
+    check_train_split(cfg.data.records, manifest)
+    if val:
+        check_val_split(cfg.data.records, manifest)
+    check_outside_records(cfg, workdir)
+
+
 def synth(out: str, n: int = 1000, seed: int = 0, size: int = 256, dicom: bool = False,
-          progress: bool = True) -> SynthResult:
-    """Write `n` synthetic chest-X-ray-like studies (ChestX-ray14 layout) into OUT/images and OUT/labels.csv."""
+          progress: bool = True, first_patient: int = 1) -> SynthResult:
+    """Write `n` synthetic chest-X-ray-like studies (ChestX-ray14 layout) into OUT/images and OUT/labels.csv.
+    Patients are numbered from `first_patient`, so sets made with different numbers share no patient id."""
     from medtl.data.synth import synthesize
     from medtl.utils.progress import Progress
 
@@ -143,7 +161,7 @@ def synth(out: str, n: int = 1000, seed: int = 0, size: int = 256, dicom: bool =
     if size < 32:
         raise MedtlError(f"size must be >= 32, got {size}")
     with Progress(n, "synth", enabled=progress) as bar:
-        info = synthesize(out, n, seed, size, dicom, progress=bar)
+        info = synthesize(out, n, seed, size, dicom, progress=bar, first_patient=first_patient)
     return SynthResult(out=out, images=os.path.join(out, "images"), labels=os.path.join(out, "labels.csv"),
                        num_images=info["images"], num_patients=info["patients"], prevalence=dict(info["prevalence"]))
 
@@ -194,7 +212,7 @@ def train(config: ConfigLike, workdir: str, overrides: typing.Sequence[str] = ()
     """Run (or resume) the phases of a job config into the run folder `workdir`, up to and including
     `until_phase` (default: all). The same call with the same workdir resumes where it stopped."""
     cfg = _job_config(config, overrides)
-    _need_records(cfg)
+    _preflight(cfg, workdir)
     from medtl import dist
     from medtl.train.loop import train as train_phases
 
@@ -204,7 +222,8 @@ def train(config: ConfigLike, workdir: str, overrides: typing.Sequence[str] = ()
         summary = train_phases(cfg, workdir, until_phase=until_phase)
     return TrainResult(workdir=workdir, best_val_auroc=summary["best_val_auroc"], epochs=summary["epochs"],
                        ranks=ctx.size, stopped_after_phase=summary.get("stopped_after_phase"),
-                       weights_fingerprints=dict(summary.get("weights_fingerprint") or {}), log_path=log_path)
+                       weights_fingerprints=dict(summary.get("weights_fingerprint") or {}), log_path=log_path,
+                       phase_best_val_auroc=dict(summary.get("phase_best_val_auroc") or {}))
 
 
 def pretrain(config: ConfigLike, workdir: str, overrides: typing.Sequence[str] = ()) -> PretrainResult:
@@ -215,6 +234,7 @@ def pretrain(config: ConfigLike, workdir: str, overrides: typing.Sequence[str] =
     from medtl.train.pretrain import check_pretrain_config, run_pretrain
 
     check_pretrain_config(cfg)  # before TensorFlow loads: a bad config fails in a second
+    _preflight(cfg, workdir, unlabeled_ok=cfg.pretrain.method == "simclr", val=cfg.pretrain.method != "simclr")
     from medtl import dist
 
     ctx = dist.init(cfg.train.stall_shutdown_seconds)
@@ -232,7 +252,7 @@ def search(config: ConfigLike, space: str, budget: float, workdir: str, override
     """Budgeted search for a classification head on cached base features (see `medtl search --help`);
     writes best.yaml, leaderboard.csv and search.html into `workdir`. None on ranks other than 0."""
     cfg = _job_config(config, overrides)
-    _need_records(cfg)
+    _preflight(cfg, workdir)
     from medtl.search.run import run_search
 
     summary = run_search(cfg, space, budget, workdir, storage, study_name)
@@ -250,12 +270,18 @@ def evaluate(workdir: str | None = None, *, out: str, model: str | None = None, 
     (`records`), on one split; writes the report folder `out`. None on ranks other than 0."""
     if (workdir is None) == (model is None):
         raise MedtlError("evaluate needs either a run folder (workdir) or an exported model (model), not both")
+    if workdir is not None:
+        if records is not None:
+            raise MedtlError("records goes with model (an export); a run folder (workdir) evaluates its own records")
+        from medtl.data.manifest import check_split
+        from medtl.train.rundir import read_run
+
+        cfg, manifest, _ = read_run(workdir)  # before TensorFlow loads: a wrong folder or split fails in a second
+        check_split(manifest, split, cfg.data.records)
     from medtl.evaluate.run import evaluate_run
     from medtl.serve.evaluate import evaluate_export
 
     if workdir is not None:
-        if records is not None:
-            raise MedtlError("records goes with model (an export); a run folder (workdir) evaluates its own records")
         report = evaluate_run(workdir, split, out, list(overrides))
     else:
         if records is None:
@@ -275,6 +301,9 @@ def evaluate(workdir: str | None = None, *, out: str, model: str | None = None, 
 
 def export(workdir: str, out: str, overrides: typing.Sequence[str] = ()) -> ExportResult:
     """Export a run's best checkpoint as a SavedModel with preprocessing, labels and val-tuned thresholds."""
+    from medtl.train.rundir import read_run
+
+    read_run(workdir)  # before TensorFlow loads: a folder that is not a trained run fails in a second
     from medtl.serve.export import export_run
 
     meta = export_run(workdir, out, list(overrides))

@@ -189,13 +189,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--salt-file", default=None,
                    help="with --ids-only: secret salt (default $MEDTL_ID_SALT or ~/.config/medtl/id_salt)")
 
-    p = sub.add_parser("demo", help="synth -> ingest -> train -> evaluate on built-in synthetic data",
-                       description="Run the main job end to end on synthetic studies (its time on 2 cores: see the README).")
+    p = sub.add_parser("demo", help="transfer learning end to end on built-in synthetic data",
+                       description="Synthesise an archive and a target set of studies, pretrain the base on the "
+                                   "archive's findings, train the target job's phases from it (and its head phase "
+                                   "on a random base, the control), evaluate the test split (its time on 2 cores: "
+                                   "see the README).")
     p.add_argument("--out", required=True, help="demo folder")
-    p.add_argument("--config", default=jobfiles.job_file("demo.yaml"), help="job config (default jobs/demo.yaml)")
+    p.add_argument("--config", default=jobfiles.job_file("demo.yaml"),
+                   help="target job config (default jobs/demo.yaml)")
+    p.add_argument("--pretrain-config", default=jobfiles.job_file("demo_pretrain.yaml"),
+                   help="pretraining job config (default jobs/demo_pretrain.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value (repeatable)")
-    p.add_argument("--n", type=int, default=5000, help="synthetic studies (default 5000)")
+                   help="override a value of both configs (repeatable)")
+    p.add_argument("--n", type=int, default=5000, help="synthetic target studies (default 5000)")
+    p.add_argument("--archive-n", type=int, default=6000, help="synthetic archive studies (default 6000)")
     p.add_argument("--seed", type=int, default=0, help="seed for data and training (default 0)")
 
     p = sub.add_parser("bench", help="throughput benchmarks, as ratios against a baseline in the same run",
@@ -235,6 +242,24 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--trial-epochs", type=int, default=3, help="epochs of the timed trial, both ways (default 3)")
     b.add_argument("--budget", type=float, default=None, help="search budget in full trainings (default N/4)")
     b.add_argument("--keep", default=None, help="work folder to keep (and reuse)")
+
+    b = bench.add_parser("pretrain", help="a pretrained base + the phases against scratch, per label budget",
+                         description="For each fraction of the target's train labels (nested, patient-level "
+                                     "subsets), the target job's phases from an in-domain pretrained base against "
+                                     "training from scratch on the same budget, scored on the same test split. "
+                                     "Without --records: the demo's synthetic archive and target sets.")
+    b.add_argument("--config", default=jobfiles.job_file("demo.yaml"), help="target job config (default jobs/demo.yaml)")
+    b.add_argument("--pretrain-config", default=jobfiles.job_file("demo_pretrain.yaml"),
+                   help="pretraining job config (default jobs/demo_pretrain.yaml)")
+    b.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a value of both configs (repeatable)")
+    b.add_argument("--fractions", default="0.05,0.25,1", help="fractions of the train labels (default 0.05,0.25,1)")
+    b.add_argument("--records", default=None, help="target records (default: synthesised as the demo's)")
+    b.add_argument("--archive", default=None, help="records to pretrain on (with --records, unless --base)")
+    b.add_argument("--base", default=None, help="a base file to use instead of pretraining one")
+    b.add_argument("--n", type=int, default=5000, help="synthetic target studies without --records (default 5000)")
+    b.add_argument("--archive-n", type=int, default=6000, help="synthetic archive studies (default 6000)")
+    b.add_argument("--keep", default=None, help="work folder to keep (and reuse: finished runs are not trained again)")
 
     b = bench.add_parser("input", help="images/s of each input-pipeline stage vs naive loaders",
                          description="Images/s, per run and per CPU core, of (a) read + parse, (b) + decode + resize, "
@@ -375,7 +400,11 @@ def cmd_predict(args) -> int:
 def cmd_demo(args) -> int:
     from medtl.demo import run_demo
 
-    run_demo(args.out, args.config, args.overrides, n=args.n, seed=args.seed)
+    for flag, value in (("--n", args.n), ("--archive-n", args.archive_n)):
+        if value < 20:
+            raise MedtlError(f"{flag} must be >= 20 (the splits need patients), got {value}")
+    run_demo(args.out, args.config, args.overrides, n=args.n, seed=args.seed, pretrain_config=args.pretrain_config,
+             archive_n=args.archive_n)
     return 0
 
 
@@ -404,6 +433,18 @@ def cmd_bench(args) -> int:
         if args.trial_epochs < 1:
             raise MedtlError(f"--trial-epochs must be >= 1, got {args.trial_epochs}")
         bench_search.run(cfg, args.space, records, args.n, args.trial_epochs, args.budget, args.keep)
+    elif args.bench == "pretrain":
+        from medtl.bench import pretrain as bench_pretrain
+
+        fractions = bench_pretrain.parse_fractions(args.fractions)
+        cfg = api.load_job_config(args.config, args.overrides)
+        pre_cfg = api.load_job_config(args.pretrain_config, args.overrides)
+        paths = {name: os.path.abspath(value) if value and "://" not in value else value
+                 for name, value in (("records", args.records), ("archive", args.archive), ("base", args.base))}
+        if paths["base"] and not os.path.isfile(paths["base"]):
+            raise MedtlError(f"--base {args.base} is not a file; pass a base file written by `medtl pretrain`")
+        bench_pretrain.run(cfg, pre_cfg, fractions, paths["records"], paths["archive"], paths["base"], args.n,
+                           args.archive_n, args.keep)
     elif args.bench == "input":
         from medtl.bench.input import BenchOptions, run_bench
 

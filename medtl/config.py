@@ -158,6 +158,9 @@ class DataConfig:
     # Read, shuffle and augment in a fixed order and make TensorFlow ops deterministic, so runs with the
     # same seed and ranks give the same weights (a little slower: no out-of-order parallelism).
     deterministic: bool = False
+    # Train on this fraction of the train split's patients (nested, patient-level subsets ordered by the seed:
+    # a smaller fraction's patients are inside a larger one's), for learning curves and label budgets; 1 = all.
+    train_fraction: float = 1.0
 
     def check(self) -> list[tuple[str, str]]:
         problems = []
@@ -169,6 +172,8 @@ class DataConfig:
             problems.append(("shuffle_buffer", f"must be >= 1, got {self.shuffle_buffer}"))
         if not self.cache.strip():
             problems.append(("cache", "must be none, memory or a folder, got ''"))
+        if not 0 < self.train_fraction <= 1:
+            problems.append(("train_fraction", f"must be in (0, 1], got {self.train_fraction}"))
         return problems
 
 

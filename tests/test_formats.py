@@ -201,13 +201,18 @@ def test_split_file_is_honoured_and_checked(studies, tmp_path):
     assert os.path.splitext(first_patient[1])[0] not in line
 
 
-def test_unknown_label_is_quarantined(studies, tmp_path):
+def test_label_names_keep_every_study_with_only_the_findings_listed(studies, tmp_path):
     out = tmp_path / "records"
     r = run_cli("ingest", "--images", os.path.join(studies, "images"), "--labels", os.path.join(studies, "labels.csv"),
-                "--out", out, "--image-size", 32, "--label-names", "Cardiomegaly,Effusion",
-                "--max-bad-fraction", 1.0)
+                "--out", out, "--image-size", 32, "--label-names", "Effusion,Cardiomegaly")
     assert r.returncode == 0, r.stderr
-    with open(out / "quarantine.csv", newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    assert rows and all(r["reason"] == "unknown_label" for r in rows)
-    assert "not in the label list" in rows[0]["message"]
+    with open(os.path.join(studies, "labels.csv"), newline="") as fh:
+        table = list(csv.DictReader(fh))
+    manifest = read_manifest(str(out))
+    assert manifest.labels == ("Effusion", "Cardiomegaly")  # in the order given
+    assert sum(manifest.records(s) for s in manifest.splits) == len(table)  # nothing quarantined
+    positives = {name: sum(name in row["Finding Labels"].split("|") for row in table)
+                 for name in manifest.labels}
+    assert {name: sum(manifest.splits[s].positives.get(name, 0) for s in manifest.splits)
+            for name in manifest.labels} == positives
+    assert "--label-names leaves out" in r.stderr and "Nodule (" in r.stderr

@@ -157,6 +157,23 @@ def read_manifest(records: str, unlabeled_ok: bool = False) -> Manifest:
     return manifest
 
 
+def check_split(manifest: Manifest, split: str, records: str, purpose: str = "evaluate") -> None:
+    """Clear errors for a split that is not in the manifest or holds no records."""
+    if split not in manifest.splits:
+        raise MedtlError(f"split {split!r} is not in {records}/manifest.json; it has: "
+                         f"{', '.join(manifest.splits)}")
+    if manifest.records(split) == 0:
+        raise MedtlError(f"split {split!r} of {records} is empty (0 records), nothing to {purpose}; "
+                         "re-run `medtl ingest` with more studies or a larger --val-fraction/--test-fraction")
+
+
+def check_val_split(records: str, manifest: Manifest) -> None:
+    """Validation picks the best epoch and the thresholds: records without val records cannot train."""
+    if manifest.records("val") == 0:
+        raise MedtlError(f"the val split of {records} is empty (0 records), and training needs it to pick the best "
+                         "epoch; re-run `medtl ingest` with more patients or a larger --val-fraction")
+
+
 def check_train_split(records: str, manifest: Manifest) -> None:
     """A job that trains on the train split: one line naming the folder when that split holds no images."""
     if "train" in manifest.splits and manifest.records("train") > 0:

@@ -20,6 +20,7 @@ from medtl.config import Config
 from medtl.data.augment import build_augment_fn, build_views_fn
 from medtl.data.manifest import Manifest, read_manifest
 from medtl.data.records import IMAGE, KEY, LABELS, MASK, PATIENT
+from medtl.data.subsets import TrainSubset, select
 from medtl.errors import MedtlError, RunFailure
 from medtl.tf import tf
 from medtl.utils.log import log
@@ -55,7 +56,65 @@ def shard_paths(records: str, manifest: Manifest, split: str) -> list[str]:
 
 
 def split_size(manifest: Manifest, split: str) -> int:
+    """The split's records as ingested (records_in gives what a job reads of it)."""
     return manifest.records(split)
+
+
+def records_in(cfg: Config, manifest: Manifest, split: str) -> int:
+    """The records of `split` that cfg's jobs read: the train split's data.train_fraction subset, else all."""
+    subset = train_subset(cfg, manifest) if split == "train" else None
+    return subset.records if subset else split_size(manifest, split)
+
+
+def read_split_ids(records: str, manifest: Manifest, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(patients (n,) str, labels (n, L), mask (n, L)) of every record of `split`, in shard order, without
+    decoding an image (records are parsed for these three features only)."""
+    files = shard_paths(records, manifest, split)
+    spec = {PATIENT: tf.io.FixedLenFeature([], tf.string), LABELS: tf.io.VarLenFeature(tf.int64),
+            MASK: tf.io.VarLenFeature(tf.int64)}
+    ds = tf.data.TFRecordDataset(files).batch(1024).map(lambda r: tf.io.parse_example(r, spec))
+    patients, labels, mask = [], [], []
+    with pipeline_errors():
+        for batch in ds:
+            patients.extend(p.decode() for p in batch[PATIENT].numpy())
+            width = manifest.num_labels
+            labels.append(tf.sparse.to_dense(batch[LABELS]).numpy().reshape(-1, width))
+            mask.append(tf.sparse.to_dense(batch[MASK]).numpy().reshape(-1, width))
+    width = manifest.num_labels
+    return (np.array(patients, dtype=object), np.concatenate(labels) if labels else np.zeros((0, width)),
+            np.concatenate(mask) if mask else np.zeros((0, width)))
+
+
+_SUBSETS: dict[tuple, TrainSubset] = {}
+
+
+def train_subset(cfg: Config, manifest: Manifest) -> TrainSubset | None:
+    """data.train_fraction's nested, patient-level subset of the train split (medtl.data.subsets), or None when
+    the fraction is 1. Read once per process and records folder."""
+    fraction = cfg.data.train_fraction
+    if fraction >= 1:
+        return None
+    key = (cfg.data.records, manifest.digest(), float(fraction), int(cfg.seed))
+    if key not in _SUBSETS:
+        patients, labels, mask = read_split_ids(cfg.data.records, manifest, "train")
+        subset = select(patients, labels, mask, manifest.labels, fraction, cfg.seed)
+        log(f"data.train_fraction={fraction:g}: {len(subset.patients)} of {subset.total_patients} train patients, "
+            f"{subset.records} of {len(patients)} records")
+        _SUBSETS[key] = subset
+    return _SUBSETS[key]
+
+
+def _keep_patients_fn(patients: frozenset):
+    """filter_fn(shard, record) -> whether the record's patient is in `patients` (parsed, not decoded)."""
+    table = tf.lookup.StaticHashTable(
+        tf.lookup.KeyValueTensorInitializer(tf.constant(sorted(patients)), tf.ones(len(patients), tf.int64)),
+        default_value=0)
+    spec = {PATIENT: tf.io.FixedLenFeature([], tf.string)}
+
+    def keep_fn(shard, record):
+        return tf.equal(table.lookup(tf.io.parse_single_example(record, spec)[PATIENT]), 1)
+
+    return keep_fn
 
 
 def plan_shards(manifest: Manifest, split: str, files: list[str], rank: int, num_ranks: int,
@@ -229,8 +288,9 @@ def build_decode_fn(manifest: Manifest, image_size: int, quantise: bool, with_id
 def _cache_name(cfg: Config, manifest: Manifest, split: str, rank: int, num_ranks: int, training: bool,
                 quantise: bool) -> str:
     """A cache file prefix that changes whenever what it holds would: tf.data never checks."""
+    subset = [cfg.data.train_fraction, cfg.seed] if split == "train" and cfg.data.train_fraction < 1 else []
     content = json.dumps([cfg.data.records, manifest.splits[split].to_dict(), manifest.stored_image_size,
-                          manifest.bit_depth], sort_keys=True)
+                          manifest.bit_depth] + subset, sort_keys=True)
     digest = hashlib.sha256(content.encode()).hexdigest()[:12]
     mode = "train" if training else "eval"
     return (f"{cfg.data.cache.rstrip('/')}/{split}-{mode}-{cfg.data.image_size}px-{'u8' if quantise else 'f32'}"
@@ -248,18 +308,23 @@ def build_decoded(cfg: Config, manifest: Manifest, split: str, rank: int, num_ra
     counts = [expected[f] for f in files]
     decode_fn = build_decode_fn(manifest, cfg.data.image_size, quantise, with_ids)
     deterministic = cfg.data.deterministic or not training
+    subset = train_subset(cfg, manifest) if split == "train" else None
+
+    def records_fn(shuffle_seed):
+        ds = build_records(files, by_file, rank, num_ranks, training, shuffle_seed, deterministic, counts)
+        return ds.filter(_keep_patients_fn(subset.patients)) if subset else ds
+
     if cfg.data.cache == "none":
         # Shards are shuffled per pass only when this rank owns them: record sharding needs the same
         # record order on every rank, so each rank keeps the same records every pass.
         shuffle_seed = _seed(cfg.seed, rank, first_epoch) if by_file else None
-        ds = build_records(files, by_file, rank, num_ranks, training, shuffle_seed, deterministic, counts)
-        return ds.map(decode_fn, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+        return records_fn(shuffle_seed).map(decode_fn, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
     key = (cfg.data.records, split, rank, num_ranks, training, quantise, with_ids, cfg.data.image_size,
-           cfg.data.cache, deterministic, json.dumps(manifest.splits[split].to_dict(), sort_keys=True))
+           cfg.data.cache, deterministic, json.dumps(manifest.splits[split].to_dict(), sort_keys=True),
+           cfg.data.train_fraction if subset else 1.0, cfg.seed if subset else 0)
     if key not in _CACHED:
         # Shard order is fixed when cached: the cache replays the first pass, the shuffle buffer mixes.
-        ds = build_records(files, by_file, rank, num_ranks, training, None, deterministic, counts)
-        ds = ds.map(decode_fn, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+        ds = records_fn(None).map(decode_fn, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
         if cfg.data.cache == "memory":
             _CACHED[key] = ds.cache()
         else:

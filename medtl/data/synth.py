@@ -82,10 +82,10 @@ def _latent_findings(rng: np.random.Generator, chronic: frozenset) -> set[str]:
     return found
 
 
-def _make_patients(rng: np.random.Generator, n_images: int) -> list[tuple[Patient, int]]:
-    """Patients with 1-6 studies each (geometric), until n_images studies exist."""
+def _make_patients(rng: np.random.Generator, n_images: int, first: int = 1) -> list[tuple[Patient, int]]:
+    """Patients with 1-6 studies each (geometric), numbered from `first`, until n_images studies exist."""
     out: list[tuple[Patient, int]] = []
-    index = 0
+    index = first - 1
     while len(out) < n_images:
         index += 1
         chronic = set()
@@ -296,14 +296,17 @@ def write_png(path: str, pixels: np.ndarray) -> None:
 
 
 def synthesize(out: str, n: int, seed: int = 0, size: int = 256, dicom: bool = False,
-               progress=None) -> dict:
-    """Write `n` studies to `out/images/` and `out/labels.csv`. Returns a summary."""
+               progress=None, first_patient: int = 1) -> dict:
+    """Write `n` studies to `out/images/` and `out/labels.csv`, patients numbered from `first_patient`.
+    Returns a summary."""
     if n < 1:
         raise ValueError("n must be >= 1")
+    if first_patient < 1:
+        raise ValueError("first_patient must be >= 1")
     images_dir = os.path.join(out, "images")
     os.makedirs(images_dir, exist_ok=True)
     rng = np.random.default_rng(seed)
-    studies = _make_patients(rng, n)
+    studies = _make_patients(rng, n, first_patient)
     counts = {name: 0 for name in FINDINGS}
     rows = []
     for i, (patient, follow_up) in enumerate(studies):

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from medtl.errors import MedtlError
+from medtl.utils.log import log
 
 NO_FINDING = "No Finding"
 FORMATS = ("chestxray14", "chexpert", "multihot", "medmnist")
@@ -156,18 +157,21 @@ def read_chestxray14(path: str, opt: TableOptions) -> LabelTable:
     if not label_names:
         raise MedtlError(f"labels file {path} has no findings other than '{NO_FINDING}'")
     index = {name: i for i, name in enumerate(label_names)}
-    studies, rejected = [], []
+    studies, dropped = [], {}
     for file, patient, findings, fields in parsed:
-        unknown = [f for f in findings if f not in index]
-        if unknown:
-            rejected.append((file, "unknown_label", f"label(s) not in the label list: {', '.join(unknown)}"))
-            continue
         vec = [0] * len(label_names)
         for f in findings:
-            vec[index[f]] = 1
+            if f in index:
+                vec[index[f]] = 1
+            else:  # --label-names leaves it out: the study stays, as a negative for the labels kept
+                dropped[f] = dropped.get(f, 0) + 1
         kept = tuple((k, v) for k, v in fields if k in opt.keep_fields)
         studies.append(Study(file, patient, tuple(vec), (1,) * len(label_names), fields=kept))
-    return LabelTable(tuple(label_names), tuple(studies), tuple(rejected))
+    if dropped:
+        log("ingest: --label-names leaves out " + ", ".join(f"{name} ({count} row(s))" for name, count
+                                                            in sorted(dropped.items()))
+            + "; those rows are kept, with only the findings listed")
+    return LabelTable(tuple(label_names), tuple(studies))
 
 
 def _chexpert_patient(path_value: str) -> str:

@@ -95,6 +95,40 @@ def _summary_rows(report: dict) -> str:
     return "\n".join(rows)
 
 
+def phase_summary(history: list[dict] | None, cfg) -> list[dict]:
+    """Per phase of the run's history: what of the base trained, the epochs run and its best val macro AUROC
+    (the first row of a transfer run is the head-only figure: how well the base's features serve the task)."""
+    if not history:
+        return []
+    phases = {phase.name: phase for phase in cfg.phases}
+    rows: dict[str, dict] = {}
+    for row in history:
+        name = row["phase"]
+        phase = phases.get(name)
+        entry = rows.setdefault(name, {"phase": name, "epochs": 0, "best_val_auroc": None,
+                                       "trainable": _trainable_text(phase) if phase else "?"})
+        entry["epochs"] += 1
+        value = row.get("val_auroc")
+        if value is not None and (entry["best_val_auroc"] is None or value > entry["best_val_auroc"]):
+            entry["best_val_auroc"] = value
+    return list(rows.values())
+
+
+def _trainable_text(phase) -> str:
+    kind = phase.trainable.kind
+    what = {"none": "head only (base frozen)", "all": "whole base",
+            "top_blocks": f"top {phase.trainable.blocks} block(s)",
+            "top_fraction": f"top {phase.trainable.fraction:.0%} of the base",
+            "regex": f"layers matching {phase.trainable.pattern}"}[kind]
+    bn = "" if kind == "none" else (", BatchNorm training" if phase.train_batch_norm else ", BatchNorm frozen")
+    return f"{what}{bn}, lr {phase.learning_rate:g}"
+
+
+def _phase_rows(phases: list[dict]) -> str:
+    return "\n".join(f"<tr><th>{html.escape(r['phase'])}</th><td class=note>{html.escape(r['trainable'])}</td>"
+                     f"<td>{r['epochs']}</td><td>{fmt(r['best_val_auroc'])}</td></tr>" for r in phases)
+
+
 def _provenance_rows(provenance: dict) -> str:
     return "\n".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>"
                      for k, v in provenance.items())
@@ -173,11 +207,21 @@ model {html.escape(str(prov['model']))}. Thresholds: <b>{html.escape(thr['policy
 </tbody></table>
 <p class=caption>n: images with a known label; masked: uncertain labels left out of that label's metrics.
 Sensitivity to F1 at the val-chosen threshold (probability &ge; threshold is positive).</p></section>
+{_phases_section(report.get("phases") or [])}
 <section id="provenance"><h2>Provenance</h2><table class=prov>{_provenance_rows(prov)}</table>
 <details><summary>resolved config</summary><pre>{html.escape(config_yaml)}</pre></details></section>
 {body}
 </main></body></html>
 """
+
+
+def _phases_section(phases: list[dict]) -> str:
+    if not phases:
+        return ""
+    return ("<section id=\"phases\"><h2>Training phases</h2><table><thead><tr><th>phase</th><th>what trained</th>"
+            "<th>epochs</th><th>best val macro AUROC</th></tr></thead><tbody>" + _phase_rows(phases)
+            + "</tbody></table><p class=caption>From history.jsonl. A first phase that trains the head only on "
+            "the frozen base measures how well the base's features serve this task.</p></section>")
 
 
 def build_figures(report: dict, preds: dict, label_names, train_prevalence: dict | None,

@@ -17,7 +17,7 @@ import numpy as np
 import medtl
 from medtl import dist
 from medtl.config import Config, dump_config, load_config, to_tree
-from medtl.data.manifest import Manifest
+from medtl.data.manifest import Manifest, check_split
 from medtl.errors import MedtlError
 from medtl.evaluate import report as rep
 from medtl.evaluate.bootstrap import bootstrap_distributions, percentile_interval
@@ -53,16 +53,6 @@ def with_evaluate_overrides(cfg: Config, overrides: list[str]) -> Config:
             raise MedtlError(f"--set {assignment}: only evaluate.* keys can be changed after training "
                              "(e.g. --set evaluate.threshold_policy=f1)")
     return load_config(raw=to_tree(cfg), overrides=overrides) if overrides else cfg
-
-
-def check_split(manifest: Manifest, split: str, records: str, purpose: str = "evaluate") -> None:
-    """Clear errors for a split that is not in the manifest or holds no records."""
-    if split not in manifest.splits:
-        raise MedtlError(f"split {split!r} is not in {records}/manifest.json; it has: "
-                         f"{', '.join(manifest.splits)}")
-    if manifest.records(split) == 0:
-        raise MedtlError(f"split {split!r} of {records} is empty (0 records), nothing to {purpose}; "
-                         "re-run `medtl ingest` with more studies or a larger --val-fraction/--test-fraction")
 
 
 def _thresholds_stale(saved: Thresholds | None, cfg: Config, digest: str, label_names) -> bool:
@@ -128,6 +118,22 @@ def add_intervals(summary: dict, preds: dict, cfg: Config) -> dict:
     return summary
 
 
+def base_provenance(weights: str) -> str:
+    """What the base started from: imagenet, none (random), or a file and, for a pretrained base, its sidecar."""
+    from medtl.models import basefile
+
+    if weights in ("imagenet", "none"):
+        return {"imagenet": "ImageNet (Keras)", "none": "random initialisation"}[weights]
+    try:
+        meta = basefile.read_meta(weights)
+    except MedtlError:
+        meta = None
+    if meta is None:
+        return weights
+    return (f"{weights} ({meta.method} pretraining, {meta.epochs} epoch(s) at {meta.image_size} px on records "
+            f"{meta.records_digest[:16]})")
+
+
 def build_report(source: Source, split: str, preds: dict) -> dict:
     """metrics.json's content: metrics at the saved thresholds, intervals, thresholds, provenance."""
     cfg, manifest, ev = source.cfg, source.manifest, source.cfg.evaluate
@@ -143,6 +149,7 @@ def build_report(source: Source, split: str, preds: dict) -> dict:
     provenance = {
         "split": split, "data records": cfg.data.records, "data manifest sha256": manifest.digest(),
         "model": f"{cfg.model.backbone} at {cfg.data.image_size} px, {cfg.data.channels} channel(s)",
+        "base weights": base_provenance(cfg.model.weights),
         **source.provenance,
         "test-time augmentation": ev.tta, "medtl version": medtl.__version__, "tensorflow": tf.__version__,
         "evaluated at (UTC)": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
@@ -153,6 +160,7 @@ def build_report(source: Source, split: str, preds: dict) -> dict:
     return {"split": split, "n": summary["n"], "patients": int(len(np.unique(preds["patient"]))),
             "labels": summary["labels"], "macro": summary["macro"], "micro": summary["micro"],
             "thresholds": thr, "calibration_bins": ev.calibration_bins,
+            "phases": rep.phase_summary(source.history, cfg),
             "bootstrap": {"resamples": ev.bootstrap, "seed": ev.seed, "confidence": ev.confidence,
                           "unit": "patient"},
             "provenance": provenance}

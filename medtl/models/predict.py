@@ -12,7 +12,7 @@ import numpy as np
 from medtl import dist
 from medtl.config import Config
 from medtl.data.manifest import Manifest
-from medtl.data.pipeline import build_dataset, pipeline_errors, split_size
+from medtl.data.pipeline import build_dataset, pipeline_errors, records_in
 from medtl.errors import RunFailure
 from medtl.tf import tf
 
@@ -46,7 +46,7 @@ def predict_split(model, cfg: Config, manifest: Manifest, split: str, ctx: dist.
     local = {k: np.concatenate(parts[k]) if parts[k] else
              np.zeros(empty[k], np.uint8 if k in ("patient", "key") else np.float32) for k in keys}
     out = {k: dist.allgather(ctx, v, f"{split}_{k}") for k, v in local.items()}
-    _check_complete(out, manifest, split, cfg.data.records)
+    _check_complete(out, records_in(cfg, manifest, split), split, cfg.data.records)
     for k in ("patient", "key"):
         if k in out:
             out[k] = _decode_ids(out[k])
@@ -55,8 +55,7 @@ def predict_split(model, cfg: Config, manifest: Manifest, split: str, ctx: dist.
     return out
 
 
-def _check_complete(out: dict, manifest: Manifest, split: str, records: str) -> None:
-    expected = split_size(manifest, split)
+def _check_complete(out: dict, expected: int, split: str, records: str) -> None:
     if len(out["probs"]) != expected:
         raise RunFailure(
             f"read {len(out['probs'])} records of split {split!r} but the manifest lists {expected}; "

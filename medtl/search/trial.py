@@ -114,7 +114,7 @@ def train_on_cache(cfg: Config, head: Head, manifest: Manifest, train: SplitFeat
 def train_with_base(cfg: Config, head: Head, manifest: Manifest, epochs: int,
                     on_epoch: Callable[[int, float], bool]) -> list[float]:
     """The same trial with the frozen base run on the images every epoch (no augmentation)."""
-    from medtl.data.pipeline import build_dataset, split_size
+    from medtl.data.pipeline import build_dataset, records_in
     from medtl.models.build import build_model
     from medtl.search.space import with_head
     from medtl.train.phases import apply_phase
@@ -123,7 +123,7 @@ def train_with_base(cfg: Config, head: Head, manifest: Manifest, epochs: int,
     tf.keras.utils.set_random_seed(head_seed(cfg.seed, head))
     model = build_model(cfg, manifest.num_labels)
     apply_phase(model, cfg, cfg.phases[0])  # base frozen, BatchNorm in inference mode
-    steps = split_size(manifest, "train") // cfg.train.batch_size
+    steps = records_in(cfg, manifest, "train") // cfg.train.batch_size
     train_ds = iter(build_dataset(cfg, "train", manifest=manifest, training=True))
     val_ds = build_dataset(cfg, "val", manifest=manifest, training=False)
 

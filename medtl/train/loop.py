@@ -18,8 +18,8 @@ import numpy as np
 from medtl import dist
 from medtl.config import Config
 from medtl.data import verify
-from medtl.data.manifest import Manifest, check_train_split, read_manifest
-from medtl.data.pipeline import build_dataset, pipeline_errors, split_size
+from medtl.data.manifest import Manifest, check_train_split, check_val_split, read_manifest
+from medtl.data.pipeline import build_dataset, pipeline_errors, records_in, split_size
 from medtl.errors import MedtlError, RunFailure
 from medtl.models.build import build_model, set_precision
 from medtl.models.heads import describe_head
@@ -27,13 +27,13 @@ from medtl.models.losses import build_loss
 from medtl.tf import tf
 from medtl.train import callbacks as cb
 from medtl.train.phases import apply_phase, check_phases_trainable, trainable_variable_names
-from medtl.train.rundir import RunDir, RunState
+from medtl.train.rundir import RunDir, RunState, check_outside_records
 from medtl.utils import faults
 from medtl.utils.log import log
 
 
 def _steps_per_epoch(manifest: Manifest, cfg: Config, ctx: dist.Context) -> int:
-    records = split_size(manifest, "train")
+    records = records_in(cfg, manifest, "train")
     global_batch_size = cfg.train.batch_size * ctx.size
     steps = records // global_batch_size
     if steps < 1:
@@ -42,13 +42,6 @@ def _steps_per_epoch(manifest: Manifest, cfg: Config, ctx: dist.Context) -> int:
             f"({cfg.train.batch_size} x {ctx.size} ranks); lower train.batch_size or ingest more studies"
         )
     return steps
-
-
-def _check_val_split(manifest: Manifest, records: str) -> None:
-    """Validation picks the best epoch and the thresholds: records without val records cannot train."""
-    if split_size(manifest, "val") == 0:
-        raise MedtlError(f"the val split of {records} is empty (0 records), and training needs it to pick the best "
-                         "epoch; re-run `medtl ingest` with more patients or a larger --val-fraction")
 
 
 def build_schedule(phase, learning_rate: float, steps_per_epoch: int):
@@ -153,12 +146,14 @@ def train(cfg: Config, workdir: str, until_phase: str | None = None) -> dict:
     if state.finished(cfg):
         log(f"train: {workdir} is complete ({state.epochs_done} epochs, best val macro AUROC "
             f"{state.overall_best:.4f}); nothing to do. Train into a new --workdir to start again.")
-        return {"best_val_auroc": state.overall_best, "epochs": state.epochs_done, "workdir": workdir, "resumed": False}
+        return {"best_val_auroc": state.overall_best, "epochs": state.epochs_done, "workdir": workdir, "resumed": False,
+                "phase_best_val_auroc": _phase_bests(cfg, state)}
     plan = [(index, done) for index, done in _phase_plan(cfg, state) if index <= last]
     if not plan:
         log(f"train: phase '{cfg.phases[last].name}' of {workdir} is already complete ({state.epochs_done} epochs); "
             f"nothing to do. Run without --until-phase, or with a later phase, to continue.")
-        return {"best_val_auroc": state.overall_best, "epochs": state.epochs_done, "workdir": workdir, "resumed": False}
+        return {"best_val_auroc": state.overall_best, "epochs": state.epochs_done, "workdir": workdir, "resumed": False,
+                "phase_best_val_auroc": _phase_bests(cfg, state)}
 
     tf.keras.utils.set_random_seed(cfg.seed + 1000 * state.epochs_done)
     set_precision(cfg.train.precision)
@@ -167,7 +162,7 @@ def train(cfg: Config, workdir: str, until_phase: str | None = None) -> dict:
     loss = build_loss(cfg.train.loss, manifest)
     steps = _steps_per_epoch(manifest, cfg, ctx)
     global_batch_size = cfg.train.batch_size * ctx.size
-    log(f"train: {split_size(manifest, 'train')} train / {split_size(manifest, 'val')} val records, "
+    log(f"train: {records_in(cfg, manifest, 'train')} train / {split_size(manifest, 'val')} val records, "
         f"{manifest.num_labels} labels, {ctx.size} rank(s), global batch {global_batch_size}, "
         f"{steps} steps per epoch, {cfg.model.backbone} at {cfg.data.image_size} px, {cfg.train.precision}, "
         f"loss {cfg.train.loss.name}")
@@ -183,7 +178,7 @@ def train(cfg: Config, workdir: str, until_phase: str | None = None) -> dict:
     finally:
         watchdog.stop()
     summary = {"best_val_auroc": state.overall_best, "epochs": state.epochs_done, "workdir": workdir,
-               "ranks": ctx.size, "weights_fingerprint": fingerprints}
+               "ranks": ctx.size, "weights_fingerprint": fingerprints, "phase_best_val_auroc": _phase_bests(cfg, state)}
     if last < len(cfg.phases) - 1:
         summary["stopped_after_phase"] = cfg.phases[last].name
         log(f"train: stopped after phase '{cfg.phases[last].name}' (--until-phase); the same command with the "
@@ -191,6 +186,12 @@ def train(cfg: Config, workdir: str, until_phase: str | None = None) -> dict:
             f"'{cfg.phases[last + 1].name}'")
     run.write_summary(summary)
     return summary
+
+
+def _phase_bests(cfg: Config, state: RunState) -> dict[str, float]:
+    """Phase name -> its best val macro AUROC, for the phases trained so far."""
+    return {cfg.phases[int(index)].name: best["metric"] for index, best in sorted(state.phase_best.items())
+            if best.get("metric") is not None and best["metric"] > float("-inf")}
 
 
 def _run_phases(ctx, cfg, run: RunDir, manifest, state, model, loss, steps, signals, plan) -> dict:
@@ -268,27 +269,14 @@ def open_run(cfg: Config, workdir: str, splits: tuple[str, ...], unlabeled_ok: b
     manifest = read_manifest(cfg.data.records, unlabeled_ok=unlabeled_ok)
     check_train_split(cfg.data.records, manifest)
     if "val" in splits:
-        _check_val_split(manifest, cfg.data.records)
-    _check_outputs_outside_records(cfg, workdir)
+        check_val_split(cfg.data.records, manifest)
+    check_outside_records(cfg, workdir)
     damaged = verify.check_cheap(cfg.data.records, manifest, list(splits))
     if damaged:
         raise RunFailure(f"{damaged[0]}; run `medtl verify {cfg.data.records}` and re-ingest or restore it")
+    records_in(cfg, manifest, "train")  # data.train_fraction's subset, refused here if it lacks a label's positives
     run = RunDir(workdir, ctx.primary)
     return ctx, manifest, run, _prepare_run(ctx, cfg, run)
-
-
-def _check_outputs_outside_records(cfg: Config, workdir: str) -> None:
-    """Records are read-only input: the run folder and a cache folder must live elsewhere."""
-    if "://" in cfg.data.records:
-        return
-    records = os.path.realpath(cfg.data.records)
-    for what, path in (("--workdir", workdir), ("data.cache", cfg.data.cache)):
-        if what == "data.cache" and path in ("none", "memory"):
-            continue
-        full = os.path.realpath(path)
-        if full == records or full.startswith(records + os.sep):
-            raise MedtlError(f"{what} {path} is inside the records folder {cfg.data.records}; records are read-only "
-                             f"input to training: put {what} outside it")
 
 
 def _restore_previous_best(ctx, model, run: RunDir, cfg, index: int) -> None:

@@ -312,17 +312,38 @@ def _diff(a, b, prefix=""):
         yield prefix.rstrip(".")
 
 
-def load_run(workdir: str, weights_file: str | None = None):
-    """(cfg, manifest, model) for a run folder, with its best weights (or `weights_file`) loaded."""
+def check_outside_records(cfg: Config, workdir: str) -> None:
+    """Records are read-only input: the run folder and a cache folder must live elsewhere."""
+    if "://" in cfg.data.records:
+        return
+    records = os.path.realpath(cfg.data.records)
+    for what, path in (("--workdir", workdir), ("data.cache", cfg.data.cache)):
+        if what == "data.cache" and path in ("none", "memory"):
+            continue
+        full = os.path.realpath(path)
+        if full == records or full.startswith(records + os.sep):
+            raise MedtlError(f"{what} {path} is inside the records folder {cfg.data.records}; records are read-only "
+                             f"input to training: put {what} outside it")
+
+
+def read_run(workdir: str, weights_file: str | None = None):
+    """(cfg, manifest, weights path) of a trained run folder: its config, its records' manifest and its best
+    weights (or `weights_file`), checked to exist, without TensorFlow."""
     from medtl.data.manifest import read_manifest
-    from medtl.models.build import build_model, set_precision
 
     run = RunDir(workdir)
     cfg = run.read_config()
     weights = weights_file or run.best_weights
     if not os.path.isfile(weights):
         raise MedtlError(f"run folder {workdir} has no checkpoint ({weights}); train it first with `medtl train`")
-    manifest = read_manifest(cfg.data.records)
+    return cfg, read_manifest(cfg.data.records), weights
+
+
+def load_run(workdir: str, weights_file: str | None = None):
+    """(cfg, manifest, model) for a run folder, with its best weights (or `weights_file`) loaded."""
+    from medtl.models.build import build_model, set_precision
+
+    cfg, manifest, weights = read_run(workdir, weights_file)
     set_precision("float32")  # inference in float32 whatever the training precision
     model = build_model(cfg, manifest.num_labels, weights="none")
     try:

@@ -18,7 +18,7 @@ import numpy as np
 from medtl import dist
 from medtl.config import Config, check_views_batch, negatives_per_anchor
 from medtl.data import verify
-from medtl.data.pipeline import build_views_dataset, pipeline_errors, split_size
+from medtl.data.pipeline import build_views_dataset, pipeline_errors, records_in
 from medtl.errors import RunFailure
 from medtl.models.backbones import batch_norm_statistics
 from medtl.models.build import set_precision
@@ -99,7 +99,7 @@ def train_simclr(cfg: Config, workdir: str):
     check_phases_trainable(model, cfg)
     steps = _steps_per_epoch(manifest, cfg, ctx)
     negatives = negatives_per_anchor(cfg.train.batch_size, ctx.size)
-    log(f"pretrain: simclr on {split_size(manifest, 'train')} train records (labels unused), {ctx.size} rank(s), "
+    log(f"pretrain: simclr on {records_in(cfg, manifest, 'train')} train records (labels unused), {ctx.size} rank(s), "
         f"global batch {cfg.train.batch_size * ctx.size} ({cfg.train.batch_size} per rank, 2 views each), "
         f"{negatives} negatives per anchor gathered from {ctx.size} rank(s), temperature {cfg.pretrain.temperature:g}, "
         f"{steps} steps per epoch, {cfg.model.backbone} at {cfg.data.image_size} px, {cfg.train.precision}")

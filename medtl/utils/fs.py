@@ -1,5 +1,6 @@
-"""Files on local disk or object storage (s3://, gs://) through tf.io.gfile.
+"""Files on local disk (the os module) or object storage (s3://, gs://, any URL scheme: tf.io.gfile).
 
+Local paths never import TensorFlow, so commands check their inputs before paying for it.
 tensorflow-io registers the s3:// filesystem when imported; it is imported here,
 only when such a path is used. Credentials come from the environment only.
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 import sys
 
 from medtl.errors import MedtlError
@@ -17,6 +19,10 @@ REMOTE_SCHEMES = ("s3://", "gs://")
 
 def is_remote(path: str) -> bool:
     return str(path).startswith(REMOTE_SCHEMES)
+
+
+def _local(path) -> bool:
+    return "://" not in str(path)
 
 
 def _gfile():
@@ -40,32 +46,50 @@ def join(base: str, *parts: str) -> str:
 
 
 def exists(path: str) -> bool:
+    if _local(path):
+        return os.path.exists(path)
     ensure_filesystem(path)
     return _gfile().exists(path)
 
 
 def makedirs(path: str) -> None:
+    if _local(path):
+        os.makedirs(path, exist_ok=True)
+        return
     ensure_filesystem(path)
     _gfile().makedirs(path)
 
 
 def listdir(path: str) -> list[str]:
+    if _local(path):
+        return sorted(os.listdir(path)) if os.path.isdir(path) else []
     ensure_filesystem(path)
     return [p.rstrip("/") for p in _gfile().listdir(path)] if _gfile().exists(path) else []
 
 
 def size(path: str) -> int:
+    if _local(path):
+        return int(os.stat(path).st_size)
     ensure_filesystem(path)
     return int(_gfile().stat(path).length)
 
 
 def rename(src: str, dst: str) -> None:
     """Atomic on local disk; copy-then-delete on object stores (still never a partial final name)."""
+    if _local(src) and _local(dst):
+        os.replace(src, dst)
+        return
     ensure_filesystem(src)
     _gfile().rename(src, dst, overwrite=True)
 
 
 def remove(path: str) -> None:
+    if _local(path):
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        elif os.path.lexists(path):
+            os.remove(path)
+        return
     ensure_filesystem(path)
     if _gfile().exists(path):
         if _gfile().isdir(path):
@@ -75,6 +99,9 @@ def remove(path: str) -> None:
 
 
 def read_text(path: str) -> str:
+    if _local(path):
+        with open(path, encoding="utf-8") as fh:
+            return fh.read()
     ensure_filesystem(path)
     with _gfile().GFile(path, "r") as fh:
         return fh.read()
@@ -117,9 +144,10 @@ def atomic_path(path: str, tmp: str | None = None):
 
 
 def sha256(path: str) -> str:
-    ensure_filesystem(path)
     digest = hashlib.sha256()
-    with _gfile().GFile(path, "rb") as fh:
+    if not _local(path):
+        ensure_filesystem(path)
+    with (open(path, "rb") if _local(path) else _gfile().GFile(path, "rb")) as fh:
         while True:
             chunk = fh.read(1 << 22)
             if not chunk:
