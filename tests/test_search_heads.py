@@ -130,11 +130,13 @@ def test_search_over_layer_lists_through_the_cli(records, tmp_path):
     assert "4 heads in the space" in r.stderr and "spatial maps" in r.stderr
     with open(run / "leaderboard.csv") as fh:
         board = list(csv.DictReader(fh))
-    assert len(board) == 3 and {"heads", "learning_rate", "head"} <= set(board[0])
+    # 2 or 3 trials fit 4 epochs, as halving prunes the second head at its first rung or not.
+    assert len(board) in (2, 3) and len({row["head"] for row in board}) == len(board)
+    assert {"heads", "learning_rate", "head"} <= set(board[0])
     assert {row["heads"] for row in board} <= {"conv_pool", "gap_dropout"}
     assert all(row["head"].startswith("layers=") for row in board)
     summary = json.loads((run / "search_summary.json").read_text())
-    assert summary["best"]["head"] == board[0]["head"]
+    assert summary["best"]["head"] == board[0]["head"] and summary["spent_full_trainings"] <= 2 + 1e-9
     best = load_config(str(run / "best.yaml"))
     wanted = parse_space({"heads": {"conv_pool": CONV_POOL, "gap_dropout": GAP_DROPOUT}}, short_defaults())
     assert best.model.head.layers == wanted.head_lists[board[0]["heads"]]
