@@ -20,7 +20,7 @@ import yaml
 from medtl import jobfiles
 from medtl.data.policy import check_policy
 from medtl.errors import ConfigError
-from medtl.models.specs import BACKBONES
+from medtl.models.specs import BACKBONES, feature_map_size, spatial_size
 
 _MISSING = dataclasses.MISSING
 
@@ -180,20 +180,186 @@ class DataConfig:
         return problems
 
 
+# The activations a head's conv and dense layers take (linear: none).
+HEAD_ACTIVATIONS = ("relu", "swish", "gelu", "elu", "linear")
+GLOBAL_POOLINGS = ("avg", "max", "gem")
+PADDINGS = ("valid", "same")
+# Each layer type's fields, in order, with their defaults; the first field is the one a bare value sets
+# ({dense: 512} is {dense: {units: 512}}). None: required. A pool's stride 0 means its size.
+HEAD_LAYER_FIELDS: dict[str, dict[str, Any]] = {
+    "conv": {"filters": None, "kernel": 1, "stride": 1, "padding": "valid", "activation": "relu"},
+    "max_pool": {"size": None, "stride": 0, "padding": "valid"},
+    "avg_pool": {"size": None, "stride": 0, "padding": "valid"},
+    "global_pool": {"pooling": None},
+    "flatten": {},
+    "dense": {"units": None, "activation": "relu"},
+    "dropout": {"rate": None},
+    "batch_norm": {},
+}
+_FIELD_CHOICES = {"padding": PADDINGS, "activation": HEAD_ACTIVATIONS, "pooling": GLOBAL_POOLINGS}
+_SPATIAL = ("conv", "max_pool", "avg_pool")  # keep the map 4-D
+_VECTORISE = ("global_pool", "flatten")       # 4-D map -> vector
+
+
+@dataclass(frozen=True)
+class HeadLayer:
+    """One layer of a head's layer list (model.head.layers); docs/training.md, Heads, has every field.
+
+    YAML forms: `flatten`, `batch_norm`, `{type: value}` (the type's first field: `{dense: 512}`,
+    `{global_pool: avg}`, `{max_pool: 2}`, `{dropout: 0.5}`, `{conv: 448}`) or `{type: {field: value}}`,
+    e.g. `{conv: {filters: 224, kernel: 2, stride: 2, activation: linear}}`.
+    """
+
+    kind: str
+    filters: int = 0          # conv
+    units: int = 0            # dense
+    size: int = 0             # max_pool, avg_pool: window side
+    kernel: int = 1           # conv: kernel side
+    stride: int = 1           # conv, pools (a pool's default is its size)
+    padding: str = "valid"    # conv, pools
+    activation: str = "relu"  # conv, dense
+    rate: float = 0.0         # dropout
+    pooling: str = "avg"      # global_pool
+    name: str = ""            # the Keras layer name; "" = head_<index>_<type> (the short form names its layers)
+    yaml_type = "head layer: flatten, batch_norm, {type: value} or {type: {field: value}}"
+
+    @classmethod
+    def from_yaml(cls, raw: Any, key: str) -> "HeadLayer":
+        if isinstance(raw, str) and raw in HEAD_LAYER_FIELDS and not HEAD_LAYER_FIELDS[raw]:
+            return cls(raw)
+        if isinstance(raw, dict) and len(raw) == 1:
+            (kind, value), = raw.items()
+        elif isinstance(raw, str):
+            kind, value = raw, None
+        else:
+            raise ConfigError(f"'{key}' must be a layer: flatten, batch_norm, {{type: value}} or "
+                              f"{{type: {{field: value}}}}, e.g. {{dense: {{units: 512, activation: relu}}}}; got {raw!r}")
+        if kind not in HEAD_LAYER_FIELDS:
+            raise ConfigError(f"'{key}': unknown layer type {kind!r}; valid types are: {', '.join(HEAD_LAYER_FIELDS)}")
+        fields = HEAD_LAYER_FIELDS[kind]
+        if value is None or value == {}:
+            value = {}
+        elif not isinstance(value, dict):
+            if not fields:
+                raise ConfigError(f"'{key}': {kind} takes no settings; write it as {kind}, got {raw!r}")
+            value = {next(iter(fields)): value}
+        unknown = [f for f in value if f not in fields]
+        if unknown:
+            takes = f"takes: {', '.join(fields)}" if fields else "takes no settings"
+            raise ConfigError(f"'{key}.{kind}': unknown field {unknown[0]!r}; {kind} {takes}")
+        values = {f: value.get(f, default) for f, default in fields.items()}
+        for f, v in values.items():
+            values[f] = _layer_field(f"{key}.{kind}.{f}", f, v, kind)
+        if kind in ("max_pool", "avg_pool") and values["stride"] == 0:
+            values["stride"] = values["size"]
+        return cls(kind, **values)
+
+    def to_yaml(self) -> Any:
+        fields = HEAD_LAYER_FIELDS[self.kind]
+        return {self.kind: {f: getattr(self, f) for f in fields}} if fields else self.kind
+
+    def describe(self) -> str:
+        """A short readable form for logs and search keys: conv(448,k1,linear), max_pool(2), dense(112,relu)."""
+        same = ",same" if self.padding == "same" else ""
+        if self.kind == "conv":
+            stride = f",s{self.stride}" if self.stride != 1 else ""
+            return f"conv({self.filters},k{self.kernel}{stride}{same},{self.activation})"
+        if self.kind in ("max_pool", "avg_pool"):
+            stride = f",s{self.stride}" if self.stride != self.size else ""
+            return f"{self.kind}({self.size}{stride}{same})"
+        if self.kind == "global_pool":
+            return f"global_pool({self.pooling})"
+        if self.kind == "dense":
+            return f"dense({self.units},{self.activation})"
+        if self.kind == "dropout":
+            return f"dropout({self.rate:g})"
+        return self.kind
+
+
+def _layer_field(key: str, name: str, value: Any, kind: str) -> Any:
+    """A head layer field's value, checked (ConfigError naming `key` otherwise)."""
+    if value is None:
+        raise ConfigError(f"'{key}' is required, e.g. {{{kind}: {{{name}: {_LAYER_EXAMPLE[name]}}}}}")
+    if name in _FIELD_CHOICES:
+        if value not in _FIELD_CHOICES[name]:
+            raise ConfigError(f"'{key}': unknown {name} {value!r}; valid values are: {', '.join(_FIELD_CHOICES[name])}")
+        return value
+    if name == "rate":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+            raise ConfigError(f"'{key}' must be a number in [0, 1), got {value!r}")
+        return float(value)
+    least = 0 if (name == "stride" and kind != "conv") else 1  # a pool's stride 0: its size
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ConfigError(f"'{key}' must be an int >= 1, got {value!r}")
+    return value
+
+
+_LAYER_EXAMPLE = {"filters": 448, "units": 512, "size": 2, "pooling": "avg", "rate": 0.5}
+
+
 @dataclass(frozen=True)
 class HeadConfig:
-    # Global pooling of the base's feature map: avg, max, or gem (generalised mean, p learned).
+    # The head as a list of layers from the base's feature map up, e.g. [{conv: {filters: 448, activation: linear}}, {max_pool: 2}, {global_pool: avg}, {dense: 112}]; types: conv, max_pool, avg_pool, global_pool, flatten, dense, dropout, batch_norm (docs/training.md, Heads). medtl appends the output Dense(num_labels). When given, leave out the short-form keys below.
+    layers: tuple[HeadLayer, ...] = ()
+    # Short form (used when layers is empty): global pooling of the base's feature map: avg, max, or gem (generalised mean, p learned).
     pooling: Literal["avg", "max", "gem"] = "avg"
-    # Filters of a 1x1 conv applied to the feature map before pooling; 0 means no conv.
+    # Short form: filters of a 1x1 conv applied to the feature map before pooling; 0 means no conv.
     conv_filters: int = 0
-    # Sizes of the inner dense layers between pooling and the output layer, e.g. [512] or [].
+    # Short form: sizes of the inner dense layers between pooling and the output layer, e.g. [512] or [].
     dense: tuple[int, ...] = ()
-    # Activation of the 1x1 conv and inner dense layers.
-    activation: Literal["relu", "swish", "gelu", "elu"] = "relu"
-    # Dropout rate before each dense layer (inner and output); 0 disables it.
+    # Short form: activation of the 1x1 conv and inner dense layers.
+    activation: Literal["relu", "swish", "gelu", "elu", "linear"] = "relu"
+    # Short form: dropout rate before each dense layer (inner and output); 0 disables it.
     dropout: float = 0.2
-    # Batch norm after pooling and after each inner dense layer.
+    # Short form: batch norm after pooling and after each inner dense layer.
     batch_norm: bool = False
+
+    SHORT_FORM = ("pooling", "conv_filters", "dense", "activation", "dropout", "batch_norm")
+
+    @classmethod
+    def check_raw(cls, raw: dict, prefix: str) -> None:
+        """The two forms are exclusive: a layer list next to short-form keys would leave some of them unused."""
+        short = [k for k in cls.SHORT_FORM if k in raw]
+        if raw.get("layers") and short:
+            raise ConfigError(
+                f"'{prefix}' has both layers and the short-form key(s) {', '.join(short)}; give one form (the layer "
+                f"list holds the pooling, dense layers and dropout itself). With --set, set the whole head: "
+                f"--set '{prefix}={{layers: [...]}}'")
+
+    def to_yaml(self) -> dict:
+        if self.layers:
+            return {"layers": [layer.to_yaml() for layer in self.layers]}
+        return {name: to_tree(getattr(self, name)) for name in self.SHORT_FORM}
+
+    def layer_list(self) -> tuple[HeadLayer, ...]:
+        """The head's layers below the output Dense. The short form expands to: [conv 1x1 (head_conv)] ->
+        global pool (head_pool) -> [batch_norm (head_pool_bn)] -> per inner size i: [dropout (head_dropout_i)]
+        -> dense (head_dense_i) -> [batch_norm (head_bn_i)] -> [dropout (head_dropout_out)]."""
+        if self.layers:
+            return self.layers
+        act, rate = self.activation, self.dropout
+        out = [HeadLayer("conv", filters=self.conv_filters, activation=act, name="head_conv")] if self.conv_filters else []
+        out.append(HeadLayer("global_pool", pooling=self.pooling, name="head_pool"))
+        if self.batch_norm:
+            out.append(HeadLayer("batch_norm", name="head_pool_bn"))
+        for i, units in enumerate(self.dense):
+            if rate:
+                out.append(HeadLayer("dropout", rate=rate, name=f"head_dropout_{i}"))
+            out.append(HeadLayer("dense", units=units, activation=act, name=f"head_dense_{i}"))
+            if self.batch_norm:
+                out.append(HeadLayer("batch_norm", name=f"head_bn_{i}"))
+        if rate:
+            out.append(HeadLayer("dropout", rate=rate, name="head_dropout_out"))
+        return tuple(out)
+
+    def describe(self) -> str:
+        """The layer sequence, e.g. conv(448,k1,linear) > max_pool(2) > global_pool(avg) > dense(112,linear)."""
+        return " > ".join(layer.describe() for layer in self.layer_list())
+
+    def pooled_start(self) -> str | None:
+        """avg or max when the head starts with that global pool (it can train on a pooled feature cache)."""
+        first = self.layer_list()[0]
+        return first.pooling if first.kind == "global_pool" and first.pooling in ("avg", "max") else None
 
     def check(self) -> list[tuple[str, str]]:
         problems = []
@@ -203,12 +369,38 @@ class HeadConfig:
             problems.append(("conv_filters", f"must be >= 0, got {self.conv_filters}"))
         if any(units < 1 for units in self.dense):
             problems.append(("dense", f"sizes must be >= 1, got {list(self.dense)}"))
-        return problems
+        return problems + head_shape_problems(self.layer_list(), None)
+
+
+def head_shape_problems(layers: typing.Sequence[HeadLayer], side: int | None) -> list[tuple[str, str]]:
+    """(layers.I, problem) for a layer that cannot follow the ones before it on a side x side feature map
+    (side None: the order alone: conv/pools on a vector, dense on a 4-D map, two global pools)."""
+    vector_at = None  # index of the layer that made the map a vector
+    for i, layer in enumerate(layers):
+        where, what = f"layers.{i}", f"({layer.describe()})"
+        if layer.kind in _SPATIAL + _VECTORISE and vector_at is not None:
+            return [(where, f"{what} needs the 4-D feature map, but layers.{vector_at} "
+                            f"({layers[vector_at].describe()}) already made it a vector; conv and pooling layers go "
+                            "before the one global_pool or flatten")]
+        if layer.kind == "dense" and vector_at is None:
+            return [(where, f"{what} gets the 4-D feature map; put a global_pool or flatten before it")]
+        if layer.kind in _VECTORISE:
+            vector_at = i
+        elif layer.kind in _SPATIAL and side is not None:
+            window, called = (layer.kernel, "kernel") if layer.kind == "conv" else (layer.size, "window")
+            if layer.padding == "valid" and window > side:
+                return [(where, f"{what} does not fit: its {window}x{window} {called} is larger than the {side}x{side} "
+                                f"feature map it gets; use a smaller {called}, padding: same, or a larger data.image_size")]
+            side = spatial_size(side, window, layer.stride, layer.padding)
+    if layers and vector_at is None:
+        return [(f"layers.{len(layers) - 1}", f"({layers[-1].describe()}) ends the head on the 4-D feature map; "
+                                              "add a global_pool or flatten (the output Dense needs a vector)")]
+    return []
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    # A tf.keras.applications backbone name, e.g. EfficientNetB4, EfficientNetB0, ResNet50, DenseNet121.
+    # A tf.keras.applications backbone name, e.g. EfficientNetB4, EfficientNetB0, ResNet50, DenseNet121, InceptionV3, InceptionResNetV2, Xception (docs/training.md, Backbones).
     backbone: str = "EfficientNetB0"
     # Base weights: imagenet (Keras cache ~/.keras/models, downloaded if online), none (random), or a .h5 path.
     weights: str = "imagenet"
@@ -486,9 +678,11 @@ class Config:
         if self.data.image_size < min_size:
             problems.append(("data.image_size", f"is {self.data.image_size} but {self.model.backbone} needs at least "
                                                 f"{min_size} px; set data.image_size to {min_size} or more"))
-        elif self.data.augment:
-            problems.extend((f"data.{key}", message) for key, message in check_policy(self.data.augment,
-                                                                                     self.data.image_size))
+        else:
+            if self.data.augment:
+                problems.extend((f"data.{key}", message) for key, message in check_policy(self.data.augment,
+                                                                                         self.data.image_size))
+            problems.extend(self._head_shape_problems())
         if self.pretrain.method == "simclr" and self.data.image_size >= min_size:
             policy = self.pretrain.view_policy(self.data.image_size, self.data.augment)
             offset = len(policy) - len(self.pretrain.augment)  # the crop (and flip) come first
@@ -502,6 +696,15 @@ class Config:
         for name in {n for n in names if names.count(n) > 1}:
             problems.append(("phases", f"phase name {name!r} is used twice"))
         return problems
+
+    def _head_shape_problems(self) -> list[tuple[str, str]]:
+        """The head's layers on the base's feature map at data.image_size (a kernel or pool that does not fit)."""
+        if self.model.backbone not in BACKBONES:
+            return []  # build_model names the unknown backbone
+        side = feature_map_size(self.model.backbone, self.data.image_size)
+        return [(f"model.head.{where}", f"{message} ({self.model.backbone} gives a {side}x{side} feature map at "
+                                        f"data.image_size {self.data.image_size})")
+                for where, message in head_shape_problems(self.model.head.layer_list(), side)]
 
 
 def _backbone_min_size(backbone: str) -> int:
@@ -590,6 +793,8 @@ def _from_dict(cls: type, raw: Any, prefix: str) -> Any:
         raise ConfigError(f"{where} must be a mapping, got {raw!r} ({type(raw).__name__})")
     hints = _hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    if hasattr(cls, "check_raw"):
+        cls.check_raw(raw, prefix)
     for name in raw:
         if name not in fields:
             key = f"{prefix}.{name}" if prefix else str(name)
@@ -631,6 +836,10 @@ def _apply_override(tree: dict, assignment: str) -> None:
     for depth, part in enumerate(parts):
         here = ".".join(parts[: depth + 1])
         last = depth == len(parts) - 1
+        if hasattr(tp, "from_yaml"):  # e.g. a head layer or a phase's trainable: one YAML value, not a mapping
+            parent = ".".join(parts[:depth])
+            raise ConfigError(f"--set {dotted}: '{parent}' is one value ({tp.yaml_type}); set it whole, "
+                              f"e.g. --set '{parent}=...'")
         expected = list if typing.get_origin(tp) is tuple else dict
         if not isinstance(node, expected):
             raise ConfigError(f"--set {dotted}: '{'.'.join(parts[:depth])}' is not a "

@@ -13,8 +13,8 @@ MINIMAL = {"phases": [{"name": "head", "epochs": 1, "learning_rate": 1e-3}]}
 
 
 def test_every_shipped_job_loads_and_round_trips(tmp_path):
-    paths = sorted(glob.glob(os.path.join(JOBS, "*.yaml")))
-    assert {"smoke.yaml", "chestxray14_b4.yaml", "demo.yaml"} <= {os.path.basename(p) for p in paths}
+    paths = sorted(glob.glob(os.path.join(JOBS, "*.yaml")) + glob.glob(os.path.join(JOBS, "heads", "*.yaml")))
+    assert {"smoke.yaml", "chestxray14_b4.yaml", "demo.yaml", "best_b4.yaml"} <= {os.path.basename(p) for p in paths}
     for path in paths:
         cfg = load_config(path)
         assert isinstance(cfg, Config)

@@ -97,22 +97,43 @@ def build_backbone(name: str, weights: str, image_size: int, channels: int) -> t
 def block_groups(base: tf.keras.Model, backbone: str) -> list[list[tf.keras.layers.Layer]]:
     """The base's layers grouped into blocks, bottom to top.
 
-    The stem (layers before the first block) is group 0; layers after the last
-    block (e.g. EfficientNet's top_conv/top_bn) join the last block.
+    The stem (layers before the first block) is group 0; layers after the last block (e.g.
+    EfficientNet's top_conv/top_bn, InceptionResNetV2's conv_7b) join the last block. A layer the
+    spec's block regex does not match belongs to the block before it, or with unmatched "next"
+    (Inception) to the block after it (see BackboneSpec.unmatched).
     """
-    pattern = re.compile(get_spec(backbone).block_regex)
+    spec = get_spec(backbone)
+    pattern = re.compile(spec.block_regex)
+    layers = [layer for layer in base.layers if not isinstance(layer, tf.keras.layers.InputLayer)]
+    keys = [(lambda m: m.group(1) if m else None)(pattern.match(layer.name)) for layer in layers]
+    if spec.unmatched == "next":
+        keys = _keys_from_next(layers, keys)
     groups: list[list] = [[]]
-    keys: list = [None]
-    for layer in base.layers:
-        if isinstance(layer, tf.keras.layers.InputLayer):
-            continue
-        match = pattern.match(layer.name)
-        key = match.group(1) if match else None
-        if key is not None and key != keys[-1]:
+    previous: list = [None]
+    for layer, key in zip(layers, keys):
+        if key is not None and key != previous[-1]:
             groups.append([])
-            keys.append(key)
+            previous.append(key)
         groups[-1].append(layer)
     return groups
+
+
+def _keys_from_next(layers: list, keys: list) -> list:
+    """Unmatched layers take the block key of the next matched one (the last block's after it), except the
+    stem: the layers up to the last one before the first block whose output feeds two or more layers."""
+    matched = [i for i, key in enumerate(keys) if key is not None]
+    if not matched:
+        return keys
+    first = matched[0]
+    forks = [i for i in range(first) if len(layers[i].outbound_nodes) > 1]
+    stem_end = forks[-1] if forks else first - 1
+    resolved, following = list(keys), keys[matched[-1]]
+    for i in range(len(keys) - 1, stem_end, -1):
+        if keys[i] is None:
+            resolved[i] = following
+        else:
+            following = keys[i]
+    return resolved
 
 
 def batch_norm_statistics(model: tf.keras.Model) -> list:

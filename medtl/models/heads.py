@@ -1,7 +1,8 @@
-"""Multi-label classification heads: pooling, optional 1x1 conv, inner dense layers, dropout."""
+"""Multi-label classification heads: the head's layer list (model.head) built on the base's feature map,
+then the output Dense(num_labels) with float32 logits."""
 from __future__ import annotations
 
-from medtl.config import HeadConfig
+from medtl.config import HeadConfig, HeadLayer
 from medtl.tf import tf
 
 
@@ -26,33 +27,47 @@ class GeMPooling(tf.keras.layers.Layer):
         return {**super().get_config(), "p": self.p_init, "eps": self.eps}
 
 
-def build_head(features, head: HeadConfig, num_labels: int):
-    """(batch, h, w, c) feature map -> (batch, num_labels) float32 logits."""
+def build_layer(layer: HeadLayer, name: str) -> tf.keras.layers.Layer:
+    """The Keras layer of one head layer (config.HeadLayer)."""
+    k = tf.keras.layers
+    if layer.kind == "conv":
+        return k.Conv2D(layer.filters, layer.kernel, strides=layer.stride, padding=layer.padding,
+                        activation=layer.activation, name=name)
+    if layer.kind in ("max_pool", "avg_pool"):
+        pool = k.MaxPooling2D if layer.kind == "max_pool" else k.AveragePooling2D
+        return pool(layer.size, strides=layer.stride, padding=layer.padding, name=name)
+    if layer.kind == "global_pool":
+        if layer.pooling == "gem":
+            return GeMPooling(name=name, dtype="float32")  # x ** p overflows float16
+        return (k.GlobalAveragePooling2D if layer.pooling == "avg" else k.GlobalMaxPooling2D)(name=name)
+    if layer.kind == "dense":
+        return k.Dense(layer.units, activation=layer.activation, name=name)
+    if layer.kind == "dropout":
+        return k.Dropout(layer.rate, name=name)
+    if layer.kind == "batch_norm":
+        return k.BatchNormalization(name=name)
+    if layer.kind == "flatten":
+        return k.Flatten(name=name)
+    raise AssertionError(layer.kind)  # config.HeadLayer admits no other type
+
+
+def build_head(features, head: HeadConfig, num_labels: int, pooled: bool = False):
+    """(batch, h, w, c) feature map -> (batch, num_labels) float32 logits. pooled: `features` are already
+    (batch, c), pooled as the head's first layer (a global avg or max pool) would: what `medtl search` trains
+    on a pooled feature cache."""
+    layers = head.layer_list()
     x = features
-    if head.conv_filters:
-        x = tf.keras.layers.Conv2D(head.conv_filters, 1, activation=head.activation, name="head_conv")(x)
-    if head.pooling == "avg":
-        x = tf.keras.layers.GlobalAveragePooling2D(name="head_pool")(x)
-    elif head.pooling == "max":
-        x = tf.keras.layers.GlobalMaxPooling2D(name="head_pool")(x)
-    else:
-        x = GeMPooling(name="head_pool", dtype="float32")(x)  # x ** p overflows float16
-    return build_head_top(x, head, num_labels)
-
-
-def build_head_top(pooled, head: HeadConfig, num_labels: int):
-    """The head after pooling: (batch, c) pooled features -> (batch, num_labels) float32 logits.
-    Also what `medtl search` trains on a pooled feature cache."""
-    x = pooled
-    if head.batch_norm:
-        x = tf.keras.layers.BatchNormalization(name="head_pool_bn")(x)
-    for i, units in enumerate(head.dense):
-        if head.dropout:
-            x = tf.keras.layers.Dropout(head.dropout, name=f"head_dropout_{i}")(x)
-        x = tf.keras.layers.Dense(units, activation=head.activation, name=f"head_dense_{i}")(x)
-        if head.batch_norm:
-            x = tf.keras.layers.BatchNormalization(name=f"head_bn_{i}")(x)
-    if head.dropout:
-        x = tf.keras.layers.Dropout(head.dropout, name="head_dropout_out")(x)
+    for index, layer in enumerate(layers):
+        if pooled and index == 0:
+            continue
+        x = build_layer(layer, layer.name or f"head_{index}_{layer.kind}")(x)
     # float32 output keeps the loss stable under mixed precision.
     return tf.keras.layers.Dense(num_labels, dtype="float32", name="logits")(x)
+
+
+def describe_head(model: tf.keras.Model, head: HeadConfig) -> str:
+    """The built head's layer sequence and parameter count, for the log line at the start of training."""
+    base = model.get_layer("backbone")
+    # Counted over the layers after the base: the classifier itself also holds step counters and metric totals.
+    params = sum(layer.count_params() for layer in model.layers[model.layers.index(base) + 1:])
+    return f"{head.describe()} > dense({model.output_shape[-1]} logits): {params:,} parameters"

@@ -22,10 +22,10 @@ import socket
 import time
 
 from medtl import dist
-from medtl.config import Config
+from medtl.config import Config, HeadConfig
 from medtl.data.manifest import Manifest
 from medtl.errors import ConfigError, MedtlError, RunFailure
-from medtl.search.space import SearchSpace, defaults_from, load_space
+from medtl.search.space import SearchSpace, check_heads_fit, defaults_from, load_space
 from medtl.utils import faults
 from medtl.utils.log import log
 
@@ -78,6 +78,14 @@ def plan_search(cfg: Config, space: SearchSpace, budget: float) -> Plan:
 
 def check_space_fits_cache(cfg: Config, space: SearchSpace) -> None:
     if not cfg.search.pooled_cache:
+        return
+    if space.head_lists:
+        maps = [name for name, layers in space.head_lists.items() if HeadConfig(layers=layers).pooled_start() is None]
+        if maps:
+            raise ConfigError(f"the search space's head(s) {', '.join(maps)} do not start with global_pool avg or max, "
+                              "but search.pooled_cache is true: a pooled cache holds avg- and max-pooled vectors only, "
+                              "and conv, local pooling, flatten and gem need the spatial feature maps; "
+                              "--set search.pooled_cache=false or drop those heads")
         return
     if space.uses_conv:
         raise ConfigError("the search space has conv_filters "
@@ -163,6 +171,7 @@ def run_search(cfg: Config, space_path: str, budget: float, workdir: str, storag
                study_name: str | None = None) -> dict | None:
     """Run (or resume, or join) a head search; returns the summary (None on non-primary ranks)."""
     space = load_space(space_path, defaults_from(cfg.model.head, cfg.phases[0].learning_rate, cfg.train.loss.name))
+    check_heads_fit(space, cfg.model.backbone, cfg.data.image_size, space_path)
     check_space_fits_cache(cfg, space)
     plan = plan_search(cfg, space, budget)
     if not space.searched:
@@ -285,7 +294,7 @@ def build_objective(cfg: Config, space: SearchSpace, plan: Plan, study, manifest
 
 def _check_same_search(study, cfg: Config, space: SearchSpace, plan: Plan) -> None:
     """A study continues only the search it was started with (same space, rungs, budget, cache)."""
-    fingerprint = json.dumps({"space": {k: list(v) for k, v in space.choices.items()}, "rungs": plan.rungs,
+    fingerprint = json.dumps({"space": space.fingerprint(), "rungs": plan.rungs,
                               "budget_epochs": plan.budget_epochs, "trials": plan.trials,
                               "reduction_factor": cfg.search.reduction_factor, "sampler": cfg.search.sampler,
                               "seed": cfg.seed, "backbone": cfg.model.backbone, "image_size": cfg.data.image_size},

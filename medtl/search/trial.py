@@ -14,7 +14,7 @@ import numpy as np
 
 from medtl.config import Config
 from medtl.data.manifest import Manifest
-from medtl.models.heads import build_head, build_head_top
+from medtl.models.heads import build_head
 from medtl.models.metrics import ranking_metrics
 from medtl.search.cache import SplitFeatures
 from medtl.search.space import Head
@@ -42,10 +42,8 @@ def macro_auroc(labels: np.ndarray, probs: np.ndarray, mask: np.ndarray) -> floa
 
 def build_trial_model(feature_shape, head: Head, num_labels: int, pooled: bool) -> tf.keras.Model:
     inputs = tf.keras.Input(tuple(feature_shape), name="features")
-    if pooled:
-        logits = build_head_top(inputs, head.head, num_labels)  # (batch, c) -> (batch, L)
-    else:
-        logits = build_head(inputs, head.head, num_labels)  # (batch, h, w, c) -> (batch, L)
+    # (batch, c) pooled by the cache as the head's first layer would, or (batch, h, w, c) -> (batch, L)
+    logits = build_head(inputs, head.head, num_labels, pooled=pooled)
     return tf.keras.Model(inputs, logits, name="head_trial")
 
 
@@ -90,7 +88,7 @@ def train_on_cache(cfg: Config, head: Head, manifest: Manifest, train: SplitFeat
     """A head trial on cached features: epoch e trains on copy e mod (1 + augmented copies)."""
     seed = head_seed(cfg.seed, head)
     tf.keras.utils.set_random_seed(seed)
-    key = head.head.pooling if pooled else "maps"
+    key = head.head.pooled_start() if pooled else "maps"
     model = build_trial_model(feature_shape, head, manifest.num_labels, pooled)
     n = len(train.labels)
     batch_size = min(cfg.train.batch_size, n)

@@ -23,6 +23,7 @@ from medtl.data.manifest import (Manifest, check_input_size, check_train_split, 
 from medtl.data.pipeline import build_dataset, pipeline_errors, records_in, split_size
 from medtl.errors import MedtlError, RunFailure
 from medtl.models.build import build_model, set_precision
+from medtl.models.heads import describe_head
 from medtl.models.losses import build_loss
 from medtl.tf import tf
 from medtl.train import callbacks as cb
@@ -166,6 +167,7 @@ def train(cfg: Config, workdir: str, until_phase: str | None = None) -> dict:
         f"{manifest.num_labels} labels, {ctx.size} rank(s), global batch {global_batch_size}, "
         f"{steps} steps per epoch, {cfg.model.backbone} at {cfg.data.image_size} px, {cfg.train.precision}, "
         f"loss {cfg.train.loss.name}")
+    log(f"train: head {describe_head(model, cfg.model.head)}")
     if state.epochs_done:
         log(f"train: resuming {workdir} after epoch {state.epochs_done} (phase {state.phase_index + 1}, "
             f"checkpoint {state.checkpoint}, written by {state.ranks} rank(s))")
