@@ -269,6 +269,41 @@ def build_decoded(cfg: Config, manifest: Manifest, split: str, rank: int, num_ra
     return _CACHED[key]
 
 
+def sample_counts(manifest: Manifest, split: str, images: int) -> list[int]:
+    """Records a fixed sample of `images` takes from the head of each shard of `split` (every record when
+    the split is smaller): in proportion to the shards' sizes, largest remainders rounded up."""
+    counts = [s.records for s in manifest.splits[split].shards]
+    total = sum(counts)
+    if images >= total:
+        return counts
+    exact = [images * c / total for c in counts]
+    takes = [int(e) for e in exact]
+    for i in sorted(range(len(counts)), key=lambda i: takes[i] - exact[i])[:images - sum(takes)]:
+        takes[i] += 1
+    return takes
+
+
+def build_sample_dataset(cfg: Config, manifest: Manifest, split: str, images: int, rank: int = 0,
+                         num_ranks: int = 1) -> tf.data.Dataset:
+    """An eval stream of a fixed sample of `split`, e.g. the train images scored each epoch beside val:
+    the first records of every shard (sample_counts), decoded and batched like an eval stream, never
+    augmented. Ingest writes a split's records in a seeded random order, so a shard's head is a random
+    sample of it, and only the sample is read. The same records whatever the rank count: each rank keeps
+    every num_ranks-th of them."""
+    files = shard_paths(cfg.data.records, manifest, split)
+    takes = tf.constant(sample_counts(manifest, split, images), tf.int64)
+
+    def head_fn(path, take):
+        return tf.data.Dataset.zip((tf.data.Dataset.from_tensors(path).repeat(),
+                                    tf.data.TFRecordDataset(path).take(take)))
+
+    ds = tf.data.Dataset.from_tensor_slices((files, takes)).flat_map(head_fn).shard(num_ranks, rank)
+    ds = ds.map(build_decode_fn(manifest, cfg.data.image_size, quantise=False), num_parallel_calls=AUTOTUNE,
+                deterministic=True)
+    ds = ds.batch(cfg.train.batch_size).map(build_model_input_fn(cfg.data.channels), num_parallel_calls=AUTOTUNE)
+    return ds.prefetch(AUTOTUNE)
+
+
 def build_model_input_fn(channels: int):
     def model_input_fn(images, labels, mask, *ids):  # (batch, size, size, 1) -> (batch, size, size, channels)
         return (to_channels(images, channels), labels, mask, *ids)

@@ -221,14 +221,14 @@ def _run_phases(ctx, cfg, run: RunDir, manifest, state, model, loss, steps, sign
             f"{phase.optimizer} lr {learning_rate:g}, {len(trainable)} base layers trainable ({params:,} trainable "
             f"parameters with the head), BatchNorm {'training' if phase.train_batch_norm else 'frozen'}")
         guard = cb.NonFiniteGuard(cfg.train.nonfinite_patience)
-        metrics = cb.EpochMetrics(cfg, manifest, ctx, steps * global_batch_size, guard)
+        metrics = cb.EpochMetrics(cfg, manifest, ctx, steps * global_batch_size, guard, loss)
         tracker = cb.PhaseTracker(ctx, run, phase, index, phase_start, state, metrics, guard,
                                   cfg.train.keep_checkpoints)
         callbacks = [cb.Heartbeat(watchdog, steps), guard, metrics, tracker]
         if faults.active("kill") or faults.active("stall"):
             callbacks.insert(0, cb.FaultHooks(ctx.rank, steps))
         if ctx.primary:
-            callbacks.append(cb.TensorBoardWriter(run.tensorboard, metrics, guard))
+            callbacks.append(cb.TensorBoardWriter(run, metrics, guard))
         callbacks.append(cb.StopOnSigterm(sigterm, state, phase.name, steps))  # last: after an epoch's commit
         train_ds = build_dataset(cfg, "train", ctx.rank, ctx.size, manifest, first_epoch=first_epoch)
         train_ds = faults.corrupt_inputs(train_ds, ctx.rank, first_epoch * steps)
