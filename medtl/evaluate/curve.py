@@ -56,7 +56,7 @@ class LearningCurve:
                 f"({a.val_auroc:.3f} -> {b.val_auroc:.3f})")
         if gain > RISE_PER_DOUBLING:
             return f"still rising at {b.fraction:.0%} ({span}): more data is likely to help"
-        return f"flat at {b.fraction:.0%} ({span}): more data alone is unlikely to help much"
+        return f"not rising at {b.fraction:.0%} ({span}): more data alone is unlikely to help much"
 
     def to_dict(self) -> dict:
         return {"head": self.head, "epochs": self.epochs, "points": [asdict(p) for p in self.points],
