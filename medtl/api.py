@@ -12,6 +12,7 @@ Under horovodrun, `train`, `search`, `evaluate` and `export` run on every rank; 
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import typing
 from dataclasses import dataclass
@@ -86,6 +87,10 @@ class SearchResult:
     trials: int
     spent_full_trainings: float
     summary: dict  # search_summary.json's content
+    # Subset transfer (fractions): per fraction its best head, Kendall's tau and top-k overlap against the
+    # largest fraction (search_summary.json's "fractions"), and the learning curve's verdict; else () and None.
+    fractions: tuple = ()
+    learning_curve: str | None = None  # learning_curve.json
 
 
 @dataclass(frozen=True)
@@ -249,10 +254,22 @@ def pretrain(config: ConfigLike, workdir: str, overrides: typing.Sequence[str] =
 
 
 def search(config: ConfigLike, space: str, budget: float, workdir: str, overrides: typing.Sequence[str] = (),
-           storage: str | None = None, study_name: str | None = None) -> SearchResult | None:
+           storage: str | None = None, study_name: str | None = None,
+           fractions: typing.Sequence[float] | str | None = None) -> SearchResult | None:
     """Budgeted search for a classification head on cached base features (see `medtl search --help`);
-    writes best.yaml, leaderboard.csv and search.html into `workdir`. None on ranks other than 0."""
+    writes best.yaml, leaderboard.csv and search.html into `workdir`. None on ranks other than 0.
+    `fractions` (e.g. "0.1,0.3,1.0" or [0.1, 0.3, 1.0]) replaces search.fractions: the subset transfer."""
     cfg = _job_config(config, overrides)
+    if fractions is not None:
+        from medtl.data.subsets import fractions_problem, parse_fractions
+
+        if isinstance(fractions, str):
+            values = parse_fractions(fractions)
+        else:
+            values = tuple(fractions)
+            if fractions_problem(values) or not values:
+                raise MedtlError(f"fractions {list(values)} {fractions_problem(values) or 'is empty'}")
+        cfg = dataclasses.replace(cfg, search=dataclasses.replace(cfg.search, fractions=tuple(float(v) for v in values)))
     _preflight(cfg, workdir)
     from medtl.search.run import run_search
 
@@ -262,7 +279,8 @@ def search(config: ConfigLike, space: str, budget: float, workdir: str, override
     best = summary.get("best")
     return SearchResult(workdir=workdir, best_config=os.path.join(workdir, "best.yaml") if best else None,
                         best_head=best["head"] if best else None, best_val_auroc=best["val_auroc"] if best else None,
-                        trials=summary["trials"], spent_full_trainings=summary["spent_full_trainings"], summary=summary)
+                        trials=summary["trials"], spent_full_trainings=summary["spent_full_trainings"], summary=summary,
+                        fractions=tuple(summary.get("fractions", ())), learning_curve=summary.get("learning_curve_file"))
 
 
 def evaluate(workdir: str | None = None, *, out: str, model: str | None = None, records: str | None = None,

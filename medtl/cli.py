@@ -146,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Optuna storage URL shared by several workers, e.g. postgresql://USER:PASSWORD@HOST/DB "
                         "(default $MEDTL_SEARCH_STORAGE, else sqlite:///WORKDIR/study.db)")
     p.add_argument("--study-name", default=None, help="study name in the storage (default medtl-head-search)")
+    p.add_argument("--fractions", default=None,
+                   help="subset transfer: run the search on nested, patient-level fractions of the train split, "
+                        "e.g. 0.1,0.3,1.0 (val fixed), compare each ranking with the largest fraction's and draw "
+                        "the best head's learning curve (default search.fractions)")
 
     p = sub.add_parser("evaluate", help="per-label metrics with intervals and an HTML report",
                        description="Evaluate a run's best checkpoint (--workdir), or an exported model "
@@ -381,7 +385,8 @@ def cmd_pretrain(args) -> int:
 
 
 def cmd_search(args) -> int:
-    api.search(args.config, args.space, args.budget, args.workdir, args.overrides, args.storage, args.study_name)
+    api.search(args.config, args.space, args.budget, args.workdir, args.overrides, args.storage, args.study_name,
+               args.fractions)
     return 0
 
 

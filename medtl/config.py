@@ -19,6 +19,7 @@ import yaml
 
 from medtl import jobfiles
 from medtl.data.policy import check_policy
+from medtl.data.subsets import fractions_problem
 from medtl.errors import ConfigError
 from medtl.models.specs import BACKBONES, feature_map_size, spatial_size
 
@@ -464,9 +465,13 @@ class TrainConfig:
     intra_op_threads: int = 0
     # TensorFlow inter-op threads per rank; 0 lets TensorFlow choose.
     inter_op_threads: int = 0
+    # Train images scored each epoch for the train AUROC beside val's (a fixed sample, un-augmented; the whole train split when it is smaller); 0 turns it off.
+    train_eval_images: int = 1000
 
     def check(self) -> list[tuple[str, str]]:
         problems = []
+        if self.train_eval_images < 0:
+            problems.append(("train_eval_images", f"must be >= 0 (0 = off), got {self.train_eval_images}"))
         for name in ("batch_size", "keep_checkpoints", "nonfinite_patience"):
             if getattr(self, name) < 1:
                 problems.append((name, f"must be >= 1, got {getattr(self, name)}"))
@@ -536,9 +541,19 @@ class EvaluateConfig:
     seed: int = 0
     # Equal-width probability bins of the reliability diagram and the expected calibration error.
     calibration_bins: int = 10
+    # The report flags overfitting when val AUROC falls while train AUROC rises for this many consecutive epochs of a phase.
+    overfit_patience: int = 3
+    # The report also flags overfitting when train macro AUROC exceeds val macro AUROC by more than this at the best epoch or the last.
+    overfit_gap: float = 0.1
+    # A learning_curve.json of `medtl search --fractions` (best.yaml sets it): the overfitting advice says from it whether more data would help; '' for none.
+    learning_curve: str = ""
 
     def check(self) -> list[tuple[str, str]]:
         problems = []
+        if self.overfit_patience < 1:
+            problems.append(("overfit_patience", f"must be >= 1, got {self.overfit_patience}"))
+        if not 0.0 < self.overfit_gap < 1.0:
+            problems.append(("overfit_gap", f"must be in (0, 1), got {self.overfit_gap}"))
         if not 0.0 < self.target < 1.0:
             problems.append(("target", f"must be in (0, 1), got {self.target}"))
         if self.bootstrap != 0 and self.bootstrap < 50:
@@ -566,9 +581,18 @@ class SearchConfig:
     reduction_factor: int = 3
     # Epochs of the first rung; later rungs are min_epochs x reduction_factor^k, the last one phase 1's epochs.
     min_epochs: int = 1
+    # Subset transfer: fractions of the train split's patients (nested, e.g. [0.1, 0.3, 1.0]) to run the search on, each against the largest; [] searches the whole split once. `--fractions` sets it.
+    fractions: tuple[float, ...] = ()
+    # Subset transfer: the top-k overlap compares the best k heads of each fraction with the largest fraction's.
+    top_k: int = 5
 
     def check(self) -> list[tuple[str, str]]:
         problems = []
+        problem = fractions_problem(self.fractions)
+        if problem:
+            problems.append(("fractions", problem))
+        if self.top_k < 1:
+            problems.append(("top_k", f"must be >= 1, got {self.top_k}"))
         if self.augmented_copies < 0:
             problems.append(("augmented_copies", f"must be >= 0, got {self.augmented_copies}"))
         if self.reduction_factor < 2:

@@ -114,6 +114,8 @@ def test_errors_name_the_argument(records, tmp_path):
         api.evaluate(model=str(tmp_path), out=str(tmp_path / "report"))
     with pytest.raises(MedtlError, match="batch_size must be >= 1"):
         api.predict(str(tmp_path), str(tmp_path), str(tmp_path / "p.csv"), batch_size=0)
+    with pytest.raises(MedtlError, match=r"fractions \[0, 1\] must be fractions in \(0, 1\]"):
+        api.search(cfg, os.path.join(REPO, "jobs", "search", "tiny.yaml"), 2, str(tmp_path / "s"), fractions=[0, 1])
     assert not os.path.exists(tmp_path / "run")
 
 

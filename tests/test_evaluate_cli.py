@@ -21,7 +21,7 @@ from conftest import JOBS, assert_user_error, run_cli
 pytestmark = pytest.mark.slow
 
 HOROVODRUN = os.path.join(os.path.dirname(sys.executable), "horovodrun")
-SECTIONS = ("summary", "provenance", "auroc", "prevalence", "roc", "pr", "calibration", "training")
+SECTIONS = ("summary", "provenance", "auroc", "prevalence", "roc", "pr", "calibration", "training", "overfitting")
 
 
 @pytest.fixture(scope="module")
@@ -104,10 +104,17 @@ def test_report_has_every_section_and_consistent_numbers(report, run, records, s
     page = open(os.path.join(report, "report.html")).read()
     positions = [page.index(f'<section id="{s}">') for s in SECTIONS]
     assert positions == sorted(positions)  # summary and provenance first
-    assert page.count("data:image/png;base64,") == len(SECTIONS) - 2  # one figure per plot section
+    assert page.count("data:image/png;base64,") == len(SECTIONS) - 3  # one figure per plot section
     for text in ("macro average", "micro average", "data manifest sha256", "medtl version", "checkpoints/best",
                  "resolved config", "youden", "val"):
         assert text in page, text
+    # A healthy run (two 1-epoch phases, augmentation and dropout on): the overfitting flag stays quiet.
+    history = RunDir(run).read_history()
+    found = m["overfitting"]
+    assert not found["flagged"] and found["remedies"] == [] and found["note"] == ""
+    last = history[-1]
+    assert found["gap_at_last"] == pytest.approx(last["train_auroc"] - last["val_auroc"])
+    assert "No sign of overfitting" in page
 
 
 def test_threshold_policy_is_tuned_on_val_and_reaches_its_target(run, tmp_path):

@@ -11,7 +11,9 @@ import pytest
 import yaml
 
 from medtl.config import load_config
+from medtl.data.manifest import read_manifest
 from medtl.errors import ConfigError
+from medtl.evaluate.curve import read_learning_curve
 from medtl.search.run import halving_cost, plan_search
 from medtl.search.space import defaults_from, load_space, parse_space
 
@@ -92,10 +94,15 @@ def search_cli(records, workdir, *extra, space=TINY, budget=2, env=None, cache=N
                    "--set", f"search.feature_cache={cache}", *extra, env=env)
 
 
-@pytest.mark.parametrize("case", ["empty", "unknown_key", "budget", "pooled_conv", "storage"])
+@pytest.mark.parametrize("case", ["empty", "unknown_key", "budget", "pooled_conv", "storage", "fractions",
+                                  "fractions_key"])
 def test_bad_input_is_one_line_at_start(case, records, tmp_path):
     space, budget, extra, fragments = TINY, 2, [], []
-    if case == "empty":
+    if case == "fractions":
+        extra, fragments = ["--fractions", "0.5,1.5"], ["--fractions '0.5,1.5'", "(0, 1]"]
+    elif case == "fractions_key":
+        extra, fragments = ["--set", "search.fractions=[0, 1]"], ["'search.fractions'", "(0, 1]"]
+    elif case == "empty":
         space = tmp_path / "empty.yaml"
         space.write_text("# nothing yet\n")
         fragments = ["empty.yaml is empty"]
@@ -181,8 +188,76 @@ def test_search_resumes_reuses_the_cache_and_its_config_trains(records, tmp_path
     assert saved["model"]["head"]["pooling"] == board[0]["pooling"]
 
 
+def _kendall_by_pairs(a: list, b: list) -> float:
+    """Kendall's tau of two orders of the same heads (no ties), from concordant and discordant pairs."""
+    import itertools
+
+    pairs = list(itertools.combinations(a, 2))
+    return sum(1 if (a.index(x) - a.index(y)) * (b.index(x) - b.index(y)) > 0 else -1 for x, y in pairs) / len(pairs)
+
+
+@pytest.mark.slow
+def test_subset_transfer_fractions(records, tmp_path):
+    """--fractions: one search per nested subset of the cached train rows, rankings compared with the largest
+    fraction's (checked here from leaderboard.csv by pair counting), the learning curve, bad fractions."""
+    run, cache = tmp_path / "transfer", tmp_path / "features"
+    r = search_cli(records, run, "--fractions", "0.3,0.6,1.0", "--set", "search.top_k=2", budget=2, cache=cache)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("extracting EfficientNetB0 features") == 1  # subsets are rows of one cache
+    with open(run / "leaderboard.csv") as fh:
+        board = list(csv.DictReader(fh))
+    assert [b["fraction"] for b in board] == sorted((b["fraction"] for b in board), reverse=True)
+    by_fraction = {f: [b["head"] for b in board if b["fraction"] == f] for f in ("0.3", "0.6", "1.0")}
+    summary = json.loads((run / "search_summary.json").read_text())
+    fractions = summary["fractions"]
+    assert [f["fraction"] for f in fractions] == [0.3, 0.6, 1.0]
+    images = [f["train_images"] for f in fractions]
+    patients = [f["train_patients"] for f in fractions]
+    assert images[0] < images[1] < images[2] == read_manifest(records).records("train")
+    assert patients[0] < patients[1] < patients[2] == read_manifest(records).splits["train"].patients
+    reference = by_fraction["1.0"]
+    for f in fractions:
+        mine = by_fraction[f"{f['fraction']:.1f}"]
+        assert f["ranking"] == mine  # the leaderboard's order within the fraction
+        common = [h for h in reference if h in mine]
+        ordered = [h for h in mine if h in common]
+        assert f["common_heads"] == len(common) >= 2
+        assert f["kendall_tau"] == pytest.approx(_kendall_by_pairs(ordered, common))
+        assert f["top_k_used"] == 2
+        assert f["top_k_overlap"] == pytest.approx(len(set(ordered[:2]) & set(common[:2])) / 2)
+        best = [b for b in board if b["fraction"] == f"{f['fraction']:.1f}" and b["rank"] == "1"][0]
+        assert f["best_head"] == best["head"] and f["best_val_auroc"] == pytest.approx(float(best["val_auroc_last"]))
+    # The learning curve: the largest fraction's best head at every fraction; best.yaml points evaluate at it.
+    curve = read_learning_curve(str(run / "learning_curve.json"))
+    assert curve.head == summary["best"]["head"] and [p.fraction for p in curve.points] == [0.3, 0.6, 1.0]
+    assert [p.train_images for p in curve.points] == images
+    assert curve.points[-1].val_auroc == pytest.approx(summary["best"]["val_auroc"])
+    assert load_config(str(run / "best.yaml")).evaluate.learning_curve == str(run / "learning_curve.json")
+    page = (run / "search.html").read_text()
+    assert "Subset transfer" in page and "Kendall" in page and curve.verdict() in page
+    assert f"learning curve {curve.verdict()}" in r.stderr
+    # The cache's rows carry the records' salted patient hashes, in the records' order.
+    from medtl.search.cache import load_split, read_index
+
+    folder = summary["feature_cache"]
+    assert list(load_split(folder, read_index(folder), "train").patients) == _train_patients(records)
+    # A fraction too small to keep a positive of every label: one line, before any trial (the cache is reused).
+    r = search_cli(records, tmp_path / "small", "--fractions", "0.005,1.0", budget=2, cache=cache)
+    assert_user_error(r, "fraction 0.005 of --fractions/search.fractions leaves label", "without positives",
+                      exit_code=2)
+    assert "trial 0" not in r.stderr and "reusing the feature cache" in r.stderr
+
+
+def _train_patients(records) -> list[str]:
+    from medtl.data.pipeline import build_dataset
+
+    cfg = load_config(SMOKE, [f"data.records={records}"])
+    return [p.decode() for batch in build_dataset(cfg, "train", training=False, with_ids=True)
+            for p in batch[3].numpy()]
+
+
 def test_search_help():
     r = run_cli("search", "--help")
-    assert r.returncode == 0 and "--budget" in r.stdout and "--storage" in r.stdout
+    assert r.returncode == 0 and "--budget" in r.stdout and "--storage" in r.stdout and "--fractions" in r.stdout
     r = run_cli("bench", "search", "--help")
     assert r.returncode == 0 and "--trial-epochs" in r.stdout

@@ -29,7 +29,7 @@ def test_two_ranks_mixed_precision_phases_and_tensorboard(records, tmp_path):
     (tests/reliability/test_ranks.py: dead, stalled and NaN ranks) take horovodrun as well."""
     run = tmp_path / "run"
     r = _train(records, run, "train.precision=mixed_float16", "phases.1.trainable={regex: '^(block7|top_)'}",
-               launcher=launcher_argv("mpirun"))
+               "train.train_eval_images=100", launcher=launcher_argv("mpirun"))
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-4000:]
     assert len(re.findall(r"weights identical on 2 rank\(s\)", out)) == 2
@@ -46,11 +46,18 @@ def test_two_ranks_mixed_precision_phases_and_tensorboard(records, tmp_path):
     top = {v.split("/")[0] for v in trainable["top"]} - head
     assert top and all(re.match(r"^(block7|top_)", name) for name in top)
     assert not any("_bn" in name for name in top), "BatchNorm stays frozen"
-    # TensorBoard scalars, including per-label AUROC and the loss scale.
+    # Train AUROC on the fixed train sample of 100 images, predicted by both ranks and gathered like val.
+    assert all(0.0 <= row["train_auroc"] <= 1.0 and row["train_eval_images"] == 100 for row in rows), rows
+    assert all(row["loss_name"] == "bce" for row in rows)
+    # TensorBoard scalars in Keras' layout: the same tags in train/ and validation/ overlay in one chart.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(run / "tensorboard"))
-    events.Reload()
-    tags = set(events.Tags()["tensors"]) | set(events.Tags()["scalars"])
-    assert {"loss", "val_auroc", "lr", "loss_scale", "images_per_second", "images_per_second_per_rank"} <= tags
-    assert any(t.startswith("val_auroc/") for t in tags)
+    def tags(kind):
+        events = EventAccumulator(str(run / "tensorboard" / kind))
+        events.Reload()
+        return set(events.Tags()["tensors"]) | set(events.Tags()["scalars"])
+
+    train, validation = tags("train"), tags("validation")
+    assert {"epoch_loss", "epoch_auroc", "epoch_learning_rate", "loss_scale", "images_per_second",
+            "images_per_second_per_rank"} <= train
+    assert {"epoch_loss", "epoch_auroc"} <= validation and any(t.startswith("epoch_auroc/") for t in validation)

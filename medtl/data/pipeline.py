@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import json
 import re
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -20,7 +21,7 @@ from medtl.config import Config
 from medtl.data.augment import build_augment_fn, build_views_fn
 from medtl.data.manifest import Manifest, check_input_size, read_manifest
 from medtl.data.records import KEY, LABELS, MASK, PATIENT, image_feature
-from medtl.data.subsets import TrainSubset, select
+from medtl.data.subsets import select_subsets
 from medtl.errors import MedtlError, RunFailure
 from medtl.tf import tf
 from medtl.utils.log import log
@@ -85,19 +86,33 @@ def read_split_ids(records: str, manifest: Manifest, split: str) -> tuple[np.nda
             np.concatenate(mask) if mask else np.zeros((0, width)))
 
 
+@dataclass(frozen=True)
+class TrainSubset:
+    """The train split's records that data.train_fraction keeps (medtl.data.subsets chose them)."""
+
+    fraction: float
+    patients: frozenset    # salted patient ids kept
+    total_patients: int
+    records: int           # records kept
+
+
 _SUBSETS: dict[tuple, TrainSubset] = {}
 
 
 def train_subset(cfg: Config, manifest: Manifest) -> TrainSubset | None:
-    """data.train_fraction's nested, patient-level subset of the train split (medtl.data.subsets), or None when
-    the fraction is 1. Read once per process and records folder."""
+    """data.train_fraction's nested, patient-level subset of the train split (medtl.data.subsets: the
+    shortest prefix of the seeded patient order that holds that fraction of the images), or None when the
+    fraction is 1. Read once per process and records folder."""
     fraction = cfg.data.train_fraction
     if fraction >= 1:
         return None
     key = (cfg.data.records, manifest.digest(), float(fraction), int(cfg.seed))
     if key not in _SUBSETS:
         patients, labels, mask = read_split_ids(cfg.data.records, manifest, "train")
-        subset = select(patients, labels, mask, manifest.labels, fraction, cfg.seed)
+        chosen = select_subsets(patients, labels, mask, [fraction], cfg.seed, manifest.labels,
+                                where="data.train_fraction")[float(fraction)]
+        subset = TrainSubset(float(fraction), frozenset(patients[chosen.rows].tolist()), len(set(patients.tolist())),
+                             chosen.images)
         log(f"data.train_fraction={fraction:g}: {len(subset.patients)} of {subset.total_patients} train patients, "
             f"{subset.records} of {len(patients)} records")
         _SUBSETS[key] = subset
@@ -369,6 +384,53 @@ def build_decoded(cfg: Config, manifest: Manifest, split: str, rank: int, num_ra
             _CACHED[key] = ds.cache(_cache_name(cfg, manifest, split, rank, num_ranks, training, quantise)
                                     + ("-ids" if with_ids else ""))
     return _CACHED[key]
+
+
+def sample_counts(manifest: Manifest, split: str, images: int) -> list[int]:
+    """Records a fixed sample of `images` takes from the head of each shard of `split` (every record when
+    the split is smaller): in proportion to the shards' sizes, largest remainders rounded up."""
+    counts = [s.records for s in manifest.splits[split].shards]
+    total = sum(counts)
+    if images >= total:
+        return counts
+    exact = [images * c / total for c in counts]
+    takes = [int(e) for e in exact]
+    for i in sorted(range(len(counts)), key=lambda i: takes[i] - exact[i])[:images - sum(takes)]:
+        takes[i] += 1
+    return takes
+
+
+def sample_size(cfg: Config, manifest: Manifest, split: str, images: int) -> int:
+    """The records build_sample_dataset reads: sample_counts' total, or from data.train_fraction's subset."""
+    subset = train_subset(cfg, manifest) if split == "train" else None
+    return min(images, subset.records) if subset else sum(sample_counts(manifest, split, images))
+
+
+def build_sample_dataset(cfg: Config, manifest: Manifest, split: str, images: int, rank: int = 0,
+                         num_ranks: int = 1) -> tf.data.Dataset:
+    """An eval stream of a fixed sample of `split`, e.g. the train images scored each epoch beside val:
+    the first records of every shard (sample_counts), decoded and batched like an eval stream, never
+    augmented. Ingest writes a split's records in a seeded random order, so a shard's head is a random
+    sample of it, and only the sample is read. The same records whatever the rank count: each rank keeps
+    every num_ranks-th of them."""
+    files = shard_paths(cfg.data.records, manifest, split)
+    subset = train_subset(cfg, manifest) if split == "train" else None
+    takes = tf.constant(sample_counts(manifest, split, images), tf.int64)
+
+    def head_fn(path, take):
+        return tf.data.Dataset.zip((tf.data.Dataset.from_tensors(path).repeat(),
+                                    tf.data.TFRecordDataset(path).take(take)))
+
+    if subset:  # data.train_fraction: the sample's images come from the subset, in shard order
+        ds = tf.data.Dataset.from_tensor_slices((files, tf.fill([len(files)], tf.constant(-1, tf.int64))))
+        ds = ds.flat_map(head_fn).filter(_keep_patients_fn(subset.patients)).take(images)
+    else:
+        ds = tf.data.Dataset.from_tensor_slices((files, takes)).flat_map(head_fn)
+    ds = ds.shard(num_ranks, rank)
+    ds = ds.map(build_decode_fn(manifest, cfg.data.image_size, quantise=False), num_parallel_calls=AUTOTUNE,
+                deterministic=True)
+    ds = ds.batch(cfg.train.batch_size).map(build_model_input_fn(cfg.data.channels), num_parallel_calls=AUTOTUNE)
+    return ds.prefetch(AUTOTUNE)
 
 
 def build_model_input_fn(channels: int):

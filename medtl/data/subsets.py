@@ -1,10 +1,12 @@
-"""Nested, patient-level subsets of the train split (data.train_fraction): learning curves and label-budget
-benchmarks train on the first F of the train split's patients, in an order fixed by the seed.
+"""Nested, patient-level subsets of a split: subset transfer (`medtl search --fractions`) and label budgets
+(data.train_fraction: `medtl train`, `medtl bench pretrain`).
 
-Patients are ranked by a seeded hash of their salted id, and a subset is a prefix of that ranking, so the
-patients of a smaller fraction are inside every larger one (nested), a patient's images stay together
-(patient-level), and the same seed gives the same patients on every rank and machine. Pure: the pipeline
-(medtl.data.pipeline.train_subset) reads the ids and applies the subset.
+The one place subsets are chosen. Input: each record's salted patient hash, labels and mask (the
+feature cache keeps them per row). One seeded order of the patients is cut at each fraction, so the
+10% subset's patients are inside the 30% subset's, and the same seed gives the same patients whatever
+the record order or rank count. The order starts with one positive patient per label (rarest label
+first), so every cut that holds those patients keeps a positive of every label the split has.
+Imports numpy only (config.py checks fractions through here).
 """
 from __future__ import annotations
 
@@ -17,40 +19,109 @@ import numpy as np
 from medtl.errors import ConfigError
 
 
-def patient_order(patients, seed: int) -> list[str]:
-    """The train split's patients (salted ids) in the seeded order subsets take them from."""
-    return sorted(set(patients), key=lambda p: hashlib.sha256(f"{seed}:{p}".encode()).digest())
+def fractions_problem(fractions) -> str:
+    """Why a list of fractions is unusable ('' when it is fine): each in (0, 1], none twice."""
+    for value in fractions:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) <= 1.0:
+            return f"must be fractions in (0, 1] (e.g. 0.1,0.3,1.0), got {value!r}"
+    if len(set(float(v) for v in fractions)) != len(fractions):
+        return f"lists a fraction twice: {[float(v) for v in fractions]}"
+    return ""
 
 
-def subset_patients(patients, fraction: float, seed: int) -> frozenset:
-    """The first ceil(fraction x patients) patients of patient_order (at least one)."""
-    ordered = patient_order(patients, seed)
-    count = len(ordered) if fraction >= 1 else max(1, math.ceil(fraction * len(ordered)))
-    return frozenset(ordered[:count])
+def parse_fractions(text: str, where: str = "--fractions") -> tuple[float, ...]:
+    """'0.1,0.3,1.0' -> (0.1, 0.3, 1.0), or one ConfigError naming `where`."""
+    values = []
+    for part in text.split(","):
+        try:
+            values.append(float(part))
+        except ValueError:
+            raise ConfigError(f"{where} {text!r}: {part.strip()!r} is not a number; give fractions in (0, 1] "
+                              "separated by commas, e.g. 0.1,0.3,1.0") from None
+    problem = fractions_problem(values) if values else "is empty"
+    if problem:
+        raise ConfigError(f"{where} {text!r} {problem}")
+    return tuple(values)
 
 
 @dataclass(frozen=True)
-class TrainSubset:
-    """The train split's records that data.train_fraction keeps."""
+class Subset:
+    """One fraction's cut of a split."""
 
     fraction: float
-    seed: int
-    patients: frozenset       # salted patient ids kept
-    total_patients: int
-    records: int              # records kept
-    positives: dict           # label -> positives among the kept records (known labels only)
+    rows: np.ndarray     # (n,) sorted indices of the split's rows in the subset
+    patients: int
+    digest: str          # short hash of the subset's patients (a resumed search must see the same ones)
+
+    @property
+    def images(self) -> int:
+        return int(len(self.rows))
 
 
-def select(patients: np.ndarray, labels: np.ndarray, mask: np.ndarray, label_names, fraction: float,
-           seed: int, where: str = "data.train_fraction") -> TrainSubset:
-    """The subset of one split's records (patients (n,), labels and mask (n, L)); refuses, in one line, a
-    subset that leaves a label without a known positive (no AUROC, and nothing for the loss to learn)."""
-    kept = subset_patients(patients, fraction, seed)
-    rows = np.array([p in kept for p in patients], bool)
-    positives = {name: int(((labels[rows, i] > 0) & (mask[rows, i] > 0)).sum()) for i, name in enumerate(label_names)}
-    empty = [name for name, count in positives.items() if count == 0]
-    if empty:
-        raise ConfigError(f"{where}={fraction:g} keeps {len(kept)} of {len(set(patients))} train patients "
-                          f"({int(rows.sum())} records), with no positive for {', '.join(empty)}; raise {where} "
-                          "(or ingest more studies)")
-    return TrainSubset(fraction, seed, kept, len(set(patients)), int(rows.sum()), positives)
+def _positive(labels: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    return (np.asarray(labels) > 0.5) & (np.asarray(mask) > 0)  # (n, L) known positives
+
+
+def patient_order(patients: np.ndarray, labels: np.ndarray, mask: np.ndarray, seed: int) -> list[str]:
+    """Every patient once: first one positive patient per label (rarest label first), then the rest,
+    each group in a seeded order that depends on the patient hashes only."""
+    def draw(p: str) -> str:
+        return hashlib.sha256(f"{seed}:{p}".encode()).hexdigest()
+
+    unique = sorted(set(patients.tolist()), key=draw)
+    positive = _positive(labels, mask)
+    by_patient = {p: np.zeros(positive.shape[1], bool) for p in unique}
+    for p, row in zip(patients.tolist(), positive):
+        by_patient[p] |= row
+    counts = sum(by_patient.values(), np.zeros(positive.shape[1], int))
+    first: list[str] = []
+    covered = np.zeros(positive.shape[1], bool)
+    for label in np.argsort(counts, kind="stable"):
+        if counts[label] == 0 or covered[label]:
+            continue
+        chosen = next(p for p in unique if by_patient[p][label])
+        first.append(chosen)
+        covered |= by_patient[chosen]
+    chosen_set = set(first)
+    return first + [p for p in unique if p not in chosen_set]
+
+
+def select_subsets(patients: np.ndarray, labels: np.ndarray, mask: np.ndarray, fractions, seed: int,
+                   label_names, where: str = "--fractions/search.fractions") -> dict[float, Subset]:
+    """{fraction: Subset}: the shortest prefix of patient_order() holding fraction x the split's images.
+
+    A fraction whose subset has no positive of a label the whole split has is a ConfigError naming the
+    fraction, the label and the smallest fraction that keeps one."""
+    patients = np.asarray(patients)
+    order = patient_order(patients, labels, mask, seed)
+    rows_of: dict[str, list[int]] = {}
+    for i, p in enumerate(patients.tolist()):
+        rows_of.setdefault(p, []).append(i)
+    cumulative = np.cumsum([len(rows_of[p]) for p in order])
+    total = int(cumulative[-1]) if len(order) else 0
+    positive = _positive(labels, mask)
+    has_any = positive.any(axis=0)
+    out = {}
+    for fraction in sorted(float(f) for f in fractions):
+        count = 1 + int(np.searchsorted(cumulative, fraction * total - 1e-9))  # patients in the prefix
+        count = min(max(count, 1), len(order))
+        rows = np.sort(np.concatenate([rows_of[p] for p in order[:count]])).astype(np.int64)
+        missing = [i for i in np.flatnonzero(has_any) if not positive[rows, i].any()]
+        if missing:
+            _raise_no_positives(fraction, missing[0], rows, total, count, order, rows_of, positive, label_names,
+                                where)
+        digest = hashlib.sha256("\n".join(sorted(order[:count])).encode()).hexdigest()[:12]
+        out[fraction] = Subset(fraction, rows, count, digest)
+    return out
+
+
+def _raise_no_positives(fraction, label, rows, total, count, order, rows_of, positive, label_names, where):
+    needed = next(k for k in range(1, len(order) + 1)
+                  if positive[np.concatenate([rows_of[p] for p in order[:k]]), label].any())
+    images = sum(len(rows_of[p]) for p in order[:needed])
+    smallest = math.ceil(images / total * 1000) / 1000  # rounded up: a cut at it holds that positive
+    raise ConfigError(
+        f"fraction {fraction:g} of {where} leaves label {label_names[label]!r} without "
+        f"positives in its train subset ({len(rows)} of {total} train images, {count} patients; the split has "
+        f"{int(positive[:, label].sum())} positive image(s) of it); use fractions of at least "
+        f"{smallest:g}, or leave that fraction out")

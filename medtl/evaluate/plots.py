@@ -167,17 +167,22 @@ def prevalence_bars(label_names, split: str, labels: dict, train_prevalence: dic
 
 
 def training_curves(rows: list[dict]) -> str:
-    """Loss, validation AUROC and learning rate per epoch from history.jsonl, phases marked."""
+    """Loss, macro AUROC (train sample and val) and learning rate per epoch from history.jsonl, phases marked."""
     plt = _plt()
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.1))
     epochs = [r["epoch"] + 1 for r in rows]
-    series = [("loss", "train loss", COLOR), ("val_loss", "val loss", ACCENT)]
+    loss_name = rows[-1].get("loss_name")  # absent in runs whose val loss was plain BCE
+    series = [("loss", f"train loss ({loss_name or 'training loss'})", COLOR),
+              ("val_loss", f"val loss ({loss_name or 'BCE'})", ACCENT)]
     for key, name, color in series:
         axes[0].plot(epochs, [r.get(key) for r in rows], "o-", ms=3, color=color, label=name)
     axes[0].set(title="loss", xlabel="epoch")
     axes[0].legend(frameon=False)
-    axes[1].plot(epochs, [r.get("val_auroc") for r in rows], "o-", ms=3, color=COLOR)
-    axes[1].set(title="val macro AUROC", xlabel="epoch")
+    if any(r.get("train_auroc") is not None for r in rows):
+        axes[1].plot(epochs, [r.get("train_auroc") for r in rows], "o--", ms=3, color=MUTED, label="train sample")
+    axes[1].plot(epochs, [r.get("val_auroc") for r in rows], "o-", ms=3, color=COLOR, label="val")
+    axes[1].set(title="macro AUROC", xlabel="epoch")
+    axes[1].legend(frameon=False)
     axes[2].plot(epochs, [r.get("lr") for r in rows], "o-", ms=3, color=COLOR)
     axes[2].set(title="learning rate (end of epoch)", xlabel="epoch")
     starts = [(r["epoch"] + 1, r["phase"]) for k, r in enumerate(rows) if k == 0 or r["phase"] != rows[k - 1]["phase"]]
@@ -227,4 +232,41 @@ def search_importances(importances: dict[str, float]) -> str:
     names = list(importances)[::-1]
     ax.barh(names, [importances[n] for n in names], color=COLOR)
     ax.set_xlabel("importance (fANOVA, first-rung val AUROC)")
+    return to_png(fig)
+
+
+def search_rank_agreement(rankings: dict[float, list[str]], reference: float) -> str:
+    """Subset transfer: each head's rank at each smaller fraction against its rank at the largest."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.2, 4.2))
+    ref = rankings[reference]
+    colors = [COLOR, "#3fa34d", "#e0a030", "#7b4fa0", MUTED]
+    others = [f for f in sorted(rankings) if f != reference]
+    for i, fraction in enumerate(others):
+        pairs = [(ref.index(h) + 1, rankings[fraction].index(h) + 1) for h in ref if h in rankings[fraction]]
+        if pairs:
+            ax.scatter(*zip(*pairs), s=20, color=colors[i % len(colors)], label=f"fraction {fraction:g}")
+    top = max(len(ref), 1)
+    ax.plot([1, top], [1, top], color=MUTED, lw=0.8, ls=":")
+    ax.set_xlabel(f"rank at fraction {reference:g} (1 = best)")
+    ax.set_ylabel("rank at the smaller fraction")
+    ax.invert_xaxis()
+    ax.invert_yaxis()
+    if others:
+        ax.legend(fontsize=7, frameon=False)
+    return to_png(fig)
+
+
+def learning_curve(fractions: list[float], aurocs: list[float], head: str) -> str:
+    """Val macro AUROC of one head against the fraction of the training data (log scale)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.2, 3.4))
+    ax.plot(fractions, aurocs, "o-", color=COLOR)
+    ax.set_xscale("log")
+    ax.set_xticks(fractions, [f"{f:.0%}" for f in fractions])
+    ax.minorticks_off()
+    ax.set_xlabel("fraction of the train split (patients)")
+    ax.set_ylabel("val macro AUROC")
+    ax.set_title(head if len(head) < 70 else head[:67] + "...", fontsize=7)
+    ax.grid(alpha=0.3)
     return to_png(fig)

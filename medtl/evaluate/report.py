@@ -18,7 +18,7 @@ REPORT_FILE = "report.html"
 PER_LABEL_COLUMNS = ("label", "n", "excluded", "positives", "prevalence", "auroc", "auroc_ci_low",
                      "auroc_ci_high", "auprc", "auprc_ci_low", "auprc_ci_high", "threshold", "sensitivity",
                      "specificity", "ppv", "npv", "f1", "tp", "fp", "tn", "fn", "ece", "note")
-SECTIONS = ("summary", "provenance", "auroc", "prevalence", "roc", "pr", "calibration", "training")
+SECTIONS = ("summary", "provenance", "auroc", "prevalence", "roc", "pr", "calibration", "training", "overfitting")
 
 
 def write_predictions(out: str, preds: dict, label_names, thresholds) -> None:
@@ -161,6 +161,28 @@ pre { background: #f3f5f8; padding: 10px; font-size: 12px; overflow-x: auto; }
 """
 
 
+def _overfitting_section(found: dict) -> str:
+    """The verdict on the training curves (medtl.evaluate.overfit), in words."""
+    rules = (f"Flagged when val AUROC falls while train AUROC rises for {found['patience']} consecutive epochs of a "
+             f"phase (evaluate.overfit_patience), or when train AUROC exceeds val AUROC by more than "
+             f"{found['gap']:g} at the best or the last epoch (evaluate.overfit_gap). Train AUROC is measured each "
+             "epoch on a fixed, un-augmented sample of the train split (train.train_eval_images).")
+    if found["note"]:
+        body = f"<p class=missing>{html.escape(found['note'])}.</p>"
+    elif found["flagged"]:
+        items = "".join(f"<li>{html.escape(r)}</li>" for r in found["remedies"])
+        body = ("<p class=missing><b>The run overfits.</b> " + " ".join(html.escape(r) + "." for r in found["reasons"])
+                + f"</p><p>Remedies this run did not use:</p><ul>{items}</ul>")
+    else:
+        body = (f"<p>No sign of overfitting: train minus val macro AUROC is {found['gap_at_best']:.3f} at the best "
+                f"epoch ({found['best_epoch']}) and {found['gap_at_last']:.3f} at the last; val AUROC fell while "
+                f"train AUROC rose for at most {found['longest_divergence']} consecutive epoch(s).</p>")
+    curve = found.get("learning_curve")
+    if curve:
+        body += f"<p>Learning curve ({html.escape(curve['head'])}): {html.escape(curve['verdict'])}.</p>"
+    return f'<section id="overfitting"><h2>Overfitting</h2><p class=caption>{html.escape(rules)}</p>{body}</section>'
+
+
 def render_html(report: dict, figures: dict, config_yaml: str) -> str:
     """The whole page; `figures` maps a section id to base64 PNG (or None when unavailable)."""
     prov, boot, thr = report["provenance"], report["bootstrap"], report["thresholds"]
@@ -186,10 +208,12 @@ def render_html(report: dict, figures: dict, config_yaml: str) -> str:
         ("calibration", "Reliability diagram",
          f"{report['calibration_bins']} equal-width probability bins; marker area ~ images in the bin. "
          "On the diagonal = calibrated. ECE: expected calibration error."),
-        ("training", "Training curves", "From history.jsonl; dotted lines start a phase."),
+        ("training", "Training curves", "From history.jsonl; dotted lines start a phase. Both losses are the "
+                                        "training loss function (val: on the whole split, un-augmented); train AUROC "
+                                        "is on a fixed, un-augmented train sample."),
     ]
     body = "\n".join(_figure(sec, title, figures.get(sec), cap, figures.get(f"{sec}_missing", ""))
-                     for sec, title, cap in figs)
+                     for sec, title, cap in figs) + "\n" + _overfitting_section(report["overfitting"])
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>medtl evaluation report: {html.escape(report['split'])}</title>
 <style>{STYLE}</style></head><body><main>

@@ -21,10 +21,12 @@ from medtl.data.manifest import Manifest, check_split
 from medtl.errors import MedtlError
 from medtl.evaluate import report as rep
 from medtl.evaluate.bootstrap import bootstrap_distributions, percentile_interval
+from medtl.evaluate.curve import LearningCurve, read_learning_curve
+from medtl.evaluate.overfit import analyse_overfitting, run_setup
 from medtl.evaluate.thresholds import tune_thresholds
 from medtl.models.metrics import summary_metrics
 from medtl.models.predict import predict_split
-from medtl.train.rundir import RunDir, Thresholds, load_run
+from medtl.train.rundir import RunDir, Thresholds, epoch_points, load_run
 from medtl.utils import fs
 from medtl.utils.log import log
 
@@ -134,8 +136,23 @@ def base_provenance(weights: str) -> str:
             f"{meta.records_digest[:16]})")
 
 
-def build_report(source: Source, split: str, preds: dict) -> dict:
-    """metrics.json's content: metrics at the saved thresholds, intervals, thresholds, provenance."""
+def load_curve(cfg: Config) -> LearningCurve | None:
+    """evaluate.learning_curve's curve (read before predicting: a wrong path stops at start), or None."""
+    return read_learning_curve(cfg.evaluate.learning_curve) if cfg.evaluate.learning_curve else None
+
+
+def overfitting(source: Source, curve: LearningCurve | None) -> dict:
+    """metrics.json's overfitting entry: the finding on the run's history, with the settings it used."""
+    ev = source.cfg.evaluate
+    finding = analyse_overfitting(epoch_points(source.history), ev.overfit_patience, ev.overfit_gap,
+                                  run_setup(source.cfg), curve)
+    return {**finding.to_dict(), "patience": ev.overfit_patience, "gap": ev.overfit_gap,
+            "learning_curve": curve.to_dict() if curve else None}
+
+
+def build_report(source: Source, split: str, preds: dict, curve: LearningCurve | None = None) -> dict:
+    """metrics.json's content: metrics at the saved thresholds, intervals, thresholds, provenance, and the
+    overfitting finding."""
     cfg, manifest, ev = source.cfg, source.manifest, source.cfg.evaluate
     label_names = manifest.labels
     thresholds = source.thresholds.values(label_names)
@@ -163,7 +180,7 @@ def build_report(source: Source, split: str, preds: dict) -> dict:
             "phases": rep.phase_summary(source.history, cfg),
             "bootstrap": {"resamples": ev.bootstrap, "seed": ev.seed, "confidence": ev.confidence,
                           "unit": "patient"},
-            "provenance": provenance}
+            "overfitting": overfitting(source, curve), "provenance": provenance}
 
 
 def write_report(out: str, report: dict, preds: dict, source: Source) -> str:
@@ -187,12 +204,17 @@ def evaluate(source: Source, split: str, out: str, ctx: dist.Context) -> dict:
     check_split(source.manifest, split, source.cfg.data.records)
     if split == TUNING_SPLIT:
         log(f"warning: the thresholds were tuned on {split}; metrics at the threshold are optimistic here")
+    curve = load_curve(source.cfg)
     log(f"evaluate: predicting split {split!r} on {ctx.size} rank(s)")
     preds = predict_split(source.model, source.cfg, source.manifest, split, ctx, tta=source.tta, with_ids=True)
     if not ctx.primary:
         return {}
-    report = build_report(source, split, preds)
+    report = build_report(source, split, preds, curve)
     path = write_report(out, report, preds, source)
+    found = report["overfitting"]
+    if found["flagged"]:
+        log(f"evaluate: warning: the run overfits: {found['reasons'][0]}; remedies it did not use: "
+            + "; ".join(r.split(":")[0] for r in found["remedies"]) + " (see the report's Overfitting section)")
     macro = report["macro"]
     ci = macro.get("auroc_ci")
     level = f"{report['bootstrap']['confidence']:.0%}"

@@ -5,8 +5,6 @@ entries are all one class gets None for its ranking metrics and a note saying wh
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from sklearn.metrics import average_precision_score, confusion_matrix, roc_auc_score
 
@@ -129,12 +127,3 @@ def summary_metrics(y: np.ndarray, probs: np.ndarray, label_names, mask: np.ndar
     keep = known(mask, y.shape)
     micro = {"auroc": auroc, "auprc": auprc, "ece": expected_calibration_error(y[keep], probs[keep], bins)}
     return {"n": int(len(y)), "labels": labels, "macro": macro, "micro": micro}
-
-
-def mean_bce(y: np.ndarray, probs: np.ndarray, mask: np.ndarray | None = None) -> float:
-    """Binary cross-entropy averaged over known entries (for validation logs)."""
-    p = np.clip(probs, 1e-7, 1 - 1e-7)
-    loss = -(y * np.log(p) + (1 - y) * np.log(1 - p))
-    if mask is not None:
-        return float((loss * mask).sum() / max(mask.sum(), 1))
-    return float(loss.mean()) if loss.size else math.nan

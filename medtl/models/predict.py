@@ -12,7 +12,7 @@ import numpy as np
 from medtl import dist
 from medtl.config import Config
 from medtl.data.manifest import Manifest
-from medtl.data.pipeline import build_dataset, pipeline_errors, records_in
+from medtl.data.pipeline import build_dataset, build_sample_dataset, pipeline_errors, records_in, sample_size
 from medtl.errors import RunFailure
 from medtl.tf import tf
 
@@ -21,19 +21,28 @@ ID_WIDTH = 32
 
 
 def predict_split(model, cfg: Config, manifest: Manifest, split: str, ctx: dist.Context, tta: str = "none",
-                  with_ids: bool = False) -> dict[str, np.ndarray]:
+                  with_ids: bool = False, logits: bool = False, sample: int = 0) -> dict[str, np.ndarray]:
     """{'probs', 'labels', 'mask'}: (n, L) arrays for every record of `split`, checked against the manifest.
 
     `model` is a Keras model (logits) or a callable from images to probabilities (an exported model).
     with_ids adds 'patient' and 'key': (n,) salted hashes, to pair records across reports.
+    logits (a Keras model, no TTA) adds 'logits', for the training loss on them. sample > 0 predicts the
+    fixed sample of that many records instead (pipeline.build_sample_dataset; not with with_ids).
     """
-    ds = build_dataset(cfg, split, ctx.rank, ctx.size, manifest, training=False, with_ids=with_ids)
-    predict_fn = build_predict_fn(model, tta)
-    parts: dict[str, list] = {"probs": [], "labels": [], "mask": [], "patient": [], "key": []}
+    if sample:
+        ds = build_sample_dataset(cfg, manifest, split, sample, ctx.rank, ctx.size)
+    else:
+        ds = build_dataset(cfg, split, ctx.rank, ctx.size, manifest, training=False, with_ids=with_ids)
+    predict_fn = build_predict_fn(model, tta, logits)
+    parts: dict[str, list] = {"probs": [], "labels": [], "mask": [], "patient": [], "key": [], "logits": []}
     with pipeline_errors():
         for batch in ds:
             images, y, mask = batch[:3]
-            parts["probs"].append(predict_fn(images).numpy())
+            out = predict_fn(images)
+            if logits:
+                parts["logits"].append(out.numpy())
+                out = tf.sigmoid(out)
+            parts["probs"].append(out.numpy())
             parts["labels"].append(y.numpy())
             parts["mask"].append(mask.numpy())
             if with_ids:
@@ -41,12 +50,14 @@ def predict_split(model, cfg: Config, manifest: Manifest, split: str, ctx: dist.
                 parts["key"].append(_encode_ids(batch[4].numpy()))
     num_labels = manifest.num_labels
     empty = {"probs": (0, num_labels), "labels": (0, num_labels), "mask": (0, num_labels),
-             "patient": (0, ID_WIDTH), "key": (0, ID_WIDTH)}
-    keys = ("probs", "labels", "mask") + (("patient", "key") if with_ids else ())
+             "patient": (0, ID_WIDTH), "key": (0, ID_WIDTH), "logits": (0, num_labels)}
+    keys = ("probs", "labels", "mask") + (("patient", "key") if with_ids else ()) + (("logits",) if logits else ())
     local = {k: np.concatenate(parts[k]) if parts[k] else
              np.zeros(empty[k], np.uint8 if k in ("patient", "key") else np.float32) for k in keys}
-    out = {k: dist.allgather(ctx, v, f"{split}_{k}") for k, v in local.items()}
-    _check_complete(out, records_in(cfg, manifest, split), split, cfg.data.records)
+    name = f"{split}_sample" if sample else split
+    out = {k: dist.allgather(ctx, v, f"{name}_{k}") for k, v in local.items()}
+    expected = sample_size(cfg, manifest, split, sample) if sample else records_in(cfg, manifest, split)
+    _check_complete(out, expected, split, cfg.data.records)
     for k in ("patient", "key"):
         if k in out:
             out[k] = _decode_ids(out[k])
@@ -79,21 +90,26 @@ def _decode_ids(array: np.ndarray) -> np.ndarray:
 _PREDICT_FNS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def build_predict_fn(model, tta: str = "none"):
-    """images (batch, size, size, c) in [0, 255] -> (batch, L) float32 probabilities.
+def build_predict_fn(model, tta: str = "none", logits: bool = False):
+    """images (batch, size, size, c) in [0, 255] -> (batch, L) float32 probabilities (logits: the Keras
+    model's float32 logits, no TTA).
 
     tta='flip' averages the probabilities of each image and its left-right mirror.
     A Keras model's tf.function is cached on it, so per-epoch validation does not retrace.
     """
     # Kept beside the model, not on it: a dict attribute would be tracked and break SavedModel export.
     cache = _PREDICT_FNS.setdefault(model, {}) if isinstance(model, tf.keras.Model) else {}
-    if tta not in cache:
-        cache[tta] = _make_predict_fn(model, tta)
-    return cache[tta]
+    if (tta, logits) not in cache:
+        cache[(tta, logits)] = _make_predict_fn(model, tta, logits)
+    return cache[(tta, logits)]
 
 
-def _make_predict_fn(model, tta: str):
+def _make_predict_fn(model, tta: str, logits: bool = False):
     is_keras = isinstance(model, tf.keras.Model)
+    if logits:
+        if not is_keras or tta != "none":
+            raise ValueError("logits are for a Keras model without TTA")
+        return tf.function(lambda images: tf.cast(model(images, training=False), tf.float32), reduce_retracing=True)
 
     def probabilities(images):
         if is_keras:

@@ -35,7 +35,7 @@ from medtl.utils.log import log
 from medtl.utils.progress import Progress
 
 CACHE_FILE = "cache.json"
-FORMAT = 1
+FORMAT = 2  # 2: train and val rows carry the salted patient hash (subset transfer selects by it)
 SPLITS = ("train", "val")
 PART_IMAGES = 2048  # images per .npz file
 STALE_LOCK_SECONDS = 600  # a lock not touched for this long belongs to a dead extraction
@@ -99,11 +99,12 @@ def _build_extractor(cfg: Config):
 
 
 def _streams(cfg: Config, manifest: Manifest, split: str, ctx: dist.Context):
-    """(copy index, dataset of (images, labels, mask) batches) for this rank's part of the split."""
+    """(copy index, dataset of (images, labels, mask[, patient, key]) batches) for this rank's part of the
+    split; copy 0 (plain) carries the ids, the augmented copies hold the same records in the same order."""
     from medtl.data.augment import build_augment_fn
     from medtl.data.pipeline import build_dataset, build_decoded, build_model_input_fn
 
-    yield 0, build_dataset(cfg, split, ctx.rank, ctx.size, manifest, training=False)
+    yield 0, build_dataset(cfg, split, ctx.rank, ctx.size, manifest, training=False, with_ids=True)
     if split != "train":
         return
     for copy in range(1, cfg.search.augmented_copies + 1):
@@ -148,7 +149,11 @@ def _extract_rank(cfg: Config, manifest: Manifest, folder: str, ctx: dist.Contex
                     part += 1
 
                 with pipeline_errors():
-                    for images, labels, mask in ds:
+                    for batch in ds:
+                        images, labels, mask = batch[:3]
+                        if copy == 0:  # salted hashes only, as in predictions.npz
+                            buffers.setdefault("patient", []).append(
+                                np.array([p.decode("ascii") for p in batch[3].numpy()], dtype="<U32"))
                         out = extractor(images)
                         out = out if isinstance(out, (list, tuple)) else [out]  # one output: a bare tensor
                         feats = {"avg": out[0], "max": out[1]} if cfg.search.pooled_cache else {"maps": out[0]}
@@ -261,15 +266,21 @@ def _feature_shape(folder: str, files: list[dict]) -> list[int]:
 class SplitFeatures:
     # copy -> (n, ...) float32 features (for a pooled cache, keys "avg"/"max" per copy)
     features: dict
-    labels: np.ndarray  # (n, num_labels) float32
-    mask: np.ndarray    # (n, num_labels) float32
+    labels: np.ndarray    # (n, num_labels) float32
+    mask: np.ndarray      # (n, num_labels) float32
+    patients: np.ndarray  # (n,) salted patient hashes
+
+    def select(self, rows: np.ndarray) -> "SplitFeatures":
+        """These rows only (a subset of the split's images), every copy alike."""
+        return SplitFeatures({c: {k: v[rows] for k, v in f.items()} for c, f in self.features.items()},
+                             self.labels[rows], self.mask[rows], self.patients[rows])
 
 
 def load_split(folder: str, index: dict, split: str) -> SplitFeatures:
     """A split's cached features, copies in the same image order."""
     by_copy: dict[int, dict[str, list]] = {}
     files = sorted((f for f in index["files"] if f["split"] == split), key=lambda f: f["file"])
-    labels = mask = None
+    labels = mask = patients = None
     for copy in sorted({f["copy"] for f in files}):
         parts: dict[str, list] = {}
         for f in (f for f in files if f["copy"] == copy):
@@ -282,7 +293,8 @@ def load_split(folder: str, index: dict, split: str) -> SplitFeatures:
         arrays = {k: np.concatenate(v) for k, v in parts.items()}
         if copy == 0:
             labels, mask = arrays["labels"].astype(np.float32), arrays["mask"].astype(np.float32)
-        by_copy[copy] = {k: v.astype(np.float32) for k, v in arrays.items() if k not in ("labels", "mask")}
+            patients = arrays["patient"]
+        by_copy[copy] = {k: v.astype(np.float32) for k, v in arrays.items() if k not in ("labels", "mask", "patient")}
     if labels is None:
         raise RunFailure(f"the feature cache {folder} holds no {split} images; delete it to extract it again")
-    return SplitFeatures(by_copy, labels, mask)
+    return SplitFeatures(by_copy, labels, mask, patients)

@@ -10,8 +10,12 @@ the trials that reached that rung. The study lives in --storage (default a SQLit
 workdir; a database URL lets several workers share it). Re-running the same command resumes:
 finished trials are kept, an interrupted one is run again.
 
+With search.fractions (`--fractions 0.1,0.3,1.0`) the same budgeted search runs on nested,
+patient-level subsets of the train split (medtl.data.subsets; rows of the cached features, val fixed),
+one study per fraction, and medtl.search.transfer compares each fraction's ranking with the largest's.
+
 Workdir: study.db, best.yaml (a job config for `medtl train`), leaderboard.csv, search.html,
-search_summary.json.
+search_summary.json, and with fractions learning_curve.json.
 """
 from __future__ import annotations
 
@@ -198,10 +202,11 @@ def run_search(cfg: Config, space_path: str, budget: float, workdir: str, storag
 
 def _search(cfg, space, plan, workdir, storage_url, study_name, manifest, folder, index, extracted) -> dict:
     import optuna
-    from optuna.trial import TrialState
 
+    from medtl.data.subsets import select_subsets
     from medtl.search.cache import load_split
     from medtl.search.report import write_outputs
+    from medtl.search.transfer import FractionRun
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     train, val = load_split(folder, index, "train"), load_split(folder, index, "val")
@@ -210,20 +215,44 @@ def _search(cfg, space, plan, workdir, storage_url, study_name, manifest, folder
     if not defined:
         raise MedtlError("no label has both positives and negatives in the val split, so val AUROC is undefined; "
                          "ingest more studies")
+    fractions = cfg.search.fractions or (1.0,)
+    # Before any trial: a fraction without positives of a label stops here (the cache is kept for the re-run).
+    subsets = select_subsets(train.patients, train.labels, train.mask, fractions, cfg.seed, manifest.labels)
+    transfer = len(subsets) > 1 or fractions != (1.0,)
+    if transfer:
+        log("search: subset transfer over " + ", ".join(
+            f"{f:g} ({s.images} images of {s.patients} patients)" for f, s in subsets.items())
+            + f" of the train split (nested, by patient; val fixed at {len(val.labels)} images)")
+    runs = []
+    for fraction, subset in subsets.items():
+        part = train if subset.images == len(train.labels) else train.select(subset.rows)
+        name = study_name if fraction == 1.0 else f"{study_name}-f{fraction:g}"
+        tag = f" at fraction {fraction:g}" if transfer else ""
+        study = _run_study(cfg, space, plan, storage_url, name, manifest, part, val, index, subset, tag)
+        runs.append(FractionRun(fraction, subset, study))
+    curve = learning_curve(cfg, space, plan, runs, manifest, train, val, index) if len(runs) > 1 else None
+    return write_outputs(cfg, space, plan, runs, workdir, index, extracted, folder, curve)
+
+
+def _run_study(cfg, space, plan, storage_url, study_name, manifest, train, val, index, subset, tag: str):
+    """One budgeted successive-halving study on `train` (the whole split or a subset); returns it."""
+    import optuna
+    from optuna.trial import TrialState
+
     pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=cfg.search.min_epochs,
                                                      reduction_factor=cfg.search.reduction_factor)
     study = optuna.create_study(storage=open_storage(storage_url), study_name=study_name, direction="maximize",
                                 sampler=build_sampler(cfg, space), pruner=pruner, load_if_exists=True)
-    _check_same_search(study, cfg, space, plan)
+    _check_same_search(study, cfg, space, plan, subset)
     retried = recover_interrupted(study)
     done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
     if done:
         log(f"search: resuming study '{study_name}': {len(done)} finished trial(s) kept"
             + (f", {retried} interrupted trial(s) queued again" if retried else ""))
-    log(f"search: {space.size} heads in the space, budget {plan.budget_epochs / plan.full_epochs:g} full trainings "
-        f"({plan.budget_epochs:g} epochs of {plan.full_epochs}), rungs at {', '.join(map(str, plan.rungs))} epochs "
-        f"(keep 1/{cfg.search.reduction_factor}), up to {plan.trials} trials, sampler {cfg.search.sampler}")
-    objective = build_objective(cfg, space, plan, study, manifest, train, val, index)
+    log(f"search{tag}: {space.size} heads in the space, budget {plan.budget_epochs / plan.full_epochs:g} full "
+        f"trainings ({plan.budget_epochs:g} epochs of {plan.full_epochs}), rungs at {', '.join(map(str, plan.rungs))} "
+        f"epochs (keep 1/{cfg.search.reduction_factor}), up to {plan.trials} trials, sampler {cfg.search.sampler}")
+    objective = build_objective(cfg, space, plan, study, manifest, train, val, index, tag)
     ran = 0
     while True:
         trials = study.get_trials(deepcopy=False)
@@ -235,12 +264,40 @@ def _search(cfg, space, plan, workdir, storage_url, study_name, manifest, folder
             break
         study.optimize(objective, n_trials=1)
         ran += 1
-    log(f"search: {ran} trial(s) run by this worker; spent "
+    log(f"search{tag}: {ran} trial(s) run by this worker; spent "
         f"{_spent(study.get_trials(deepcopy=False)) / plan.full_epochs:.2f} of {plan.budget_epochs / plan.full_epochs:g} full trainings")
-    return write_outputs(cfg, space, plan, study, workdir, index, extracted, folder)
+    return study
 
 
-def build_objective(cfg: Config, space: SearchSpace, plan: Plan, study, manifest: Manifest, train, val, index: dict):
+def learning_curve(cfg, space, plan, runs, manifest, train, val, index):
+    """The largest fraction's best head, trained for the full schedule at every fraction (a trial's full-
+    schedule score where the fraction's search has one: heads are seeded by themselves, so it is the same)."""
+    from medtl.evaluate.curve import CurvePoint, LearningCurve
+    from medtl.search.report import best_trial
+    from medtl.search.trial import train_on_cache
+    from medtl.search.transfer import full_schedule_score
+
+    best, _ = best_trial(runs[-1].study, plan)
+    if best is None:
+        return None
+    head = space.head(best.params)
+    points = []
+    for run in runs:
+        score = full_schedule_score(run.study, head.key(), plan.full_epochs)
+        if score is None:
+            part = train if run.subset.images == len(train.labels) else train.select(run.subset.rows)
+            score = train_on_cache(cfg, head, manifest, part, val, index["feature_shape"], bool(index["meta"]["pooled"]),
+                                   plan.full_epochs, lambda epoch, auroc: True)[-1]
+        points.append(CurvePoint(run.fraction, run.subset.images, run.subset.patients, float(score)))
+        log(f"search: learning curve of {head.key()}: fraction {run.fraction:g} ({run.subset.images} train images) "
+            f"val macro AUROC {score:.4f}")
+    curve = LearningCurve(head.key(), plan.full_epochs, tuple(points))
+    log(f"search: learning curve {curve.verdict()}")
+    return curve
+
+
+def build_objective(cfg: Config, space: SearchSpace, plan: Plan, study, manifest: Manifest, train, val, index: dict,
+                    tag: str = ""):
     """The Optuna objective: train the trial's head on the cache epoch by epoch, report val AUROC,
     stop when pruned, at the full schedule, or when the study's budget is spent."""
     import optuna
@@ -268,7 +325,7 @@ def build_objective(cfg: Config, space: SearchSpace, plan: Plan, study, manifest
             trial.set_user_attr("seconds", time.monotonic() - start)
             faults.in_trial(trial.number, epoch)
             if epoch in plan.rungs:
-                log(f"trial {trial.number}: {head.key()}: rung {plan.rungs.index(epoch) + 1}/{len(plan.rungs)} "
+                log(f"trial {trial.number}{tag}: {head.key()}: rung {plan.rungs.index(epoch) + 1}/{len(plan.rungs)} "
                     f"({epoch} epoch(s)) val macro AUROC {auroc:.4f}; spent "
                     f"{spent_now() / plan.full_epochs:.2f}/{plan.budget_epochs / plan.full_epochs:g} full trainings")
             if epoch == plan.full_epochs:
@@ -292,13 +349,15 @@ def build_objective(cfg: Config, space: SearchSpace, plan: Plan, study, manifest
     return objective
 
 
-def _check_same_search(study, cfg: Config, space: SearchSpace, plan: Plan) -> None:
-    """A study continues only the search it was started with (same space, rungs, budget, cache)."""
-    fingerprint = json.dumps({"space": space.fingerprint(), "rungs": plan.rungs,
-                              "budget_epochs": plan.budget_epochs, "trials": plan.trials,
-                              "reduction_factor": cfg.search.reduction_factor, "sampler": cfg.search.sampler,
-                              "seed": cfg.seed, "backbone": cfg.model.backbone, "image_size": cfg.data.image_size},
-                             sort_keys=True)
+def _check_same_search(study, cfg: Config, space: SearchSpace, plan: Plan, subset) -> None:
+    """A study continues only the search it was started with (same space, rungs, budget, cache, subset)."""
+    search = {"space": space.fingerprint(), "rungs": plan.rungs,
+              "budget_epochs": plan.budget_epochs, "trials": plan.trials,
+              "reduction_factor": cfg.search.reduction_factor, "sampler": cfg.search.sampler,
+              "seed": cfg.seed, "backbone": cfg.model.backbone, "image_size": cfg.data.image_size}
+    if subset.fraction != 1.0:  # the whole split's study keeps the fingerprint searches had before subsets
+        search.update(fraction=subset.fraction, subset=subset.digest)
+    fingerprint = json.dumps(search, sort_keys=True)
     found = study.user_attrs.get("search")
     if found is None:
         study.set_user_attr("search", fingerprint)

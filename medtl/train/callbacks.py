@@ -14,7 +14,7 @@ import numpy as np
 from medtl import dist
 from medtl.errors import Terminated
 from medtl.models.backbones import batch_norm_statistics
-from medtl.models.metrics import mean_bce, summary_metrics
+from medtl.models.metrics import summary_metrics
 from medtl.models.predict import predict_split
 from medtl.tf import tf
 from medtl.train.rundir import RunDir, RunState
@@ -143,14 +143,23 @@ class StopOnSigterm(tf.keras.callbacks.Callback):
                           "The same command with the same --workdir resumes.")
 
 
+def masked_loss(loss_fn, labels: np.ndarray, logits: np.ndarray, mask: np.ndarray) -> float:
+    """The training loss function on a whole split, reduced as Keras reduces a training batch (the sum of
+    the masked per-label losses over all entries), so that val loss and train loss compare."""
+    value = loss_fn(tf.constant(labels, tf.float32), tf.constant(logits, tf.float32),
+                    sample_weight=tf.constant(mask, tf.float32))
+    return float(value)
+
+
 class EpochMetrics(tf.keras.callbacks.Callback):
     """Adds throughput, learning rate, the rank-averaged loss and exact validation metrics
-    (scikit-learn AUROC on the whole val split, gathered from all ranks) to the epoch logs,
-    identically on every rank."""
+    (scikit-learn AUROC on the whole val split, gathered from all ranks; val loss with the training
+    loss function) to the epoch logs, identically on every rank, and the macro AUROC of a fixed,
+    un-augmented sample of train.train_eval_images train images (train_auroc), to read overfitting."""
 
-    def __init__(self, cfg, manifest, ctx: dist.Context, images_per_epoch: int, guard: NonFiniteGuard):
+    def __init__(self, cfg, manifest, ctx: dist.Context, images_per_epoch: int, guard: NonFiniteGuard, loss_fn):
         super().__init__()
-        self.cfg, self.manifest, self.ctx, self.guard = cfg, manifest, ctx, guard
+        self.cfg, self.manifest, self.ctx, self.guard, self.loss_fn = cfg, manifest, ctx, guard, loss_fn
         self.images_per_epoch = images_per_epoch
         self.label_names = manifest.labels
         self._start = 0.0
@@ -173,13 +182,17 @@ class EpochMetrics(tf.keras.callbacks.Callback):
         dist.average_variables(self.ctx, batch_norm_statistics(self.model), "batch_norm_statistics")
         dist.reached(f"validation after epoch {epoch + 1}")
         faults.in_validation(self.ctx.rank, epoch)
-        out = predict_split(self.model, self.cfg, self.manifest, "val", self.ctx)
+        out = predict_split(self.model, self.cfg, self.manifest, "val", self.ctx, logits=True)
         summary = summary_metrics(out["labels"], out["probs"], self.label_names, out["mask"])
-        logs["val_loss"] = mean_bce(out["labels"], out["probs"], out["mask"])
+        logs["val_loss"] = masked_loss(self.loss_fn, out["labels"], out["logits"], out["mask"])
         macro = summary["macro"]["auroc"]
         logs["val_auroc"] = macro if macro is not None else math.nan
+        train_auroc, sampled = self._train_auroc(epoch)
         optimizer = self.model.optimizer
         self.extra = {
+            "train_auroc": train_auroc,
+            "train_eval_images": sampled,
+            "loss_name": self.cfg.train.loss.name,  # loss and val_loss are both this function
             "seconds": seconds,
             "images_per_second_per_rank": logs["images_per_second"] / self.ctx.size,
             "ranks": self.ctx.size,
@@ -188,6 +201,16 @@ class EpochMetrics(tf.keras.callbacks.Callback):
             "skipped_steps_total": int(self.model.nonfinite_total.numpy()),
             "loss_scale": float(optimizer.loss_scale) if hasattr(optimizer, "loss_scale") else None,
         }
+
+    def _train_auroc(self, epoch: int) -> tuple[float | None, int]:
+        """(macro AUROC, images) on the fixed train sample, predicted by all ranks like val; (None, 0) when off."""
+        images = self.cfg.train.train_eval_images
+        if not images:
+            return None, 0
+        dist.reached(f"train AUROC after epoch {epoch + 1}")
+        out = predict_split(self.model, self.cfg, self.manifest, "train", self.ctx, sample=images)
+        macro = summary_metrics(out["labels"], out["probs"], self.label_names, out["mask"])["macro"]["auroc"]
+        return macro, len(out["probs"])
 
 
 class PhaseTracker(tf.keras.callbacks.Callback):
@@ -247,33 +270,36 @@ class PhaseTracker(tf.keras.callbacks.Callback):
 
 
 class TensorBoardWriter(tf.keras.callbacks.Callback):
-    """Scalars per epoch (rank 0): loss, val AUROC (macro and per label), learning rate,
-    loss scale, images/s (global and per rank)."""
+    """Scalars per epoch (rank 0), in Keras' layout: train/ and validation/ folders holding the same tags
+    (epoch_loss, epoch_auroc), so TensorBoard draws the two curves on one chart. train/ also has the
+    learning rate, loss scale and images/s (global and per rank); validation/ the AUROC per label."""
 
-    def __init__(self, logdir: str, metrics: EpochMetrics, guard: NonFiniteGuard):
+    def __init__(self, run: RunDir, metrics: EpochMetrics, guard: NonFiniteGuard):
         super().__init__()
-        self.writer = tf.summary.create_file_writer(logdir)
+        self.train_writer = tf.summary.create_file_writer(run.tensorboard_folder("train"))
+        self.val_writer = tf.summary.create_file_writer(run.tensorboard_folder("validation"))
         self.metrics, self.guard = metrics, guard
 
     def on_epoch_end(self, epoch, logs=None):
         if self.guard.tripped:
             return
-        extra = self.metrics.extra
-        with self.writer.as_default(step=epoch):
-            for key in ("loss", "val_loss", "val_auroc", "lr", "images_per_second"):
-                if key in (logs or {}):
-                    tf.summary.scalar(key, float(logs[key]))
-            tf.summary.scalar("images_per_second_per_rank", extra.get("images_per_second_per_rank", 0.0))
-            if extra.get("loss_scale") is not None:
-                tf.summary.scalar("loss_scale", extra["loss_scale"])
-            for name, value in extra.get("val_auroc_per_label", {}).items():
-                if value is not None:
-                    tf.summary.scalar(f"val_auroc/{name}", value)
-        self.writer.flush()
+        logs, extra = logs or {}, self.metrics.extra
+        train = {"epoch_loss": logs.get("loss"), "epoch_auroc": extra.get("train_auroc"),
+                 "epoch_learning_rate": logs.get("lr"), "images_per_second": logs.get("images_per_second"),
+                 "images_per_second_per_rank": extra.get("images_per_second_per_rank"),
+                 "loss_scale": extra.get("loss_scale")}
+        val = {"epoch_loss": logs.get("val_loss"), "epoch_auroc": logs.get("val_auroc"),
+               **{f"epoch_auroc/{k}": v for k, v in extra.get("val_auroc_per_label", {}).items()}}
+        for writer, values in ((self.train_writer, train), (self.val_writer, val)):
+            with writer.as_default(step=epoch):
+                for tag, value in values.items():
+                    if value is not None and math.isfinite(float(value)):
+                        tf.summary.scalar(tag, float(value))
+            writer.flush()
 
 
 def _clean(value):
-    if value is None or isinstance(value, bool):
+    if value is None or isinstance(value, (bool, str)):
         return value
     if isinstance(value, (int, np.integer)):  # counts (ranks, skipped steps) stay integers
         return int(value)

@@ -38,9 +38,12 @@ def _steps_per_epoch(manifest: Manifest, cfg: Config, ctx: dist.Context) -> int:
     global_batch_size = cfg.train.batch_size * ctx.size
     steps = records // global_batch_size
     if steps < 1:
+        fraction = cfg.data.train_fraction
+        what = (f"data.train_fraction={fraction:g} keeps {records} train records" if fraction < 1
+                else f"the train split has {records} records")
         raise MedtlError(
-            f"the train split has {records} records, fewer than one global batch of {global_batch_size} "
-            f"({cfg.train.batch_size} x {ctx.size} ranks); lower train.batch_size or ingest more studies"
+            f"{what}, fewer than one global batch of {global_batch_size} ({cfg.train.batch_size} x {ctx.size} "
+            f"ranks); lower train.batch_size or {'raise data.train_fraction' if fraction < 1 else 'ingest more studies'}"
         )
     return steps
 
@@ -225,14 +228,14 @@ def _run_phases(ctx, cfg, run: RunDir, manifest, state, model, loss, steps, sign
             f"{phase.optimizer} lr {learning_rate:g}, {len(trainable)} base layers trainable ({params:,} trainable "
             f"parameters with the head), BatchNorm {'training' if phase.train_batch_norm else 'frozen'}")
         guard = cb.NonFiniteGuard(cfg.train.nonfinite_patience)
-        metrics = cb.EpochMetrics(cfg, manifest, ctx, steps * global_batch_size, guard)
+        metrics = cb.EpochMetrics(cfg, manifest, ctx, steps * global_batch_size, guard, loss)
         tracker = cb.PhaseTracker(ctx, run, phase, index, phase_start, state, metrics, guard,
                                   cfg.train.keep_checkpoints)
         callbacks = [cb.Heartbeat(watchdog, steps), guard, metrics, tracker]
         if faults.active("kill") or faults.active("stall"):
             callbacks.insert(0, cb.FaultHooks(ctx.rank, steps))
         if ctx.primary:
-            callbacks.append(cb.TensorBoardWriter(run.tensorboard, metrics, guard))
+            callbacks.append(cb.TensorBoardWriter(run, metrics, guard))
         callbacks.append(cb.StopOnSigterm(sigterm, state, phase.name, steps))  # last: after an epoch's commit
         train_ds = build_dataset(cfg, "train", ctx.rank, ctx.size, manifest, first_epoch=first_epoch)
         train_ds = faults.corrupt_inputs(train_ds, ctx.rank, first_epoch * steps)

@@ -7,7 +7,7 @@ RUN/
   train_summary.json           what the last `medtl train` returned
   thresholds.json              operating thresholds, tuned by `medtl evaluate` / `medtl export`
   base.weights.h5 (+ .json)    the pretrained base and its sidecar (`medtl pretrain`; medtl.models.basefile)
-  tensorboard/                 scalars per epoch
+  tensorboard/{train,validation}/  scalars per epoch, Keras' layout (same tags in both, so curves overlay)
   checkpoints/
     epoch-NNNN.weights.h5      model + optimizer state after global epoch NNNN (the last K kept)
     phase<i>-<name>.weights.h5 best weights of phase i (by val macro AUROC)
@@ -94,6 +94,31 @@ class Thresholds:
         return cls(**{k: v for k, v in raw.items() if k in known})
 
 
+@dataclass(frozen=True)
+class EpochPoint:
+    """What the overfitting analysis reads of one history.jsonl row (None where a row lacks it:
+    runs trained before medtl logged train AUROC and the training loss on val)."""
+
+    phase: str
+    epoch: int                     # global, from 0
+    loss: float | None             # the training loss, averaged over the epoch's steps
+    val_loss: float | None
+    train_auroc: float | None      # macro, on the fixed train sample (train.train_eval_images)
+    val_auroc: float | None
+    loss_name: str | None          # the loss both losses are, or None: val_loss was plain BCE then
+
+
+def epoch_points(rows: list[dict] | None) -> tuple[EpochPoint, ...]:
+    """history.jsonl rows (RunDir.read_history, or an export's copy) as EpochPoints, in order."""
+    def number(row, key):
+        value = row.get(key)
+        return None if value is None else float(value)
+
+    return tuple(EpochPoint(str(r.get("phase", "")), int(r.get("epoch", i)), number(r, "loss"), number(r, "val_loss"),
+                            number(r, "train_auroc"), number(r, "val_auroc"), r.get("loss_name"))
+                 for i, r in enumerate(rows or ()))
+
+
 def phase_weights_name(index: int, name: str) -> str:
     return f"phase{index}-{name}{_WEIGHTS_SUFFIX}"
 
@@ -156,6 +181,11 @@ class RunDir:
     @property
     def tensorboard(self) -> str:
         return self._file(self.TENSORBOARD)
+
+    def tensorboard_folder(self, kind: str) -> str:
+        """tensorboard/train or tensorboard/validation: TensorBoard overlays a tag found in both."""
+        assert kind in ("train", "validation"), kind
+        return self._file(self.TENSORBOARD, kind)
 
     # ------------------------------------------------------------------ config
 
