@@ -3,8 +3,9 @@
   temperature  p' = sigmoid(logit(p) / T); T minimises the val NLL (scipy: a bounded 1-D search on log T)
   platt        p' = sigmoid(a * logit(p) + b): scikit-learn's LogisticRegression on the logit, unpenalised,
                with Platt's targets ((N+ + 1) / (N+ + 2) and 1 / (N- + 2)), so that a val split the model
-               separates does not send a to infinity; a <= 0 (the model does not rank the label on val)
-               leaves the label as it is
+               separates does not send a to infinity. When the best a is below MIN_SLOPE (the model does not
+               rank the label on val), a is held there and b refitted: nearly the val base rate, still
+               strictly increasing, so the ranking (and AUROC) is kept
   isotonic     scikit-learn's IsotonicRegression on p: the fitted points, linear between them, constant
                outside them
 Order: the calibration is fitted on the val predictions first, then the thresholds are tuned on the
@@ -30,6 +31,7 @@ METHODS = ("none", "temperature", "platt", "isotonic")
 # float32's small probabilities apart (a sigmoid of -27 is still 1.9e-12).
 LOW, HIGH = 1e-12, 1.0 - 2.0 ** -24
 LOG_T_BOUNDS = (-5.0, 5.0)  # T in [0.0067, 148]
+MIN_SLOPE = 1e-3
 
 
 def check_calibration_split(method: str, manifest: Manifest, records: str) -> None:
@@ -50,36 +52,43 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * z))  # no overflow for large |z|
 
 
-def fit_temperature(y: np.ndarray, p: np.ndarray) -> dict:
+def _soft_nll(targets: np.ndarray, z: np.ndarray) -> float:
+    """Mean cross-entropy of sigmoid(z) against (soft) targets in [0, 1], stably."""
+    return float(np.mean(targets * np.logaddexp(0.0, -z) + (1 - targets) * np.logaddexp(0.0, z)))
+
+
+def fit_temperature(y: np.ndarray, p: np.ndarray) -> tuple[dict, str]:
     from scipy.optimize import minimize_scalar
 
-    z, sign = logit(p), 2.0 * y - 1.0
-
-    def nll(log_t):  # mean -log sigmoid(+-z / T), stably
-        return float(np.mean(np.logaddexp(0.0, -sign * z / np.exp(log_t))))
-
-    best = minimize_scalar(nll, bounds=LOG_T_BOUNDS, method="bounded")
-    return {"temperature": float(np.exp(best.x))}
+    z = logit(p)
+    best = minimize_scalar(lambda log_t: _soft_nll(y, z / np.exp(log_t)), bounds=LOG_T_BOUNDS, method="bounded")
+    return {"temperature": float(np.exp(best.x))}, ""
 
 
-def fit_platt(y: np.ndarray, p: np.ndarray) -> dict:
+def fit_platt(y: np.ndarray, p: np.ndarray) -> tuple[dict, str]:
+    from scipy.optimize import minimize_scalar
     from sklearn.linear_model import LogisticRegression
 
-    z = logit(p)[:, None]
+    z = logit(p)
     positives, negatives = float(np.sum(y)), float(len(y) - np.sum(y))
     target = np.where(y > 0, (positives + 1) / (positives + 2), 1 / (negatives + 2))
     # Soft targets as two weighted copies of each example: one positive, one negative.
-    model = LogisticRegression(C=np.inf).fit(np.vstack([z, z]), np.r_[np.ones(len(y)), np.zeros(len(y))],
+    model = LogisticRegression(C=np.inf).fit(np.r_[z, z][:, None], np.r_[np.ones(len(y)), np.zeros(len(y))],
                                              sample_weight=np.r_[target, 1 - target])
-    return {"slope": float(model.coef_[0, 0]), "intercept": float(model.intercept_[0])}
+    slope, intercept = float(model.coef_[0, 0]), float(model.intercept_[0])
+    if slope >= MIN_SLOPE:
+        return {"slope": slope, "intercept": intercept}, ""
+    best = minimize_scalar(lambda b: _soft_nll(target, MIN_SLOPE * z + b), bounds=(-30.0, 30.0), method="bounded")
+    return ({"slope": MIN_SLOPE, "intercept": float(best.x)},
+            f"Platt slope {slope:.3g} < {MIN_SLOPE:g} (no ranking on val): held at {MIN_SLOPE:g}, intercept refitted")
 
 
-def fit_isotonic(y: np.ndarray, p: np.ndarray) -> dict:
+def fit_isotonic(y: np.ndarray, p: np.ndarray) -> tuple[dict, str]:
     from sklearn.isotonic import IsotonicRegression
 
     model = IsotonicRegression(y_min=0.0, y_max=1.0, increasing=True, out_of_bounds="clip")
     model.fit(np.asarray(p, np.float64), y.astype(np.float64))
-    return {"x": [float(v) for v in model.X_thresholds_], "y": [float(v) for v in model.y_thresholds_]}
+    return {"x": [float(v) for v in model.X_thresholds_], "y": [float(v) for v in model.y_thresholds_]}, ""
 
 
 FITS = {"temperature": fit_temperature, "platt": fit_platt, "isotonic": fit_isotonic}
@@ -108,10 +117,7 @@ def _fit_label(method: str, y: np.ndarray, p: np.ndarray) -> tuple[dict, str]:
     reason = undefined_reason(y)
     if reason:
         return {}, f"not calibrated ({reason.removeprefix('n/a: ')} in val)"
-    params = FITS[method](y, p)
-    if method == "platt" and params["slope"] <= 0:
-        return {}, f"not calibrated (Platt slope {params['slope']:.3g} <= 0: no ranking on val)"
-    return params, ""
+    return FITS[method](y, p)
 
 
 def fit_calibration(method: str, y: np.ndarray, probs: np.ndarray, mask: np.ndarray | None, label_names,

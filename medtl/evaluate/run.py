@@ -245,7 +245,8 @@ def evaluate(source: Source, split: str, out: str, ctx: dist.Context) -> dict:
     """Predict `split` on every rank; rank 0 scores it and writes the report folder."""
     check_split(source.manifest, split, source.cfg.data.records)
     if split == TUNING_SPLIT:
-        log(f"warning: the thresholds were tuned on {split}; metrics at the threshold are optimistic here")
+        fitted = "thresholds and calibration were" if source.calibration is not None else "thresholds were"
+        log(f"warning: the {fitted} tuned on {split}; metrics at the threshold are optimistic here")
     log(f"evaluate: predicting split {split!r} on {ctx.size} rank(s)")
     preds = predict_split(source.model, source.cfg, source.manifest, split, ctx, tta=source.tta, with_ids=True)
     if not ctx.primary:

@@ -97,8 +97,13 @@ class Thresholds:
 
     @classmethod
     def from_dict(cls, raw: dict) -> "Thresholds":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in raw.items() if k in known})
+        return _from_known(cls, raw)
+
+
+def _from_known(cls, raw: dict):
+    """A dataclass from a JSON object, ignoring keys it does not have (written by a newer medtl)."""
+    known = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in raw.items() if k in known})
 
 
 @dataclass(frozen=True)
@@ -123,14 +128,11 @@ class Calibration:
         return self.labels[name]["params"]
 
     def to_dict(self) -> dict:
-        return {"method": self.method, "tta": self.tta, "fitted_on": self.fitted_on,
-                "val_records": self.val_records, "checkpoint_sha256": self.checkpoint_sha256,
-                "medtl_version": self.medtl_version, "labels": self.labels}
+        return asdict(self)
 
     @classmethod
     def from_dict(cls, raw: dict) -> "Calibration":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in raw.items() if k in known})
+        return _from_known(cls, raw)
 
 
 @dataclass(frozen=True)
@@ -319,31 +321,26 @@ class RunDir:
         if self.primary:
             fs.write_text_atomic(self._file(self.SUMMARY), json.dumps(summary, indent=2))
 
-    def read_thresholds(self) -> Thresholds | None:
-        """The saved thresholds, or None when there are none (or they cannot be read: tune again)."""
-        path = self._file(self.THRESHOLDS)
+    def _read_tuned(self, name: str, cls):
+        """A saved Thresholds or Calibration, or None when there is none (or it cannot be read: tune again)."""
+        path = self._file(name)
         if not os.path.isfile(path):
             return None
         try:
             with open(path, encoding="utf-8") as fh:
-                return Thresholds.from_dict(json.load(fh))
+                return cls.from_dict(json.load(fh))
         except (json.JSONDecodeError, TypeError, AttributeError):
             return None
+
+    def read_thresholds(self) -> Thresholds | None:
+        return self._read_tuned(self.THRESHOLDS, Thresholds)
 
     def write_thresholds(self, thresholds: Thresholds) -> None:
         if self.primary:
             fs.write_text_atomic(self._file(self.THRESHOLDS), json.dumps(thresholds.to_dict(), indent=2))
 
     def read_calibration(self) -> Calibration | None:
-        """The saved calibration, or None when there is none (or it cannot be read: fit again)."""
-        path = self._file(self.CALIBRATION)
-        if not os.path.isfile(path):
-            return None
-        try:
-            with open(path, encoding="utf-8") as fh:
-                return Calibration.from_dict(json.load(fh))
-        except (json.JSONDecodeError, TypeError, AttributeError):
-            return None
+        return self._read_tuned(self.CALIBRATION, Calibration)
 
     def write_calibration(self, calibration: Calibration | None) -> None:
         """Save the calibration; None (evaluate.calibration: none) removes a stale one."""
@@ -368,7 +365,7 @@ class RunDir:
             return []
         try:
             with open(path, encoding="utf-8") as fh:
-                return [RunOutput(**row) for row in json.load(fh)]
+                return [_from_known(RunOutput, row) for row in json.load(fh)]
         except (json.JSONDecodeError, TypeError):
             return []  # a damaged list only costs the index its links; the next write starts it again
 
