@@ -4,7 +4,7 @@ typed result. The `medtl` command is a thin layer over it; docs/api.md walks thr
     from medtl import api
     records = api.ingest(api.IngestOptions(images="studies/images", labels="studies/labels.csv", out="records"))
     run = api.train("jobs/smoke.yaml", "runs/smoke", overrides=[f"data.records={records.records}"])
-    report = api.evaluate(run.workdir, out="reports/smoke")
+    report = api.evaluate(run.workdir)  # into runs/smoke/reports/test
 
 Importing this module loads neither TensorFlow nor Horovod; a stage loads what it needs when called.
 Under horovodrun, `train`, `search`, `evaluate` and `export` run on every rank; the ranks other than
@@ -109,6 +109,7 @@ class EvaluateResult:
 @dataclass(frozen=True)
 class ExportResult:
     out: str  # the SavedModel folder
+    model_card: str  # its MODEL_CARD.md (MODEL_CARD.json beside it)
     label_names: tuple[str, ...]
     thresholds: dict[str, float]  # label -> operating threshold (tuned on val)
     threshold_policy: str
@@ -283,28 +284,32 @@ def search(config: ConfigLike, space: str, budget: float, workdir: str, override
                         fractions=tuple(summary.get("fractions", ())), learning_curve=summary.get("learning_curve_file"))
 
 
-def evaluate(workdir: str | None = None, *, out: str, model: str | None = None, records: str | None = None,
-             split: str = "test", overrides: typing.Sequence[str] = ()) -> EvaluateResult | None:
+def evaluate(workdir: str | None = None, *, out: str | None = None, model: str | None = None,
+             records: str | None = None, split: str = "test", overrides: typing.Sequence[str] = ()) -> EvaluateResult | None:
     """Evaluate a run's best checkpoint (`workdir`), or an exported model (`model`) on a records folder
-    (`records`), on one split; writes the report folder `out`. None on ranks other than 0."""
+    (`records`), on one split; writes the report folder `out` (for a run, by default RUN/reports/SPLIT).
+    None on ranks other than 0."""
     if (workdir is None) == (model is None):
         raise MedtlError("evaluate needs either a run folder (workdir) or an exported model (model), not both")
     if workdir is not None:
         if records is not None:
             raise MedtlError("records goes with model (an export); a run folder (workdir) evaluates its own records")
-        from medtl.data.manifest import check_split
-        from medtl.train.rundir import read_run
+        from medtl.evaluate.checks import read_run_inputs
+        from medtl.train.rundir import RunDir
 
-        cfg, manifest, _ = read_run(workdir)  # before TensorFlow loads: a wrong folder or split fails in a second
-        check_split(manifest, split, cfg.data.records)
-    from medtl.evaluate.run import evaluate_run
-    from medtl.serve.evaluate import evaluate_export
+        read_run_inputs(workdir, list(overrides), split)  # before TensorFlow loads
+        out = out or RunDir(workdir).report_dir(split)
+        from medtl.evaluate.run import evaluate_run
 
-    if workdir is not None:
         report = evaluate_run(workdir, split, out, list(overrides))
     else:
         if records is None:
             raise MedtlError("model needs records: the records folder (from ingest) to evaluate it on")
+        if out is None:
+            raise MedtlError("evaluating an exported model needs out (--out REPORT): only a run folder has a "
+                             "default report folder (RUN/reports/SPLIT)")
+        from medtl.serve.evaluate import evaluate_export
+
         report = evaluate_export(model, records, split, out, list(overrides))
     if not report:
         return None
@@ -318,18 +323,22 @@ def evaluate(workdir: str | None = None, *, out: str, model: str | None = None, 
                           metrics=report)
 
 
-def export(workdir: str, out: str, overrides: typing.Sequence[str] = ()) -> ExportResult:
-    """Export a run's best checkpoint as a SavedModel with preprocessing, labels and val-tuned thresholds."""
-    from medtl.train.rundir import read_run
+def export(workdir: str, out: str, overrides: typing.Sequence[str] = (), intended_use: str | None = None,
+           limitations: typing.Sequence[str] = ()) -> ExportResult:
+    """Export a run's best checkpoint as a SavedModel with preprocessing, labels, calibration and val-tuned
+    thresholds, and its model card (intended use: `intended_use`, else a research-only disclaimer;
+    `limitations` are added to the limits the run shows)."""
+    from medtl.evaluate.checks import read_run_inputs
 
-    read_run(workdir)  # before TensorFlow loads: a folder that is not a trained run fails in a second
+    read_run_inputs(workdir, list(overrides), None)  # before TensorFlow loads
+    from medtl.serve.card import CARD_MD
     from medtl.serve.export import export_run
 
-    meta = export_run(workdir, out, list(overrides))
+    meta = export_run(workdir, out, list(overrides), intended_use, tuple(limitations))
     names = tuple(meta.label_names)
-    return ExportResult(out=out, label_names=names, thresholds=dict(zip(names, meta.threshold_values)),
-                        threshold_policy=meta.thresholds.policy, tta=meta.tta, backbone=meta.backbone,
-                        image_size=meta.image_size)
+    return ExportResult(out=out, model_card=os.path.join(out, CARD_MD), label_names=names,
+                        thresholds=dict(zip(names, meta.threshold_values)), threshold_policy=meta.thresholds.policy,
+                        tta=meta.tta, backbone=meta.backbone, image_size=meta.image_size)
 
 
 def predict(model: str, images: str, out: str, batch_size: int = 32, ids_only: bool = False,

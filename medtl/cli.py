@@ -21,6 +21,7 @@ def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 def _add_ingest_args(p: argparse.ArgumentParser) -> None:
     from medtl.data import decode, tables
+    from medtl.data.fields import SAFE_FIELDS
 
     p.add_argument("--images", required=True,
                    help="folder holding the image files named in the table (for medmnist: the .npz file)")
@@ -59,7 +60,11 @@ def _add_ingest_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split-file", default=None,
                    help="CSV with 'split' and 'patient' (or 'file') columns: use these splits instead of stratifying")
     p.add_argument("--keep-fields", default="",
-                   help=f"comma-separated safe acquisition fields to store: {', '.join(decode.SAFE_FIELDS)}")
+                   help=f"comma-separated non-identifying fields to store, for subgroup reports: {', '.join(SAFE_FIELDS)} "
+                        "(age_band: a band, never an age or a date; site: a salted id unless --site)")
+    p.add_argument("--site", default=None, metavar="LABEL",
+                   help="a neutral label (e.g. site-a) stored as every study's site field (implies keeping site); "
+                        "without it, site is a salted id of the DICOM InstitutionName")
     p.add_argument("--val-fraction", type=float, default=0.1, help="fraction of patients for val (default 0.1)")
     p.add_argument("--test-fraction", type=float, default=0.2, help="fraction of patients for test (default 0.2)")
     p.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
@@ -161,10 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--model", help="SavedModel folder written by `medtl export` (needs --records)")
     p.add_argument("--records", help="records folder to evaluate an exported model on (with --model)")
     p.add_argument("--split", default="test", help="split to evaluate (default test)")
-    p.add_argument("--out", required=True,
-                   help="report folder (report.html, metrics.json, per_label.csv, predictions.npz)")
+    p.add_argument("--out", default=None,
+                   help="report folder (report.html, metrics.json, per_label.csv, predictions.npz); default "
+                        "RUN/reports/SPLIT with --workdir, required with --model")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override an evaluate.* setting, e.g. --set evaluate.tta=flip (repeatable)")
+                   help="override an evaluate.* setting, e.g. --set evaluate.calibration=temperature, "
+                        "--set evaluate.subgroups=[sex,age_band] (repeatable)")
 
     p = sub.add_parser("compare", help="per-label AUROC of several reports side by side, paired bootstrap",
                        description="Compare evaluation reports of the same split (e.g. two heads, phases "
@@ -179,11 +186,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="a TensorFlow SavedModel with preprocessing, labels and thresholds",
                        description="Export a run's best checkpoint as a SavedModel whose signatures take "
                                    "encoded PNG/JPEG bytes or float images and return per-label "
-                                   "probabilities and decisions at the val-tuned thresholds.")
+                                   "(calibrated, with evaluate.calibration) probabilities and decisions at the "
+                                   "val-tuned thresholds, with MODEL_CARD.md and MODEL_CARD.json beside it.")
     p.add_argument("--workdir", required=True, help="run folder written by `medtl train`")
     p.add_argument("--out", required=True, help="SavedModel folder to write (must not exist or be empty)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override an evaluate.* setting (threshold policy, tta), e.g. --set evaluate.tta=flip")
+                   help="override an evaluate.* setting (calibration, threshold policy, tta), e.g. "
+                        "--set evaluate.calibration=platt")
+    p.add_argument("--intended-use", default=None, metavar="TEXT",
+                   help="the model card's intended use (default: research use only, not a medical device)")
+    p.add_argument("--limitation", dest="limitations", action="append", default=[], metavar="TEXT",
+                   help="a known limit for the model card, beside those medtl finds (repeatable)")
 
     p = sub.add_parser("predict", help="batch inference of an exported model on DICOM/PNG/JPEG files",
                        description="Predict new studies with a `medtl export` SavedModel, through the same "
@@ -344,7 +357,7 @@ def _ingest_options(args) -> api.IngestOptions:
         label_names=names(args.label_names) or None, uncertain=args.uncertain, blank=args.blank,
         image_column=args.image_column, patient_column=args.patient_column, split_file=args.split_file,
         keep_fields=names(args.keep_fields), private_map=args.private_map, allow_burned_in=args.allow_burned_in,
-        unlabeled=args.unlabeled, patients=args.patients)
+        unlabeled=args.unlabeled, patients=args.patients, site=args.site)
 
 
 def cmd_ingest(args) -> int:
@@ -395,6 +408,9 @@ def cmd_evaluate(args) -> int:
         raise MedtlError("--records goes with --model; a run folder (--workdir) evaluates its own records")
     if args.model and not args.records:
         raise MedtlError("--model needs --records: the records folder (from `medtl ingest`) to evaluate it on")
+    if args.model and not args.out:
+        raise MedtlError("--model needs --out REPORT: only a run folder (--workdir) has a default report folder "
+                         "(RUN/reports/SPLIT)")
     api.evaluate(args.workdir, out=args.out, model=args.model, records=args.records, split=args.split,
                  overrides=args.overrides)
     return 0
@@ -408,7 +424,7 @@ def cmd_compare(args) -> int:
 
 
 def cmd_export(args) -> int:
-    api.export(args.workdir, args.out, args.overrides)
+    api.export(args.workdir, args.out, args.overrides, args.intended_use, args.limitations)
     return 0
 
 

@@ -18,6 +18,7 @@ from typing import Any, Literal
 import yaml
 
 from medtl import jobfiles
+from medtl.data.fields import SAFE_FIELDS
 from medtl.data.policy import check_policy
 from medtl.data.subsets import fractions_problem
 from medtl.errors import ConfigError
@@ -547,9 +548,21 @@ class EvaluateConfig:
     overfit_gap: float = 0.1
     # A learning_curve.json of `medtl search --fractions` (best.yaml sets it): the overfitting advice says from it whether more data would help; '' for none.
     learning_curve: str = ""
+    # Per-label calibration fitted on val before the thresholds are tuned: none, temperature (logit / T), platt (logistic on the logit) or isotonic (non-decreasing, piecewise linear). Used in the report, the export and `medtl predict`.
+    calibration: Literal["none", "temperature", "platt", "isotonic"] = "none"
+    # Fields kept at ingest (--keep-fields) to report AUROC and AUPRC by subgroup, e.g. [sex, age_band, site].
+    subgroups: tuple[str, ...] = ()
+    # Subgroups with fewer patients are merged into "other", and "other" is suppressed when it is still smaller (fewer would give intervals too wide to flag anything, and small cells can single out patients).
+    subgroup_min_patients: int = 30
 
     def check(self) -> list[tuple[str, str]]:
         problems = []
+        unknown = [f for f in self.subgroups if f not in SAFE_FIELDS]
+        if unknown:
+            problems.append(("subgroups", f"names unknown field(s) {', '.join(map(repr, unknown))}; fields are: "
+                                          f"{', '.join(SAFE_FIELDS)}"))
+        if self.subgroup_min_patients < 1:
+            problems.append(("subgroup_min_patients", f"must be >= 1, got {self.subgroup_min_patients}"))
         if self.overfit_patience < 1:
             problems.append(("overfit_patience", f"must be >= 1, got {self.overfit_patience}"))
         if not 0.0 < self.overfit_gap < 1.0:

@@ -125,15 +125,25 @@ def studies(tmp_path_factory) -> str:
     return out
 
 
+# The fields the shared records keep (for subgroup reports); their values come from labels.csv.
+KEPT_FIELDS = ("sex", "age_band", "view_position")
+
+
 @pytest.fixture(scope="session")
 def records(studies, tmp_path_factory) -> str:
-    """Those studies ingested at 64 px, in several shards per split."""
+    """Those studies ingested at 64 px, in several shards per split, keeping KEPT_FIELDS."""
     from medtl.data.ingest import IngestOptions, ingest
 
     out = str(tmp_path_factory.mktemp("records"))
     ingest(IngestOptions(images=os.path.join(studies, "images"), labels=os.path.join(studies, "labels.csv"),
-                         out=out, image_size=64, bit_depth=16, shard_mb=0.1, progress=False))
+                         out=out, image_size=64, bit_depth=16, shard_mb=0.1, progress=False,
+                         keep_fields=KEPT_FIELDS))
     return out
+
+
+def age_band_by_hand(age: int) -> str:
+    """The age bands of medtl.data.fields, written out again for tests."""
+    return "0-17" if age < 18 else "18-39" if age < 40 else "40-59" if age < 60 else "60-79" if age < 80 else "80+"
 
 
 # The reliability suite's summary table. Each check records its row in its test report's

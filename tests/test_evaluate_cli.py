@@ -16,12 +16,17 @@ import pytest
 from medtl.data.manifest import read_manifest
 from medtl.train.rundir import RunDir
 
-from conftest import JOBS, assert_user_error, run_cli
+from conftest import JOBS, age_band_by_hand, assert_user_error, run_cli
 
 pytestmark = pytest.mark.slow
 
 HOROVODRUN = os.path.join(os.path.dirname(sys.executable), "horovodrun")
-SECTIONS = ("summary", "provenance", "auroc", "prevalence", "roc", "pr", "calibration", "training", "overfitting")
+SECTIONS = ("summary", "provenance", "auroc", "prevalence", "roc", "pr", "calibration", "subgroups", "training",
+            "overfitting")
+FIGURES = 6  # sections with a plot: auroc, prevalence, roc, pr, calibration, training
+# The clinical report: Platt calibration, subgroups by the records' kept fields, groups under 9 patients merged.
+CLINICAL = ("evaluate.calibration=platt", "evaluate.subgroups=[sex,age_band]", "evaluate.subgroup_min_patients=9",
+            "evaluate.bootstrap=200")
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +57,61 @@ def exported(run, report, tmp_path_factory):
     r = run_cli("export", "--workdir", run, "--out", out)
     assert r.returncode == 0, r.stderr
     assert "tuning thresholds" not in r.stderr  # evaluate saved them; export reuses them
+    return out
+
+
+def _sets(*assignments):
+    return [a for s in assignments for a in ("--set", s)]
+
+
+@pytest.fixture(scope="module")
+def overconfident(run, records, studies, tmp_path_factory):
+    """A copy of the run whose logits, per label, are centred on the train prevalence's logit and spread to a
+    standard deviation of 5 on val: a deliberately over-confident model that still ranks as the run does. Its
+    records are the same studies split again with half the patients in val (18 val images fit nothing well)."""
+    from medtl.data.ingest import IngestOptions, ingest
+    from medtl.data.pipeline import build_dataset
+    from medtl.train.rundir import load_run
+
+    from conftest import KEPT_FIELDS
+
+    root = tmp_path_factory.mktemp("overconfident")
+    ingest(IngestOptions(images=os.path.join(studies, "images"), labels=os.path.join(studies, "labels.csv"),
+                         out=str(root / "records"), image_size=64, val_fraction=0.5, test_fraction=0.3,
+                         keep_fields=KEPT_FIELDS, progress=False))
+    workdir = root / "run"
+    shutil.copytree(run, workdir, ignore=shutil.ignore_patterns("reports", "outputs.json", "index.html",
+                                                                "thresholds.json", "calibration.json"))
+    config = workdir / "config.yaml"
+    config.write_text(config.read_text().replace(f"records: {records}", f"records: {root / 'records'}"))
+    cfg, manifest, model = load_run(str(workdir))
+    images, _, _ = next(iter(build_dataset(cfg, "val", manifest=manifest, training=False)))
+    logits = model(images, training=False).numpy()  # (batch, L)
+    prevalence = np.clip([manifest.splits["train"].prevalence[n] or 0 for n in manifest.labels], 0.02, 0.5)
+    scale = 5.0 / logits.std(axis=0)
+    layer = model.get_layer("logits")
+    kernel, bias = layer.get_weights()  # logits = h @ kernel + bias -> scale * (logits - mean) + logit(prevalence)
+    layer.set_weights([kernel * scale, scale * (bias - logits.mean(axis=0)) + np.log(prevalence / (1 - prevalence))])
+    model.save_weights(str(workdir / "checkpoints" / "best.weights.h5"))
+    return str(workdir)
+
+
+@pytest.fixture(scope="module")
+def clinical_report(overconfident):
+    """The over-confident run evaluated with CLINICAL's settings, into its default folder RUN/reports/test."""
+    r = run_cli("evaluate", "--workdir", overconfident, *_sets(*CLINICAL))
+    assert r.returncode == 0, r.stderr
+    assert "platt calibration fitted on val" in r.stderr and "on platt-calibrated probabilities" in r.stderr
+    return os.path.join(overconfident, "reports", "test")
+
+
+@pytest.fixture(scope="module")
+def clinical_export(overconfident, clinical_report, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("clinical-export") / "model")
+    r = run_cli("export", "--workdir", overconfident, "--out", out, *_sets(*CLINICAL),
+                "--intended-use", "Testing medtl only.", "--limitation", "Synthetic studies only.")
+    assert r.returncode == 0, r.stderr
+    assert "tuning thresholds" not in r.stderr and "calibration fitted" not in r.stderr  # evaluate's are reused
     return out
 
 
@@ -104,7 +164,7 @@ def test_report_has_every_section_and_consistent_numbers(report, run, records, s
     page = open(os.path.join(report, "report.html")).read()
     positions = [page.index(f'<section id="{s}">') for s in SECTIONS]
     assert positions == sorted(positions)  # summary and provenance first
-    assert page.count("data:image/png;base64,") == len(SECTIONS) - 3  # one figure per plot section
+    assert page.count("data:image/png;base64,") == FIGURES  # one figure per plot section
     for text in ("macro average", "micro average", "data manifest sha256", "medtl version", "checkpoints/best",
                  "resolved config", "youden", "val"):
         assert text in page, text
@@ -247,15 +307,169 @@ def test_evaluate_an_exported_model_on_records(exported, report, records, tmp_pa
     assert "training" in open(tmp_path / "rep" / "report.html").read()
 
 
-def test_report_renders_in_headless_chromium(report, tmp_path):
-    """The page loads without errors, every plot decodes, and the screenshot shows the plots."""
+def _ece(y, p, bins=10):
+    """Expected calibration error written out again: bins (k/B, (k+1)/B], the first one closed at 0."""
+    which = np.clip(np.ceil(np.asarray(p, np.float64) * bins).astype(int) - 1, 0, bins - 1)
+    return sum(abs(y[which == b].mean() - p[which == b].mean()) * (which == b).mean()
+               for b in range(bins) if (which == b).any())
+
+
+def _logit(p):
+    p = np.clip(np.asarray(p, np.float64), 1e-12, 1 - 2.0 ** -24)
+    return np.log(p) - np.log1p(-p)
+
+
+def test_calibration_lowers_ece_on_an_overconfident_model(clinical_report, overconfident):
+    from medtl.evaluate.report import read_predictions
+
+    preds, m = read_predictions(clinical_report), _metrics(clinical_report)
+    keep = preds["mask"] > 0
+    y, raw, calibrated = preds["labels"][keep], preds["uncalibrated_probs"][keep], preds["probs"][keep]
+    before, after = _ece(y, raw), _ece(y, calibrated)
+    assert np.mean((raw < 0.05) | (raw > 0.95)) > 0.5 and before > 0.25  # over-confident indeed
+    assert after < before / 3, (before, after)
+    assert m["calibration"]["micro"] == {"ece_before": pytest.approx(before), "ece_after": pytest.approx(after)}
+    assert m["micro"]["ece"] == pytest.approx(after)  # the report's figures are the calibrated ones
+    # Platt's formula with the run's fitted parameters, label by label; thresholds tuned on these probabilities.
+    saved = RunDir(overconfident)
+    calibration, thresholds = saved.read_calibration(), saved.read_thresholds()
+    assert calibration.method == "platt" and thresholds.calibration == "platt"
+    assert calibration.checkpoint_sha256 == thresholds.checkpoint_sha256 == m["checkpoint_sha256"]
+    for i, name in enumerate(preds["label_names"]):
+        params = calibration.params(name)
+        want = (1 / (1 + np.exp(-(params["slope"] * _logit(preds["uncalibrated_probs"][:, i]) + params["intercept"])))
+                if params else preds["uncalibrated_probs"][:, i])
+        np.testing.assert_allclose(preds["probs"][:, i], want, atol=1e-6)
+        row = m["labels"][name]
+        assert row["tp"] == int(((preds["probs"][:, i] >= row["threshold"]) & (preds["labels"][:, i] == 1)).sum())
+    page = open(os.path.join(clinical_report, "report.html"), encoding="utf-8").read()
+    assert "platt map" in page and "ECE before" in page and "after platt calibration" in page
+
+
+def test_subgroups_with_few_patients_are_merged_and_suppressed(clinical_report, studies):
+    from sklearn.metrics import roc_auc_score
+
+    from medtl.data.deid import load_salt, salted_hash
+    from medtl.evaluate.report import read_predictions
+
+    preds, m = read_predictions(clinical_report), _metrics(clinical_report)
+    salt = load_salt()
+    with open(os.path.join(studies, "labels.csv"), newline="") as fh:
+        rows = {salted_hash(salt, r["Image Index"]): r for r in csv.DictReader(fh)}
+    values = {"sex": np.array([rows[k]["Patient Gender"] for k in preds["key"]]),
+              "age_band": np.array([age_band_by_hand(int(rows[k]["Patient Age"])) for k in preds["key"]])}
+    sub = m["subgroups"]
+    assert sub["min_patients"] == 9 and list(sub["fields"]) == ["sex", "age_band"]
+    for field, found in sub["fields"].items():
+        patients = {v: set(preds["patient"][values[field] == v]) for v in set(values[field])}
+        merged = sorted(v for v, p in patients.items() if len(p) < 9)
+        other = set().union(*(patients[v] for v in merged))
+        assert found["merged"] == merged and found["suppressed"] == (["other"] if merged and len(other) < 9 else [])
+        kept = sorted(v for v in patients if v not in merged) + (["other"] if merged and len(other) >= 9 else [])
+        assert sorted(found["groups"]) == sorted(kept)
+        for group, g in found["groups"].items():
+            rows_in = np.isin(values[field], merged) if group == "other" else values[field] == group
+            assert (g["n"], g["patients"]) == (int(rows_in.sum()), len(set(preds["patient"][rows_in])))
+            for i, name in enumerate(preds["label_names"]):
+                y, p = preds["labels"][rows_in, i], preds["probs"][rows_in, i]
+                row = g["labels"][name]
+                assert row["auroc"] == (pytest.approx(roc_auc_score(y, p)) if 0 < y.sum() < len(y) else None)
+                overall = m["labels"][name]["auroc"]
+                assert row["below_overall"] == bool(row["auroc_ci"] and overall is not None
+                                                    and row["auroc_ci"][1] < overall)
+    age = sub["fields"]["age_band"]
+    assert age["merged"] and age["suppressed"] == ["other"]  # this data has small bands: the case is exercised
+    page = open(os.path.join(clinical_report, "report.html"), encoding="utf-8").read()
+    assert (f"Merged into <b>other</b> (fewer than 9 patients each): {', '.join(age['merged'])}." in page
+            and "Suppressed (fewer than 9 patients even when merged): other" in page)
+    assert 'href="../../index.html"' in page and "no model card yet" in page
+
+
+def test_export_and_predict_return_the_reports_calibrated_probabilities(clinical_export, clinical_report,
+                                                                        overconfident, records, studies, tmp_path):
+    from medtl.data.deid import load_salt, salted_hash
+    from medtl.data.pipeline import build_dataset
+    from medtl.evaluate.report import read_predictions
+    from medtl.tf import tf
+    from medtl.train.rundir import load_run
+
+    preds = read_predictions(clinical_report)
+    row_of = {k: i for i, k in enumerate(preds["key"])}
+    cfg, manifest, _ = load_run(overconfident)
+    loaded = tf.saved_model.load(clinical_export)
+    for images, _, _, _, keys in build_dataset(cfg, "test", manifest=manifest, training=False, with_ids=True):
+        out = loaded.signatures["predict_images"](images=images)
+        rows = [row_of[k.decode()] for k in keys.numpy()]
+        np.testing.assert_allclose(out["probabilities"].numpy(), preds["probs"][rows], atol=1e-5)
+        np.testing.assert_allclose(out["uncalibrated_probabilities"].numpy(), preds["uncalibrated_probs"][rows],
+                                   atol=1e-5)
+        np.testing.assert_array_equal(out["decisions"].numpy(), out["probabilities"].numpy() >= preds["thresholds"])
+    # `medtl predict` on three test studies' files gives the report's calibrated probabilities.
+    salt = load_salt()
+    names = {salted_hash(salt, f): f for f in os.listdir(os.path.join(studies, "images"))}
+    folder = tmp_path / "new"
+    folder.mkdir()
+    for key in preds["key"][:3]:
+        shutil.copy(os.path.join(studies, "images", names[key]), folder / names[key])
+    r = run_cli("predict", "--model", clinical_export, "--images", folder, "--out", tmp_path / "p.csv")
+    assert r.returncode == 0, r.stderr
+    for row in csv.DictReader(open(tmp_path / "p.csv")):
+        got = [float(row[f"{n}_probability"]) for n in preds["label_names"]]
+        np.testing.assert_allclose(got, preds["probs"][row_of[salted_hash(salt, row["file"])]], atol=1e-5)
+
+
+def test_model_card_and_run_index(clinical_export, clinical_report, overconfident, studies):
+    from medtl.serve.card import read_card
+
+    card, m = read_card(clinical_export), _metrics(clinical_report)
+    assert card.intended_use == "Testing medtl only." and card.limits[0] == "Synthetic studies only."
+    assert card.evaluation["report"] == clinical_report and card.evaluation["images"] == m["n"]
+    assert card.evaluation["macro"]["auroc_ci"] == m["macro"]["auroc_ci"]
+    assert card.calibration["method"] == "platt" and all(r["test_ece"] for r in card.calibration["labels"].values())
+    assert card.subgroups["fields"]["age_band"]["suppressed"] == ["other"]
+    assert any("too few patients to report" in limit for limit in card.limits)
+    assert card.thresholds["calibration"] == "platt" and card.config["evaluate"]["calibration"] == "platt"
+    data = card.training_data
+    assert data["fields_kept"] == ["age_band", "sex", "view_position"] and data["sites"] is None
+    train_bands = data["field_counts"]["train"]["age_band"]
+    assert all(("note" in c) == (c.get("patients", 0) < 9) for c in train_bands.values())
+    text = open(os.path.join(clinical_export, "MODEL_CARD.md"), encoding="utf-8").read()
+    for heading in ("Intended use", "Training data", "Metrics", "Subgroups", "Calibration", "Thresholds",
+                    "Known limits", "Config"):
+        assert f"## {heading}" in text, heading
+    raw = text + open(os.path.join(clinical_export, "MODEL_CARD.json"), encoding="utf-8").read()
+    for name in os.listdir(os.path.join(studies, "images")):  # no study is named in the card
+        assert os.path.splitext(name)[0] not in raw
+    # The run's index links its config, its reports and the card; the outputs are listed in the run folder.
+    index = open(os.path.join(overconfident, "index.html"), encoding="utf-8").read()
+    card_link = os.path.relpath(os.path.join(clinical_export, "MODEL_CARD.md"), overconfident)
+    for link in ("config.yaml", "history.jsonl", "reports/test/report.html", card_link):
+        assert f'href="{link}"' in index, link
+    assert "<polyline" in index  # the training curves
+    assert [o.kind for o in RunDir(overconfident).outputs()] == ["report", "export"]
+
+
+def test_report_renders_in_headless_chromium(report, clinical_report, tmp_path):
+    """The pages load without errors, every plot decodes, and the screenshots show the plots; the clinical
+    report's calibration table and subgroup tables are in the rendered page."""
+    for name, folder in (("plain", report), ("clinical", clinical_report)):
+        dom = _render(os.path.join(folder, "report.html"), tmp_path / name)
+        if name == "clinical":
+            for text in ('<section id="subgroups">', "<h3>age_band</h3>", "platt map", "Merged into"):
+                assert text in dom, text
+
+
+def _render(page_path, tmp_path) -> str:
+    """Render a report in headless Chromium; returns its DOM after load."""
     import html
+    import subprocess
 
     import cv2
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     assert chromium, "Debian chromium is missing: run `make system-deps`"
-    page = open(os.path.join(report, "report.html"), encoding="utf-8").read()
+    tmp_path.mkdir()
+    page = open(page_path, encoding="utf-8").read()
     probe_head = ("<script>window.__errors=[];window.addEventListener('error',"
                   "e=>window.__errors.push(String(e.message||(e.target&&e.target.tagName))),true);</script>")
     probe_tail = ("<script>window.addEventListener('load',()=>{const i=[...document.images];"
@@ -266,17 +480,15 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     flags = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
              "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
              f"--user-data-dir={tmp_path / 'profile'}"]
-    import subprocess
-
     dom = subprocess.run(flags + ["--virtual-time-budget=10000", "--dump-dom", probed.as_uri()],
                          capture_output=True, text=True, timeout=120)
     assert dom.returncode == 0, dom.stderr[-2000:]
     probe = json.loads(html.unescape(re.search(r'data-probe="([^"]*)"', dom.stdout).group(1)))
-    assert probe == {"images": 6, "decoded": 6, "errors": []}
+    assert probe == {"images": FIGURES, "decoded": FIGURES, "errors": []}
 
     shot = tmp_path / "shot.png"
     r = subprocess.run(flags + [f"--screenshot={shot}", "--window-size=1280,3000",
-                                "file://" + os.path.abspath(os.path.join(report, "report.html"))],
+                                "file://" + os.path.abspath(page_path)],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and shot.is_file(), r.stderr[-2000:]
     image = cv2.imread(str(shot))
@@ -284,6 +496,7 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     assert (image.min(axis=2) < 200).mean() > 0.02  # far from blank
     plot_blue = np.abs(image.astype(int) - np.array([168, 95, 31])).sum(axis=2) < 40  # BGR of #1f5fa8
     assert plot_blue.sum() > 2000  # the bar charts and curves are drawn
+    return dom.stdout
 
 
 def test_horovodrun_two_ranks_evaluate_like_one(report, run, tmp_path):
@@ -302,7 +515,7 @@ def test_horovodrun_two_ranks_evaluate_like_one(report, run, tmp_path):
 # --------------------------------------------------------------------------- bad input
 
 
-def test_evaluate_bad_input(run, exported, studies, tmp_path):
+def test_evaluate_bad_input(run, exported, records, studies, tmp_path):
     r = run_cli("evaluate", "--workdir", run, "--split", "holdout", "--out", tmp_path / "x")
     assert_user_error(r, "split 'holdout' is not in", "test, train, val")
 
@@ -342,6 +555,24 @@ def test_evaluate_bad_input(run, exported, studies, tmp_path):
 
     r = run_cli("evaluate", "--model", exported, "--out", tmp_path / "x")
     assert_user_error(r, "--model needs --records")
+    r = run_cli("evaluate", "--model", exported, "--records", records)
+    assert_user_error(r, "--model needs --out REPORT", "RUN/reports/SPLIT")
+
+    # A subgroup field the records did not keep, and calibration without a val split: one line each,
+    # before TensorFlow loads.
+    r = run_cli("evaluate", "--workdir", run, "--set", "evaluate.subgroups=[sex,site]")
+    assert_user_error(r, "evaluate.subgroups: field 'site' was not kept at ingest of", "re-ingest with --keep-fields "
+                      "age_band,sex,view_position,site")
+    ingest(IngestOptions(images=os.path.join(studies, "images"), labels=os.path.join(studies, "labels.csv"),
+                         out=str(tmp_path / "no_val"), image_size=64, val_fraction=0.0, progress=False))
+    no_val = tmp_path / "no_val_run"
+    shutil.copytree(run, no_val, ignore=shutil.ignore_patterns("reports", "thresholds.json", "outputs.json"))
+    config = (no_val / "config.yaml").read_text().replace(f"records: {records}", f"records: {tmp_path / 'no_val'}")
+    (no_val / "config.yaml").write_text(config)
+    for command in ("evaluate", "export"):
+        r = run_cli(command, "--workdir", no_val, "--out", tmp_path / "y", "--set", "evaluate.calibration=isotonic")
+        assert_user_error(r, "evaluate.calibration=isotonic is fitted on the val split, but", "no val records",
+                          "--val-fraction")
 
 
 def test_export_predict_compare_bad_input(run, exported, report, tmp_path):

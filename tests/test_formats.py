@@ -50,7 +50,8 @@ def _chexpert_rows(n=30):
     for i in range(n):
         path = f"CheXpert-v1.0-small/train/patient{i // 2:05d}/study{i % 2 + 1}/view1_frontal.jpg"
         values = [choices[int(v)] for v in rng.integers(0, 4, len(CHEXPERT_HEADER) - 5)]
-        rows.append([path, "Female", str(40 + i), "Frontal", "AP"] + values)
+        view = ["Lateral", ""] if i % 4 == 3 else ["Frontal", "AP" if i % 2 else "PA"]
+        rows.append([path, ("Female", "Male", "Unknown")[i % 3], str(12 + 7 * i)] + view + values)
     return rows
 
 
@@ -92,9 +93,22 @@ def test_chexpert_label_selection_and_bad_values(tmp_path):
     out = tmp_path / "records"
     r = run_cli("ingest", "--images", root, "--labels", root / "train.csv", "--format", "chexpert", "--out", out,
                 "--image-size", 32, "--label-names", "Cardiomegaly,Edema", "--max-bad-fraction", 0.2,
-                "--val-fraction", 0, "--test-fraction", 0, "--private-map", tmp_path / "map.csv")
+                "--val-fraction", 0, "--test-fraction", 0, "--private-map", tmp_path / "map.csv",
+                "--keep-fields", "sex,age_band,view_position", "--site", "site-b")
     assert r.returncode == 0, r.stderr
     assert read_manifest(out).labels == ("Cardiomegaly", "Edema")
+    # Kept fields from CheXpert's columns: sex coded (Unknown: unknown), age as a band, laterals as LATERAL.
+    from medtl.data.records import read_fields
+
+    from conftest import age_band_by_hand
+
+    fields = read_fields([str(out / f) for f in os.listdir(out) if f.endswith(".tfrecord")],
+                         ("sex", "age_band", "view_position", "site"))
+    salt = load_salt()
+    for row in rows[:3] + rows[4:]:
+        assert fields[salted_hash(salt, row[0])] == {
+            "sex": {"Female": "F", "Male": "M"}.get(row[1], ""), "age_band": age_band_by_hand(int(row[2])),
+            "view_position": "LATERAL" if row[3] == "Lateral" else row[4], "site": "site-b"}
     quarantine = (out / "quarantine.csv").read_text()
     study = salted_hash(load_salt(), rows[3][0])
     assert f"{study},bad_label_value" in quarantine and "Cardiomegaly='maybe'" in quarantine
@@ -104,6 +118,9 @@ def test_chexpert_label_selection_and_bad_values(tmp_path):
     r = run_cli("ingest", "--images", root, "--labels", root / "train.csv", "--format", "chexpert", "--out", out,
                 "--label-names", "Cardiomegaly,Heartache")
     assert_user_error(r, "--label-names Heartache not in", "train.csv", "Pleural Effusion")
+    r = run_cli("ingest", "--images", root, "--labels", root / "train.csv", "--format", "chexpert", "--out", out,
+                "--site", "St Elsewhere Hospital")
+    assert_user_error(r, "--site 'St Elsewhere Hospital' must be", "neutral label")
 
 
 def test_multihot_csv_with_blank_as_mask(tmp_path):

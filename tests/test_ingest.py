@@ -81,6 +81,31 @@ def test_identifiers_are_salted_hashes(records, studies):
         assert not ex[KEY].numpy().decode().endswith(".png")
 
 
+def test_kept_fields_are_coded_values_and_bands(records, studies):
+    """sex, age band and view come from the table's columns; the manifest counts records and patients by value."""
+    from medtl.data.records import read_fields
+
+    from conftest import KEPT_FIELDS, age_band_by_hand
+
+    manifest = read_manifest(records)
+    assert manifest.fields == tuple(sorted(KEPT_FIELDS))
+    salt = load_salt()
+    with open(os.path.join(studies, "labels.csv"), newline="") as fh:
+        rows = {salted_hash(salt, r["Image Index"]): r for r in csv.DictReader(fh)}
+    for split, info in manifest.splits.items():
+        found = read_fields([os.path.join(records, s.file) for s in info.shards], KEPT_FIELDS)
+        expected = {k: {"sex": rows[k]["Patient Gender"], "age_band": age_band_by_hand(int(rows[k]["Patient Age"])),
+                        "view_position": "PA"} for k in found}
+        assert found == expected and len(found) == info.records
+        for field in KEPT_FIELDS:
+            counts = {}
+            for key, values in found.items():
+                entry = counts.setdefault(values[field], [0, set()])
+                entry[0] += 1
+                entry[1].add(rows[key]["Patient ID"])
+            assert info.field_counts[field] == {v: {"records": n, "patients": len(p)} for v, (n, p) in counts.items()}
+
+
 def test_rerun_is_byte_identical(studies, tmp_path):
     outs = []
     for name in ("a", "b"):

@@ -4,6 +4,7 @@ BurnedInAnnotation quarantines a file unless allowed. (The byte search of every 
 command is tests/reliability/test_leaks.py.)"""
 import csv
 import os
+import re
 import shutil
 
 import pytest
@@ -116,17 +117,35 @@ def test_redact_removes_every_name_of_a_study_path():
 
 
 def test_record_allow_list_holds_no_date_uid_or_identity_tag():
-    """The only header fields records may keep (--keep-fields) are neither dates, times nor UIDs, nor
-    names or IDs; the rest of a record is the image (PNG or raw pixels), labels, mask and two salted hashes."""
+    """The fields records may keep (--keep-fields) copy only coded, non-patient tags; age becomes a band and the
+    institution a salted id, so a header full of identifiers and dates gives none of them; the rest of a record
+    is the image (PNG or raw pixels), labels, mask and two salted hashes."""
     from pydicom.datadict import dictionary_VR, tag_for_keyword
+    from pydicom.dataset import Dataset
 
-    from medtl.data.decode import SAFE_FIELDS
+    from medtl.data.fields import AGE_BANDS, SAFE_FIELDS, from_dicom
     from medtl.data.records import ALLOWED_FEATURES, FIELD_PREFIX, IMAGE, IMAGE_RAW, KEY, LABELS, MASK, PATIENT
 
-    for keyword in SAFE_FIELDS.values():
-        assert dictionary_VR(tag_for_keyword(keyword)) not in ("DA", "DT", "TM", "UI", "PN", "LO", "SH"), keyword
     assert set(ALLOWED_FEATURES) == ({IMAGE, IMAGE_RAW, LABELS, MASK, PATIENT, KEY}
                                      | {FIELD_PREFIX + f for f in SAFE_FIELDS})
+    for keyword in ("PatientSex", "ViewPosition", "Modality"):  # copied as they are: code strings
+        assert dictionary_VR(tag_for_keyword(keyword)) == "CS", keyword
+    ds = Dataset()
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.StudyDate = "DOE^JANE", "MRN0012345", "19581107", "20240305"
+    ds.InstitutionName, ds.AccessionNumber, ds.StudyInstanceUID = "ST ELSEWHERE CLINIC", "ACC0099887", "1.2.3.4.5.6"
+    ds.PatientSex, ds.ViewPosition, ds.Modality, ds.Manufacturer = "F", "PA", "DX", "Acme Imaging"
+    salt = b"s" * 32
+    values = from_dicom(ds, SAFE_FIELDS, salt)
+    assert values["age_band"] == "60-79"  # 65 at the study, from the two dates; neither is kept
+    assert values["site"] == from_dicom(ds, ("site",), salt)["site"] != from_dicom(ds, ("site",), b"t" * 32)["site"]
+    assert values == {"sex": "F", "age_band": "60-79", "view_position": "PA", "modality": "DX",
+                      "manufacturer": "ACME IMAGING", "site": values["site"]} and values["site"].startswith("site-")
+    assert re.fullmatch(r"site-[0-9a-f]{10}", values["site"])
+    text = " ".join(v for k, v in values.items() if k != "site")
+    for planted in ("DOE", "JANE", "MRN0012345", "1958", "20240305", "ELSEWHERE", "ACC0099887", "1.2.3", "65"):
+        assert planted not in text, planted
+    ds.PatientAge = "089Y"  # the header's own age wins, as a band
+    assert from_dicom(ds, ("age_band",), salt) == {"age_band": "80+"} and AGE_BANDS[-1][1] == "80+"
 
 
 def test_an_unreadable_file_is_quarantined_by_reason_without_its_path():

@@ -18,6 +18,8 @@ import os
 
 import numpy as np
 
+from medtl.data import fields as study_fields
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC = b"\xff\xd8\xff"
 ASPECT_POLICIES = ("pad", "crop", "stretch")
@@ -54,8 +56,6 @@ def _to_gray(pixels: np.ndarray) -> np.ndarray:
 
 
 FRAME_POLICIES = ("middle", "first")
-# Header fields safe to keep in records if asked (no identity, no dates).
-SAFE_FIELDS = {"view_position": "ViewPosition", "modality": "Modality", "sex": "PatientSex"}
 
 
 def _read_dataset(path: str, stop_before_pixels: bool = False):
@@ -173,14 +173,14 @@ def _check_frame_count(ds) -> None:
                           "but the header has no NumberOfFrames (multi-frame without a frame count)")
 
 
-def dicom_fields(path: str, names: tuple[str, ...]) -> dict[str, str]:
-    """Allow-listed, non-identifying header fields (see SAFE_FIELDS) of a DICOM file."""
+def dicom_fields(path: str, names: tuple[str, ...], salt: bytes) -> dict[str, str]:
+    """Allow-listed, non-identifying fields (medtl.data.fields) derived from a DICOM file's header."""
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ds = _read_dataset(path, stop_before_pixels=True)
-    return {name: str(ds.get(SAFE_FIELDS[name], "") or "").strip() for name in names}
+    return study_fields.from_dicom(ds, names, salt)
 
 
 def dicom_patient_id(path: str) -> str:

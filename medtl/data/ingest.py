@@ -34,6 +34,7 @@ import numpy as np
 
 import medtl
 from medtl.data import decode, deid, privatemap, splits, tables, unlabeled
+from medtl.data.fields import SAFE_FIELDS, SITE_LABEL
 from medtl.data.manifest import (MANIFEST_FILE, PARTS_DIR, Manifest, Shard, SplitInfo, read_manifest, remove_manifest,
                                  write_manifest)
 from medtl.errors import MedtlError
@@ -83,6 +84,14 @@ class IngestOptions:
     patients: str | None = None
     # How shards store each image (decode.ENCODINGS): png (smaller, decoded every epoch) or raw pixels.
     encoding: str = "png"
+    # A site label stored as every study's `site` field (implies keeping it); else DICOM InstitutionName, salted.
+    site: str | None = None
+
+    @property
+    def kept_fields(self) -> tuple[str, ...]:
+        """The fields every record carries (medtl.data.fields), in allow-list order."""
+        asked = set(self.keep_fields) | ({"site"} if self.site else set())
+        return tuple(f for f in SAFE_FIELDS if f in asked)
 
 
 # ----------------------------------------------------------------------------- decoding (worker processes)
@@ -90,11 +99,11 @@ class IngestOptions:
 
 def _decode_one(job: tuple) -> tuple[bytes | None, dict, str, str]:
     """(stored image bytes, fields, reason, message) for one study; runs in worker processes, so no TensorFlow here."""
-    source, size, bit_depth, aspect, frame, field_names, allow_burned_in, encoding = job
+    source, size, bit_depth, aspect, frame, field_names, allow_burned_in, encoding, salt = job
     image, reason, message = decode.to_stored(source, size, bit_depth, aspect, frame, allow_burned_in, encoding)
     fields = {}
     if image is not None and field_names and not isinstance(source, np.ndarray) and decode.sniff(source) == "dicom":
-        fields = decode.dicom_fields(source, field_names)
+        fields = decode.dicom_fields(source, field_names, salt)
     return image, fields, reason, message
 
 
@@ -205,10 +214,13 @@ def _check_options(opt: IngestOptions) -> None:
         raise MedtlError(f"--frame must be one of {', '.join(decode.FRAME_POLICIES)}, got {opt.frame}")
     if opt.blank not in tables.BLANK_POLICIES:
         raise MedtlError(f"--blank must be one of {', '.join(tables.BLANK_POLICIES)}, got {opt.blank}")
-    unknown = [f for f in opt.keep_fields if f not in decode.SAFE_FIELDS]
+    unknown = [f for f in opt.keep_fields if f not in SAFE_FIELDS]
     if unknown:
         raise MedtlError(f"--keep-fields {', '.join(unknown)} not allowed; safe fields are: "
-                         f"{', '.join(decode.SAFE_FIELDS)}")
+                         f"{', '.join(SAFE_FIELDS)}")
+    if opt.site is not None and not SITE_LABEL.match(opt.site):
+        raise MedtlError(f"--site {opt.site!r} must be 1-32 letters, digits, '.', '_' or '-' (it is stored in clear "
+                         "in every record: a neutral label such as site-a, not the hospital's name)")
     if not 0 <= opt.max_bad_fraction <= 1:
         raise MedtlError(f"--max-bad-fraction must be in [0, 1], got {opt.max_bad_fraction}")
     if opt.workers < 1:
@@ -376,6 +388,54 @@ def _write_private_map(opt: IngestOptions) -> None:
     log(f"ingest: private map of {len(rows)} study ids -> {opt.private_map} (it names input files: keep it private)")
 
 
+# ----------------------------------------------------------------------------- kept fields
+
+
+def _header_fields(opt: IngestOptions, study: tables.Study) -> tuple[str, ...]:
+    """The kept fields the DICOM header is read for: those the table did not give (and no --site)."""
+    given = dict(study.fields)
+    return tuple(f for f in opt.kept_fields if f not in given and not (f == "site" and opt.site))
+
+
+def _record_fields(opt: IngestOptions, study: tables.Study, header: dict[str, str]) -> dict[str, str]:
+    """Every kept field of a record: the table's, else the header's, else "" (unknown)."""
+    out = {name: "" for name in opt.kept_fields}
+    out.update(header)
+    out.update({k: v for k, v in study.fields if k in out})
+    if opt.site:
+        out["site"] = opt.site
+    return out
+
+
+class _FieldCounts:
+    """Per kept field and value: records and patients of one split in this part (a patient is in one part)."""
+
+    def __init__(self, names: tuple[str, ...]):
+        self.records = {name: {} for name in names}
+        self.patients = {name: {} for name in names}
+
+    def add(self, values: dict[str, str], patient: str) -> None:
+        for name, value in values.items():
+            self.records[name][value] = self.records[name].get(value, 0) + 1
+            self.patients[name].setdefault(value, set()).add(patient)
+
+    def to_dict(self) -> dict:
+        return {name: {value: [count, len(self.patients[name][value])] for value, count in sorted(values.items())}
+                for name, values in self.records.items()}
+
+
+def _merge_field_counts(parts: list[dict], split: str) -> dict:
+    """{field: {value: {"records", "patients"}}} over the parts (patients add up: each is in one part)."""
+    merged: dict = {}
+    for p in parts:
+        for name, values in p["splits"][split].get("field_counts", {}).items():
+            for value, (records, patients) in values.items():
+                entry = merged.setdefault(name, {}).setdefault(value, {"records": 0, "patients": 0})
+                entry["records"] += records
+                entry["patients"] += patients
+    return {name: dict(sorted(values.items())) for name, values in sorted(merged.items())}
+
+
 # ----------------------------------------------------------------------------- one worker's part
 
 
@@ -412,11 +472,12 @@ def ingest_part(opt: IngestOptions, worker_index: int = 0, num_workers: int = 1)
             studies = [s for s in plan.order[split] if s.patient in mine]
             writer = _ShardWriter(folder, split, target)
             jobs = [(plan.table.arrays[s.file] if plan.table.arrays else os.path.join(opt.images, s.file),
-                     opt.image_size, opt.bit_depth, opt.aspect, opt.frame,
-                     tuple(f for f in opt.keep_fields if f not in dict(s.fields)), opt.allow_burned_in, opt.encoding)
+                     opt.image_size, opt.bit_depth, opt.aspect, opt.frame, _header_fields(opt, s),
+                     opt.allow_burned_in, opt.encoding, salt)
                     for s in studies]
             positives, known = np.zeros(len(names), int), np.zeros(len(names), int)
             patients_written = set()
+            counts = _FieldCounts(opt.kept_fields)
             for study, (image, fields, reason, message) in zip(studies, pool.map(jobs)):
                 bar(1)
                 if image is None:
@@ -425,16 +486,17 @@ def ingest_part(opt: IngestOptions, worker_index: int = 0, num_workers: int = 1)
                     continue
                 key = _study_id(salt, study.file)
                 debug(f"ingest: study {key} -> {split}")
-                keep = {**dict(study.fields), **fields}
+                keep = _record_fields(opt, study, fields)
                 writer.write(encode_example(image, study.labels, study.mask, deid.salted_hash(salt, study.patient),
                                             key, keep, opt.encoding))
                 positives += np.array(study.labels, int) * np.array(study.mask, int)
                 known += np.array(study.mask, int)
                 patients_written.add(study.patient)
+                counts.add(keep, study.patient)
             shards = writer.finish()
             part["splits"][split] = {"records": sum(s["records"] for s in shards), "shards": shards,
                                      "patients": len(patients_written), "positives": positives.tolist(),
-                                     "known": known.tolist()}
+                                     "known": known.tolist(), "field_counts": counts.to_dict()}
     part["considered"] = total + (len(plan.table_rejects) if worker_index == 0 else 0)
     part["quarantine"] = sorted(quarantine)
     fs.write_text_atomic(fs.join(folder, "part.json"), json.dumps(part, sort_keys=True))
@@ -491,6 +553,7 @@ def finalize(opt: IngestOptions, num_workers: int) -> Manifest:
             masked={n: records - int(k) for n, k in zip(labels, known)},
             prevalence={n: round(int(pos) / int(k), 6) if k else None for n, pos, k in zip(labels, positives, known)},
             shards=tuple(entries),
+            field_counts=_merge_field_counts(parts, split),
         )
     for stale in fs.listdir(opt.out):  # shards of an earlier ingest that this one does not list
         if FINAL_SHARD.match(stale) and stale not in final_names:
@@ -508,7 +571,7 @@ def finalize(opt: IngestOptions, num_workers: int) -> Manifest:
         frame=opt.frame,
         uncertain=opt.uncertain if opt.format == "chexpert" and not opt.unlabeled else None,
         blank=opt.blank if opt.format in ("chexpert", "multihot") and not opt.unlabeled else None,
-        fields=tuple(sorted(opt.keep_fields)),
+        fields=tuple(sorted(opt.kept_fields)),
         split_seed=opt.seed,
         split_source=_split_source(opt),
         val_fraction=opt.val_fraction,

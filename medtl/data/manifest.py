@@ -42,11 +42,16 @@ class SplitInfo:
     # Positives / known labels in this split; None where no label is known.
     prevalence: dict = field(default_factory=dict)
     shards: tuple[Shard, ...] = ()
+    # Kept field (--keep-fields) -> value ("" unknown) -> {"records": n, "patients": n} in this split.
+    field_counts: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {"records": self.records, "patients": self.patients, "positives": dict(self.positives),
-                "masked": dict(self.masked), "prevalence": dict(self.prevalence),
-                "shards": [s.to_dict() for s in self.shards]}
+        out = {"records": self.records, "patients": self.patients, "positives": dict(self.positives),
+               "masked": dict(self.masked), "prevalence": dict(self.prevalence),
+               "shards": [s.to_dict() for s in self.shards]}
+        if self.field_counts:  # absent without kept fields: such manifests keep their bytes
+            out["field_counts"] = self.field_counts
+        return out
 
 
 @dataclass(frozen=True)
@@ -139,7 +144,7 @@ def _split_from_dict(info: dict) -> SplitInfo:
     return SplitInfo(records=int(info.get("records", sum(s.records for s in shards))),
                      patients=int(info.get("patients", 0)), positives=dict(info.get("positives", {})),
                      masked=dict(info.get("masked", {})), prevalence=dict(info.get("prevalence", {})),
-                     shards=shards)
+                     shards=shards, field_counts=dict(info.get("field_counts", {})))
 
 
 def manifest_path(records: str) -> str:

@@ -1,13 +1,13 @@
 """The TFRecord schema: what one record carries, and nothing more.
 
 Allow-list: the stored image (PNG bytes under image/png, or raw pixels under image/raw, by the
-manifest's encoding), labels, label mask, a salted hash of the patient,
-a salted hash of the image key, and (only if asked for) a few safe acquisition
-fields. Patient names, IDs, dates and accession numbers have no field to go into.
+manifest's encoding), labels, label mask, a salted hash of the patient, a salted hash of the image key,
+and (only if asked for) a few non-identifying fields (medtl.data.fields). Patient names, IDs, dates and
+accession numbers have no field to go into.
 """
 from __future__ import annotations
 
-from medtl.data.decode import SAFE_FIELDS as _DICOM_FIELDS
+from medtl.data.fields import SAFE_FIELDS
 from medtl.tf import tf
 
 IMAGE = "image/png"
@@ -17,7 +17,6 @@ MASK = "mask"
 PATIENT = "patient"
 KEY = "key"
 FIELD_PREFIX = "field/"
-SAFE_FIELDS = tuple(_DICOM_FIELDS)
 ALLOWED_FEATURES = (IMAGE, IMAGE_RAW, LABELS, MASK, PATIENT, KEY) + tuple(FIELD_PREFIX + f for f in SAFE_FIELDS)
 
 
@@ -58,3 +57,16 @@ def feature_spec(num_labels: int, encoding: str = "png") -> dict:
 
 def shard_name(split: str, index: int, count: int) -> str:
     return f"{split}-{index:05d}-of-{count:05d}.tfrecord"
+
+
+def read_fields(paths: list[str], names: tuple[str, ...]) -> dict[str, dict[str, str]]:
+    """{record key: {field: value}} for every record of the shards, parsing only the key and the fields
+    (not the image): what subgroup reports need beside the predictions. A missing field reads ""."""
+    spec = {KEY: tf.io.FixedLenFeature([], tf.string),
+            **{FIELD_PREFIX + n: tf.io.FixedLenFeature([], tf.string, default_value="") for n in names}}
+    out = {}
+    for batch in tf.data.TFRecordDataset(paths).batch(1024).map(lambda raw: tf.io.parse_example(raw, spec)):
+        values = {n: batch[FIELD_PREFIX + n].numpy() for n in names}
+        for i, key in enumerate(batch[KEY].numpy()):
+            out[key.decode()] = {n: values[n][i].decode() for n in names}
+    return out

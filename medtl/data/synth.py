@@ -266,6 +266,7 @@ def write_dicom(path: str, pixels: np.ndarray, identity: dict[str, str], accessi
     ds.PatientSex = patient.sex
     ds.AccessionNumber = accession
     ds.InstitutionName = "SYNTHETIC GENERAL HOSPITAL"
+    ds.Manufacturer = "MEDTL SYNTH"  # the equipment's vendor: no patient identifier
     ds.StudyDate = "20240101"
     ds.ViewPosition = "PA"
     # A private tag a vendor might use to carry the MRN again.

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from medtl.data import fields as study_fields
 from medtl.errors import MedtlError
 from medtl.utils.log import log
 
@@ -43,7 +44,8 @@ class Study:
     mask: tuple[int, ...]
     # A split given by the dataset itself (MedMNIST) or by --split-file; "" to stratify.
     split: str = ""
-    # Allow-listed acquisition fields from the table (e.g. view_position), if asked for.
+    # Allow-listed fields from the table (medtl.data.fields: sex, age_band, view_position), if asked for
+    # and known; the rest come from the DICOM header, if any.
     fields: tuple[tuple[str, str], ...] = ()
 
 
@@ -66,7 +68,7 @@ class TableOptions:
     blank: str = "mask"
     image_column: str | None = None
     patient_column: str | None = None
-    # Safe acquisition fields to keep from the table (names from decode.SAFE_FIELDS).
+    # Safe fields to keep from the table (names from medtl.data.fields.SAFE_FIELDS).
     keep_fields: tuple[str, ...] = ()
 
 
@@ -149,8 +151,7 @@ def read_chestxray14(path: str, opt: TableOptions) -> LabelTable:
             raise MedtlError(f"labels file {path} line {line}: empty 'Image Index' or 'Patient ID'")
         findings = [f.strip() for f in (row["Finding Labels"] or "").split("|") if f.strip()]
         spellings += [(f, f"first on row {line}") for f in findings]
-        fields = (("view_position", (row.get("View Position") or "").strip()),
-                  ("sex", (row.get("Patient Gender") or "").strip()))
+        fields = study_fields.from_table(row.get("Patient Gender"), row.get("Patient Age"), row.get("View Position"))
         parsed.append((file, patient, [f for f in findings if f != NO_FINDING], fields))
     _check_spellings(path, [(n, "--label-names") for n in opt.label_names or ()] + spellings)
     label_names = opt.label_names or tuple(sorted({f for _, _, fs, _ in parsed for f in fs}))
@@ -165,13 +166,17 @@ def read_chestxray14(path: str, opt: TableOptions) -> LabelTable:
                 vec[index[f]] = 1
             else:  # --label-names leaves it out: the study stays, as a negative for the labels kept
                 dropped[f] = dropped.get(f, 0) + 1
-        kept = tuple((k, v) for k, v in fields if k in opt.keep_fields)
-        studies.append(Study(file, patient, tuple(vec), (1,) * len(label_names), fields=kept))
+        studies.append(Study(file, patient, tuple(vec), (1,) * len(label_names), fields=_kept(fields, opt)))
     if dropped:
         log("ingest: --label-names leaves out " + ", ".join(f"{name} ({count} row(s))" for name, count
                                                             in sorted(dropped.items()))
             + "; those rows are kept, with only the findings listed")
     return LabelTable(tuple(label_names), tuple(studies))
+
+
+def _kept(fields: dict[str, str], opt: TableOptions) -> tuple[tuple[str, str], ...]:
+    """The asked-for fields the row knows (an empty value is left to the DICOM header, if any)."""
+    return tuple((k, v) for k, v in fields.items() if k in opt.keep_fields and v)
 
 
 def _chexpert_patient(path_value: str) -> str:
@@ -212,9 +217,10 @@ def read_chexpert(path: str, opt: TableOptions) -> LabelTable:
         if bad:
             rejected.append((file, "bad_label_value", f"values must be 1, 0, -1 or blank: {', '.join(bad)}"))
             continue
-        fields = tuple((k, v) for k, v in (("view_position", (row.get("AP/PA") or "").strip()),
-                                           ("sex", (row.get("Sex") or "").strip())) if k in opt.keep_fields)
-        studies.append(Study(file, _chexpert_patient(file), tuple(vec), tuple(mask), fields=fields))
+        # Laterals have no AP/PA: their view is the Frontal/Lateral column's.
+        lateral = (row.get("Frontal/Lateral") or "").strip().lower() == "lateral"
+        fields = study_fields.from_table(row.get("Sex"), row.get("Age"), "LATERAL" if lateral else row.get("AP/PA"))
+        studies.append(Study(file, _chexpert_patient(file), tuple(vec), tuple(mask), fields=_kept(fields, opt)))
     return LabelTable(label_names, tuple(studies), tuple(rejected))
 
 

@@ -93,25 +93,33 @@ def pr_grid(y, probs, keep, label_names, labels: dict) -> str:
     return to_png(fig)
 
 
-def reliability_grid(y, probs, keep, label_names, labels: dict, bins: int, pooled_ece) -> str:
-    """Reliability diagrams: per label, and all labels pooled; marker area ~ images in the bin."""
+def reliability_grid(y, probs, keep, label_names, labels: dict, bins: int, pooled_ece, before: dict | None = None) -> str:
+    """Reliability diagrams: per label, and all labels pooled; marker area ~ images in the bin. With `before`
+    ({'probs', 'ece' per label, 'pooled_ece'}: the uncalibrated probabilities), their curve is drawn in grey."""
     from medtl.models.metrics import calibration_bins
 
-    panels = [(name, y[keep[:, i], i], probs[keep[:, i], i], labels[name]["ece"])
-              for i, name in enumerate(label_names)]
-    panels.append(("all labels (pooled)", y[keep], probs[keep], pooled_ece))
+    raw = None if before is None else before["probs"]
+    panels = [(name, y[keep[:, i], i], probs[keep[:, i], i], labels[name]["ece"],
+               None if raw is None else (raw[keep[:, i], i], before["ece"][name])) for i, name in enumerate(label_names)]
+    panels.append(("all labels (pooled)", y[keep], probs[keep], pooled_ece,
+                   None if raw is None else (raw[keep], before["pooled_ece"])))
     fig, axes = _grid(len(panels))
-    for ax, (name, yi, pi, ece) in zip(axes, panels):
+    for ax, (name, yi, pi, ece, old) in zip(axes, panels):
         if len(yi) == 0:
             _na(ax, name, "n/a: no known labels")
             continue
-        b = calibration_bins(yi, pi, bins)
-        full = b["count"] > 0
         ax.plot([0, 1], [0, 1], ls="--", lw=0.8, color=MUTED)
-        ax.plot(b["mean_predicted"][full], b["fraction_positive"][full], lw=1.2, color=COLOR)
-        sizes = 12 + 120 * b["count"][full] / b["count"].max()
-        ax.scatter(b["mean_predicted"][full], b["fraction_positive"][full], s=sizes, color=COLOR, zorder=3)
-        ax.set_title(f"{name}  ECE {ece:.3f}" if ece is not None else name)
+        curves = ([(old[0], MUTED)] if old is not None else []) + [(pi, COLOR)]
+        for values, color in curves:
+            b = calibration_bins(yi, values, bins)
+            full = b["count"] > 0
+            ax.plot(b["mean_predicted"][full], b["fraction_positive"][full], lw=1.2, color=color)
+            sizes = 12 + 120 * b["count"][full] / b["count"].max()
+            ax.scatter(b["mean_predicted"][full], b["fraction_positive"][full], s=sizes, color=color, zorder=3)
+        title = name if ece is None else f"{name}  ECE {ece:.3f}"
+        if old is not None and ece is not None and old[1] is not None:
+            title = f"{name}  ECE {old[1]:.3f}\u2192{ece:.3f}"
+        ax.set_title(title)
         ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="mean predicted probability", ylabel="fraction positive")
     fig.tight_layout()
     return to_png(fig)

@@ -1,11 +1,13 @@
 """The report folder: report.html (self-contained, inline PNG plots), metrics.json, per_label.csv,
-and predictions.npz (per-record probabilities for `medtl compare`; salted hashes only)."""
+and predictions.npz (per-record probabilities for `medtl compare`; salted hashes only). This module
+owns metrics.json: `read_summary` reads it back as a typed `ReportSummary` (for the model card)."""
 from __future__ import annotations
 
 import csv
 import html
 import json
 import os
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -18,14 +20,17 @@ REPORT_FILE = "report.html"
 PER_LABEL_COLUMNS = ("label", "n", "excluded", "positives", "prevalence", "auroc", "auroc_ci_low",
                      "auroc_ci_high", "auprc", "auprc_ci_low", "auprc_ci_high", "threshold", "sensitivity",
                      "specificity", "ppv", "npv", "f1", "tp", "fp", "tn", "fn", "ece", "note")
-SECTIONS = ("summary", "provenance", "auroc", "prevalence", "roc", "pr", "calibration", "training", "overfitting")
+SECTIONS = ("summary", "provenance", "auroc", "prevalence", "roc", "pr", "calibration", "subgroups", "training",
+            "overfitting")
 
 
 def write_predictions(out: str, preds: dict, label_names, thresholds) -> None:
-    """Per-record arrays (no raw identifiers: patient and key are salted hashes)."""
+    """Per-record arrays (no raw identifiers: patient and key are salted hashes). probs are the reported
+    (calibrated, when evaluate.calibration is on) probabilities; uncalibrated_probs the model's own."""
+    extra = {"uncalibrated_probs": preds["raw_probs"]} if "raw_probs" in preds else {}
     np.savez_compressed(os.path.join(out, PREDICTIONS_FILE), probs=preds["probs"], labels=preds["labels"],
                         mask=preds["mask"], patient=preds["patient"], key=preds["key"],
-                        label_names=np.array(label_names), thresholds=np.asarray(thresholds, np.float64))
+                        label_names=np.array(label_names), thresholds=np.asarray(thresholds, np.float64), **extra)
 
 
 def read_predictions(folder: str) -> dict:
@@ -134,11 +139,98 @@ def _provenance_rows(provenance: dict) -> str:
                      for k, v in provenance.items())
 
 
-def _figure(section: str, title: str, png: str | None, caption: str, missing: str = "") -> str:
+def _figure(section: str, title: str, png: str | None, caption: str, missing: str = "", extra: str = "") -> str:
     body = (f'<img alt="{html.escape(title)}" src="data:image/png;base64,{png}">' if png
             else f"<p class=missing>{html.escape(missing)}</p>")
     return (f'<section id="{section}"><h2>{html.escape(title)}</h2><p class=caption>{caption}</p>'
-            f"{body}</section>")
+            f"{body}{extra}</section>")
+
+
+# --------------------------------------------------------------------------- calibration, subgroups, links
+
+
+def _calibration_caption(report: dict) -> str:
+    cal = report.get("calibration") or {"method": "none"}
+    bins = (f"{report['calibration_bins']} equal-width probability bins; marker area ~ images in the bin. "
+            "On the diagonal = calibrated. ECE: expected calibration error.")
+    if cal["method"] == "none":
+        return bins + " The probabilities are the model's own (evaluate.calibration: none)."
+    return (f"{bins} Grey: the model's own probabilities; blue: after {html.escape(cal['method'])} calibration, "
+            f"fitted per label on {html.escape(cal['fitted_on'])} ({cal['val_records']} images) before the "
+            "thresholds were tuned; every figure of this report uses the calibrated probabilities. "
+            "Titles: ECE before &rarr; after.")
+
+
+def _calibration_table(report: dict) -> str:
+    cal = report.get("calibration") or {"method": "none"}
+    if cal["method"] == "none":
+        return ""
+    rows = "".join(
+        f"<tr><th>{html.escape(name)}</th><td>{html.escape(r['map'])}</td><td>{fmt(r['val_ece'][0])} &rarr; "
+        f"{fmt(r['val_ece'][1])}</td><td>{fmt(r['ece_before'])}</td><td><b>{fmt(r['ece_after'])}</b></td>"
+        f"<td class=note>{html.escape(r['note'])}</td></tr>" for name, r in cal["labels"].items())
+    pooled = cal["micro"]
+    rows += (f"<tr class=avg><th>all labels (pooled)</th><td></td><td></td><td>{fmt(pooled['ece_before'])}</td>"
+             f"<td><b>{fmt(pooled['ece_after'])}</b></td><td></td></tr>")
+    return (f"<table><thead><tr><th>label</th><th>{html.escape(cal['method'])} map</th><th>val ECE</th>"
+            f"<th>{html.escape(report['split'])} ECE before</th><th>after</th><th>note</th></tr></thead>"
+            f"<tbody>{rows}</tbody></table>")
+
+
+def _group_cell(row: dict, overall) -> str:
+    cell = _with_ci(row["auroc"], row.get("auroc_ci"))
+    if row.get("below_overall"):
+        return f"<td class=flag title=\"interval below the overall {fmt(overall)}\">&#9873; {cell}</td>"
+    return f"<td>{cell}</td>"
+
+
+def _subgroup_table(field: str, result: dict, report: dict) -> str:
+    names = list(report["labels"])
+    head = "".join(f"<th>{html.escape(n)}</th>" for n in names)
+    overall = (f"<tr class=avg><th>all</th><td>{report['n']}</td><td>{report['patients']}</td>"
+               f"<td>{_with_ci(report['macro']['auroc'], report['macro'].get('auroc_ci'))}</td>"
+               + "".join(f"<td>{_with_ci(report['labels'][n]['auroc'], report['labels'][n].get('auroc_ci'))}</td>"
+                         for n in names) + "</tr>")
+    rows = "".join(
+        f"<tr><th>{html.escape(group)}</th><td>{g['n']}</td><td>{g['patients']}</td>"
+        + _group_cell(g["macro"], g["macro"]["overall_same_labels"])
+        + "".join(_group_cell(g["labels"][n], report["labels"][n]["auroc"]) for n in names) + "</tr>"
+        for group, g in result["groups"].items())
+    notes = []
+    limit = report["subgroups"]["min_patients"]
+    if result["merged"]:
+        notes.append(f"Merged into <b>other</b> (fewer than {limit} patients each): "
+                     f"{html.escape(', '.join(result['merged']))}.")
+    if result["suppressed"]:
+        notes.append(f"Suppressed (fewer than {limit} patients even when merged): "
+                     f"{html.escape(', '.join(result['suppressed']))} ({html.escape(', '.join(result['merged']))}).")
+    note = f"<p class=note>{' '.join(notes)}</p>" if notes else ""
+    return (f"<h3>{html.escape(field)}</h3><table><thead><tr><th>group</th><th>images</th><th>patients</th>"
+            f"<th>macro AUROC [CI]</th>{head}</tr></thead><tbody>{overall}{rows}</tbody></table>{note}")
+
+
+def _subgroups_section(report: dict) -> str:
+    sub = report.get("subgroups")
+    kept = ", ".join(report.get("fields_kept") or []) or "none"
+    if not sub:
+        body = (f"<p class=caption>Not asked for. Set evaluate.subgroups to fields kept at ingest (these records "
+                f"kept: {html.escape(kept)}; `medtl ingest --keep-fields` keeps them).</p>")
+    else:
+        body = (f"<p class=caption>AUROC [interval] per group, with the report's patient-level bootstrap. "
+                f"&#9873; flags a group whose interval lies below the overall figure (macro: the overall mean over "
+                f"the labels the group has both classes of). Groups with fewer than {sub['min_patients']} patients "
+                "(evaluate.subgroup_min_patients) are merged into <b>other</b>, which is suppressed when still that "
+                "small; their counts are not shown.</p>"
+                + "".join(_subgroup_table(f, r, report) for f, r in sub["fields"].items()))
+    return f'<section id="subgroups"><h2>Subgroups</h2>{body}</section>'
+
+
+def _links(report: dict) -> str:
+    links = report.get("links") or {}
+    parts = [f'<a href="{html.escape(path)}">{html.escape(name)}</a>' for name, path in links.items() if path]
+    if "model card" in links and not links["model card"]:
+        parts.append("no model card yet (`medtl export` writes one; the run index links it)")
+    return f"<p class=links>{' &middot; '.join(parts)}</p>" if parts else ""
 
 
 STYLE = """
@@ -151,7 +243,8 @@ h1 { font-size: 26px; margin: 8px 0 4px; } h2 { font-size: 19px; margin: 32px 0 
 table { border-collapse: collapse; margin: 8px 0; font-size: 13px; }
 td, th { border-bottom: 1px solid #e3e6eb; padding: 5px 8px; text-align: right; vertical-align: top; }
 th { text-align: left; } thead th { background: #eef1f5; text-align: center; font-size: 12px; }
-tr.avg th, tr.avg td { background: #f3f6fb; }
+tr.avg th, tr.avg td { background: #f3f6fb; } td.flag { background: #fde8e8; }
+h3 { font-size: 15px; margin: 18px 0 4px; } p.note { color: #8a3b12; font-size: 12px; }
 .ci { color: #5b6270; font-size: 11px; white-space: nowrap; }
 td.note { text-align: left; color: #8a3b12; font-size: 12px; }
 table.prov td { text-align: left; font-family: monospace; font-size: 12px; }
@@ -205,15 +298,16 @@ def render_html(report: dict, figures: dict, config_yaml: str) -> str:
         ("prevalence", "Label prevalence", f"Positives among known labels in {report['split']}, beside train."),
         ("roc", "ROC curves", "The dot is the operating point at the threshold chosen on val."),
         ("pr", "Precision-recall curves", "Dashed: prevalence (a random model). The dot is the operating point."),
-        ("calibration", "Reliability diagram",
-         f"{report['calibration_bins']} equal-width probability bins; marker area ~ images in the bin. "
-         "On the diagonal = calibrated. ECE: expected calibration error."),
-        ("training", "Training curves", "From history.jsonl; dotted lines start a phase. Both losses are the "
-                                        "training loss function (val: on the whole split, un-augmented); train AUROC "
-                                        "is on a fixed, un-augmented train sample."),
+        ("calibration", "Reliability diagram", _calibration_caption(report)),
     ]
-    body = "\n".join(_figure(sec, title, figures.get(sec), cap, figures.get(f"{sec}_missing", ""))
-                     for sec, title, cap in figs) + "\n" + _overfitting_section(report["overfitting"])
+    extras = {"calibration": _calibration_table(report)}
+    body = "\n".join(_figure(sec, title, figures.get(sec), cap, figures.get(f"{sec}_missing", ""), extras.get(sec, ""))
+                     for sec, title, cap in figs)
+    body += "\n" + _subgroups_section(report) + "\n" + _figure(
+        "training", "Training curves", figures.get("training"), "From history.jsonl; dotted lines start a phase. Both "
+        "losses are the training loss function (val: on the whole split, un-augmented); train AUROC is on a fixed, "
+        "un-augmented train sample.", figures.get("training_missing", ""))
+    body += "\n" + _overfitting_section(report["overfitting"])
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>medtl evaluation report: {html.escape(report['split'])}</title>
 <style>{STYLE}</style></head><body><main>
@@ -222,6 +316,7 @@ def render_html(report: dict, figures: dict, config_yaml: str) -> str:
 model {html.escape(str(prov['model']))}. Thresholds: <b>{html.escape(thr['policy'])}</b>{target}, tuned per label on
 <b>{html.escape(thr['tuned_on'])}</b>. {html.escape(ci_text)}.</p>
 <div class=headline>{headline}</div>
+{_links(report)}
 <section id="summary"><h2>Summary</h2>
 <table><thead><tr><th>label</th><th>n</th><th>masked</th><th>positives</th><th>prevalence</th>
 <th>AUROC [CI]</th><th>AUPRC [CI]</th><th>threshold</th><th>sensitivity</th><th>specificity</th><th>PPV</th>
@@ -260,7 +355,7 @@ def build_figures(report: dict, preds: dict, label_names, train_prevalence: dict
         "roc": plots.roc_grid(y, probs, keep, label_names, labels),
         "pr": plots.pr_grid(y, probs, keep, label_names, labels),
         "calibration": plots.reliability_grid(y, probs, keep, label_names, labels, report["calibration_bins"],
-                                              report["micro"]["ece"]),
+                                              report["micro"]["ece"], _before(report, preds)),
     }
     if history:
         figures["training"] = plots.training_curves(history)
@@ -268,3 +363,48 @@ def build_figures(report: dict, preds: dict, label_names, train_prevalence: dict
         figures["training"] = None
         figures["training_missing"] = "No training history: this model has no history.jsonl beside it."
     return figures
+
+
+def _before(report: dict, preds: dict) -> dict | None:
+    """The uncalibrated probabilities and their ECEs, for the reliability diagram's before curves."""
+    cal = report.get("calibration") or {"method": "none"}
+    if cal["method"] == "none" or "raw_probs" not in preds:
+        return None
+    return {"probs": preds["raw_probs"], "ece": {n: r["ece_before"] for n, r in cal["labels"].items()},
+            "pooled_ece": cal["micro"]["ece_before"]}
+
+
+# --------------------------------------------------------------------------- metrics.json read back
+
+
+@dataclass(frozen=True)
+class ReportSummary:
+    """What the model card takes from a report's metrics.json."""
+
+    folder: str
+    split: str
+    images: int
+    patients: int
+    checkpoint_sha256: str
+    evaluated_at: str
+    confidence: float
+    resamples: int
+    labels: dict  # label -> {"auroc", "auroc_ci", "auprc", "auprc_ci", "positives", "n", "threshold", "ece", "note"}
+    macro: dict
+    micro: dict
+    calibration: dict  # {"method": "none"} or calibration_summary's content
+    subgroups: dict | None  # medtl.evaluate.subgroups.analyse's content
+
+
+def read_summary(folder: str) -> ReportSummary:
+    """A report folder's metrics.json as a ReportSummary (reports older than calibration say "none")."""
+    with open(os.path.join(folder, METRICS_FILE), encoding="utf-8") as fh:
+        raw = json.load(fh)
+    keys = ("auroc", "auroc_ci", "auprc", "auprc_ci", "positives", "n", "threshold", "ece", "note")
+    return ReportSummary(
+        folder=folder, split=raw["split"], images=raw["n"], patients=raw["patients"],
+        checkpoint_sha256=raw.get("checkpoint_sha256", ""),
+        evaluated_at=raw["provenance"].get("evaluated at (UTC)", ""), confidence=raw["bootstrap"]["confidence"],
+        resamples=raw["bootstrap"]["resamples"],
+        labels={n: {k: r.get(k) for k in keys} for n, r in raw["labels"].items()}, macro=raw["macro"],
+        micro=raw["micro"], calibration=raw.get("calibration") or {"method": "none"}, subgroups=raw.get("subgroups"))

@@ -1,10 +1,12 @@
 """`medtl evaluate`: predict a split (all ranks), score it with val-tuned thresholds, write the report.
 
-Thresholds: `evaluate` (and `export`) tune them on the val split when the run has
-none yet, or when the checkpoint, policy, target or TTA changed since; the run
-folder keeps them (RunDir.write_thresholds). `train` does not tune them, so
-changing the policy needs no retraining. An exported model is evaluated through
-the same `evaluate` (see medtl.serve.evaluate).
+Calibration and thresholds: `evaluate` (and `export`) fit them on the val split when the run has
+none yet, or when the checkpoint, calibration, policy, target or TTA changed since: first the
+calibration (evaluate.calibration; medtl.evaluate.calibration), then the thresholds on the calibrated
+val probabilities. The run folder keeps both (RunDir.write_calibration, write_thresholds). `train`
+does not tune them, so changing either needs no retraining. An exported model is evaluated through
+the same `evaluate` (see medtl.serve.evaluate). Reports of a run are recorded in its folder
+(RunDir.record_output), whose index.html links them.
 """
 from __future__ import annotations
 
@@ -16,17 +18,20 @@ import numpy as np
 
 import medtl
 from medtl import dist
-from medtl.config import Config, dump_config, load_config, to_tree
-from medtl.data.manifest import Manifest, check_split
+from medtl.config import Config, dump_config
+from medtl.data.manifest import Manifest
 from medtl.errors import MedtlError
 from medtl.evaluate import report as rep
 from medtl.evaluate.bootstrap import bootstrap_distributions, percentile_interval
+from medtl.evaluate.calibration import apply_calibration, calibration_summary, fit_calibration
+from medtl.evaluate.checks import check_split, read_run_inputs, with_evaluate_overrides  # noqa: F401 (re-exported)
 from medtl.evaluate.curve import LearningCurve, read_learning_curve
 from medtl.evaluate.overfit import analyse_overfitting, run_setup
+from medtl.evaluate.subgroups import subgroup_report
 from medtl.evaluate.thresholds import tune_thresholds
 from medtl.models.metrics import summary_metrics
 from medtl.models.predict import predict_split
-from medtl.train.rundir import RunDir, Thresholds, epoch_points, load_run
+from medtl.train.rundir import Calibration, RunDir, RunOutput, Thresholds, epoch_points, load_run
 from medtl.utils import fs
 from medtl.utils.log import log
 
@@ -46,15 +51,12 @@ class Source:
     thresholds: Thresholds
     provenance: dict
     history: list | None
-
-
-def with_evaluate_overrides(cfg: Config, overrides: list[str]) -> Config:
-    """Apply `--set evaluate.X=V`; other keys would no longer describe the trained model."""
-    for assignment in overrides:
-        if not assignment.strip().startswith("evaluate."):
-            raise MedtlError(f"--set {assignment}: only evaluate.* keys can be changed after training "
-                             "(e.g. --set evaluate.threshold_policy=f1)")
-    return load_config(raw=to_tree(cfg), overrides=overrides) if overrides else cfg
+    # Maps the model's probabilities to the reported ones (None: reported as they are).
+    calibration: Calibration | None = None
+    # The run folder (None for an export): reports are recorded there, and its index.html refreshed.
+    run: RunDir | None = None
+    # Absolute paths the report links to ("run index", "model card"), when they exist.
+    links: dict = dataclasses.field(default_factory=dict)
 
 
 def _thresholds_stale(saved: Thresholds | None, cfg: Config, digest: str, label_names) -> bool:
@@ -62,44 +64,76 @@ def _thresholds_stale(saved: Thresholds | None, cfg: Config, digest: str, label_
         return True
     ev = cfg.evaluate
     return (saved.checkpoint_sha256 != digest or saved.policy != ev.threshold_policy
-            or saved.target != ev.target or saved.tta != ev.tta
+            or saved.target != ev.target or saved.tta != ev.tta or saved.calibration != ev.calibration
             or list(saved.labels) != list(label_names))
 
 
-def load_or_tune_thresholds(run: RunDir, cfg: Config, manifest: Manifest, model, ctx: dist.Context) -> Thresholds:
-    """The run's thresholds for its best checkpoint, re-tuned on val (all ranks predict) when
-    missing or stale."""
-    saved = run.read_thresholds() if ctx.primary else None
+def _calibration_stale(saved: Calibration | None, cfg: Config, digest: str, label_names) -> bool:
+    ev = cfg.evaluate
+    if ev.calibration == "none":
+        return False
+    return (not saved or saved.method != ev.calibration or saved.checkpoint_sha256 != digest
+            or saved.tta != ev.tta or list(saved.labels) != list(label_names))
+
+
+def _saved_tuning(run: RunDir, cfg: Config, digest: str, label_names) -> tuple | None:
+    """(thresholds, calibration or None) saved for this checkpoint and these settings, or None."""
+    thresholds, calibration = run.read_thresholds(), run.read_calibration()
+    if _thresholds_stale(thresholds, cfg, digest, label_names) or _calibration_stale(calibration, cfg, digest,
+                                                                                     label_names):
+        return None
+    return thresholds, calibration if cfg.evaluate.calibration != "none" else None
+
+
+def load_or_tune(run: RunDir, cfg: Config, manifest: Manifest, model,
+                 ctx: dist.Context) -> tuple[Thresholds, Calibration | None]:
+    """The run's calibration and thresholds for its best checkpoint, fitted again on val (all ranks
+    predict) when missing or stale: the calibration first, then the thresholds on calibrated probabilities."""
     digest = fs.sha256(run.best_weights) if ctx.primary else ""
-    saved = dist.broadcast_object(ctx, None if _thresholds_stale(saved, cfg, digest, manifest.labels)
-                                  else saved, "medtl_thresholds")
+    saved = _saved_tuning(run, cfg, digest, manifest.labels) if ctx.primary else None
+    saved = dist.broadcast_object(ctx, saved, "medtl_thresholds")
     if saved is not None:
         return saved
     check_split(manifest, TUNING_SPLIT, cfg.data.records, "tune the operating thresholds on")
     ev = cfg.evaluate
-    log(f"evaluate: tuning thresholds on {TUNING_SPLIT} ({ev.threshold_policy}"
-        f"{'' if ev.threshold_policy in ('youden', 'f1') else f', target {ev.target}'})")
     val = predict_split(model, cfg, manifest, TUNING_SPLIT, ctx, tta=ev.tta)
+    calibration, probs = None, val["probs"]
+    if ev.calibration != "none":
+        calibration = fit_calibration(ev.calibration, val["labels"], probs, val["mask"], manifest.labels,
+                                      ev.calibration_bins, ev.tta, digest)
+        probs = apply_calibration(calibration, probs, manifest.labels)
+        log(f"evaluate: {ev.calibration} calibration fitted on {TUNING_SPLIT} ({len(probs)} records) per label")
+    log(f"evaluate: tuning thresholds on {TUNING_SPLIT} ({ev.threshold_policy}"
+        f"{'' if ev.threshold_policy in ('youden', 'f1') else f', target {ev.target}'}"
+        f"{'' if calibration is None else f', on {ev.calibration}-calibrated probabilities'})")
     tuned = Thresholds(policy=ev.threshold_policy, target=ev.target, tta=ev.tta, tuned_on=TUNING_SPLIT,
-                       val_records=len(val["probs"]), checkpoint_sha256=digest, medtl_version=medtl.__version__,
-                       labels=tune_thresholds(val["labels"], val["probs"], val["mask"], manifest.labels,
-                                              ev.threshold_policy, ev.target))
+                       val_records=len(probs), checkpoint_sha256=digest, medtl_version=medtl.__version__,
+                       labels=tune_thresholds(val["labels"], probs, val["mask"], manifest.labels,
+                                              ev.threshold_policy, ev.target), calibration=ev.calibration)
+    run.write_calibration(calibration)
     run.write_thresholds(tuned)
-    return tuned
+    return tuned, calibration
 
 
 def run_source(workdir: str, split: str, overrides: list[str], ctx: dist.Context) -> Source:
-    """A run folder's best checkpoint, with its thresholds (tuned on val if needed)."""
-    cfg, manifest, model = load_run(workdir)
-    cfg = with_evaluate_overrides(cfg, overrides)
-    check_split(manifest, split, cfg.data.records)  # before tuning, which takes a while
+    """A run folder's best checkpoint, with its calibration and thresholds (fitted on val if needed)."""
+    cfg, manifest = read_run_inputs(workdir, overrides, split)  # before the model loads and tuning starts
+    _, _, model = load_run(workdir)
     run = RunDir(workdir, ctx.primary)
-    thresholds = load_or_tune_thresholds(run, cfg, manifest, model, ctx)
+    thresholds, calibration = load_or_tune(run, cfg, manifest, model, ctx)
     provenance = {
         "run": os.path.abspath(workdir),
         "checkpoint": f"{run.best_weights_label} (sha256 {thresholds.checkpoint_sha256[:16]})",
     }
-    return Source(cfg, manifest, model, cfg.evaluate.tta, thresholds, provenance, run.read_history())
+    return Source(cfg, manifest, model, cfg.evaluate.tta, thresholds, provenance, run.read_history(),
+                  calibration, run, _run_links(run, thresholds.checkpoint_sha256))
+
+
+def _run_links(run: RunDir, checkpoint_sha256: str) -> dict:
+    """The run's index and the model card of its newest export of this checkpoint, if any."""
+    cards = run.outputs_of("export", checkpoint_sha256)
+    return {"run index": os.path.abspath(os.path.join(run.path, RunDir.INDEX)),
+            "model card": os.path.join(cards[0].path, cards[0].document) if cards else None}
 
 
 def add_intervals(summary: dict, preds: dict, cfg: Config) -> dict:
@@ -174,19 +208,63 @@ def build_report(source: Source, split: str, preds: dict, curve: LearningCurve |
     t = source.thresholds
     thr = {"policy": t.policy, "target": t.target, "tuned_on": t.tuned_on, "val_records": t.val_records,
            "labels": t.labels}
-    return {"split": split, "n": summary["n"], "patients": int(len(np.unique(preds["patient"]))),
-            "labels": summary["labels"], "macro": summary["macro"], "micro": summary["micro"],
-            "thresholds": thr, "calibration_bins": ev.calibration_bins,
-            "phases": rep.phase_summary(source.history, cfg),
-            "bootstrap": {"resamples": ev.bootstrap, "seed": ev.seed, "confidence": ev.confidence,
-                          "unit": "patient"},
-            "overfitting": overfitting(source, curve), "provenance": provenance}
+    report = {"split": split, "n": summary["n"], "patients": int(len(np.unique(preds["patient"]))),
+              "labels": summary["labels"], "macro": summary["macro"], "micro": summary["micro"],
+              "thresholds": thr, "calibration_bins": ev.calibration_bins,
+              "phases": rep.phase_summary(source.history, cfg),
+              "bootstrap": {"resamples": ev.bootstrap, "seed": ev.seed, "confidence": ev.confidence,
+                            "unit": "patient"},
+              "overfitting": overfitting(source, curve), "provenance": provenance}
+    return add_clinical_sections(report, source, split, preds)
+
+
+# --------------------------------------------------------------------------- calibration, subgroups, links
+
+
+def calibrate(preds: dict, source: Source) -> dict:
+    """The predictions with calibrated `probs` (in place); the model's own are kept as `raw_probs`."""
+    if source.calibration is not None:
+        preds["raw_probs"] = preds["probs"]
+        preds["probs"] = apply_calibration(source.calibration, preds["probs"], source.manifest.labels)
+    return preds
+
+
+def add_clinical_sections(report: dict, source: Source, split: str, preds: dict) -> dict:
+    """metrics.json's checkpoint, calibration (ECE before and after) and subgroups, in place."""
+    ev, labels = source.cfg.evaluate, source.manifest.labels
+    report["checkpoint_sha256"] = source.thresholds.checkpoint_sha256
+    report["calibration"] = calibration_summary(source.calibration, preds["labels"], preds.get("raw_probs"),
+                                                preds["probs"], preds["mask"], labels, ev.calibration_bins)
+    report["subgroups"] = subgroup_report(source.cfg, source.manifest, split, preds, report)
+    report["fields_kept"] = list(source.manifest.fields)
+    return report
+
+
+def _relative_links(source: Source, out: str) -> dict:
+    """The report's links (run index, model card) relative to its folder; None where there is none."""
+    return {name: os.path.relpath(path, os.path.abspath(out)) if path else None
+            for name, path in source.links.items()}
+
+
+def record_report(source: Source, split: str, out: str, report: dict) -> None:
+    """List the report in its run folder (outputs.json), which refreshes the run's index.html."""
+    if source.run is None:
+        return
+    macro, ci = report["macro"], report["macro"].get("auroc_ci")
+    summary = f"macro AUROC {rep.fmt(macro['auroc'])}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+    summary += f", {report['n']} images" + (f", {report['calibration']['method']} calibration"
+                                            if report["calibration"]["method"] != "none" else "")
+    source.run.record_output(RunOutput(
+        kind="report", path=os.path.abspath(out), document=rep.REPORT_FILE, split=split, summary=summary,
+        written_at=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        checkpoint_sha256=source.thresholds.checkpoint_sha256))
 
 
 def write_report(out: str, report: dict, preds: dict, source: Source) -> str:
     """Every file of the report folder; returns the path of report.html."""
     label_names = source.manifest.labels
     os.makedirs(out, exist_ok=True)
+    report["links"] = _relative_links(source, out)
     rep.write_metrics_json(os.path.join(out, rep.METRICS_FILE), report)
     rep.write_per_label_csv(os.path.join(out, rep.PER_LABEL_FILE), report["labels"])
     rep.write_predictions(out, preds, label_names, [r["threshold"] for r in report["labels"].values()])
@@ -203,14 +281,16 @@ def evaluate(source: Source, split: str, out: str, ctx: dist.Context) -> dict:
     """Predict `split` on every rank; rank 0 scores it and writes the report folder."""
     check_split(source.manifest, split, source.cfg.data.records)
     if split == TUNING_SPLIT:
-        log(f"warning: the thresholds were tuned on {split}; metrics at the threshold are optimistic here")
+        fitted = "thresholds and calibration were" if source.calibration is not None else "thresholds were"
+        log(f"warning: the {fitted} tuned on {split}; metrics at the threshold are optimistic here")
     curve = load_curve(source.cfg)
     log(f"evaluate: predicting split {split!r} on {ctx.size} rank(s)")
     preds = predict_split(source.model, source.cfg, source.manifest, split, ctx, tta=source.tta, with_ids=True)
     if not ctx.primary:
         return {}
-    report = build_report(source, split, preds, curve)
+    report = build_report(source, split, calibrate(preds, source), curve)
     path = write_report(out, report, preds, source)
+    record_report(source, split, out, report)
     found = report["overfitting"]
     if found["flagged"]:
         log(f"evaluate: warning: the run overfits: {found['reasons'][0]}; remedies it did not use: "

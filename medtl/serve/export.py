@@ -1,6 +1,7 @@
 """`medtl export`: a run's best model as a TensorFlow SavedModel that carries everything serving needs.
 
-Signatures (all return {'probabilities': (batch, L) float32, 'decisions': (batch, L) int32 0/1}):
+Signatures (all return {'probabilities': (batch, L) float32, 'decisions': (batch, L) int32 0/1,
+'uncalibrated_probabilities': the model's own before evaluate.calibration's map}):
   serving_default / predict_bytes  image_bytes: (batch,) string, encoded PNG (8/16-bit) or JPEG
   predict_images                   images: (batch, size, size, channels) float32 in [0, 255]
   metadata                         label_names, thresholds, image sizes, bit depth, aspect policy
@@ -8,11 +9,13 @@ Bytes in the stored format (what `medtl predict` sends: the ingest decode path, 
 to the stored size, PNG at the stored bit depth) go through exactly the training
 pipeline's steps. Other sizes are first brought to the stored size with the aspect
 policy in TensorFlow, which is close to but not bit-identical with ingest's OpenCV path.
-assets/medtl_export.json holds the same metadata, the thresholds' provenance and the config
-(medtl.serve.meta owns that file).
+assets/medtl_export.json holds the same metadata, the thresholds' provenance, the calibration and the
+config (medtl.serve.meta owns that file); MODEL_CARD.md and MODEL_CARD.json beside saved_model.pb are
+medtl.serve.card's. The export is recorded in the run folder, whose index.html links its card.
 """
 from __future__ import annotations
 
+import datetime
 import os
 import shutil
 
@@ -21,10 +24,14 @@ import numpy as np
 from medtl import dist
 from medtl.data.pipeline import build_resize_fn, decode_stored_png
 from medtl.errors import MedtlError, RunFailure
-from medtl.evaluate.run import load_or_tune_thresholds, with_evaluate_overrides
+from medtl.evaluate import calibration as cal
+from medtl.evaluate.checks import read_run_inputs
+from medtl.evaluate.report import read_summary
+from medtl.evaluate.run import load_or_tune
+from medtl.serve import card as model_card
 from medtl.serve.meta import META_FILE, ExportMeta, write_meta
 from medtl.tf import tf
-from medtl.train.rundir import RunDir, load_run
+from medtl.train.rundir import Calibration, RunDir, RunOutput, load_run
 from medtl.utils.log import log
 
 
@@ -42,6 +49,41 @@ def _to_stored_size(image, stored_size: int, aspect: str, bit_depth: int):
                     lambda: tf.image.resize(image, (stored_size, stored_size), method="bicubic"))
     top = float((1 << bit_depth) - 1)
     return tf.round(tf.clip_by_value(image, 0.0, 255.0) * (top / 255.0)) * (255.0 / top)
+
+
+def _logit(p):
+    p = tf.clip_by_value(p, cal.LOW, cal.HIGH)
+    return tf.math.log(p) - tf.math.log1p(-p)
+
+
+def _label_map(params: dict):
+    """One label's calibration map in TensorFlow: medtl.evaluate.calibration.apply_label's formulas."""
+    if not params:
+        return lambda p: p
+    if "temperature" in params:
+        return lambda p: tf.sigmoid(_logit(p) / params["temperature"])
+    if "slope" in params:
+        return lambda p: tf.sigmoid(params["slope"] * _logit(p) + params["intercept"])
+    xs, ys = params["x"], params["y"]
+    if len(xs) == 1:
+        return lambda p: tf.fill(tf.shape(p), tf.constant(ys[0], tf.float32))
+
+    def interpolate(p):  # linear between the points, constant outside them (np.interp)
+        x, y = tf.constant(xs, tf.float32), tf.constant(ys, tf.float32)
+        p = tf.clip_by_value(p, xs[0], xs[-1])
+        right = tf.clip_by_value(tf.searchsorted(x, p, side="right"), 1, len(xs) - 1)
+        x0, x1, y0, y1 = (tf.gather(v, i) for v, i in ((x, right - 1), (x, right), (y, right - 1), (y, right)))
+        return y0 + (p - x0) / (x1 - x0) * (y1 - y0)
+
+    return interpolate
+
+
+def calibrate_fn(calibration: Calibration | None, label_names):
+    """(batch, L) probabilities -> calibrated ones, label by label; the identity without a calibration."""
+    if calibration is None:
+        return lambda probs: probs
+    maps = [_label_map(calibration.params(name)) for name in label_names]
+    return lambda probs: tf.stack([m(probs[:, i]) for i, m in enumerate(maps)], axis=1)
 
 
 class _Untracked:
@@ -67,6 +109,7 @@ class ExportModule(tf.Module):
         self.label_names = tf.constant(meta.label_names)
         self.thresholds = tf.constant(meta.threshold_values, tf.float32)
         self._meta = meta
+        self._calibrate = calibrate_fn(meta.calibration, meta.label_names)
         size, channels = meta.image_size, meta.channels
         self._resize_fn = build_resize_fn(meta.stored_image_size, size, channels)
         self.predict_images = tf.function(self._predict_images, input_signature=[
@@ -84,8 +127,10 @@ class ExportModule(tf.Module):
         return probs
 
     def _predict_images(self, images):
-        probs = self._probabilities(images)
-        return {"probabilities": probs, "decisions": tf.cast(probs >= self.thresholds, tf.int32)}
+        raw = self._probabilities(images)
+        probs = self._calibrate(raw)
+        return {"probabilities": probs, "decisions": tf.cast(probs >= self.thresholds, tf.int32),
+                "uncalibrated_probabilities": raw}
 
     def _decode_one(self, data):
         meta = self._meta
@@ -117,15 +162,17 @@ def _check_out(out: str) -> None:
         raise MedtlError(f"export folder {out} already exists and is not empty; pick a new --out or remove it")
 
 
-def export_run(workdir: str, out: str, overrides: list[str] | None = None) -> ExportMeta:
-    """Write the SavedModel of a run (thresholds tuned on val first if missing); returns the metadata."""
+def export_run(workdir: str, out: str, overrides: list[str] | None = None, intended_use: str | None = None,
+               limitations: tuple[str, ...] = ()) -> ExportMeta:
+    """Write the SavedModel of a run (calibration and thresholds fitted on val first if missing) and its
+    model card; returns the metadata."""
     _check_out(out)
+    cfg, manifest = read_run_inputs(workdir, overrides or [], None)
     ctx = dist.init()
-    cfg, manifest, model = load_run(workdir)
-    cfg = with_evaluate_overrides(cfg, overrides or [])
+    _, _, model = load_run(workdir)
     run = RunDir(workdir, ctx.primary)
-    thresholds = load_or_tune_thresholds(run, cfg, manifest, model, ctx)
-    meta = ExportMeta.build(cfg, manifest, thresholds, run.read_history())
+    thresholds, calibration = load_or_tune(run, cfg, manifest, model, ctx)
+    meta = ExportMeta.build(cfg, manifest, thresholds, run.read_history(), calibration)
     if not ctx.primary:
         return meta
     staging = os.path.join(os.path.dirname(os.path.abspath(out)), f".{os.path.basename(out)}.staging")
@@ -142,9 +189,41 @@ def export_run(workdir: str, out: str, overrides: list[str] | None = None) -> Ex
         os.replace(os.path.join(staging, "model", name), os.path.join(out, name))
     shutil.rmtree(staging, ignore_errors=True)
     _verify(out, model, meta)
+    card = write_model_card(run, out, meta, manifest, cfg.evaluate.subgroup_min_patients, intended_use, limitations)
     log(f"export: {out} ({cfg.model.backbone}, {len(meta.label_names)} labels, thresholds "
-        f"{meta.thresholds.policy} on {meta.thresholds.tuned_on}, tta {meta.tta})")
+        f"{meta.thresholds.policy} on {meta.thresholds.tuned_on}, calibration {cfg.evaluate.calibration}, "
+        f"tta {meta.tta}); model card {card}")
     return meta
+
+
+def write_model_card(run: RunDir, out: str, meta: ExportMeta, manifest, min_patients: int,
+                     intended_use: str | None, limitations: tuple[str, ...]) -> str:
+    """MODEL_CARD.md/.json from the newest test report of this checkpoint, then the export is recorded in
+    the run folder (outputs.json, index.html). Returns the card's path."""
+    report, summary = _test_report(run, meta)
+    sha = meta.thresholds.checkpoint_sha256
+    now = datetime.datetime.now(datetime.timezone.utc)
+    card = model_card.build_card(meta, manifest, summary, min_patients, intended_use, limitations,
+                                 now.strftime("%Y-%m-%d %H:%M:%S"))
+    path = model_card.write_card(out, card)
+    run.record_output(RunOutput(kind="export", path=os.path.abspath(out), document=model_card.CARD_MD,
+                                written_at=now.strftime("%Y-%m-%dT%H:%M:%SZ"), checkpoint_sha256=sha,
+                                summary=f"{meta.backbone}, calibration "
+                                        f"{meta.calibration.method if meta.calibration else 'none'}, "
+                                        + (f"metrics of the test report of {report.written_at}" if report
+                                           else "no test report for the card")))
+    return path
+
+
+def _test_report(run: RunDir, meta: ExportMeta):
+    """(output, summary) of the newest test report of the exported checkpoint whose probabilities are the
+    export's (the same calibration), or (None, None)."""
+    method = meta.calibration.method if meta.calibration else "none"
+    for output in run.outputs_of("report", meta.thresholds.checkpoint_sha256, split="test"):
+        summary = read_summary(output.path)
+        if summary.calibration["method"] == method:
+            return output, summary
+    return None, None
 
 
 def _verify(out: str, model: tf.keras.Model, meta: ExportMeta) -> None:
@@ -157,6 +236,7 @@ def _verify(out: str, model: tf.keras.Model, meta: ExportMeta) -> None:
     want = tf.sigmoid(model(images, training=False)).numpy()
     if meta.tta == "flip":
         want = (want + tf.sigmoid(model(tf.image.flip_left_right(images), training=False)).numpy()) / 2
+    want = cal.apply_calibration(meta.calibration, want, meta.label_names)
     if not np.allclose(got, want, atol=1e-5):
         raise RunFailure(f"the SavedModel in {out} does not reproduce the Keras model "
                          f"(max difference {np.abs(got - want).max():.2g}); please report this")

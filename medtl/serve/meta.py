@@ -14,7 +14,7 @@ import medtl
 from medtl.config import Config, to_tree
 from medtl.data.manifest import Manifest
 from medtl.errors import MedtlError
-from medtl.train.rundir import Thresholds
+from medtl.train.rundir import Calibration, Thresholds
 from medtl.utils import fs
 
 META_FILE = "medtl_export.json"
@@ -41,6 +41,8 @@ class ExportMeta:
     config: dict  # the run's resolved config tree
     history: list = field(default_factory=list)
     medtl_version: str = medtl.__version__
+    # The calibration applied inside the SavedModel before the thresholds (None: probabilities as trained).
+    calibration: Calibration | None = None
 
     @property
     def tta(self) -> str:
@@ -51,12 +53,13 @@ class ExportMeta:
         return self.thresholds.values(self.label_names)
 
     @classmethod
-    def build(cls, cfg: Config, manifest: Manifest, thresholds: Thresholds, history: list | None) -> "ExportMeta":
+    def build(cls, cfg: Config, manifest: Manifest, thresholds: Thresholds, history: list | None,
+              calibration: Calibration | None = None) -> "ExportMeta":
         return cls(label_names=tuple(manifest.labels), thresholds=thresholds, image_size=cfg.data.image_size,
                    channels=cfg.data.channels, stored_image_size=manifest.stored_image_size,
                    bit_depth=manifest.bit_depth, aspect=manifest.aspect, frame=manifest.frame,
                    backbone=cfg.model.backbone, data_manifest_sha256=manifest.digest(), config=to_tree(cfg),
-                   history=list(history or []))
+                   history=list(history or []), calibration=calibration)
 
     def to_dict(self) -> dict:
         t, names = self.thresholds, self.label_names
@@ -68,6 +71,8 @@ class ExportMeta:
             "stored_image_size": self.stored_image_size, "bit_depth": self.bit_depth, "aspect": self.aspect,
             "frame": self.frame, "backbone": self.backbone, "checkpoint_sha256": t.checkpoint_sha256,
             "data_manifest_sha256": self.data_manifest_sha256, "config": self.config, "history": self.history,
+            "threshold_calibration": t.calibration,
+            "calibration": self.calibration.to_dict() if self.calibration else None,
         }
 
     @classmethod
@@ -78,13 +83,16 @@ class ExportMeta:
             tuned_on=raw["thresholds_tuned_on"], val_records=raw["val_records"],
             labels={n: {"threshold": t, "note": note}
                     for n, t, note in zip(names, raw["thresholds"], raw["threshold_notes"])},
-            checkpoint_sha256=raw["checkpoint_sha256"], medtl_version=raw.get("medtl_version", ""))
+            checkpoint_sha256=raw["checkpoint_sha256"], medtl_version=raw.get("medtl_version", ""),
+            calibration=raw.get("threshold_calibration", "none"))
+        calibration = Calibration.from_dict(raw["calibration"]) if raw.get("calibration") else None
         return cls(label_names=names, thresholds=thresholds, image_size=int(raw["image_size"]),
                    channels=int(raw["channels"]), stored_image_size=int(raw["stored_image_size"]),
                    bit_depth=int(raw["bit_depth"]), aspect=raw.get("aspect", "pad"),
                    frame=raw.get("frame", "middle"), backbone=raw.get("backbone", ""),
                    data_manifest_sha256=raw.get("data_manifest_sha256", ""), config=raw["config"],
-                   history=list(raw.get("history") or []), medtl_version=raw.get("medtl_version", ""))
+                   history=list(raw.get("history") or []), medtl_version=raw.get("medtl_version", ""),
+                   calibration=calibration)
 
 
 def meta_path(model_dir: str) -> str:

@@ -96,6 +96,7 @@ def _prepare_run(ctx: dist.Context, cfg: Config, run: RunDir) -> RunState:
                 log(f"train: resuming with changed execution settings: {', '.join(changed)}")
                 run.write_config(cfg)
             run.trim_history(state.history_lines)
+        run.write_index()
     shared = dist.broadcast_object(ctx, dataclasses.asdict(state) if state else None, "run_state")
     return RunState(**shared)
 
@@ -189,6 +190,7 @@ def train(cfg: Config, workdir: str, until_phase: str | None = None) -> dict:
             f"same --workdir and a later --until-phase (or none) continues with phase "
             f"'{cfg.phases[last + 1].name}'")
     run.write_summary(summary)
+    run.write_index()
     return summary
 
 

@@ -6,6 +6,11 @@ RUN/
   trainable.json               per phase, the variables it trained
   train_summary.json           what the last `medtl train` returned
   thresholds.json              operating thresholds, tuned by `medtl evaluate` / `medtl export`
+  calibration.json             the per-label calibration they were tuned on (evaluate.calibration)
+  reports/<split>/             `medtl evaluate`'s default report folder
+  outputs.json                 every report and export written from this run (wherever they are)
+  index.html                   links to all of the above, with the training curves (refreshed by
+                               train at each epoch, evaluate and export)
   base.weights.h5 (+ .json)    the pretrained base and its sidecar (`medtl pretrain`; medtl.models.basefile)
   tensorboard/{train,validation}/  scalars per epoch, Keras' layout (same tags in both, so curves overlay)
   checkpoints/
@@ -76,6 +81,8 @@ class Thresholds:
     labels: dict
     checkpoint_sha256: str = ""
     medtl_version: str = ""
+    # The calibration (evaluate.calibration) whose probabilities the thresholds were tuned on.
+    calibration: str = "none"
 
     def values(self, label_names) -> list[float]:
         return [float(self.labels[name]["threshold"]) for name in label_names]
@@ -86,12 +93,62 @@ class Thresholds:
     def to_dict(self) -> dict:
         return {"policy": self.policy, "target": self.target, "tta": self.tta, "tuned_on": self.tuned_on,
                 "val_records": self.val_records, "checkpoint_sha256": self.checkpoint_sha256,
-                "medtl_version": self.medtl_version, "labels": self.labels}
+                "medtl_version": self.medtl_version, "calibration": self.calibration, "labels": self.labels}
 
     @classmethod
     def from_dict(cls, raw: dict) -> "Thresholds":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in raw.items() if k in known})
+        return _from_known(cls, raw)
+
+
+def _from_known(cls, raw: dict):
+    """A dataclass from a JSON object, ignoring keys it does not have (written by a newer medtl)."""
+    known = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in raw.items() if k in known})
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Per-label maps from the model's probabilities to calibrated ones, fitted on one split for one
+    checkpoint (calibration.json). medtl.evaluate.calibration fits and applies them; the export applies
+    the same formulas in TensorFlow."""
+
+    method: str  # temperature, platt or isotonic
+    tta: str
+    fitted_on: str
+    val_records: int
+    # label name -> {"params": ..., "note": why the label is left as it is, or "", "val_ece": [before, after]}.
+    # params: temperature {"temperature": T}: sigmoid(logit(p) / T); platt {"slope": a, "intercept": b}:
+    # sigmoid(a * logit(p) + b); isotonic {"x": [...], "y": [...]}: linear between the points, constant
+    # outside them; {} leaves the label's probabilities as they are.
+    labels: dict
+    checkpoint_sha256: str = ""
+    medtl_version: str = ""
+
+    def params(self, name: str) -> dict:
+        return self.labels[name]["params"]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "Calibration":
+        return _from_known(cls, raw)
+
+
+@dataclass(frozen=True)
+class RunOutput:
+    """A report or an export written from this run (outputs.json), for the index and the model card."""
+
+    kind: str  # report or export
+    path: str  # its folder, absolute
+    document: str  # the file in it a reader opens (report.html, MODEL_CARD.md)
+    written_at: str  # UTC, ISO 8601
+    checkpoint_sha256: str
+    split: str = ""  # reports: the split evaluated
+    summary: str = ""  # one line for the index, e.g. the macro AUROC
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -141,6 +198,10 @@ class RunDir:
     HISTORY = "history.jsonl"
     STATE = "state.json"
     THRESHOLDS = "thresholds.json"
+    CALIBRATION = "calibration.json"
+    OUTPUTS = "outputs.json"
+    INDEX = "index.html"
+    REPORTS = "reports"
     TRAINABLE = "trainable.json"
     SUMMARY = "train_summary.json"
     TENSORBOARD = "tensorboard"
@@ -241,6 +302,7 @@ class RunDir:
             fh.flush()
             os.fsync(fh.fileno())
         self.write_state(state)
+        self.write_index()
         folder = self._file(CHECKPOINT_DIR)
         epochs = sorted(f for f in os.listdir(folder) if EPOCH_FILE.match(f))
         for old in epochs[:-keep]:
@@ -289,20 +351,81 @@ class RunDir:
         if self.primary:
             fs.write_text_atomic(self._file(self.SUMMARY), json.dumps(summary, indent=2))
 
-    def read_thresholds(self) -> Thresholds | None:
-        """The saved thresholds, or None when there are none (or they cannot be read: tune again)."""
-        path = self._file(self.THRESHOLDS)
+    def _read_tuned(self, name: str, cls):
+        """A saved Thresholds or Calibration, or None when there is none (or it cannot be read: tune again)."""
+        path = self._file(name)
         if not os.path.isfile(path):
             return None
         try:
             with open(path, encoding="utf-8") as fh:
-                return Thresholds.from_dict(json.load(fh))
+                return cls.from_dict(json.load(fh))
         except (json.JSONDecodeError, TypeError, AttributeError):
             return None
+
+    def read_thresholds(self) -> Thresholds | None:
+        return self._read_tuned(self.THRESHOLDS, Thresholds)
 
     def write_thresholds(self, thresholds: Thresholds) -> None:
         if self.primary:
             fs.write_text_atomic(self._file(self.THRESHOLDS), json.dumps(thresholds.to_dict(), indent=2))
+
+    def read_calibration(self) -> Calibration | None:
+        return self._read_tuned(self.CALIBRATION, Calibration)
+
+    def write_calibration(self, calibration: Calibration | None) -> None:
+        """Save the calibration; None (evaluate.calibration: none) removes a stale one."""
+        if not self.primary:
+            return
+        if calibration is None:
+            if os.path.isfile(self._file(self.CALIBRATION)):
+                os.remove(self._file(self.CALIBRATION))
+        else:
+            fs.write_text_atomic(self._file(self.CALIBRATION), json.dumps(calibration.to_dict(), indent=2))
+
+    # ------------------------------------------------------------------ reports, exports and the index
+
+    def report_dir(self, split: str) -> str:
+        """`medtl evaluate`'s default report folder for a split."""
+        return self._file(self.REPORTS, split)
+
+    def outputs(self) -> list[RunOutput]:
+        """Every report and export recorded, oldest first."""
+        path = self._file(self.OUTPUTS)
+        if not os.path.isfile(path):
+            return []
+        try:
+            with open(path, encoding="utf-8") as fh:
+                return [_from_known(RunOutput, row) for row in json.load(fh)]
+        except (json.JSONDecodeError, TypeError):
+            return []  # a damaged list only costs the index its links; the next write starts it again
+
+    def record_output(self, output: RunOutput) -> None:
+        """Add (or, for the same kind and path, replace) one entry, then refresh index.html."""
+        if not self.primary:
+            return
+        kept = [o for o in self.outputs() if (o.kind, o.path) != (output.kind, output.path)]
+        rows = [o.to_dict() for o in kept + [output]]
+        fs.write_text_atomic(self._file(self.OUTPUTS), json.dumps(rows, indent=1))
+        self.write_index()
+
+    def outputs_of(self, kind: str, checkpoint_sha256: str, split: str = "") -> list[RunOutput]:
+        """The recorded outputs of `kind` (and split) for that checkpoint whose folder still exists, newest first."""
+        found = [o for o in self.outputs() if o.kind == kind and o.checkpoint_sha256 == checkpoint_sha256
+                 and (not split or o.split == split) and os.path.isdir(o.path)]
+        return sorted(found, key=lambda o: o.written_at, reverse=True)
+
+    def write_index(self) -> None:
+        """RUN/index.html: the config, the training curves, the thresholds, every report and export."""
+        if not self.primary or not self.has_config():
+            return
+        from medtl.train.runindex import render_index
+
+        files = [name for name in (self.CONFIG, self.HISTORY, self.THRESHOLDS, self.CALIBRATION,
+                                   self.SUMMARY, "medtl.log") if os.path.isfile(self._file(name))]
+        if os.path.isfile(self.best_weights):
+            files.append(self.best_weights_label)
+        page = render_index(os.path.abspath(self.path), files, self.read_history() or [], self.outputs())
+        fs.write_text_atomic(self._file(self.INDEX), page)
 
     # ------------------------------------------------------------------ resuming and reading a run back
 

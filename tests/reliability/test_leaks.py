@@ -4,8 +4,9 @@
 Identifiers are planted in DICOM tags, dates and UIDs, and in the file and folder names of a PACS export
 (MRN/ACCESSION.dcm). Every command runs at debug log level: ingest (whole, and partitioned into two
 workers and a finalize), train on 1 rank and on 2 (horovodrun) with data.cache, evaluate with the
-bootstrap, compare, export, predict (the default CSV is the user's own file beside the inputs, and names
-files; --ids-only is searched) and search. Then every file medtl wrote (records, .parts/*/part.json as
+bootstrap, calibration and subgroups by every kept field (sex, age band, view, modality, manufacturer, salted
+site), compare, export with its model card, predict (the default CSV is the user's own file beside the inputs,
+and names files; --ids-only is searched) and search. Then every file medtl wrote (records, .parts/*/part.json as
 the workers left them, run folders, caches, reports, export, search DB and feature cache) and every log
 stream of every rank is byte-searched once (helpers.Corpus says how bytes are counted). Check 7b ingests
 the same planted export with --unlabeled (no labels table) and searches its records and log the same way.
@@ -21,6 +22,7 @@ import zipfile
 import pytest
 
 from conftest import assert_user_error
+from medtl.data.fields import SAFE_FIELDS
 from medtl.data.records import ALLOWED_FEATURES
 from reliability.helpers import (HOROVODRUN, JOBS, PLANTED_KINDS, TINY, Corpus, damage_two_studies, env, pacs_layout,
                                  report, run_cli, search_blobs, tree_digest)
@@ -30,6 +32,9 @@ pytestmark = pytest.mark.slow
 SALT = "planted-salt-value-0123456789"
 DEBUG = {"MEDTL_ID_SALT": SALT, "MEDTL_LOG_LEVEL": "debug", "TF_CPP_MIN_LOG_LEVEL": "0"}
 TINY_RUN = ("data.image_size=32", "train.batch_size=4", "phases.0.epochs=1", "phases.1.epochs=1")
+# Calibration, and subgroups by every kept field (site: the salted institution) with every group reported.
+CLINICAL = ("--set", "evaluate.calibration=isotonic", "--set", f"evaluate.subgroups=[{','.join(SAFE_FIELDS)}]",
+            "--set", "evaluate.subgroup_min_patients=1")
 
 
 def _read_only(folder) -> bool:
@@ -67,7 +72,7 @@ class _Commands:
 def _ingest_all(cmd, studies, art, user) -> tuple:
     images, labels = studies / "images", studies / "labels.csv"
     common = ("--images", images, "--labels", labels, "--image-size", 32, "--keep-fields",
-              "view_position,modality,sex", "--max-bad-fraction", 0.1)
+              ",".join(SAFE_FIELDS), "--max-bad-fraction", 0.1)
     assert_user_error(cmd("ingest inside input", "ingest", *common, "--out", images / "records", ok=False),
                       "is inside the input folder", "read-only")
     assert_user_error(cmd("private map in records", "ingest", *common, "--out", art / "records", "--private-map",
@@ -92,13 +97,13 @@ def _train_evaluate_compare(cmd, art, records, parted):
         cmd(f"train {ranks} rank(s)", "train", "--config", TINY, "--workdir", run,
             *[a for s in sets for a in ("--set", s)], launcher=launcher)
         cmd(f"evaluate {ranks} rank(s)", "evaluate", "--workdir", run, "--split", "test", "--out",
-            art / f"report-{ranks}", "--set", "evaluate.bootstrap=50")
+            art / f"report-{ranks}", "--set", "evaluate.bootstrap=50", *CLINICAL)
     cmd("compare", "compare", art / "report-1", art / "report-2", "--out", art / "compare.csv")
     return runs[1][0]
 
 
 def _export_predict_search(cmd, art, user, studies, run, records):
-    cmd("export", "export", "--workdir", run, "--out", art / "model")
+    cmd("export", "export", "--workdir", run, "--out", art / "model", *CLINICAL)  # with its model card
     cmd("predict", "predict", "--model", art / "model", "--images", studies / "images", "--out",
         user / "predictions.csv")
     cmd("predict --ids-only", "predict", "--model", art / "model", "--images", studies / "images", "--out",
@@ -190,6 +195,9 @@ def test_no_identifier_reaches_any_artefact_and_input_stays_untouched(dicom_stud
     assert any(k.endswith("part.json") for k in corpus.blobs) and any("study.db" in k for k in corpus.blobs)
     assert any("tfdata-cache-2" in k for k in corpus.blobs) and any("feature-cache" in k for k in corpus.blobs)
     assert any("!" in k for k in corpus.blobs), "a container (predictions.npz) was opened"
+    assert any(k.endswith("MODEL_CARD.md") for k in corpus.blobs) and any(k.endswith("index.html") for k in corpus.blobs)
+    card = corpus.blobs[str(art / "model" / "MODEL_CARD.json")].decode()
+    assert '"site-' in card and '"age_band"' in card  # the card lists the salted site and the age bands
     assert "[1]" in cmd.logs["train 2 rank(s)"], "rank 1's output was captured"
     assert corpus.bytes_counted > 1_000_000
     leaks = corpus.find(needles)
@@ -206,11 +214,12 @@ def test_no_identifier_reaches_any_artefact_and_input_stays_untouched(dicom_stud
     report("7. Identifier leak", f"{len(needles)} identifying values planted in 40 DICOM studies filed as "
            f"MRN/ACCESSION.dcm ({', '.join(f'{n} {k}s' for k, n in counts.items())}, + the salt); one study "
            "truncated, one BurnedInAnnotation=YES; at debug log level: ingest whole and in 2 workers + finalize, "
-           "train on 1 rank and on 2 (horovodrun) with data.cache, evaluate with the bootstrap, compare, export, "
+           "train on 1 rank and on 2 (horovodrun) with data.cache, evaluate with the bootstrap, calibration and "
+           "subgroups by every kept field, compare, export with its model card, "
            "predict (--ids-only searched; the default CSV is the user's own file) and search",
            f"none found in {corpus.files} files, their container members and {len(cmd.logs)} command logs (all "
            "ranks): shards, manifest, quarantine (salted ids only), part.json, checkpoints, tf.data caches, "
-           "reports, SavedModel, study DB, feature cache; the self-check finds each of "
+           "reports, run index, SavedModel, model card, study DB, feature cache; the self-check finds each of "
            f"{proven} strings planted in artefact copies; {time.monotonic() - started:.0f} s",
            identifiers_planted=len(needles), bytes_searched=corpus.bytes_counted)
     how = ("chmod a-w enforced" if enforced else "running as root, so chmod a-w does not stop writes: proven by "
@@ -240,7 +249,7 @@ def test_unlabeled_ingest_leaks_no_identifier(dicom_studies, tmp_path):
     cmd = _Commands()
     records = art / "records-unlabeled"
     cmd("ingest --unlabeled", "ingest", "--images", images, "--unlabeled", "--out", records, "--image-size", 32,
-        "--keep-fields", "view_position,modality,sex", "--max-bad-fraction", 0.1,
+        "--keep-fields", ",".join(SAFE_FIELDS), "--max-bad-fraction", 0.1,
         "--private-map", user / "private-map.csv")
     assert tree_digest(studies) == before, "the input folder changed"
 
