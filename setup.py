@@ -7,7 +7,8 @@ image. medtl.jobfiles finds the job files in a wheel and in a source checkout al
 from setuptools import find_packages, setup
 
 setup(
-    packages=find_packages(include=["medtl", "medtl.*"]) + ["medtl.jobs", "medtl.jobs.search"],
-    package_dir={"medtl.jobs": "jobs"},  # medtl.jobs.search follows: jobs/search
-    package_data={"medtl": ["py.typed"], "medtl.jobs": ["*.yaml"], "medtl.jobs.search": ["*.yaml"]},
+    packages=find_packages(include=["medtl", "medtl.*"]) + ["medtl.jobs", "medtl.jobs.search", "medtl.jobs.label_maps"],
+    package_dir={"medtl.jobs": "jobs"},  # medtl.jobs.search and .label_maps follow: jobs/search, jobs/label_maps
+    package_data={"medtl": ["py.typed"], "medtl.jobs": ["*.yaml"], "medtl.jobs.search": ["*.yaml"],
+                  "medtl.jobs.label_maps": ["*.yaml"]},
 )

@@ -341,6 +341,10 @@ class EvaluateConfig:
     seed: int = 0
     # Equal-width probability bins of the reliability diagram and the expected calibration error.
     calibration_bins: int = 10
+    # Grad-CAM overlays in the report: per label, the top true positives, false positives and false negatives at the thresholds. Off by default: image pixels can carry burned-in text (names, dates).
+    saliency: bool = False
+    # With evaluate.saliency: overlays per label and category (true positive, false positive, false negative).
+    saliency_examples: int = 3
 
     def check(self) -> list[tuple[str, str]]:
         problems = []
@@ -352,6 +356,8 @@ class EvaluateConfig:
             problems.append(("confidence", f"must be in [0.5, 1), got {self.confidence}"))
         if not 2 <= self.calibration_bins <= 100:
             problems.append(("calibration_bins", f"must be in [2, 100], got {self.calibration_bins}"))
+        if not 1 <= self.saliency_examples <= 20:
+            problems.append(("saliency_examples", f"must be in [1, 20], got {self.saliency_examples}"))
         return problems
 
 

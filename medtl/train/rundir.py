@@ -6,6 +6,8 @@ RUN/
   trainable.json               per phase, the variables it trained
   train_summary.json           what the last `medtl train` returned
   thresholds.json              operating thresholds, tuned by `medtl evaluate` / `medtl export`
+  evaluations/<split>.json     AUROC/AUPRC with intervals of the last `medtl evaluate` of a split (what
+                               `medtl export` carries as the internal test result)
   base.weights.h5 (+ .json)    the pretrained base and its sidecar (`medtl pretrain`; medtl.models.basefile)
   tensorboard/                 scalars per epoch
   checkpoints/
@@ -94,6 +96,34 @@ class Thresholds:
         return cls(**{k: v for k, v in raw.items() if k in known})
 
 
+@dataclass(frozen=True)
+class SplitMetrics:
+    """AUROC and AUPRC with intervals of one evaluated split for one checkpoint (evaluations/<split>.json);
+    an export carries the test split's, so that an external evaluation can set its result beside it."""
+
+    split: str
+    checkpoint_sha256: str
+    tta: str
+    n: int
+    patients: int
+    confidence: float
+    bootstrap: int  # resamples behind the intervals (0: no intervals)
+    # label name -> {"n", "positives", "prevalence", "auroc", "auroc_ci", "auprc", "auprc_ci"}
+    labels: dict
+    # {"auroc", "auroc_ci", "auprc", "auprc_ci", "labels_averaged"}
+    macro: dict
+    evaluated_at: str = ""
+    medtl_version: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "SplitMetrics":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in known})
+
+
 def phase_weights_name(index: int, name: str) -> str:
     return f"phase{index}-{name}{_WEIGHTS_SUFFIX}"
 
@@ -119,6 +149,7 @@ class RunDir:
     TRAINABLE = "trainable.json"
     SUMMARY = "train_summary.json"
     TENSORBOARD = "tensorboard"
+    EVALUATIONS = "evaluations"
 
     def __init__(self, path: str, primary: bool = True):
         self.path = path
@@ -273,6 +304,25 @@ class RunDir:
     def write_thresholds(self, thresholds: Thresholds) -> None:
         if self.primary:
             fs.write_text_atomic(self._file(self.THRESHOLDS), json.dumps(thresholds.to_dict(), indent=2))
+
+    def _split_metrics_file(self, split: str) -> str:
+        return self._file(self.EVALUATIONS, f"{split}.json")
+
+    def read_split_metrics(self, split: str) -> SplitMetrics | None:
+        """The last evaluation of `split`, or None when there is none (or it cannot be read)."""
+        path = self._split_metrics_file(split)
+        if not os.path.isfile(path):
+            return None
+        try:
+            with open(path, encoding="utf-8") as fh:
+                return SplitMetrics.from_dict(json.load(fh))
+        except (json.JSONDecodeError, TypeError, AttributeError):
+            return None
+
+    def write_split_metrics(self, metrics: SplitMetrics) -> None:
+        if self.primary:
+            os.makedirs(self._file(self.EVALUATIONS), exist_ok=True)
+            fs.write_text_atomic(self._split_metrics_file(metrics.split), json.dumps(metrics.to_dict(), indent=2))
 
     # ------------------------------------------------------------------ resuming and reading a run back
 

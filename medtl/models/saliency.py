@@ -1,0 +1,91 @@
+"""Grad-CAM (Selvaraju et al., 2017): where in the image each label's logit comes from.
+
+The map is the "backbone" submodel's output, the last convolutional feature map that every backbone
+medtl offers ends with. A label's channel weights are the spatial mean of its logit's gradient there;
+the map is ReLU(sum of weighted channels), upsampled to the input, scaled to [0, 1]. Float32 throughout,
+whatever the model's precision (a mixed_float16 map is cast first).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from medtl.tf import tf
+
+LAYER = "backbone"
+# Heat below this fraction of a map's maximum stays transparent in an overlay: the image shows through.
+OVERLAY_FLOOR = 0.1
+# Opacity of the heat colour at the map's maximum.
+OVERLAY_ALPHA = 0.6
+
+
+def build_feature_model(model: tf.keras.Model) -> tf.keras.Model:
+    """images -> ((batch, h, w, c) backbone feature map, (batch, L) logits), sharing the classifier's weights."""
+    # The classifier calls its base once: node 0 is that call, in the classifier's graph (the base's
+    # own `.output` is the tensor inside the base).
+    features = model.get_layer(LAYER).get_output_at(0)
+    return tf.keras.Model(model.inputs, [features, model.output], name="medtl_gradcam")
+
+
+def _raw_maps(feature_model: tf.keras.Model, images):
+    """(batch, h, w, L) float32 Grad-CAM maps before scaling, and (batch, L) float32 logits."""
+    with tf.GradientTape(persistent=True) as tape:
+        # Watching the input records every op after it, so the map's gradient exists even when
+        # the model's variables are frozen; tape.gradient then only walks the head, back to the map.
+        tape.watch(images)
+        features, logits = feature_model(images, training=False)
+        logits = tf.cast(logits, tf.float32)
+        per_label = [logits[:, k] for k in range(logits.shape[-1])]
+    maps = []
+    for target in per_label:
+        grads = tf.cast(tape.gradient(target, features), tf.float32)  # (batch, h, w, c)
+        weights = tf.reduce_mean(grads, axis=[1, 2], keepdims=True)  # (batch, 1, 1, c)
+        maps.append(tf.nn.relu(tf.reduce_sum(weights * tf.cast(features, tf.float32), axis=-1)))
+    del tape
+    return tf.stack(maps, axis=-1), logits
+
+
+def gradcam(feature_model: tf.keras.Model, images, tta: str = "none"):
+    """(batch, size, size, c) images in [0, 255] -> (batch, size, size, L) float32 maps in [0, 1].
+
+    With tta='flip' (the probabilities average an image and its mirror) the mirror's map, flipped
+    back, is averaged in too. A map that is 0 everywhere: no region raises that label's logit.
+    """
+    images = tf.convert_to_tensor(images, tf.float32)
+    maps, _ = _raw_maps(feature_model, images)
+    if tta == "flip":
+        mirrored, _ = _raw_maps(feature_model, tf.image.flip_left_right(images))
+        maps = (maps + tf.image.flip_left_right(mirrored)) / 2.0
+    size = tf.shape(images)[1:3]
+    maps = tf.image.resize(maps, size, method="bilinear")
+    peak = tf.reduce_max(maps, axis=[1, 2], keepdims=True)
+    return tf.math.divide_no_nan(maps, peak)
+
+
+def build_gradcam_fn(model: tf.keras.Model, tta: str = "none"):
+    """A tf.function images -> maps (see gradcam) for a Keras classifier."""
+    feature_model = build_feature_model(model)
+    return tf.function(lambda images: gradcam(feature_model, images, tta), reduce_retracing=True)
+
+
+def overlay(image: np.ndarray, heat: np.ndarray) -> np.ndarray:
+    """(h, w) or (h, w, c) image in [0, 255] and (h, w) map in [0, 1] -> (h, w, 3) uint8 RGB overlay.
+
+    The JET colour is blended in with an opacity that grows with the heat, so that where the map
+    is below OVERLAY_FLOOR the pixel stays the image's own grey.
+    """
+    import cv2
+
+    gray = image if image.ndim == 2 else image[..., 0]
+    gray = np.clip(gray, 0, 255).astype(np.float32)
+    heat = np.clip(np.nan_to_num(heat.astype(np.float32)), 0.0, 1.0)
+    colour = cv2.applyColorMap(np.round(heat * 255).astype(np.uint8), cv2.COLORMAP_JET)[..., ::-1]  # BGR -> RGB
+    alpha = OVERLAY_ALPHA * np.clip((heat - OVERLAY_FLOOR) / (1 - OVERLAY_FLOOR), 0.0, 1.0)[..., None]
+    blended = (1 - alpha) * gray[..., None] + alpha * colour.astype(np.float32)
+    return np.round(blended).astype(np.uint8)
+
+
+def write_overlay_png(path: str, image: np.ndarray, heat: np.ndarray) -> None:
+    import cv2
+
+    if not cv2.imwrite(path, overlay(image, heat)[..., ::-1]):
+        raise OSError(f"could not write {path}")
