@@ -16,7 +16,7 @@ import pytest
 from medtl.data.manifest import read_manifest
 from medtl.train.rundir import RunDir
 
-from conftest import JOBS, assert_user_error, run_cli
+from conftest import JOBS, assert_user_error, chromium_flags, chromium_probe, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -242,35 +242,18 @@ def test_evaluate_an_exported_model_on_records(exported, report, records, tmp_pa
 
 def test_report_renders_in_headless_chromium(report, tmp_path):
     """The page loads without errors, every plot decodes, and the screenshot shows the plots."""
-    import html
+    import subprocess
 
     import cv2
 
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    assert chromium, "Debian chromium is missing: run `make system-deps`"
-    page = open(os.path.join(report, "report.html"), encoding="utf-8").read()
-    probe_head = ("<script>window.__errors=[];window.addEventListener('error',"
-                  "e=>window.__errors.push(String(e.message||(e.target&&e.target.tagName))),true);</script>")
-    probe_tail = ("<script>window.addEventListener('load',()=>{const i=[...document.images];"
-                  "document.body.setAttribute('data-probe',JSON.stringify({images:i.length,"
-                  "decoded:i.filter(x=>x.complete&&x.naturalWidth>100).length,errors:window.__errors}));});</script>")
-    probed = tmp_path / "probed.html"
-    probed.write_text(page.replace("<head>", "<head>" + probe_head, 1).replace("</body>", probe_tail + "</body>"))
-    flags = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-             "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
-             f"--user-data-dir={tmp_path / 'profile'}"]
-    import subprocess
-
-    dom = subprocess.run(flags + ["--virtual-time-budget=10000", "--dump-dom", probed.as_uri()],
-                         capture_output=True, text=True, timeout=120)
-    assert dom.returncode == 0, dom.stderr[-2000:]
-    probe = json.loads(html.unescape(re.search(r'data-probe="([^"]*)"', dom.stdout).group(1)))
-    assert probe == {"images": 6, "decoded": 6, "errors": []}
+    probe = chromium_probe(os.path.join(report, "report.html"), tmp_path)
+    assert {k: probe[k] for k in ("images", "decoded", "errors")} == {"images": 6, "decoded": 6, "errors": []}
+    assert set(probe["sections"]) == set(SECTIONS) and min(probe["sections"].values()) > 0
 
     shot = tmp_path / "shot.png"
-    r = subprocess.run(flags + [f"--screenshot={shot}", "--window-size=1280,3000",
-                                "file://" + os.path.abspath(os.path.join(report, "report.html"))],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(chromium_flags(tmp_path / "profile") + [
+        f"--screenshot={shot}", "--window-size=1280,3000", "file://" + os.path.abspath(os.path.join(report, "report.html"))],
+        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and shot.is_file(), r.stderr[-2000:]
     image = cv2.imread(str(shot))
     assert image.shape[:2] == (3000, 1280)
