@@ -298,7 +298,8 @@ def _saliency_section(report: dict, figures: dict) -> str:
     return f"""<section id="saliency" class=saliency><h2>Saliency (Grad-CAM)</h2>
 <p class=caption>Per label, up to {n} of each: the most confident true positives and false positives, and the
 false negatives with the lowest probability, at the val-chosen threshold. The heat map is Grad-CAM on the backbone's
-last feature map (red: raises the label's logit most); below its tenth the image shows through. Each image is named
+last feature map (red: raises the label's logit most), each cell drawn where it is centred in the image; below its
+tenth the image shows through. Each image is named
 by its salted record key. A heat map shows where the model looks, not why, and it is coarse: the feature map
 has one cell per 32 pixels of the model's input ({html.escape(str(report['provenance']['model']))}).</p>
 <p class=warn>These images are pixels from the records: they can carry burned-in text.</p>

@@ -27,7 +27,7 @@ from medtl.data.pipeline import build_resize_fn, decode_stored_png
 from medtl.errors import MedtlError, RunFailure
 from medtl.evaluate.run import load_or_tune_thresholds, with_evaluate_overrides
 from medtl.models.saliency import LAYER as GRADCAM_LAYER
-from medtl.models.saliency import build_feature_model, build_gradcam_fn, gradcam
+from medtl.models.saliency import GradCam, build_gradcam_fn
 from medtl.serve.meta import META_FILE, ExportMeta, write_meta
 from medtl.tf import tf
 from medtl.train.rundir import RunDir, load_run
@@ -116,14 +116,14 @@ class ExportModule(tf.Module):
     # ------------------------------------------------------------------ saliency (Grad-CAM)
 
     def _add_saliency(self, model: tf.keras.Model, size: int, channels: int) -> None:
-        self._gradcam = _Untracked(build_feature_model(model))  # shares model_variables
+        self._gradcam = _Untracked(GradCam(model))  # shares model_variables
         self.saliency_images = tf.function(self._saliency_images, input_signature=[
             tf.TensorSpec((None, size, size, channels), tf.float32, name="images")])
         self.saliency_bytes = tf.function(self._saliency_bytes, input_signature=[
             tf.TensorSpec((None,), tf.string, name="image_bytes")])
 
     def _saliency_images(self, images):
-        return {"saliency": gradcam(self._gradcam.model, images, self._meta.tta), **self._predict_images(images)}
+        return {"saliency": self._gradcam.model(images, self._meta.tta), **self._predict_images(images)}
 
     def _saliency_bytes(self, image_bytes):
         images = self._decode_batch(image_bytes)

@@ -290,16 +290,20 @@ class RunDir:
         if self.primary:
             fs.write_text_atomic(self._file(self.SUMMARY), json.dumps(summary, indent=2))
 
-    def read_thresholds(self) -> Thresholds | None:
-        """The saved thresholds, or None when there are none (or they cannot be read: tune again)."""
-        path = self._file(self.THRESHOLDS)
+    @staticmethod
+    def _read_record(path: str, cls):
+        """A record file of the run as `cls` (from_dict), or None when it is missing or unreadable."""
         if not os.path.isfile(path):
             return None
         try:
             with open(path, encoding="utf-8") as fh:
-                return Thresholds.from_dict(json.load(fh))
+                return cls.from_dict(json.load(fh))
         except (json.JSONDecodeError, TypeError, AttributeError):
             return None
+
+    def read_thresholds(self) -> Thresholds | None:
+        """The saved thresholds, or None when there are none (or they cannot be read: tune again)."""
+        return self._read_record(self._file(self.THRESHOLDS), Thresholds)
 
     def write_thresholds(self, thresholds: Thresholds) -> None:
         if self.primary:
@@ -310,14 +314,7 @@ class RunDir:
 
     def read_split_metrics(self, split: str) -> SplitMetrics | None:
         """The last evaluation of `split`, or None when there is none (or it cannot be read)."""
-        path = self._split_metrics_file(split)
-        if not os.path.isfile(path):
-            return None
-        try:
-            with open(path, encoding="utf-8") as fh:
-                return SplitMetrics.from_dict(json.load(fh))
-        except (json.JSONDecodeError, TypeError, AttributeError):
-            return None
+        return self._read_record(self._split_metrics_file(split), SplitMetrics)
 
     def write_split_metrics(self, metrics: SplitMetrics) -> None:
         if self.primary:
