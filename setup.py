@@ -7,8 +7,9 @@ image. medtl.jobfiles finds the job files in a wheel and in a source checkout al
 from setuptools import find_packages, setup
 
 setup(
-    packages=find_packages(include=["medtl", "medtl.*"]) + ["medtl.jobs", "medtl.jobs.search", "medtl.jobs.heads"],
-    package_dir={"medtl.jobs": "jobs"},  # medtl.jobs.search and medtl.jobs.heads follow: jobs/search, jobs/heads
+    packages=find_packages(include=["medtl", "medtl.*"]) + ["medtl.jobs", "medtl.jobs.search", "medtl.jobs.heads",
+                                                            "medtl.jobs.label_maps"],
+    package_dir={"medtl.jobs": "jobs"},  # the subpackages follow: jobs/search, jobs/heads, jobs/label_maps
     package_data={"medtl": ["py.typed"], "medtl.jobs": ["*.yaml"], "medtl.jobs.search": ["*.yaml"],
-                  "medtl.jobs.heads": ["*.yaml"]},
+                  "medtl.jobs.heads": ["*.yaml"], "medtl.jobs.label_maps": ["*.yaml"]},
 )

@@ -124,6 +124,7 @@ class PredictResult:
     files: int
     predicted: int
     errors: int  # files that could not be decoded
+    saliency: str | None = None  # the overlays' folder, when asked for
 
 
 def _job_config(config: ConfigLike, overrides: typing.Sequence[str]) -> Config:
@@ -285,12 +286,16 @@ def search(config: ConfigLike, space: str, budget: float, workdir: str, override
 
 
 def evaluate(workdir: str | None = None, *, out: str | None = None, model: str | None = None,
-             records: str | None = None, split: str = "test", overrides: typing.Sequence[str] = ()) -> EvaluateResult | None:
+             records: str | None = None, split: str = "test", overrides: typing.Sequence[str] = (),
+             label_map: str | None = None) -> EvaluateResult | None:
     """Evaluate a run's best checkpoint (`workdir`), or an exported model (`model`) on a records folder
     (`records`), on one split; writes the report folder `out` (for a run, by default RUN/reports/SPLIT).
-    None on ranks other than 0."""
+    `label_map` (a YAML file, model label: records label) scores an export on records whose labels are
+    named otherwise. None on ranks other than 0."""
     if (workdir is None) == (model is None):
         raise MedtlError("evaluate needs either a run folder (workdir) or an exported model (model), not both")
+    if label_map is not None:
+        _check_label_map(model, records, label_map)
     if workdir is not None:
         if records is not None:
             raise MedtlError("records goes with model (an export); a run folder (workdir) evaluates its own records")
@@ -310,7 +315,7 @@ def evaluate(workdir: str | None = None, *, out: str | None = None, model: str |
                              "default report folder (RUN/reports/SPLIT)")
         from medtl.serve.evaluate import evaluate_export
 
-        report = evaluate_export(model, records, split, out, list(overrides))
+        report = evaluate_export(model, records, split, out, list(overrides), label_map)
     if not report:
         return None
     from medtl.evaluate.report import METRICS_FILE, REPORT_FILE
@@ -321,6 +326,17 @@ def evaluate(workdir: str | None = None, *, out: str | None = None, model: str |
                           num_images=report["n"], num_patients=report["patients"],
                           macro_auroc=report["macro"]["auroc"], macro_auroc_ci=tuple(ci) if ci else None,
                           metrics=report)
+
+
+def _check_label_map(model: str | None, records: str | None, label_map: str) -> None:
+    """A label map's errors before TensorFlow loads (they take a second, not twenty)."""
+    if model is None or records is None:
+        raise MedtlError("a label map goes with an exported model and records (model, records; --model, --records)")
+    from medtl.data.manifest import read_manifest
+    from medtl.evaluate.external import build_mapping
+    from medtl.serve.meta import read_meta
+
+    build_mapping(label_map, read_meta(model).label_names, read_manifest(records).labels, model, records)
 
 
 def export(workdir: str, out: str, overrides: typing.Sequence[str] = (), intended_use: str | None = None,
@@ -342,14 +358,17 @@ def export(workdir: str, out: str, overrides: typing.Sequence[str] = (), intende
 
 
 def predict(model: str, images: str, out: str, batch_size: int = 32, ids_only: bool = False,
-            salt_file: str | None = None) -> PredictResult:
+            salt_file: str | None = None, saliency: str | None = None) -> PredictResult:
     """Predict study files (a folder, searched recursively, or a CSV with a 'path' column) with an exported
     model; writes one CSV row per file to `out`, naming it by its path, or with `ids_only` by its salted
-    study id (the key ingest gives the same file under the same salt and base folder)."""
+    study id (the key ingest gives the same file under the same salt and base folder). With `saliency`
+    (a folder), each file's Grad-CAM overlays go into a subfolder named as its row."""
     if batch_size < 1:
         raise MedtlError(f"batch_size must be >= 1, got {batch_size}")
     from medtl.serve.predict import predict_files
 
-    counts = predict_files(model, images, out, batch_size, ids_only=ids_only, salt_file=salt_file)
-    return PredictResult(out=out, files=counts["files"], predicted=counts["predicted"], errors=counts["errors"])
+    counts = predict_files(model, images, out, batch_size, ids_only=ids_only, salt_file=salt_file,
+                           saliency_dir=saliency)
+    return PredictResult(out=out, files=counts["files"], predicted=counts["predicted"], errors=counts["errors"],
+                         saliency=saliency)
 

@@ -165,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--workdir", help="run folder written by `medtl train`")
     source.add_argument("--model", help="SavedModel folder written by `medtl export` (needs --records)")
     p.add_argument("--records", help="records folder to evaluate an exported model on (with --model)")
+    p.add_argument("--label-map", metavar="MAP.yaml", type=jobfiles.resolve,
+                   help="with --model: YAML of `model label: records label` lines for records whose labels are "
+                        "named otherwise (e.g. another site's); the mapped labels are scored, the others listed")
     p.add_argument("--split", default="test", help="split to evaluate (default test)")
     p.add_argument("--out", default=None,
                    help="report folder (report.html, metrics.json, per_label.csv, predictions.npz); default "
@@ -212,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "files under the same salt and folder)")
     p.add_argument("--salt-file", default=None,
                    help="with --ids-only: secret salt (default $MEDTL_ID_SALT or ~/.config/medtl/id_salt)")
+    p.add_argument("--saliency", metavar="DIR", default=None,
+                   help="also write Grad-CAM overlays: DIR/<file's name in the CSV>/<label>.png and <label>.heatmap.png "
+                        "(they show the images' pixels, which can carry burned-in text)")
 
     p = sub.add_parser("demo", help="transfer learning end to end on built-in synthetic data",
                        description="Synthesise an archive and a target set of studies, pretrain the base on the "
@@ -411,8 +417,11 @@ def cmd_evaluate(args) -> int:
     if args.model and not args.out:
         raise MedtlError("--model needs --out REPORT: only a run folder (--workdir) has a default report folder "
                          "(RUN/reports/SPLIT)")
+    if args.label_map and not args.model:
+        raise MedtlError("--label-map goes with --model and --records: it maps an export's labels to those of "
+                         "other records")
     api.evaluate(args.workdir, out=args.out, model=args.model, records=args.records, split=args.split,
-                 overrides=args.overrides)
+                 overrides=args.overrides, label_map=args.label_map)
     return 0
 
 
@@ -431,7 +440,8 @@ def cmd_export(args) -> int:
 def cmd_predict(args) -> int:
     if args.batch_size < 1:
         raise MedtlError(f"--batch-size must be >= 1, got {args.batch_size}")
-    api.predict(args.model, args.images, args.out, args.batch_size, ids_only=args.ids_only, salt_file=args.salt_file)
+    api.predict(args.model, args.images, args.out, args.batch_size, ids_only=args.ids_only, salt_file=args.salt_file,
+                saliency=args.saliency)
     return 0
 
 

@@ -554,6 +554,10 @@ class EvaluateConfig:
     subgroups: tuple[str, ...] = ()
     # Subgroups with fewer patients are merged into "other", and "other" is suppressed when it is still smaller (fewer would give intervals too wide to flag anything, and small cells can single out patients).
     subgroup_min_patients: int = 30
+    # Grad-CAM overlays in the report: per label, the top true positives, false positives and false negatives at the thresholds. Off by default: image pixels can carry burned-in text (names, dates).
+    saliency: bool = False
+    # With evaluate.saliency: overlays per label and category (true positive, false positive, false negative).
+    saliency_examples: int = 3
 
     def check(self) -> list[tuple[str, str]]:
         problems = []
@@ -575,6 +579,8 @@ class EvaluateConfig:
             problems.append(("confidence", f"must be in [0.5, 1), got {self.confidence}"))
         if not 2 <= self.calibration_bins <= 100:
             problems.append(("calibration_bins", f"must be in [2, 100], got {self.calibration_bins}"))
+        if not 1 <= self.saliency_examples <= 20:
+            problems.append(("saliency_examples", f"must be in [1, 20], got {self.saliency_examples}"))
         return problems
 
 

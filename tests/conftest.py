@@ -115,6 +115,41 @@ def assert_user_error(result: subprocess.CompletedProcess, *fragments: str, exit
     return errors[0]
 
 
+def chromium_flags(profile) -> list[str]:
+    """Debian's headless Chromium, offline and without a sandbox (tests run as root in containers)."""
+    import shutil
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "Debian chromium is missing: run `make system-deps`"
+    return [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
+            f"--user-data-dir={profile}"]
+
+
+def chromium_probe(page_path, tmp_path) -> dict:
+    """Load an HTML page in headless Chromium; {'images': <img> count, 'decoded': images decoded wider than
+    100 px, 'errors': script or resource errors, 'sections': {section id: rendered height in px}, 'dom': the
+    DOM after load}."""
+    import html
+
+    page = open(page_path, encoding="utf-8").read()
+    probe_head = ("<script>window.__errors=[];window.addEventListener('error',"
+                  "e=>window.__errors.push(String(e.message||(e.target&&e.target.tagName))),true);</script>")
+    probe_tail = ("<script>window.addEventListener('load',()=>{const i=[...document.images];"
+                  "const s={};document.querySelectorAll('section').forEach(x=>s[x.id]=x.offsetHeight);"
+                  "document.body.setAttribute('data-probe',JSON.stringify({images:i.length,"
+                  "decoded:i.filter(x=>x.complete&&x.naturalWidth>100).length,errors:window.__errors,"
+                  "sections:s}));});</script>")
+    probed = tmp_path / "probed.html"
+    probed.write_text(page.replace("<head>", "<head>" + probe_head, 1).replace("</body>", probe_tail + "</body>"))
+    dom = subprocess.run(chromium_flags(tmp_path / "profile") + ["--virtual-time-budget=10000", "--dump-dom",
+                                                                 probed.as_uri()],
+                         capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    probe = json.loads(html.unescape(re.search(r'data-probe="([^"]*)"', dom.stdout).group(1)))
+    return {**probe, "dom": dom.stdout}
+
+
 @pytest.fixture(scope="session")
 def studies(tmp_path_factory) -> str:
     """240 synthetic PNG studies (ChestX-ray14 layout) at 96 px."""

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 
 import numpy as np
@@ -16,7 +17,7 @@ import pytest
 from medtl.data.manifest import read_manifest
 from medtl.train.rundir import RunDir
 
-from conftest import JOBS, age_band_by_hand, assert_user_error, run_cli
+from conftest import JOBS, age_band_by_hand, assert_user_error, chromium_flags, chromium_probe, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -460,35 +461,18 @@ def test_report_renders_in_headless_chromium(report, clinical_report, tmp_path):
 
 
 def _render(page_path, tmp_path) -> str:
-    """Render a report in headless Chromium; returns its DOM after load."""
-    import html
-    import subprocess
-
+    """Render a report in headless Chromium: every plot decodes, every section has height, the screenshot
+    shows the plots. Returns its DOM after load."""
     import cv2
 
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    assert chromium, "Debian chromium is missing: run `make system-deps`"
     tmp_path.mkdir()
-    page = open(page_path, encoding="utf-8").read()
-    probe_head = ("<script>window.__errors=[];window.addEventListener('error',"
-                  "e=>window.__errors.push(String(e.message||(e.target&&e.target.tagName))),true);</script>")
-    probe_tail = ("<script>window.addEventListener('load',()=>{const i=[...document.images];"
-                  "document.body.setAttribute('data-probe',JSON.stringify({images:i.length,"
-                  "decoded:i.filter(x=>x.complete&&x.naturalWidth>100).length,errors:window.__errors}));});</script>")
-    probed = tmp_path / "probed.html"
-    probed.write_text(page.replace("<head>", "<head>" + probe_head, 1).replace("</body>", probe_tail + "</body>"))
-    flags = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-             "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
-             f"--user-data-dir={tmp_path / 'profile'}"]
-    dom = subprocess.run(flags + ["--virtual-time-budget=10000", "--dump-dom", probed.as_uri()],
-                         capture_output=True, text=True, timeout=120)
-    assert dom.returncode == 0, dom.stderr[-2000:]
-    probe = json.loads(html.unescape(re.search(r'data-probe="([^"]*)"', dom.stdout).group(1)))
-    assert probe == {"images": FIGURES, "decoded": FIGURES, "errors": []}
-
+    probe = chromium_probe(page_path, tmp_path)
+    assert {k: probe[k] for k in ("images", "decoded", "errors")} == {"images": FIGURES, "decoded": FIGURES,
+                                                                      "errors": []}
+    assert all(height > 0 for height in probe["sections"].values()), probe["sections"]
     shot = tmp_path / "shot.png"
-    r = subprocess.run(flags + [f"--screenshot={shot}", "--window-size=1280,3000",
-                                "file://" + os.path.abspath(page_path)],
+    r = subprocess.run(chromium_flags(tmp_path / "profile") + [f"--screenshot={shot}", "--window-size=1280,3000",
+                                                               "file://" + os.path.abspath(page_path)],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and shot.is_file(), r.stderr[-2000:]
     image = cv2.imread(str(shot))
@@ -496,7 +480,7 @@ def _render(page_path, tmp_path) -> str:
     assert (image.min(axis=2) < 200).mean() > 0.02  # far from blank
     plot_blue = np.abs(image.astype(int) - np.array([168, 95, 31])).sum(axis=2) < 40  # BGR of #1f5fa8
     assert plot_blue.sum() > 2000  # the bar charts and curves are drawn
-    return dom.stdout
+    return probe["dom"]
 
 
 def test_horovodrun_two_ranks_evaluate_like_one(report, run, tmp_path):

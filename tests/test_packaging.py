@@ -23,7 +23,7 @@ MINIMAL = {"phases": [{"name": "head", "epochs": 1, "learning_rate": 1e-3}]}
 
 def shipped_job_files() -> list[str]:
     """The job files of the repository's jobs/ that a wheel must carry, relative to jobs/."""
-    paths = [p for folder in ("", "search", "heads") for p in glob.glob(os.path.join(JOBS, folder, "*.yaml"))]
+    paths = [p for folder in ("", "search", "heads", "label_maps") for p in glob.glob(os.path.join(JOBS, folder, "*.yaml"))]
     return sorted(os.path.relpath(p, JOBS).replace(os.sep, "/") for p in paths)
 
 
@@ -47,7 +47,8 @@ def wheel(tmp_path_factory) -> str:
 def test_the_wheel_ships_every_job_file(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     wanted = shipped_job_files()
-    assert {"demo.yaml", "smoke.yaml", "chestxray14_b4.yaml", "search/heads.yaml", "heads/best_b4.yaml"} <= set(wanted)
+    assert {"demo.yaml", "smoke.yaml", "chestxray14_b4.yaml", "search/heads.yaml", "heads/best_b4.yaml",
+            "label_maps/chexpert_to_cxr14.yaml"} <= set(wanted)
     assert {f"medtl/jobs/{name}" for name in wanted} <= names
     with zipfile.ZipFile(wheel) as whl:
         for name in wanted:

@@ -277,4 +277,31 @@ def learning_curve(fractions: list[float], aurocs: list[float], head: str) -> st
     ax.set_ylabel("val macro AUROC")
     ax.set_title(head if len(head) < 70 else head[:67] + "...", fontsize=7)
     ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return to_png(fig)
+
+
+def saliency_grid(label: str, panels: dict, categories, columns: int) -> str:
+    """One label's Grad-CAM overlays: a row per category, up to `columns` images, each (rgb, caption)."""
+    plt = _plt()
+    fig, axes = plt.subplots(len(categories), columns, figsize=(1.55 * columns + 1.1, 1.75 * len(categories)),
+                             squeeze=False)
+    for r, category in enumerate(categories):
+        items = panels.get(category) or []
+        for c in range(columns):
+            ax = axes[r][c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_visible(False)
+            if c < len(items):
+                rgb, caption = items[c]
+                ax.imshow(rgb, interpolation="nearest")
+                ax.set_xlabel(caption, fontsize=6)
+            elif c == 0:
+                ax.text(0.5, 0.5, f"no {category}s", ha="center", va="center", color=MUTED,
+                        transform=ax.transAxes)
+        axes[r][0].set_ylabel(category, fontsize=8, fontweight="bold")
+    fig.suptitle(label, fontweight="bold", fontsize=10)
+    fig.tight_layout()
     return to_png(fig)

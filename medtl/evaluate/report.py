@@ -22,6 +22,8 @@ PER_LABEL_COLUMNS = ("label", "n", "excluded", "positives", "prevalence", "auroc
                      "specificity", "ppv", "npv", "f1", "tp", "fp", "tn", "fn", "ece", "note")
 SECTIONS = ("summary", "provenance", "auroc", "prevalence", "roc", "pr", "calibration", "subgroups", "training",
             "overfitting")
+# Sections present only when asked for: an export on other records, and evaluate.saliency.
+OPTIONAL_SECTIONS = ("external", "saliency")
 
 
 def write_predictions(out: str, preds: dict, label_names, thresholds) -> None:
@@ -251,6 +253,8 @@ table.prov td { text-align: left; font-family: monospace; font-size: 12px; }
 .caption { color: #5b6270; font-size: 13px; margin: 2px 0 8px; } .missing { color: #8a3b12; }
 img { max-width: 100%; height: auto; display: block; }
 pre { background: #f3f5f8; padding: 10px; font-size: 12px; overflow-x: auto; }
+.warn { border: 1px solid #e0a030; background: #fff7e6; padding: 8px 12px; border-radius: 6px; font-size: 13px; }
+tr.apart td { background: #fdecea; } .saliency img { max-width: 720px; margin: 8px 0; }
 """
 
 
@@ -315,7 +319,7 @@ def render_html(report: dict, figures: dict, config_yaml: str) -> str:
 <p class=caption>Split <b>{html.escape(report['split'])}</b> of {html.escape(str(prov['data records']))},
 model {html.escape(str(prov['model']))}. Thresholds: <b>{html.escape(thr['policy'])}</b>{target}, tuned per label on
 <b>{html.escape(thr['tuned_on'])}</b>. {html.escape(ci_text)}.</p>
-<div class=headline>{headline}</div>
+{_pixels_banner(report)}<div class=headline>{headline}</div>
 {_links(report)}
 <section id="summary"><h2>Summary</h2>
 <table><thead><tr><th>label</th><th>n</th><th>masked</th><th>positives</th><th>prevalence</th>
@@ -329,7 +333,9 @@ Sensitivity to F1 at the val-chosen threshold (probability &ge; threshold is pos
 {_phases_section(report.get("phases") or [])}
 <section id="provenance"><h2>Provenance</h2><table class=prov>{_provenance_rows(prov)}</table>
 <details><summary>resolved config</summary><pre>{html.escape(config_yaml)}</pre></details></section>
+{_external_section(report)}
 {body}
+{_saliency_section(report, figures)}
 </main></body></html>
 """
 
@@ -341,6 +347,82 @@ def _phases_section(phases: list[dict]) -> str:
             "<th>epochs</th><th>best val macro AUROC</th></tr></thead><tbody>" + _phase_rows(phases)
             + "</tbody></table><p class=caption>From history.jsonl. A first phase that trains the head only on "
             "the frozen base measures how well the base's features serve this task.</p></section>")
+
+
+# --------------------------------------------------------------------------- external validation, saliency
+
+
+def _names_list(names) -> str:
+    return ", ".join(html.escape(n) for n in names) if names else "none"
+
+
+def _external_section(report: dict) -> str:
+    """An export on other records: the label mapping, and each label beside the internal test set's."""
+    ext = report.get("external")
+    if not ext:
+        return ""
+    internal = ext["internal"]
+    conf = f"{report['bootstrap']['confidence']:.0%}"
+    if internal:
+        about = (f"Internal: the {html.escape(internal['split'])} split of the training data ({internal['n']} images, "
+                 f"{internal['patients']} patients, {internal['confidence']:.0%} intervals), from "
+                 f"{html.escape(ext['internal_source'])}.")
+    else:
+        about = f"Internal test result: {html.escape(ext['internal_source'])}."
+    rows = []
+    for r in ext["rows"]:
+        e, i = r["external"], r["internal"] or {}
+        diff = r["auroc_difference"]
+        rows.append(f"<tr{' class=apart' if r['apart'] else ''}><th>{html.escape(r['label'])}</th>"
+                    f"<td class=note>{html.escape(r['records_label'])}</td><td>{e['positives']}/{e['n']}</td>"
+                    f"<td>{_with_ci(e['auroc'], e.get('auroc_ci'))}</td><td>{_with_ci(i.get('auroc'), i.get('auroc_ci'))}</td>"
+                    f"<td>{'n/a' if diff is None else f'{diff:+.3f}'}</td><td>{_with_ci(e['auprc'], e.get('auprc_ci'))}</td>"
+                    f"<td>{_with_ci(i.get('auprc'), i.get('auprc_ci'))}</td>"
+                    f"<td>{_pct(e.get('prevalence'))} / {_pct(i.get('prevalence'))}</td></tr>")
+    macro = report["macro"]
+    same = ext["internal_macro_auroc_same_labels"]
+    diff = "n/a" if same is None or macro["auroc"] is None else f"{macro['auroc'] - same:+.3f}"
+    rows.append(f"<tr class=avg><th>macro average</th><td class=note>the labels scored</td><td></td>"
+                f"<td>{_with_ci(macro['auroc'], macro.get('auroc_ci'))}</td><td>{fmt(same)}</td><td>{diff}</td>"
+                f"<td>{_with_ci(macro['auprc'], macro.get('auprc_ci'))}</td><td></td><td></td></tr>")
+    return f"""<section id="external"><h2>External validation</h2>
+<p class=caption>This model on other records: {html.escape(str(report['provenance']['data records']))}, label map
+{html.escape(ext['label_map'] or 'none (the labels match by name)')}. {about} Intervals: {conf} patient-level bootstrap.
+Red rows: the two AUROC intervals do not overlap.</p>
+<table><thead><tr><th>model label</th><th>records label</th><th>positives/n</th><th>AUROC here [CI]</th>
+<th>AUROC internal [CI]</th><th>difference</th><th>AUPRC here [CI]</th><th>AUPRC internal [CI]</th>
+<th>prevalence here / internal</th></tr></thead><tbody>
+{chr(10).join(rows)}
+</tbody></table>
+<p class=caption>The internal macro figure here is the mean over the same labels (no interval: the internal bootstrap
+is not kept). AUPRC depends on prevalence, which differs between sites.<br>
+Model labels not scored: {_names_list(ext['unmapped_model_labels'])}.<br>
+Records labels not used: {_names_list(ext['unmapped_records_labels'])}.</p></section>"""
+
+
+def _pixels_banner(report: dict) -> str:
+    if not report.get("saliency"):
+        return ""
+    return ("<p class=warn><b>This report shows image pixels</b> (Grad-CAM overlays, evaluate.saliency). Pixels can "
+            "carry burned-in text such as names, dates or IDs: share it only where the images themselves may go.</p>")
+
+
+def _saliency_section(report: dict, figures: dict) -> str:
+    entry = report.get("saliency")
+    if not entry:
+        return ""
+    n = entry["examples_per_category"]
+    images = "".join(f'<img alt="Grad-CAM {html.escape(name)}" src="data:image/png;base64,{png}">'
+                     for name, png in (figures.get("saliency") or {}).items())
+    return f"""<section id="saliency" class=saliency><h2>Saliency (Grad-CAM)</h2>
+<p class=caption>Per label, up to {n} of each: the most confident true positives and false positives, and the
+false negatives with the lowest probability, at the val-chosen threshold. The heat map is Grad-CAM on the backbone's
+last feature map (red: raises the label's logit most), each cell drawn where it is centred in the image; below its
+tenth the image shows through. Each image is named
+by its salted record key. A heat map shows where the model looks, not why, and it is coarse: the feature map
+has one cell per 32 pixels of the model's input ({html.escape(str(report['provenance']['model']))}).</p>
+<p class=warn>These images are pixels from the records: they can carry burned-in text.</p>
+{images}</section>"""
 
 
 def build_figures(report: dict, preds: dict, label_names, train_prevalence: dict | None,

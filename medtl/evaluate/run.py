@@ -26,12 +26,13 @@ from medtl.evaluate.bootstrap import bootstrap_distributions, percentile_interva
 from medtl.evaluate.calibration import apply_calibration, calibration_summary, fit_calibration
 from medtl.evaluate.checks import check_split, read_run_inputs, with_evaluate_overrides  # noqa: F401 (re-exported)
 from medtl.evaluate.curve import LearningCurve, read_learning_curve
+from medtl.evaluate.external import ExternalValidation, external_summary
 from medtl.evaluate.overfit import analyse_overfitting, run_setup
 from medtl.evaluate.subgroups import subgroup_report
 from medtl.evaluate.thresholds import tune_thresholds
 from medtl.models.metrics import summary_metrics
 from medtl.models.predict import predict_split
-from medtl.train.rundir import Calibration, RunDir, RunOutput, Thresholds, epoch_points, load_run
+from medtl.train.rundir import Calibration, RunDir, RunOutput, SplitMetrics, Thresholds, epoch_points, load_run
 from medtl.utils import fs
 from medtl.utils.log import log
 
@@ -57,6 +58,22 @@ class Source:
     run: RunDir | None = None
     # Absolute paths the report links to ("run index", "model card"), when they exist.
     links: dict = dataclasses.field(default_factory=dict)
+    # External validation (an export on another site's records): the labels evaluated, the internal result.
+    external: ExternalValidation | None = None
+    # With evaluate.saliency: images (batch, size, size, c) -> (batch, size, size, K) Grad-CAM maps in
+    # [0, 1] of the evaluated labels (label_names order).
+    saliency: object = None
+
+    @property
+    def label_names(self) -> tuple[str, ...]:
+        """The labels scored: the model's, or under a label map those mapped to a records label."""
+        return self.external.mapping.evaluated if self.external else tuple(self.manifest.labels)
+
+    def train_prevalence(self) -> dict | None:
+        train = self.manifest.splits.get("train")
+        if train is None:
+            return None
+        return self.external.mapping.train_prevalence(train.prevalence) if self.external else train.prevalence
 
 
 def _thresholds_stale(saved: Thresholds | None, cfg: Config, digest: str, label_names) -> bool:
@@ -125,8 +142,13 @@ def run_source(workdir: str, split: str, overrides: list[str], ctx: dist.Context
         "run": os.path.abspath(workdir),
         "checkpoint": f"{run.best_weights_label} (sha256 {thresholds.checkpoint_sha256[:16]})",
     }
+    saliency = None
+    if cfg.evaluate.saliency:
+        from medtl.models.saliency import build_gradcam_fn
+
+        saliency = build_gradcam_fn(model, cfg.evaluate.tta)
     return Source(cfg, manifest, model, cfg.evaluate.tta, thresholds, provenance, run.read_history(),
-                  calibration, run, _run_links(run, thresholds.checkpoint_sha256))
+                  calibration, run, _run_links(run, thresholds.checkpoint_sha256), saliency=saliency)
 
 
 def _run_links(run: RunDir, checkpoint_sha256: str) -> dict:
@@ -188,7 +210,7 @@ def build_report(source: Source, split: str, preds: dict, curve: LearningCurve |
     """metrics.json's content: metrics at the saved thresholds, intervals, thresholds, provenance, and the
     overfitting finding."""
     cfg, manifest, ev = source.cfg, source.manifest, source.cfg.evaluate
-    label_names = manifest.labels
+    label_names = source.label_names
     thresholds = source.thresholds.values(label_names)
     summary = summary_metrics(preds["labels"], preds["probs"], label_names, preds["mask"], thresholds,
                               ev.calibration_bins)
@@ -215,6 +237,8 @@ def build_report(source: Source, split: str, preds: dict, curve: LearningCurve |
               "bootstrap": {"resamples": ev.bootstrap, "seed": ev.seed, "confidence": ev.confidence,
                             "unit": "patient"},
               "overfitting": overfitting(source, curve), "provenance": provenance}
+    if source.external:
+        report["external"] = external_summary(report, source.external)
     return add_clinical_sections(report, source, split, preds)
 
 
@@ -231,11 +255,11 @@ def calibrate(preds: dict, source: Source) -> dict:
 
 def add_clinical_sections(report: dict, source: Source, split: str, preds: dict) -> dict:
     """metrics.json's checkpoint, calibration (ECE before and after) and subgroups, in place."""
-    ev, labels = source.cfg.evaluate, source.manifest.labels
+    ev, labels = source.cfg.evaluate, source.label_names
     report["checkpoint_sha256"] = source.thresholds.checkpoint_sha256
     report["calibration"] = calibration_summary(source.calibration, preds["labels"], preds.get("raw_probs"),
                                                 preds["probs"], preds["mask"], labels, ev.calibration_bins)
-    report["subgroups"] = subgroup_report(source.cfg, source.manifest, split, preds, report)
+    report["subgroups"] = subgroup_report(source.cfg, source.manifest, split, preds, report, labels)
     report["fields_kept"] = list(source.manifest.fields)
     return report
 
@@ -260,17 +284,16 @@ def record_report(source: Source, split: str, out: str, report: dict) -> None:
         checkpoint_sha256=source.thresholds.checkpoint_sha256))
 
 
-def write_report(out: str, report: dict, preds: dict, source: Source) -> str:
+def write_report(out: str, report: dict, preds: dict, source: Source, extra_figures: dict | None = None) -> str:
     """Every file of the report folder; returns the path of report.html."""
-    label_names = source.manifest.labels
+    label_names = source.label_names
     os.makedirs(out, exist_ok=True)
     report["links"] = _relative_links(source, out)
     rep.write_metrics_json(os.path.join(out, rep.METRICS_FILE), report)
     rep.write_per_label_csv(os.path.join(out, rep.PER_LABEL_FILE), report["labels"])
     rep.write_predictions(out, preds, label_names, [r["threshold"] for r in report["labels"].values()])
-    train = source.manifest.splits.get("train")
-    train_prevalence = train.prevalence if train is not None else None
-    figures = rep.build_figures(report, preds, label_names, train_prevalence, source.history)
+    figures = rep.build_figures(report, preds, label_names, source.train_prevalence(), source.history)
+    figures.update(extra_figures or {})
     path = os.path.join(out, rep.REPORT_FILE)
     with open(path, "w", encoding="utf-8") as fh:
         fh.write(rep.render_html(report, figures, dump_config(source.cfg)))
@@ -288,8 +311,15 @@ def evaluate(source: Source, split: str, out: str, ctx: dist.Context) -> dict:
     preds = predict_split(source.model, source.cfg, source.manifest, split, ctx, tta=source.tta, with_ids=True)
     if not ctx.primary:
         return {}
+    if source.external:
+        preds = source.external.mapping.select(preds)
     report = build_report(source, split, calibrate(preds, source), curve)
-    path = write_report(out, report, preds, source)
+    figures = {}
+    if source.saliency is not None:
+        from medtl.evaluate.saliency import saliency_section
+
+        report["saliency"], figures = saliency_section(source, split, preds, report)
+    path = write_report(out, report, preds, source, figures)
     record_report(source, split, out, report)
     found = report["overfitting"]
     if found["flagged"]:
@@ -304,6 +334,23 @@ def evaluate(source: Source, split: str, out: str, ctx: dist.Context) -> dict:
 
 
 def evaluate_run(workdir: str, split: str, out: str, overrides: list[str] | None = None) -> dict:
-    """`medtl evaluate --workdir RUN`: the run's best checkpoint on `split`."""
+    """`medtl evaluate --workdir RUN`: the run's best checkpoint on `split`; the run folder keeps the
+    split's figures (an export carries the test split's, see medtl.serve.export)."""
     ctx = dist.init()
-    return evaluate(run_source(workdir, split, overrides or [], ctx), split, out, ctx)
+    source = run_source(workdir, split, overrides or [], ctx)
+    report = evaluate(source, split, out, ctx)
+    if report:
+        RunDir(workdir, ctx.primary).write_split_metrics(split_metrics(report, source))
+    return report
+
+
+def split_metrics(report: dict, source: Source) -> SplitMetrics:
+    """What the run folder keeps of a report: counts, AUROC and AUPRC with intervals."""
+    keys = ("n", "positives", "prevalence", "auroc", "auroc_ci", "auprc", "auprc_ci")
+    boot = report["bootstrap"]
+    return SplitMetrics(
+        split=report["split"], checkpoint_sha256=source.thresholds.checkpoint_sha256, tta=source.cfg.evaluate.tta,
+        n=report["n"], patients=report["patients"], confidence=boot["confidence"], bootstrap=boot["resamples"],
+        labels={name: {k: row.get(k) for k in keys} for name, row in report["labels"].items()},
+        macro={k: report["macro"].get(k) for k in ("auroc", "auroc_ci", "auprc", "auprc_ci", "labels_averaged")},
+        evaluated_at=report["provenance"]["evaluated at (UTC)"], medtl_version=medtl.__version__)

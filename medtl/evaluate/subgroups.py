@@ -95,9 +95,10 @@ def analyse(values_by_field: dict[str, np.ndarray], preds: dict, label_names, ov
     return {"min_patients": min_patients, "fields": fields}
 
 
-def subgroup_report(cfg: Config, manifest: Manifest, split: str, preds: dict, overall: dict) -> dict | None:
+def subgroup_report(cfg: Config, manifest: Manifest, split: str, preds: dict, overall: dict,
+                    label_names=None) -> dict | None:
     """The subgroups of `split` by evaluate.subgroups (None when none are asked for), each record's field
-    values read from its shards by key."""
+    values read from its shards by key; `label_names` are the scored labels (default: the manifest's)."""
     names = cfg.evaluate.subgroups
     if not names:
         return None
@@ -106,4 +107,4 @@ def subgroup_report(cfg: Config, manifest: Manifest, split: str, preds: dict, ov
 
     by_key = read_fields(shard_paths(cfg.data.records, manifest, split), names)
     values = {f: np.array([by_key[k][f] for k in preds["key"]], dtype=object).astype(str) for f in names}
-    return analyse(values, preds, manifest.labels, overall, cfg)
+    return analyse(values, preds, tuple(label_names or manifest.labels), overall, cfg)

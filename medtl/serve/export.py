@@ -5,6 +5,9 @@ Signatures (all return {'probabilities': (batch, L) float32, 'decisions': (batch
   serving_default / predict_bytes  image_bytes: (batch,) string, encoded PNG (8/16-bit) or JPEG
   predict_images                   images: (batch, size, size, channels) float32 in [0, 255]
   metadata                         label_names, thresholds, image sizes, bit depth, aspect policy
+  saliency_images / saliency_bytes the same inputs; adds 'saliency': (batch, size, size, L) float32 Grad-CAM
+                                   maps in [0, 1] (medtl.models.saliency), and for bytes 'images', the
+                                   decoded model input the maps lie over
 Bytes in the stored format (what `medtl predict` sends: the ingest decode path, resized
 to the stored size, PNG at the stored bit depth) go through exactly the training
 pipeline's steps. Other sizes are first brought to the stored size with the aspect
@@ -15,6 +18,7 @@ medtl.serve.card's. The export is recorded in the run folder, whose index.html l
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import shutil
@@ -28,6 +32,8 @@ from medtl.evaluate import calibration as cal
 from medtl.evaluate.checks import read_run_inputs
 from medtl.evaluate.report import read_summary
 from medtl.evaluate.run import load_or_tune
+from medtl.models.saliency import LAYER as GRADCAM_LAYER
+from medtl.models.saliency import GradCam, build_gradcam_fn
 from medtl.serve import card as model_card
 from medtl.serve.meta import META_FILE, ExportMeta, write_meta
 from medtl.tf import tf
@@ -117,6 +123,7 @@ class ExportModule(tf.Module):
         self.predict_bytes = tf.function(self._predict_bytes, input_signature=[
             tf.TensorSpec((None,), tf.string, name="image_bytes")])
         self.metadata = tf.function(self._metadata, input_signature=[])
+        self._add_saliency(model, size, channels)
 
     def _probabilities(self, images):  # (batch, size, size, c) -> (batch, L)
         model = self._keras.model
@@ -143,11 +150,29 @@ class ExportModule(tf.Module):
                         lambda: _to_stored_size(image, stored, meta.aspect, bit_depth))
         return self._resize_fn(tf.ensure_shape(image, (stored, stored, 1)))
 
-    def _predict_bytes(self, image_bytes):
+    def _decode_batch(self, image_bytes):  # (batch,) encoded -> (batch, size, size, c) model input
         size = self._meta.image_size
         spec = tf.TensorSpec((size, size, self._meta.channels), tf.float32)
-        images = tf.map_fn(self._decode_one, image_bytes, fn_output_signature=spec)
-        return self._predict_images(images)
+        return tf.map_fn(self._decode_one, image_bytes, fn_output_signature=spec)
+
+    def _predict_bytes(self, image_bytes):
+        return self._predict_images(self._decode_batch(image_bytes))
+
+    # ------------------------------------------------------------------ saliency (Grad-CAM)
+
+    def _add_saliency(self, model: tf.keras.Model, size: int, channels: int) -> None:
+        self._gradcam = _Untracked(GradCam(model))  # shares model_variables
+        self.saliency_images = tf.function(self._saliency_images, input_signature=[
+            tf.TensorSpec((None, size, size, channels), tf.float32, name="images")])
+        self.saliency_bytes = tf.function(self._saliency_bytes, input_signature=[
+            tf.TensorSpec((None,), tf.string, name="image_bytes")])
+
+    def _saliency_images(self, images):
+        return {"saliency": self._gradcam.model(images, self._meta.tta), **self._predict_images(images)}
+
+    def _saliency_bytes(self, image_bytes):
+        images = self._decode_batch(image_bytes)
+        return {"images": images, **self._saliency_images(images)}
 
     def _metadata(self):
         m = self._meta
@@ -172,7 +197,8 @@ def export_run(workdir: str, out: str, overrides: list[str] | None = None, inten
     _, _, model = load_run(workdir)
     run = RunDir(workdir, ctx.primary)
     thresholds, calibration = load_or_tune(run, cfg, manifest, model, ctx)
-    meta = ExportMeta.build(cfg, manifest, thresholds, run.read_history(), calibration)
+    meta = _with_saliency_and_internal_test(ExportMeta.build(cfg, manifest, thresholds, run.read_history(),
+                                                             calibration), run)
     if not ctx.primary:
         return meta
     staging = os.path.join(os.path.dirname(os.path.abspath(out)), f".{os.path.basename(out)}.staging")
@@ -183,7 +209,8 @@ def export_run(workdir: str, out: str, overrides: list[str] | None = None, inten
     module = ExportModule(model, meta, meta_path)
     tf.saved_model.save(module, os.path.join(staging, "model"), signatures={
         "serving_default": module.predict_bytes, "predict_bytes": module.predict_bytes,
-        "predict_images": module.predict_images, "metadata": module.metadata})
+        "predict_images": module.predict_images, "metadata": module.metadata,
+        "saliency_images": module.saliency_images, "saliency_bytes": module.saliency_bytes})
     os.makedirs(out, exist_ok=True)
     for name in os.listdir(os.path.join(staging, "model")):
         os.replace(os.path.join(staging, "model", name), os.path.join(out, name))
@@ -224,6 +251,19 @@ def _test_report(run: RunDir, meta: ExportMeta):
         if summary.calibration["method"] == method:
             return output, summary
     return None, None
+def _with_saliency_and_internal_test(meta: ExportMeta, run: RunDir) -> ExportMeta:
+    """The Grad-CAM layer, the run folder, and the run's test evaluation when it is of this checkpoint and TTA."""
+    test = run.read_split_metrics("test") if run.primary else None
+    t = meta.thresholds
+    if test is not None and (test.checkpoint_sha256, test.tta) != (t.checkpoint_sha256, t.tta):
+        test = None
+    if run.primary:
+        log(f"export: internal test metrics: macro AUROC {test.macro.get('auroc')} on {test.n} images carried"
+            if test else f"export: {run.path} has no test evaluation of this checkpoint (TTA {t.tta}), so the export "
+            "carries no internal test metrics for external evaluations to compare with; run `medtl evaluate "
+            "--workdir RUN --split test` before exporting to add them")
+    return dataclasses.replace(meta, gradcam_layer=GRADCAM_LAYER, run_folder=os.path.abspath(run.path),
+                               internal_test=test)
 
 
 def _verify(out: str, model: tf.keras.Model, meta: ExportMeta) -> None:
@@ -240,3 +280,13 @@ def _verify(out: str, model: tf.keras.Model, meta: ExportMeta) -> None:
     if not np.allclose(got, want, atol=1e-5):
         raise RunFailure(f"the SavedModel in {out} does not reproduce the Keras model "
                          f"(max difference {np.abs(got - want).max():.2g}); please report this")
+    _verify_saliency(out, loaded, model, meta, images)
+
+
+def _verify_saliency(out: str, loaded, model: tf.keras.Model, meta: ExportMeta, images) -> None:
+    """The saliency signature's maps are the Keras model's Grad-CAM maps."""
+    got = loaded.signatures["saliency_images"](images=images)["saliency"].numpy()
+    want = build_gradcam_fn(model, meta.tta)(images).numpy()
+    if got.shape != want.shape or not np.allclose(got, want, atol=1e-4):
+        raise RunFailure(f"the SavedModel in {out} does not reproduce the Keras model's Grad-CAM maps; "
+                         "please report this")

@@ -14,7 +14,7 @@ import medtl
 from medtl.config import Config, to_tree
 from medtl.data.manifest import Manifest
 from medtl.errors import MedtlError
-from medtl.train.rundir import Calibration, Thresholds
+from medtl.train.rundir import Calibration, SplitMetrics, Thresholds
 from medtl.utils import fs
 
 META_FILE = "medtl_export.json"
@@ -43,6 +43,11 @@ class ExportMeta:
     medtl_version: str = medtl.__version__
     # The calibration applied inside the SavedModel before the thresholds (None: probabilities as trained).
     calibration: Calibration | None = None
+    # The layer whose map the saliency signatures' Grad-CAM uses; "" in exports made before they existed.
+    gradcam_layer: str = ""
+    # The run folder exported (absolute), and its test split's evaluation for this checkpoint if it had one.
+    run_folder: str = ""
+    internal_test: SplitMetrics | None = None
 
     @property
     def tta(self) -> str:
@@ -73,6 +78,8 @@ class ExportMeta:
             "data_manifest_sha256": self.data_manifest_sha256, "config": self.config, "history": self.history,
             "threshold_calibration": t.calibration,
             "calibration": self.calibration.to_dict() if self.calibration else None,
+            "gradcam_layer": self.gradcam_layer, "run_folder": self.run_folder,
+            "internal_test": self.internal_test.to_dict() if self.internal_test else None,
         }
 
     @classmethod
@@ -92,7 +99,9 @@ class ExportMeta:
                    frame=raw.get("frame", "middle"), backbone=raw.get("backbone", ""),
                    data_manifest_sha256=raw.get("data_manifest_sha256", ""), config=raw["config"],
                    history=list(raw.get("history") or []), medtl_version=raw.get("medtl_version", ""),
-                   calibration=calibration)
+                   calibration=calibration, gradcam_layer=raw.get("gradcam_layer", ""),
+                   run_folder=raw.get("run_folder", ""),
+                   internal_test=SplitMetrics.from_dict(raw["internal_test"]) if raw.get("internal_test") else None)
 
 
 def meta_path(model_dir: str) -> str:
@@ -102,6 +111,14 @@ def meta_path(model_dir: str) -> str:
 def write_meta(path: str, meta: ExportMeta) -> None:
     """The file the SavedModel carries as an asset (written before tf.saved_model.save copies it)."""
     fs.write_text_atomic(path, json.dumps(meta.to_dict(), indent=2))
+
+
+def check_saliency(meta: ExportMeta, model_dir: str) -> None:
+    """Grad-CAM needs the saliency signatures, which exports made before them lack."""
+    if not meta.gradcam_layer:
+        raise MedtlError(f"export {model_dir} has no saliency signatures (it was made by medtl "
+                         f"{meta.medtl_version or 'before 0.1'}, before Grad-CAM); re-export its run with "
+                         "`medtl export --workdir RUN --out NEW_DIR` and use that export")
 
 
 def read_meta(model_dir: str) -> ExportMeta:

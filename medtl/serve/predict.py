@@ -10,15 +10,20 @@ file by its path (relative to --images). With ids_only it names each by its salt
 id instead (deid.salted_hash of that relative path: the key ingest stores for the same
 file under the same salt), and reasons are cleared of the file's names: such a CSV can
 leave the hospital with the records.
+
+With saliency_dir, each predicted file also gets a folder there, named as its CSV row names it
+(path or salted id), holding per label <label>.png (the Grad-CAM map over the image) and
+<label>.heatmap.png (the map alone, 8-bit grey, 255 = the map's maximum).
 """
 from __future__ import annotations
 
 import csv
 import os
+import re
 
 from medtl.data import decode, deid
 from medtl.errors import MedtlError
-from medtl.serve.meta import ExportMeta, read_meta
+from medtl.serve.meta import ExportMeta, check_saliency, read_meta
 from medtl.utils.log import log
 from medtl.utils.progress import Progress
 
@@ -72,16 +77,18 @@ def _namer(base: str, ids_only: bool, salt_file: str | None):
 
 
 def predict_files(model_dir: str, images: str, out: str, batch_size: int = 32, ids_only: bool = False,
-                  salt_file: str | None = None) -> dict:
-    """Write `out` (CSV), naming files by path or, with `ids_only`, by salted study id; returns
-    {'files', 'predicted', 'errors'}."""
-    from medtl.tf import tf
-
+                  salt_file: str | None = None, saliency_dir: str | None = None) -> dict:
+    """Write `out` (CSV), naming files by path or, with `ids_only`, by salted study id, and with
+    `saliency_dir` the Grad-CAM overlays; returns {'files', 'predicted', 'errors'}."""
     meta = read_meta(model_dir)
+    if saliency_dir:
+        check_saliency(meta, model_dir)
     base, files = list_inputs(images)
     name, clear = _namer(base, ids_only, salt_file)
+    from medtl.tf import tf
+
     loaded = tf.saved_model.load(model_dir)  # keep a reference: signatures do not own the variables
-    signature = loaded.signatures["predict_bytes"]
+    signature = loaded.signatures["saliency_bytes" if saliency_dir else "predict_bytes"]
     names = meta.label_names
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     errors = 0
@@ -95,6 +102,9 @@ def predict_files(model_dir: str, images: str, out: str, batch_size: int = 32, i
             if ok:
                 result = signature(image_bytes=tf.constant(ok))
                 probs, decisions = result["probabilities"].numpy(), result["decisions"].numpy()
+                if saliency_dir:
+                    write_overlays(saliency_dir, [name(f) for f, (png, _) in zip(chunk, prepared) if png is not None],
+                                   result["images"].numpy(), result["saliency"].numpy(), names)
             row_of_ok = iter(range(len(ok)))
             for f, (png, reason) in zip(chunk, prepared):
                 if png is None:
@@ -107,4 +117,38 @@ def predict_files(model_dir: str, images: str, out: str, batch_size: int = 32, i
             bar(len(chunk))
     log(f"predict: {len(files) - errors} of {len(files)} files predicted, {errors} could not be decoded "
         f"(status 'error' with the reason in {out})")
+    if saliency_dir:
+        log(f"predict: Grad-CAM overlays of {len(files) - errors} files in {saliency_dir}; they show the images' "
+            "pixels, which can carry burned-in text (names, dates): keep them where the images may be")
     return {"files": len(files), "predicted": len(files) - errors, "errors": errors}
+
+
+# --------------------------------------------------------------------------- saliency overlays
+
+
+def overlay_folder(saliency_dir: str, name: str) -> str:
+    """The folder of one file's overlays: its CSV name as a path below saliency_dir, never above it
+    (a listed path may be absolute or climb with '..')."""
+    parts = [("__" if p == ".." else p) for p in re.split(r"[\\/]+", name) if p not in ("", ".")]
+    return os.path.join(saliency_dir, *parts)
+
+
+def label_file_stem(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", label)
+
+
+def write_overlays(saliency_dir: str, file_names: list[str], images, maps, label_names) -> None:
+    """images (n, size, size, c) in [0, 255], maps (n, size, size, L) in [0, 1]: per file and label,
+    <label>.png (overlay) and <label>.heatmap.png (the map, 8-bit)."""
+    import cv2
+    import numpy as np
+
+    from medtl.models.saliency import write_overlay_png
+
+    for file_name, image, file_maps in zip(file_names, images, maps):
+        folder = overlay_folder(saliency_dir, file_name)
+        os.makedirs(folder, exist_ok=True)
+        for k, label in enumerate(label_names):
+            stem = os.path.join(folder, label_file_stem(label))
+            write_overlay_png(stem + ".png", image, file_maps[..., k])
+            cv2.imwrite(stem + ".heatmap.png", np.round(np.clip(file_maps[..., k], 0, 1) * 255).astype(np.uint8))

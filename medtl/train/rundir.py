@@ -11,6 +11,8 @@ RUN/
   outputs.json                 every report and export written from this run (wherever they are)
   index.html                   links to all of the above, with the training curves (refreshed by
                                train at each epoch, evaluate and export)
+  evaluations/<split>.json     AUROC/AUPRC with intervals of the last `medtl evaluate` of a split (what
+                               `medtl export` carries as the internal test result)
   base.weights.h5 (+ .json)    the pretrained base and its sidecar (`medtl pretrain`; medtl.models.basefile)
   tensorboard/{train,validation}/  scalars per epoch, Keras' layout (same tags in both, so curves overlay)
   checkpoints/
@@ -176,6 +178,34 @@ def epoch_points(rows: list[dict] | None) -> tuple[EpochPoint, ...]:
                  for i, r in enumerate(rows or ()))
 
 
+@dataclass(frozen=True)
+class SplitMetrics:
+    """AUROC and AUPRC with intervals of one evaluated split for one checkpoint (evaluations/<split>.json);
+    an export carries the test split's, so that an external evaluation can set its result beside it."""
+
+    split: str
+    checkpoint_sha256: str
+    tta: str
+    n: int
+    patients: int
+    confidence: float
+    bootstrap: int  # resamples behind the intervals (0: no intervals)
+    # label name -> {"n", "positives", "prevalence", "auroc", "auroc_ci", "auprc", "auprc_ci"}
+    labels: dict
+    # {"auroc", "auroc_ci", "auprc", "auprc_ci", "labels_averaged"}
+    macro: dict
+    evaluated_at: str = ""
+    medtl_version: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "SplitMetrics":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in known})
+
+
 def phase_weights_name(index: int, name: str) -> str:
     return f"phase{index}-{name}{_WEIGHTS_SUFFIX}"
 
@@ -205,6 +235,7 @@ class RunDir:
     TRAINABLE = "trainable.json"
     SUMMARY = "train_summary.json"
     TENSORBOARD = "tensorboard"
+    EVALUATIONS = "evaluations"
 
     def __init__(self, path: str, primary: bool = True):
         self.path = path
@@ -351,9 +382,9 @@ class RunDir:
         if self.primary:
             fs.write_text_atomic(self._file(self.SUMMARY), json.dumps(summary, indent=2))
 
-    def _read_tuned(self, name: str, cls):
-        """A saved Thresholds or Calibration, or None when there is none (or it cannot be read: tune again)."""
-        path = self._file(name)
+    @staticmethod
+    def _read_record(path: str, cls):
+        """A record file of the run as `cls` (from_dict), or None when it is missing or unreadable."""
         if not os.path.isfile(path):
             return None
         try:
@@ -363,14 +394,15 @@ class RunDir:
             return None
 
     def read_thresholds(self) -> Thresholds | None:
-        return self._read_tuned(self.THRESHOLDS, Thresholds)
+        """The saved thresholds, or None when there are none (or they cannot be read: tune again)."""
+        return self._read_record(self._file(self.THRESHOLDS), Thresholds)
 
     def write_thresholds(self, thresholds: Thresholds) -> None:
         if self.primary:
             fs.write_text_atomic(self._file(self.THRESHOLDS), json.dumps(thresholds.to_dict(), indent=2))
 
     def read_calibration(self) -> Calibration | None:
-        return self._read_tuned(self.CALIBRATION, Calibration)
+        return self._read_record(self._file(self.CALIBRATION), Calibration)
 
     def write_calibration(self, calibration: Calibration | None) -> None:
         """Save the calibration; None (evaluate.calibration: none) removes a stale one."""
@@ -426,6 +458,17 @@ class RunDir:
             files.append(self.best_weights_label)
         page = render_index(os.path.abspath(self.path), files, self.read_history() or [], self.outputs())
         fs.write_text_atomic(self._file(self.INDEX), page)
+    def _split_metrics_file(self, split: str) -> str:
+        return self._file(self.EVALUATIONS, f"{split}.json")
+
+    def read_split_metrics(self, split: str) -> SplitMetrics | None:
+        """The last evaluation of `split`, or None when there is none (or it cannot be read)."""
+        return self._read_record(self._split_metrics_file(split), SplitMetrics)
+
+    def write_split_metrics(self, metrics: SplitMetrics) -> None:
+        if self.primary:
+            os.makedirs(self._file(self.EVALUATIONS), exist_ok=True)
+            fs.write_text_atomic(self._split_metrics_file(metrics.split), json.dumps(metrics.to_dict(), indent=2))
 
     # ------------------------------------------------------------------ resuming and reading a run back
 

@@ -1,0 +1,179 @@
+"""Grad-CAM (Selvaraju et al., 2017): where in the image each label's logit comes from.
+
+The map is the "backbone" submodel's output, the last convolutional feature map that every backbone
+medtl offers ends with. A label's channel weights are the spatial mean of its logit's gradient there;
+the map is ReLU(sum of weighted channels), interpolated to the input's pixels from where each cell of
+the feature map really lies (cell_centres), scaled to [0, 1]. Float32 throughout, whatever the model's
+precision (a mixed_float16 map is cast first).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from medtl.tf import tf
+
+LAYER = "backbone"
+# Heat below this fraction of a map's maximum stays transparent in an overlay: the image shows through.
+OVERLAY_FLOOR = 0.1
+# Opacity of the heat colour at the map's maximum.
+OVERLAY_ALPHA = 0.6
+
+
+def build_feature_model(model: tf.keras.Model) -> tf.keras.Model:
+    """images -> ((batch, h, w, c) backbone feature map, (batch, L) logits), sharing the classifier's weights."""
+    # The classifier calls its base once: node 0 is that call, in the classifier's graph (the base's
+    # own `.output` is the tensor inside the base).
+    features = model.get_layer(LAYER).get_output_at(0)
+    return tf.keras.Model(model.inputs, [features, model.output], name="medtl_gradcam")
+
+
+# --------------------------------------------------------------------------- where each cell of the map lies
+
+
+def _largest_input(node) -> int:
+    """The index of a node's input with the largest spatial side (the main path, not an SE branch)."""
+    shapes = [t.shape for t in tf.nest.flatten(node.input_tensors)]
+    sides = [(s[1] or 0) if len(s) == 4 else -1 for s in shapes]
+    return int(np.argmax(sides))
+
+
+def _main_path(model: tf.keras.Model) -> list:
+    """A functional model's layers from its input to its output, along the largest spatial inputs."""
+    if isinstance(model, tf.keras.Sequential):
+        return list(model.layers)
+    layer, path = model.get_layer(model.output_names[0]), []
+    while not isinstance(layer, tf.keras.layers.InputLayer):
+        path.append(layer)
+        node = layer._inbound_nodes[0]  # noqa: SLF001  (Keras has no public graph walk)
+        layer = tf.nest.flatten(node.inbound_layers)[_largest_input(node)]
+    return path[::-1]
+
+
+def _step(layer, axis: int, a: float, b: float) -> tuple[float, float]:
+    """(a, b) of `pixel p of the layer's input lies at a * p + b` -> the same for its output."""
+    if isinstance(layer, tf.keras.Model):
+        for inner in _main_path(layer):
+            a, b = _step(inner, axis, a, b)
+        return a, b
+    if isinstance(layer, tf.keras.layers.ZeroPadding2D):
+        return a, b - a * layer.padding[axis - 1][0]
+    if isinstance(layer, tf.keras.layers.Cropping2D):
+        return a, b + a * layer.cropping[axis - 1][0]
+    size = getattr(layer, "kernel_size", None) or getattr(layer, "pool_size", None)
+    strides = getattr(layer, "strides", None)
+    if size is None or strides is None or len(strides) != 2:
+        return a, b  # no spatial change: activations, normalisation, pointwise layers, adds
+    k, s = size[axis - 1], strides[axis - 1]
+    k = (getattr(layer, "dilation_rate", (1, 1))[axis - 1]) * (k - 1) + 1
+    before = 0
+    if layer.padding == "same":  # TensorFlow pads the extra pixel after
+        n = layer.input.shape[axis]
+        before = max((-(-n // s) - 1) * s + k - n, 0) // 2
+    return a * s, b + a * ((k - 1) / 2 - before)
+
+
+def cell_centres(base: tf.keras.Model) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Per axis (rows, columns), (a, b): the backbone output's cell j is centred at a * j + b input pixels
+    (continuous coordinates: pixel p spans [p, p + 1)). Padding and strides differ by family: a ResNet's
+    cells sit a half cell up-left of where resizing the map would put them, an EfficientNet's down-right."""
+    path = _main_path(base)
+    centres = []
+    for axis in (1, 2):
+        a, b = 1.0, 0.5
+        for layer in path:
+            a, b = _step(layer, axis, a, b)
+        centres.append((a, b))
+    return tuple(centres)
+
+
+def upsampling_matrix(cells: int, size: int, a: float, b: float) -> np.ndarray:
+    """(size, cells) linear interpolation weights of each input pixel between the cells around it,
+    held at the first and last cell beyond them."""
+    u = np.clip((np.arange(size) + 0.5 - b) / a, 0, cells - 1)
+    low = np.floor(u).astype(int)
+    high = np.minimum(low + 1, cells - 1)
+    weights = np.zeros((size, cells), np.float32)
+    np.add.at(weights, (np.arange(size), low), 1 - (u - low))
+    np.add.at(weights, (np.arange(size), high), u - low)
+    return weights
+
+
+# --------------------------------------------------------------------------- Grad-CAM
+
+
+class GradCam:
+    """Grad-CAM maps of a Keras classifier: `GradCam(model)(images, tta)`."""
+
+    def __init__(self, model: tf.keras.Model):
+        self.feature_model = build_feature_model(model)
+        size = model.input_shape[1]
+        _, h, w, _ = self.feature_model.outputs[0].shape
+        (ra, rb), (ca, cb) = cell_centres(model.get_layer(LAYER))
+        self.rows = tf.constant(upsampling_matrix(h, size, ra, rb))  # (size, h)
+        self.columns = tf.constant(upsampling_matrix(w, size, ca, cb))  # (size, w)
+
+    def _maps(self, images):
+        """(batch, size, size, L) Grad-CAM maps at the input's pixels, before scaling."""
+        raw, _ = raw_maps(self.feature_model, images)
+        return tf.einsum("yi,bijl,xj->byxl", self.rows, raw, self.columns)
+
+    def __call__(self, images, tta: str = "none"):
+        """(batch, size, size, c) images in [0, 255] -> (batch, size, size, L) float32 maps in [0, 1].
+
+        With tta='flip' (the probabilities average an image and its mirror) the mirror's map, flipped
+        back, is averaged in. A map that is 0 everywhere: no region raises that label's logit.
+        """
+        images = tf.convert_to_tensor(images, tf.float32)
+        maps = self._maps(images)
+        if tta == "flip":
+            maps = (maps + tf.image.flip_left_right(self._maps(tf.image.flip_left_right(images)))) / 2.0
+        peak = tf.reduce_max(maps, axis=[1, 2], keepdims=True)
+        return tf.math.divide_no_nan(maps, peak)
+
+
+def raw_maps(feature_model: tf.keras.Model, images):
+    """(batch, h, w, L) float32 Grad-CAM maps on the feature map, before scaling, and (batch, L) logits."""
+    with tf.GradientTape(persistent=True) as tape:
+        # Watching the input records every op after it, so the map's gradient exists even when
+        # the model's variables are frozen; tape.gradient then only walks the head, back to the map.
+        tape.watch(images)
+        features, logits = feature_model(images, training=False)
+        logits = tf.cast(logits, tf.float32)
+        per_label = [logits[:, k] for k in range(logits.shape[-1])]
+    maps = []
+    for target in per_label:
+        grads = tf.cast(tape.gradient(target, features), tf.float32)  # (batch, h, w, c)
+        weights = tf.reduce_mean(grads, axis=[1, 2], keepdims=True)  # (batch, 1, 1, c)
+        maps.append(tf.nn.relu(tf.reduce_sum(weights * tf.cast(features, tf.float32), axis=-1)))
+    del tape
+    return tf.stack(maps, axis=-1), logits
+
+
+def build_gradcam_fn(model: tf.keras.Model, tta: str = "none"):
+    """A tf.function images -> maps (see GradCam) for a Keras classifier."""
+    cam = GradCam(model)
+    return tf.function(lambda images: cam(images, tta), reduce_retracing=True)
+
+
+def overlay(image: np.ndarray, heat: np.ndarray) -> np.ndarray:
+    """(h, w) or (h, w, c) image in [0, 255] and (h, w) map in [0, 1] -> (h, w, 3) uint8 RGB overlay.
+
+    The JET colour is blended in with an opacity that grows with the heat, so that where the map
+    is below OVERLAY_FLOOR the pixel stays the image's own grey.
+    """
+    import cv2
+
+    gray = image if image.ndim == 2 else image[..., 0]
+    gray = np.clip(gray, 0, 255).astype(np.float32)
+    heat = np.clip(np.nan_to_num(heat.astype(np.float32)), 0.0, 1.0)
+    colour = cv2.applyColorMap(np.round(heat * 255).astype(np.uint8), cv2.COLORMAP_JET)[..., ::-1]  # BGR -> RGB
+    alpha = OVERLAY_ALPHA * np.clip((heat - OVERLAY_FLOOR) / (1 - OVERLAY_FLOOR), 0.0, 1.0)[..., None]
+    blended = (1 - alpha) * gray[..., None] + alpha * colour.astype(np.float32)
+    return np.round(blended).astype(np.uint8)
+
+
+def write_overlay_png(path: str, image: np.ndarray, heat: np.ndarray) -> None:
+    import cv2
+
+    if not cv2.imwrite(path, overlay(image, heat)[..., ::-1]):
+        raise OSError(f"could not write {path}")
