@@ -151,10 +151,10 @@ def _preflight(cfg: Config, workdir: str, unlabeled_ok: bool = False, val: bool 
         return  # object storage: checked once, by the job, through TensorFlow's filesystems
     manifest = read_manifest(cfg.data.records, unlabeled_ok=unlabeled_ok)
     check_train_split(cfg.data.records, manifest)
-    check_input_size(cfg.data.records, manifest, cfg.data.image_size, cfg.data.allow_upsample)
     if val:
         check_val_split(cfg.data.records, manifest)
     check_outside_records(cfg, workdir)
+    check_input_size(cfg.data.records, manifest, cfg.data.image_size, cfg.data.allow_upsample)
 
 
 def synth(out: str, n: int = 1000, seed: int = 0, size: int = 256, dicom: bool = False,

@@ -226,7 +226,7 @@ def test_subset_transfer_fractions(records, tmp_path):
         assert f["top_k_used"] == 2
         assert f["top_k_overlap"] == pytest.approx(len(set(ordered[:2]) & set(common[:2])) / 2)
         best = [b for b in board if b["fraction"] == f"{f['fraction']:.1f}" and b["rank"] == "1"][0]
-        assert f["best_head"] == best["head"] and f["best_val_auroc"] == pytest.approx(float(best["val_auroc_last"]))
+        assert f["best_head"] == best["head"] and f["best_val_auroc"] == pytest.approx(float(best["val_auroc_last"]), abs=6e-6)  # the board rounds
     # The learning curve: the largest fraction's best head at every fraction; best.yaml points evaluate at it.
     curve = read_learning_curve(str(run / "learning_curve.json"))
     assert curve.head == summary["best"]["head"] and [p.fraction for p in curve.points] == [0.3, 0.6, 1.0]

@@ -108,7 +108,8 @@ def test_a_pooled_cache_trial_feeds_the_heads_own_global_pool(records):
         labels = (rng.random((n, manifest.num_labels)) < 0.5).astype(np.float32)
         signal = np.concatenate([labels * 2 - 1, np.zeros((n, 8), np.float32)], axis=1)
         noise = rng.normal(size=signal.shape).astype(np.float32)
-        return SplitFeatures({0: {"max": signal + 0.3 * noise, "avg": noise}}, labels, np.ones_like(labels))
+        return SplitFeatures({0: {"max": signal + 0.3 * noise, "avg": noise}}, labels, np.ones_like(labels),
+                             np.array([f"p{i}" for i in range(n)]))
 
     train, val = split(256), split(128)
     space = parse_space({"heads": {"max": [{"global_pool": "max"}], "avg": [{"global_pool": "avg"}]},
