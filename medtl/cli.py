@@ -271,6 +271,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--n", type=int, default=1000, help="synthetic studies when --records is not given (default 1000)")
     b.add_argument("--trial-epochs", type=int, default=3, help="epochs of the timed trial, both ways (default 3)")
     b.add_argument("--budget", type=float, default=None, help="search budget in full trainings (default N/4)")
+    b.add_argument("--seeds", default="0", help="seeds to run the search and the exhaustive pass with (default 0)")
+    b.add_argument("--fraction", type=float, default=0.25,
+                   help="subset transfer: also rank every head on this fraction of the train split and compare with "
+                        "the full split (Kendall's tau); 1 turns it off (default 0.25)")
+    b.add_argument("--base", default=None, help="a base file (`medtl pretrain`) the heads sit on (default: "
+                                                "model.weights, else one pretrained here on a synthetic archive)")
+    b.add_argument("--pretrain-config", default=jobfiles.job_file("demo_pretrain.yaml"),
+                   help="pretraining job config when the base is pretrained here (default jobs/demo_pretrain.yaml)")
+    b.add_argument("--archive", default=None, help="records to pretrain the base on (default: synthesised)")
+    b.add_argument("--archive-n", type=int, default=3000, help="synthetic archive studies (default 3000)")
     b.add_argument("--keep", default=None, help="work folder to keep (and reuse)")
 
     b = bench.add_parser("pretrain", help="a pretrained base + the phases against scratch, per label budget",
@@ -480,7 +490,15 @@ def cmd_bench(args) -> int:
         records = os.path.abspath(args.records) if args.records and "://" not in args.records else args.records
         if args.trial_epochs < 1:
             raise MedtlError(f"--trial-epochs must be >= 1, got {args.trial_epochs}")
-        bench_search.run(cfg, args.space, records, args.n, args.trial_epochs, args.budget, args.keep)
+        if not 0 < args.fraction <= 1:
+            raise MedtlError(f"--fraction must be in (0, 1], got {args.fraction:g}")
+        seeds = bench_search.parse_seeds(args.seeds)
+        pre_cfg = None if args.base else api.load_job_config(args.pretrain_config, [])  # its own schedule
+        paths = {name: os.path.abspath(value) if value and "://" not in value else value
+                 for name, value in (("base", args.base), ("archive", args.archive))}
+        bench_search.run(cfg, args.space, records, args.n, args.trial_epochs, args.budget, args.keep, seeds,
+                         args.fraction if args.fraction < 1 else None, paths["base"], pre_cfg, paths["archive"],
+                         args.archive_n)
     elif args.bench == "pretrain":
         from medtl.bench import pretrain as bench_pretrain
 

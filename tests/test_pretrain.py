@@ -153,3 +153,54 @@ def test_head_on_a_pretrained_base_beats_a_random_base(transfer_records, tmp_pat
         assert r.returncode == 0, r.stderr[-3000:]
         scores[name] = _head_only_val_auroc(run)
     assert scores["pretrained"] >= 0.7 and scores["pretrained"] >= scores["random"] + 0.15, scores
+
+
+SMALL_SPACE = """\
+heads:
+  gap: [{global_pool: avg}]
+  gmp: [{global_pool: max}]
+  gap_dense: [{global_pool: avg}, {dense: {units: 16, activation: relu}}, {dropout: 0.2}]
+  conv_pool: [{conv: {filters: 16, kernel: 1, activation: linear}}, {max_pool: {size: 2, stride: 2}},
+              {global_pool: avg}, {dense: {units: 8, activation: linear}}]
+"""
+
+
+@pytest.mark.slow
+def test_bench_search_on_a_pretrained_base_per_seed_with_subset_transfer(base_run, records, tmp_path):
+    """`medtl bench search` on a base file: per seed, the N/4 search's head against the exhaustive pass, and the
+    subset's ranking against the full split's (Kendall's tau re-counted here by pairs from every head's score)."""
+    from test_search import _kendall_by_pairs
+
+    space = tmp_path / "space.yaml"
+    space.write_text(SMALL_SPACE)
+    base = os.path.join(base_run[0], "base.weights.h5")
+    work = tmp_path / "work"
+    r = run_cli("bench", "search", "--config", TINY, "--space", space, "--records", records, "--base", base,
+                "--seeds", "0,1", "--fraction", "0.5", "--budget", "2", "--trial-epochs", "1",
+                "--set", "phases.0.epochs=2", "--keep", work)
+    assert r.returncode == 0, r.stderr[-3000:]
+    results = json.load(open(work / "bench_search.json"))
+    assert results["base"] == base and [row["seed"] for row in results["seeds"]] == [0, 1]
+    assert f"base {base}" in r.stdout and "goal: the N/4 search's head within 0.01 of the exhaustive best" in r.stdout
+    for row in results["seeds"]:
+        scores = {k: v["auroc"] for k, v in row["scores"].items()}
+        assert len(scores) == 4
+        best = max(scores.values())
+        assert row["best_auroc"] == best and row["gap"] == pytest.approx(best - scores[row["chosen"]])
+        assert row["rank"] == 1 + sum(v > scores[row["chosen"]] for v in scores.values())
+        part = {k: v["auroc"] for k, v in row["subset_scores"].items()}
+        full_order, part_order = (sorted(d, key=lambda k: (-d[k], k)) for d in (scores, part))
+        if len(set(scores.values())) == 4 and len(set(part.values())) == 4:  # no ties: tau by pair counting
+            assert row["kendall_tau"] == pytest.approx(_kendall_by_pairs(part_order, full_order))
+        assert row["subset_best"] == part_order[0] and row["subset_gap"] == pytest.approx(best - scores[part_order[0]])
+        assert f"| {row['seed']} | " in r.stdout
+    from medtl.data.manifest import read_manifest
+
+    train = read_manifest(records).splits["train"]
+    assert 0.5 * train.records <= results["subset"]["images"] < train.records
+    assert results["subset"]["patients"] < train.patients
+    # Random weights are refused: the benchmark's rankings must come from a pretrained base.
+    r = run_cli("bench", "search", "--config", TINY, "--space", space, "--records", records)
+    assert_user_error(r, "bench search compares heads on a pretrained base", "--base FILE")
+    assert_user_error(run_cli("bench", "search", "--config", TINY, "--space", space, "--seeds", "0,0"), "--seeds")
+    assert_user_error(run_cli("bench", "search", "--config", TINY, "--space", space, "--fraction", "0"), "--fraction")

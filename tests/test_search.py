@@ -3,6 +3,7 @@ and the emitted best.yaml trained by `medtl train`."""
 from __future__ import annotations
 
 import csv
+import html
 import json
 import os
 import sqlite3
@@ -234,7 +235,7 @@ def test_subset_transfer_fractions(records, tmp_path):
     assert curve.points[-1].val_auroc == pytest.approx(summary["best"]["val_auroc"])
     assert load_config(str(run / "best.yaml")).evaluate.learning_curve == str(run / "learning_curve.json")
     page = (run / "search.html").read_text()
-    assert "Subset transfer" in page and "Kendall" in page and curve.verdict() in page
+    assert "Subset transfer" in page and "Kendall" in page and html.escape(curve.verdict()) in page
     assert f"learning curve {curve.verdict()}" in r.stderr
     # The cache's rows carry the records' salted patient hashes, in the records' order.
     from medtl.search.cache import load_split, read_index

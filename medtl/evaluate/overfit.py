@@ -26,7 +26,7 @@ class RunSetup:
 
 
 def run_setup(cfg) -> RunSetup:
-    return RunSetup(dropout=cfg.model.head.dropout > 0, augmentation=bool(cfg.data.augment),
+    return RunSetup(dropout=any(layer.kind == "dropout" and layer.rate > 0 for layer in cfg.model.head.layer_list()), augmentation=bool(cfg.data.augment),
                     weight_decay=any(p.weight_decay > 0 for p in cfg.phases),
                     early_stopping=any(p.early_stopping_patience > 0 for p in cfg.phases))
 
@@ -68,7 +68,7 @@ def _remedies(setup: RunSetup, curve: LearningCurve | None) -> tuple[str, ...]:
                  "it would help (set evaluate.learning_curve to its learning_curve.json)")
     unused = [more_data]
     if not setup.dropout:
-        unused.append("dropout: the head has none (model.head.dropout is 0)")
+        unused.append("dropout: the head has none (model.head.dropout, or a dropout layer in model.head.layers)")
     if not setup.augmentation:
         unused.append("augmentation: data.augment is empty")
     if not setup.weight_decay:

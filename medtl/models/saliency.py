@@ -2,8 +2,8 @@
 
 The map is the "backbone" submodel's output, the last convolutional feature map that every backbone
 medtl offers ends with. A label's channel weights are the spatial mean of its logit's gradient there;
-the map is ReLU(sum of weighted channels), interpolated to the input's pixels from where each cell of
-the feature map really lies (cell_centres), scaled to [0, 1]. Float32 throughout, whatever the model's
+the map is ReLU(sum of weighted channels), resized bilinearly to the input's pixels (each cell standing
+for its share of the image, as Grad-CAM is usually drawn), scaled to [0, 1]. Float32 throughout, whatever the model's
 precision (a mixed_float16 map is cast first).
 """
 from __future__ import annotations
@@ -27,69 +27,12 @@ def build_feature_model(model: tf.keras.Model) -> tf.keras.Model:
     return tf.keras.Model(model.inputs, [features, model.output], name="medtl_gradcam")
 
 
-# --------------------------------------------------------------------------- where each cell of the map lies
-
-
-def _largest_input(node) -> int:
-    """The index of a node's input with the largest spatial side (the main path, not an SE branch)."""
-    shapes = [t.shape for t in tf.nest.flatten(node.input_tensors)]
-    sides = [(s[1] or 0) if len(s) == 4 else -1 for s in shapes]
-    return int(np.argmax(sides))
-
-
-def _main_path(model: tf.keras.Model) -> list:
-    """A functional model's layers from its input to its output, along the largest spatial inputs."""
-    if isinstance(model, tf.keras.Sequential):
-        return list(model.layers)
-    layer, path = model.get_layer(model.output_names[0]), []
-    while not isinstance(layer, tf.keras.layers.InputLayer):
-        path.append(layer)
-        node = layer._inbound_nodes[0]  # noqa: SLF001  (Keras has no public graph walk)
-        layer = tf.nest.flatten(node.inbound_layers)[_largest_input(node)]
-    return path[::-1]
-
-
-def _step(layer, axis: int, a: float, b: float) -> tuple[float, float]:
-    """(a, b) of `pixel p of the layer's input lies at a * p + b` -> the same for its output."""
-    if isinstance(layer, tf.keras.Model):
-        for inner in _main_path(layer):
-            a, b = _step(inner, axis, a, b)
-        return a, b
-    if isinstance(layer, tf.keras.layers.ZeroPadding2D):
-        return a, b - a * layer.padding[axis - 1][0]
-    if isinstance(layer, tf.keras.layers.Cropping2D):
-        return a, b + a * layer.cropping[axis - 1][0]
-    size = getattr(layer, "kernel_size", None) or getattr(layer, "pool_size", None)
-    strides = getattr(layer, "strides", None)
-    if size is None or strides is None or len(strides) != 2:
-        return a, b  # no spatial change: activations, normalisation, pointwise layers, adds
-    k, s = size[axis - 1], strides[axis - 1]
-    k = (getattr(layer, "dilation_rate", (1, 1))[axis - 1]) * (k - 1) + 1
-    before = 0
-    if layer.padding == "same":  # TensorFlow pads the extra pixel after
-        n = layer.input.shape[axis]
-        before = max((-(-n // s) - 1) * s + k - n, 0) // 2
-    return a * s, b + a * ((k - 1) / 2 - before)
-
-
-def cell_centres(base: tf.keras.Model) -> tuple[tuple[float, float], tuple[float, float]]:
-    """Per axis (rows, columns), (a, b): the backbone output's cell j is centred at a * j + b input pixels
-    (continuous coordinates: pixel p spans [p, p + 1)). Padding and strides differ by family: a ResNet's
-    cells sit a half cell up-left of where resizing the map would put them, an EfficientNet's down-right."""
-    path = _main_path(base)
-    centres = []
-    for axis in (1, 2):
-        a, b = 1.0, 0.5
-        for layer in path:
-            a, b = _step(layer, axis, a, b)
-        centres.append((a, b))
-    return tuple(centres)
-
-
-def upsampling_matrix(cells: int, size: int, a: float, b: float) -> np.ndarray:
-    """(size, cells) linear interpolation weights of each input pixel between the cells around it,
-    held at the first and last cell beyond them."""
-    u = np.clip((np.arange(size) + 0.5 - b) / a, 0, cells - 1)
+def upsampling_matrix(cells: int, size: int) -> np.ndarray:
+    """(size, cells) weights of the map's bilinear resize to `size` pixels (half-pixel centres: cell j
+    stands for pixels [j, j + 1) x size / cells, as cv2.resize and tf.image.resize place it), held at the
+    first and last cell beyond their centres."""
+    a = size / cells
+    u = np.clip((np.arange(size) + 0.5 - a / 2) / a, 0, cells - 1)
     low = np.floor(u).astype(int)
     high = np.minimum(low + 1, cells - 1)
     weights = np.zeros((size, cells), np.float32)
@@ -108,9 +51,8 @@ class GradCam:
         self.feature_model = build_feature_model(model)
         size = model.input_shape[1]
         _, h, w, _ = self.feature_model.outputs[0].shape
-        (ra, rb), (ca, cb) = cell_centres(model.get_layer(LAYER))
-        self.rows = tf.constant(upsampling_matrix(h, size, ra, rb))  # (size, h)
-        self.columns = tf.constant(upsampling_matrix(w, size, ca, cb))  # (size, w)
+        self.rows = tf.constant(upsampling_matrix(h, size))  # (size, h)
+        self.columns = tf.constant(upsampling_matrix(w, size))  # (size, w)
 
     def _maps(self, images):
         """(batch, size, size, L) Grad-CAM maps at the input's pixels, before scaling."""
