@@ -109,5 +109,10 @@ def _print_summary(demo: DemoResult, head_phase: str) -> None:
           f"pretrained base, {fmt(demo.random_head_only_val_auroc)} on a random base")
     print(f"after all phases: test macro AUROC {result.macro_auroc:.3f}{interval} over {len(summary['labels'])} "
           f"findings, {result.num_images} test images of {result.num_patients} patients.")
+    cal = summary.get("calibration") or {}
+    if cal.get("method", "none") != "none":
+        pooled = cal["micro"]
+        print(f"calibration ({cal['method']}, fitted on val): test ECE {fmt(pooled['ece_before'])} before, "
+              f"{fmt(pooled['ece_after'])} after (all labels pooled)")
     print(f"base: {os.path.abspath(demo.base_weights)}")
     print(f"report: {os.path.abspath(result.report_path)}")

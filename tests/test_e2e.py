@@ -8,6 +8,7 @@ import json
 import os
 import re
 
+import numpy as np
 import pytest
 
 from medtl.config import load_config
@@ -71,6 +72,16 @@ def test_demo_end_to_end(tmp_path):
     final = re.search(r"after all phases: test macro AUROC ([\d.]+) \(95% CI", r.stdout)
     assert final and float(final.group(1)) == pytest.approx(metrics["macro"]["auroc"], abs=5e-4), r.stdout
     assert f"report: {os.path.abspath(report / 'report.html')}" in r.stdout
+    # jobs/demo.yaml calibrates (Platt, on val): the demo prints the pooled test ECE before and after,
+    # recomputed here from the report's own predictions.
+    ece = re.search(r"calibration \(platt, fitted on val\): test ECE ([\d.]+) before, ([\d.]+) after", r.stdout)
+    assert ece, r.stdout
+    from test_evaluate_cli import _ece
+
+    preds = np.load(report / "predictions.npz")
+    keep = preds["mask"] > 0
+    y, p = preds["labels"][keep], preds["probs"][keep]
+    assert float(ece.group(2)) == pytest.approx(_ece(y, p, metrics["calibration_bins"]), abs=5e-4)
 
     r = run_cli("evaluate", "--workdir", run, "--split", "holdout", "--out", tmp_path / "other")
     assert r.returncode == 2 and "split 'holdout' is not in" in r.stderr
