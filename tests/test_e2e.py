@@ -27,7 +27,7 @@ def test_demo_end_to_end(tmp_path):
     smoke = os.path.join(JOBS, "smoke.yaml")
     r = run_cli("demo", "--out", out, "--config", smoke, "--pretrain-config", smoke, "--n", 160, "--archive-n", 120,
                 "--seed", 3, "--set", "train.batch_size=8", "--set", "evaluate.bootstrap=100",
-                "--set", "pretrain.method=supervised")
+                "--set", "pretrain.method=supervised", "--set", "evaluate.calibration=platt")
     assert r.returncode == 0, r.stderr[-3000:]
     for step in ("demo 1-2/6: synthesising an archive of 120 studies and a target set of 160 studies",
                  "demo 1-2/6: ingesting", "demo 3/6: pretraining", "demo 4/6: the control: phase 'head'",
@@ -72,8 +72,9 @@ def test_demo_end_to_end(tmp_path):
     final = re.search(r"after all phases: test macro AUROC ([\d.]+) \(95% CI", r.stdout)
     assert final and float(final.group(1)) == pytest.approx(metrics["macro"]["auroc"], abs=5e-4), r.stdout
     assert f"report: {os.path.abspath(report / 'report.html')}" in r.stdout
-    # jobs/demo.yaml calibrates (Platt, on val): the demo prints the pooled test ECE before and after,
-    # recomputed here from the report's own predictions.
+    # Calibrated (Platt, on val, as jobs/demo.yaml sets it): the demo prints the pooled test ECE before and
+    # after, recomputed here from the report's own predictions.
+    assert load_config(os.path.join(JOBS, "demo.yaml")).evaluate.calibration == "platt"
     ece = re.search(r"calibration \(platt, fitted on val\): test ECE ([\d.]+) before, ([\d.]+) after", r.stdout)
     assert ece, r.stdout
     from test_evaluate_cli import _ece
