@@ -167,14 +167,16 @@ def test_gradcam_points_at_the_finding(exported, other_site, tmp_path):
         heat = cv2.imread(str(folder / f"{label}.heatmap.png"), cv2.IMREAD_GRAYSCALE).astype(np.float64)
         assert heat.shape == (SIZE, SIZE)
         shares[label].append(_mass_in_quadrant(str(folder / f"{label}.heatmap.png"), label))
-        hottest[label].append(quadrants[int(np.argmax([heat[q].sum() for q in quadrants]))] == QUADRANT[label])
+        if heat.max() > 0:  # a map 0 everywhere: no region raises the logit (the model missed it), no place to judge
+            hottest[label].append(quadrants[int(np.argmax([heat[q].sum() for q in quadrants]))] == QUADRANT[label])
     for label in LABELS:
         found = np.array(shares[label])
         # On a 2 x 2 feature map a finding's cell holds at most ~77% of the resized map in its quadrant; chance
-        # is 25%. Measured on this model: medians 0.45 (Disk) and 0.77 (Ring); the quadrant hottest in 90-100%
-        # (the rest: maps that are 0 everywhere, where the model found no evidence; training varies by machine).
-        assert len(found) > 25 and np.median(found) > 0.38 and np.mean(hottest[label]) >= 0.8, (
-            label, np.percentile(found, [10, 50, 90]), np.mean(hottest[label]))
+        # is 25%. Measured on this model: medians 0.45 (Disk) and 0.77 (Ring); of the maps with any heat, the
+        # finding's quadrant was the hottest in all; 0-23% of Ring's maps were empty (training varies by run).
+        assert len(found) > 25 and np.median(found) > 0.38, (label, np.percentile(found, [10, 50, 90]))
+        assert len(hottest[label]) >= 0.6 * len(found) and np.mean(hottest[label]) >= 0.9, (
+            label, len(hottest[label]), len(found), np.mean(hottest[label]))
     # The overlay is the study where the map is cold and coloured on the finding.
     study = next(s for s in other_site["rows"] if s["Disk"] and not s["Ring"])
     heat = cv2.imread(str(sal / study["file"] / "Disk.heatmap.png"), cv2.IMREAD_GRAYSCALE)
