@@ -41,6 +41,22 @@ def test_bench_synthesises_its_source_and_measures_every_stage(tmp_path):
     assert "png: 64 px stored for a 48 px input: 1.78 decoded, 1.78 read per pixel used" in r.stdout
     assert "raw: 48 px stored for a 48 px input: none decoded, 1.00 read per pixel used" in r.stdout
     assert "machine: " in r.stdout and "load average before" in r.stdout
+    # Each transform of the default policy costed alone; the policy is their averages plus the loop's own cost.
+    from medtl.config import DEFAULT_AUGMENT
+
+    costs = {m.group(1): [float(m.group(i)) for i in (2, 3, 4)] for m in
+             re.finditer(r"^(\w+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$", r.stdout, re.M)}
+    assert list(costs) == [t.name for t in DEFAULT_AUGMENT], r.stdout
+    for t in DEFAULT_AUGMENT:
+        p, applied, average = costs[t.name]
+        assert p == dict(t.args)["p"] and average == pytest.approx(applied * p, abs=1.5e-3)
+    loop = float(re.search(r"^\(seeding and Compose\)\s+([\d.]+)$", r.stdout, re.M).group(1))
+    total = float(re.search(r"^policy\s+([\d.]+)$", r.stdout, re.M).group(1))
+    assert total == pytest.approx(loop + sum(c[2] for c in costs.values()), abs=4e-3) and total > 0
+    budget = re.search(r"^\(b-raw\) costs ([\d.]+) ms per image; \(c-raw\)/\(b-raw\) >= 0.9 leaves ([\d.]+) ms", r.stdout,
+                       re.M)
+    assert float(budget.group(1)) == pytest.approx(1e3 / rows["b-raw"][1], rel=0.01)
+    assert float(budget.group(2)) == pytest.approx(float(budget.group(1)) / 9, abs=2e-3)
     manifest = read_manifest(work / "records")
     assert (manifest.stored_image_size, manifest.bit_depth, manifest.records("train")) == (64, 16, 24)
     raw = read_manifest(work / "records-raw")

@@ -61,7 +61,7 @@ def test_unknown_config_key(tmp_path):
     cfg = tmp_path / "job.yaml"
     cfg.write_text((open(os.path.join(JOBS, "smoke.yaml")).read()).replace("backbone:", "bakbone:"))
     r = run_cli("train", "--config", cfg, "--workdir", tmp_path / "run")
-    assert_user_error(r, "job.yaml", "unknown key 'model.bakbone'", "backbone, head, weights")
+    assert_user_error(r, "job.yaml", "unknown key 'model.bakbone'", "backbone, batchnorm_momentum, head, weights")
 
 
 def test_set_on_missing_key():

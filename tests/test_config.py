@@ -40,7 +40,13 @@ def test_unknown_key_names_key_and_valid_keys():
     with pytest.raises(ConfigError) as err:
         load_config(raw={**MINIMAL, "model": {"haed": {}}})
     message = str(err.value)
-    assert "'model.haed'" in message and "backbone, head, weights" in message
+    assert "'model.haed'" in message and "backbone, batchnorm_momentum, head, weights" in message
+
+
+def test_batchnorm_momentum_of_1_is_refused():
+    with pytest.raises(ConfigError, match=r"^'model.batchnorm_momentum' must be below 1 \(negative keeps each "
+                                          r"layer's own\), got 1.0$"):
+        load_config(raw={**MINIMAL, "model": {"batchnorm_momentum": 1.0}})
 
 
 def test_unknown_top_level_key():

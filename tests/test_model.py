@@ -61,6 +61,26 @@ def test_head_options(overrides, names):
     assert model(np.zeros((2, 64, 64, 3), np.float32)).shape == (2, 4)
 
 
+def test_batchnorm_momentum_reaches_every_batchnorm_layer_and_the_training_step():
+    cfg = _cfg("model.batchnorm_momentum=0.75", "model.head.dense=[8]", "model.head.batch_norm=true",
+               "model.head.dropout=0")
+    model = build_model(cfg, num_labels=2)
+    layers = [l for l in model.submodules if isinstance(l, tf.keras.layers.BatchNormalization)]
+    assert {l.name for l in layers} >= {"head_bn_0", "stem_bn"} and {l.momentum for l in layers} == {0.75}
+    x = np.random.default_rng(0).uniform(0, 255, (4, 64, 64, 3)).astype(np.float32)
+    # One training-mode call (stochastic depth makes each call differ), returning what head_bn_0 saw:
+    # its moving mean goes from 0 to 0.75 * 0 + 0.25 * that batch's mean.
+    probe = tf.keras.Model(model.input, [model.get_layer("head_dense_0").output, model.output])
+    into_bn, _ = probe(x, training=True)
+    np.testing.assert_allclose(model.get_layer("head_bn_0").moving_mean.numpy(),
+                               0.25 * np.mean(into_bn.numpy(), axis=0), rtol=1e-4, atol=1e-6)
+    # By default each layer keeps its own: Keras' 0.99, MobileNetV3's 0.999.
+    default = build_model(_cfg("model.backbone=MobileNetV3Small", "model.head.dense=[8]",
+                               "model.head.batch_norm=true"), num_labels=2)
+    own = {l.name: l.momentum for l in default.submodules if isinstance(l, tf.keras.layers.BatchNormalization)}
+    assert own["head_bn_0"] == 0.99 and {m for n, m in own.items() if not n.startswith("head_")} == {0.999}
+
+
 def test_phase_none_trains_only_the_head():
     cfg = _cfg()
     model = build_model(cfg, num_labels=3)

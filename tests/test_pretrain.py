@@ -167,6 +167,29 @@ heads:
 """
 
 
+def _check_replay(row: dict, scores: dict) -> None:
+    """Each replayed schedule's share of draws within 0.01 of the best, against every draw enumerated here."""
+    import itertools
+
+    curves = {k: v["history"] for k, v in row["scores"].items()}
+    assert all(len(c) == 2 and c[-1] == scores[k] for k, c in curves.items())  # phases.0.epochs=2
+    best = max(scores.values())
+    schedules = [(x["min_epochs"], x["reduction_factor"]) for x in row["replay"]]
+    assert schedules == [(1, 2), (1, 3), (2, 2), (2, 3)]  # min_epochs 3 > the 2 epochs of a full training
+    for x in row["replay"]:
+        # a budget of 2 full trainings = 4 epochs: min_epochs 1, 3 heads at 1 epoch, then the best one for the
+        # second; min_epochs 2: 2 heads for both epochs, no halving.
+        assert (x["trials"], x["rungs"]) == {(1, 2): (3, [1, 2]), (1, 3): (3, [1, 2]), (2, 2): (2, [2]),
+                                             (2, 3): (2, [2])}[(x["min_epochs"], x["reduction_factor"])]
+        hits = []
+        for drawn in itertools.combinations(sorted(curves), x["trials"]):
+            alive = list(drawn)
+            for rung in x["rungs"][:-1]:
+                alive = sorted(alive, key=lambda k: -curves[k][rung - 1])[:max(1, len(alive) // x["reduction_factor"])]
+            hits.append(best - max(scores[k] for k in alive) <= 0.01)
+        assert x["within_goal"] == pytest.approx(sum(hits) / len(hits), abs=0.06), (x, hits)
+
+
 @pytest.mark.slow
 def test_bench_search_on_a_pretrained_base_per_seed_with_subset_transfer(base_run, records, tmp_path):
     """`medtl bench search` on a base file: per seed, the N/4 search's head against the exhaustive pass, and the
@@ -196,6 +219,8 @@ def test_bench_search_on_a_pretrained_base_per_seed_with_subset_transfer(base_ru
             assert row["kendall_tau"] == pytest.approx(_kendall_by_pairs(part_order, full_order))
         assert row["subset_best"] == part_order[0] and row["subset_gap"] == pytest.approx(best - scores[part_order[0]])
         assert f"| {row['seed']} | " in r.stdout
+        _check_replay(row, scores)
+    assert "successive-halving schedules replayed on each seed's exhaustive curves" in r.stdout
     from medtl.data.manifest import read_manifest
 
     train = read_manifest(records).splits["train"]

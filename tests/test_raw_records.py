@@ -50,6 +50,34 @@ def test_raw_ingest_stores_the_png_records_pixels(raw_records, records):
     assert r.returncode == 0 and "all read, parsed and checksummed" in r.stderr, r.stderr
 
 
+def test_raw_streams_give_the_stored_pixels_scaled_to_255(raw_records):
+    """The eval stream and the un-augmented training stream keep raw pixels as uint16 until the batch is
+    made (docs/benchmarks.md); what the model gets is still each stored value times float32(255 / 65535),
+    in all three channels. Expected values from numpy on the stored bytes."""
+    import dataclasses
+
+    from medtl.config import load_config
+    from medtl.data.pipeline import build_dataset
+
+    cfg = load_config(TINY, [f"data.records={raw_records}", "data.channels=3"])
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, augment=()))
+    manifest = read_manifest(raw_records)
+    scale = np.float32(255.0 / 65535.0)
+    stored = {k: np.frombuffer(v, "<u2").reshape(SIZE, SIZE).astype(np.float32) * scale
+              for k, v in record_images(raw_records, "test", "image/raw").items()}
+    seen = 0
+    for images, _, _, _, keys in build_dataset(cfg, "test", manifest=manifest, with_ids=True):
+        assert images.dtype.name == "float32" and images.shape[1:] == (SIZE, SIZE, 3)
+        for image, key in zip(images.numpy(), keys.numpy().astype(str)):
+            for channel in range(3):
+                np.testing.assert_array_equal(image[..., channel], stored[key])
+            seen += 1
+    assert seen == len(stored)
+    train = next(iter(build_dataset(cfg, "train", manifest=manifest)))[0].numpy()
+    assert train.dtype == np.float32 and train.shape[1:] == (SIZE, SIZE, 3) and (train[..., 0] == train[..., 2]).all()
+    assert np.isin(train, np.arange(65536, dtype=np.float32) * scale).all()  # 16-bit values, scaled once
+
+
 @pytest.mark.slow
 def test_raw_records_train_evaluate_and_export_taking_png_and_jpeg(raw_records, tmp_path):
     import cv2

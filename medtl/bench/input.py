@@ -299,6 +299,38 @@ def build_tf_native_fn(size: int):
     return batch_fn
 
 
+def augment_costs(cfg, manifest: Manifest, batches: int = 4) -> dict:
+    """CPU ms per image of each transform of the policy, applied alone at p = 1 (one thread, in this
+    process, to the uint8 images the augmentation step gets from `manifest`'s train stream), the same
+    times its p (what it costs on average), and the per-image cost of the policy's loop with no transform
+    (seeding and Compose). {"transforms": [(name, p, ms when applied, expected ms)], "loop": ms}."""
+    import dataclasses
+
+    from medtl.data.augment import BatchAugmenter
+    from medtl.data.pipeline import build_decoded
+
+    ds = build_decoded(cfg, manifest, "train", 0, 1, True, True, 0).batch(cfg.train.batch_size)
+    images = next(iter(ds))[0].numpy()  # (batch, size, size, 1) uint8
+    indices = np.arange(len(images))
+
+    def cost(policy) -> float:
+        augmenter = BatchAugmenter(policy, (cfg.seed, 0, 0))
+        augmenter(images, indices)  # warm-up: builds the Compose
+        start = time.process_time()
+        for b in range(batches):
+            augmenter(images, indices + b * len(images))
+        return (time.process_time() - start) * 1e3 / (batches * len(images))
+
+    loop = cost(())
+    rows = []
+    for transform in cfg.data.augment:
+        args = dict(transform.args)
+        p = float(args.get("p", 0.5))  # albumentations' default p
+        applied = max(cost((dataclasses.replace(transform, args=tuple({**args, "p": 1.0}.items())),)) - loop, 0.0)
+        rows.append((transform.name, p, applied, applied * p))
+    return {"transforms": rows, "loop": loop}
+
+
 def measure(make, seconds: float, warmup_batches: int = 2) -> Run:
     """Images, wall seconds and process CPU seconds over `seconds` of one stream, after a warm-up
     that also covers filling its shuffle buffer."""
@@ -412,9 +444,29 @@ def _storage_lines(stored: dict, image_size: int) -> list[str]:
     return lines
 
 
+def _augment_lines(result: dict) -> list[str]:
+    """Each transform's share of the augmentation, against what (c-raw)/(b-raw) >= the goal allows."""
+    costs = result.get("augment_costs")
+    if not costs or "b-raw" not in result:
+        return []
+    per_image = 1e3 / result["b-raw"]["per_core"]  # CPU ms per image of (b-raw)
+    allowed = per_image * (1.0 / GOAL_AUGMENT_RATIO - 1.0)
+    lines = [f"augmentation, CPU ms per image at the input size (one thread; each transform alone at p = 1, then "
+             f"times its p):", f"{'transform':28s} {'p':>5s} {'applied':>8s} {'average':>8s}"]
+    for name, p, applied, expected in costs["transforms"]:
+        lines.append(f"{name:28s} {p:5.2f} {applied:8.3f} {expected:8.3f}")
+    total = sum(row[3] for row in costs["transforms"]) + costs["loop"]
+    lines.append(f"{'(seeding and Compose)':28s} {'':5s} {'':8s} {costs['loop']:8.3f}")
+    lines.append(f"{'policy':28s} {'':5s} {'':8s} {total:8.3f}")
+    lines.append(f"(b-raw) costs {per_image:.3f} ms per image; (c-raw)/(b-raw) >= {GOAL_AUGMENT_RATIO:g} leaves "
+                 f"{allowed:.3f} ms for the augmentation: the policy takes {total / max(allowed, 1e-9):.1f} times that")
+    return lines
+
+
 def report(result: dict, header: list[str], stored: dict, image_size: int) -> str:
+    augment = _augment_lines(result)
     return "\n".join(header + [""] + _stage_lines(result) + [""] + _storage_lines(stored, image_size) + [""]
-                     + _ratio_lines(result) + _cores_lines(result))
+                     + _ratio_lines(result) + _cores_lines(result) + ([""] + augment if augment else []))
 
 
 def run_bench(opt: BenchOptions) -> dict:
@@ -483,6 +535,8 @@ def _run(opt: BenchOptions, work: str) -> dict:
                 f"{runs[stage][-1].rate:.1f} img/s, {runs[stage][-1].per_core:.1f} per core")
     header[1] += f", after: {_load()}"
     result = summarise(runs)
+    if sources["raw"][0].data.augment:
+        result["augment_costs"] = augment_costs(*sources["raw"])
     stored = {encoding: storage(manifest, opt.image_size) for encoding, (_, manifest) in sources.items()}
     result["storage"] = stored
     print(report(result, header, stored, opt.image_size), flush=True)

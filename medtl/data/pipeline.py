@@ -279,12 +279,14 @@ def _stream_to_channels(images, channels: int):
     """to_channels for tf.data, which always runs on the CPU: there an outer product with ones(1, 3) (exact:
     each value times 1.0) costs about 0.2 ms per 380 px image against 0.4-0.9 ms for grayscale_to_rgb's
     tile, about half of a decode-free stream's work (docs/benchmarks.md). The export keeps the tile: on a
-    GPU, TF32 matmuls would round."""
+    GPU, TF32 matmuls would round. uint16 images are stored 16-bit pixels (build_decode_fn's stored_pixels):
+    the product scales them to [0, 255] with decode_stored's one float32 multiply, so the values are its own."""
+    scale = 255.0 / 65535.0 if images.dtype == tf.uint16 else 1.0
     images = tf.cast(images, tf.float32)
     if channels != 3:
-        return images
+        return images * scale if scale != 1.0 else images
     shape = tf.shape(images)  # (..., size, size, 1)
-    rgb = tf.linalg.matmul(tf.reshape(images, (-1, 1)), tf.ones((1, 3), tf.float32))
+    rgb = tf.linalg.matmul(tf.reshape(images, (-1, 1)), tf.fill((1, 3), tf.constant(scale, tf.float32)))
     return tf.reshape(rgb, tf.concat([shape[:-1], [3]], 0))
 
 
@@ -319,14 +321,27 @@ def build_parse_fn(manifest: Manifest, with_ids: bool = False):
     return parse_fn
 
 
-def build_decode_fn(manifest: Manifest, image_size: int, quantise: bool, with_ids: bool = False):
+def keeps_stored_pixels(manifest: Manifest, image_size: int, quantise: bool) -> bool:
+    """Whether a stream's decode keeps the stored integers of raw shards stored at the input size: they go
+    through the shuffle buffer and batching as uint8/uint16 (half or a quarter of float32's bytes) and are
+    scaled to [0, 255] per batch by model_input_fn, in the same multiply."""
+    return manifest.encoding == "raw" and manifest.stored_image_size == image_size and not quantise
+
+
+def build_decode_fn(manifest: Manifest, image_size: int, quantise: bool, with_ids: bool = False,
+                    stored_pixels: bool = False):
     """decode_fn(shard, record) -> (image (size, size, 1), labels (L,), mask (L,)[, patient, key]).
-    The image is float32 in [0, 255], rounded to uint8 when `quantise` (what albumentations takes)."""
+    The image is float32 in [0, 255], rounded to uint8 when `quantise` (what albumentations takes). With
+    `stored_pixels`, where keeps_stored_pixels holds, it is the stored uint8/uint16 pixels instead: only
+    for streams that end in build_model_input_fn, which scales them."""
     parse_fn = build_parse_fn(manifest, with_ids)
     stored = manifest.stored_image_size
+    keep = stored_pixels and keeps_stored_pixels(manifest, image_size, quantise)
 
     def decode_fn(shard, record):
         data, labels, mask, *ids = parse_fn(shard, record)
+        if keep:
+            return (_decode_raw(data, manifest, shard), tf.cast(labels, tf.float32), tf.cast(mask, tf.float32), *ids)
         image = decode_stored(data, manifest, shard)  # (stored, stored, 1)
         image = resize_stored(image, stored, image_size)
         if quantise:
@@ -344,7 +359,8 @@ def _cache_name(cfg: Config, manifest: Manifest, split: str, rank: int, num_rank
                           manifest.bit_depth] + subset, sort_keys=True)
     digest = hashlib.sha256(content.encode()).hexdigest()[:12]
     mode = "train" if training else "eval"
-    return (f"{cfg.data.cache.rstrip('/')}/{split}-{mode}-{cfg.data.image_size}px-{'u8' if quantise else 'f32'}"
+    pixels = "u8" if quantise else "stored" if keeps_stored_pixels(manifest, cfg.data.image_size, quantise) else "f32"
+    return (f"{cfg.data.cache.rstrip('/')}/{split}-{mode}-{cfg.data.image_size}px-{pixels}"
             f"-rank{rank}of{num_ranks}-{digest}")
 
 
@@ -358,7 +374,7 @@ def build_decoded(cfg: Config, manifest: Manifest, split: str, rank: int, num_ra
                 for shard in manifest.splits[split].shards}
     files, by_file = plan_shards(manifest, split, files, rank, num_ranks, training)
     counts = [expected[f] for f in files]
-    decode_fn = build_decode_fn(manifest, cfg.data.image_size, quantise, with_ids)
+    decode_fn = build_decode_fn(manifest, cfg.data.image_size, quantise, with_ids, stored_pixels=True)
     deterministic = cfg.data.deterministic or not training
     subset = train_subset(cfg, manifest) if split == "train" else None
 
@@ -427,8 +443,8 @@ def build_sample_dataset(cfg: Config, manifest: Manifest, split: str, images: in
     else:
         ds = tf.data.Dataset.from_tensor_slices((files, takes)).flat_map(head_fn)
     ds = ds.shard(num_ranks, rank)
-    ds = ds.map(build_decode_fn(manifest, cfg.data.image_size, quantise=False), num_parallel_calls=AUTOTUNE,
-                deterministic=True)
+    ds = ds.map(build_decode_fn(manifest, cfg.data.image_size, quantise=False, stored_pixels=True),
+                num_parallel_calls=AUTOTUNE, deterministic=True)
     ds = ds.batch(cfg.train.batch_size).map(build_model_input_fn(cfg.data.channels), num_parallel_calls=AUTOTUNE)
     return ds.prefetch(AUTOTUNE)
 

@@ -105,7 +105,18 @@ def build_model(cfg: Config, num_labels: int, weights: str | None = None) -> tf.
     base = build_backbone(cfg.model.backbone, weights or cfg.model.weights, size, channels)
     features = base(x)  # (batch, h, w, c) feature map
     logits = build_head(features, cfg.model.head, num_labels)
-    return Classifier(inputs, logits, name="medtl_classifier")
+    model = Classifier(inputs, logits, name="medtl_classifier")
+    if cfg.model.batchnorm_momentum >= 0:
+        set_batchnorm_momentum(model, cfg.model.batchnorm_momentum)
+    return model
+
+
+def set_batchnorm_momentum(model: tf.keras.Model, momentum: float) -> None:
+    """Set every BatchNorm layer's moving-statistics momentum, nested models included (read when the
+    training step is traced, so before fit)."""
+    for layer in model.submodules:
+        if isinstance(layer, tf.keras.layers.BatchNormalization):
+            layer.momentum = momentum
 
 
 def get_base(model: tf.keras.Model) -> tf.keras.Model:
