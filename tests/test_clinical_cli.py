@@ -1,9 +1,10 @@
 """Grad-CAM and external validation through the real CLI, on a model trained where each finding is known.
 
 Synthetic studies with two findings drawn where the test knows: a filled disk (Disk) and a ring (Ring),
-anywhere in training images. `medtl train` learns them (ResNet50V2, 64 px, one short phase); the maps of
-new studies whose disk sits in the top-left quadrant and ring in the bottom-right must put most of
-their mass there. Another "site" names Disk "Solid Disk", has no Ring and a label of its own; a label
+anywhere in training images, on backgrounds of varied exposure. `medtl train` learns them (ResNet50V2 at
+128 px, whose 4 x 4 feature map gives each quadrant 2 x 2 cells; one short phase with BatchNorm training);
+in the maps of new studies whose disk sits in the top-left quadrant and ring in the top-right, the
+finding's quadrant must be the hottest, and hold most of the map. Another "site" names Disk "Solid Disk", has no Ring and a label of its own; a label
 map scores the export there, beside the internal test set.
 """
 import csv
@@ -14,6 +15,7 @@ import shutil
 import cv2
 import numpy as np
 import pytest
+from scipy.stats import binomtest, wilcoxon
 
 from medtl.data import deid
 
@@ -21,16 +23,17 @@ from conftest import assert_user_error, chromium_probe, run_cli
 
 pytestmark = pytest.mark.slow
 
-SIZE = 64
+SIZE = 128
 LABELS = ("Disk", "Ring")
 # Where a finding is drawn in the "quadrant" studies: (rows, columns) of its quadrant.
-QUADRANT = {"Disk": (slice(0, SIZE // 2), slice(0, SIZE // 2)), "Ring": (slice(SIZE // 2, None), slice(SIZE // 2, None))}
+# Not on a diagonal: a transposed or mirrored map moves at least one of them.
+QUADRANT = {"Disk": (slice(0, SIZE // 2), slice(0, SIZE // 2)), "Ring": (slice(0, SIZE // 2), slice(SIZE // 2, None))}
 JOB = f"""
 seed: 0
 data: {{records: "", image_size: {SIZE}, channels: 3, shuffle_buffer: 1024, augment: []}}
-model: {{backbone: ResNet50V2, weights: none, head: {{pooling: avg, dense: [], dropout: 0.0}}}}
+model: {{backbone: ResNet50V2, weights: none, batchnorm_momentum: 0.9, head: {{pooling: avg, dense: [], dropout: 0.0}}}}
 train: {{batch_size: 16, precision: float32}}
-phases: [{{name: all, epochs: 2, learning_rate: 1.0e-3, trainable: all}}]
+phases: [{{name: all, epochs: 2, learning_rate: 1.0e-3, trainable: all, train_batch_norm: true}}]
 evaluate: {{bootstrap: 200, saliency_examples: 2}}
 """
 
@@ -38,13 +41,14 @@ evaluate: {{bootstrap: 200, saliency_examples: 2}}
 def draw_studies(folder, n: int, seed: int, quadrants: bool, subfolders=("",)) -> list[dict]:
     """n 8-bit PNG studies at SIZE px under folder/images (spread over `subfolders`); returns per study
     {'file', 'patient', 'Disk', 'Ring'}. A finding is present with probability 1/2: anywhere, or with
-    `quadrants` inside its QUADRANT."""
+    `quadrants` inside its QUADRANT. Each background's exposure differs (mean 60-120), so that a finding is
+    told by its shape and contrast, not by the image's brightness. Sizes scale with SIZE."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:SIZE, 0:SIZE]
     half = SIZE // 2
     rows = []
     for i in range(n):
-        image = cv2.GaussianBlur(rng.normal(90, 12, (SIZE, SIZE)), (0, 0), 1.5)
+        image = cv2.GaussianBlur(rng.normal(90 + rng.uniform(-30, 30), 12, (SIZE, SIZE)), (0, 0), 1.5 * SIZE / 64)
         present = rng.random(2) < 0.5
         for k, name in enumerate(LABELS):
             if not present[k]:
@@ -173,16 +177,26 @@ def test_gradcam_points_at_the_finding(exported, other_site, tmp_path):
             hottest[label].append(quadrants[int(np.argmax([heat[q].sum() for q in quadrants]))] == QUADRANT[label])
     for label in LABELS:
         found = np.array(shares[label])
-        # On a 2 x 2 feature map a finding's cell holds at most ~77% of the resized map in its quadrant; a map
-        # that ignores the finding holds 25%. Measured on this model (training varies by machine): medians
-        # 0.45 here and 0.36 on CI (Disk, maps diffuse but centred on the finding), 0.77 (Ring); of the maps
-        # with any heat the finding's quadrant was the hottest in all; 0-23% of Ring's maps were empty.
-        assert studies[label] > 25 and len(found) >= 0.6 * studies[label], (label, len(found), studies[label])
-        assert np.median(found) > 0.32, (label, np.percentile(found, [10, 50, 90]))
-        assert np.mean(hottest[label]) >= 0.9, (label, np.mean(hottest[label]))
+        # How many maps have heat is the model's sensitivity, not Grad-CAM's; localisation is judged on at
+        # least 10 maps with heat (measured: none or one of ~40 empty per label).
+        assert studies[label] > 25 and len(found) >= 10, (label, len(found), studies[label])
+        # The hottest quadrant, against chance (1 in 4), by a one-sided binomial test: a map that ignores the
+        # finding, or is transposed, mirrored or offset, puts it elsewhere (measured: 100% of the maps).
+        p_chance = binomtest(int(np.sum(hottest[label])), len(hottest[label]), 0.25, alternative="greater").pvalue
+        assert p_chance < 0.01, (label, np.mean(hottest[label]), len(hottest[label]), p_chance)
+        # Most of the map's mass in the finding's quadrant: its share against 0.5, by a one-sided signed-rank
+        # test. Measured on 3 models (seeds 0, 3, 4): medians Disk 0.75-0.81, Ring 0.86-0.90; p10 0.61-0.84.
+        # (At 64 px, a 2 x 2 map, two models trained alike put 0.40-0.49 there: the cells beside it were warm too.)
+        p_most = wilcoxon(found - 0.5, alternative="greater").pvalue
+        assert p_most < 0.01, (label, np.percentile(found, [10, 50, 90]), p_most)
     # The overlay is the study where the map is cold and coloured on the finding.
-    study = next(s for s in other_site["rows"] if s["Disk"] and not s["Ring"])
-    heat = cv2.imread(str(sal / study["file"] / "Disk.heatmap.png"), cv2.IMREAD_GRAYSCALE)
+    # (The first Disk-only study whose map has cold and hot pixels: a diffuse map can be warm everywhere.)
+    def heat_of(study):
+        return cv2.imread(str(sal / study["file"] / "Disk.heatmap.png"), cv2.IMREAD_GRAYSCALE)
+
+    study = next(s for s in other_site["rows"] if s["Disk"] and not s["Ring"]
+                 and (heat_of(s) < 10).any() and (heat_of(s) > 200).any())
+    heat = heat_of(study)
     overlay = cv2.imread(str(sal / study["file"] / "Disk.png")).astype(int)
     spread = overlay.max(axis=2) - overlay.min(axis=2)
     assert spread[heat < 10].max() <= 1 and spread[heat > 200].min() > 20

@@ -113,8 +113,10 @@ def test_sigterm_stops_after_the_step_and_resumes(records, tmp_path):
 @pytest.mark.slow
 def test_sigterm_to_horovodrun_reaches_the_rank(records, tmp_path):
     run = tmp_path / "run"
-    proc = _start(_train_args(records, run), cli_env(PYTHONPATH=REPO),
-                  launcher=[HOROVODRUN, "-np", "1", "-H", "localhost:1", "--gloo"])
+    # As above, a step of epoch 2 waits 5 s: on a fast machine the tiny run could otherwise end before
+    # SIGTERM arrives (exit 0 in 0.4 s on one).
+    env = cli_env(PYTHONPATH=REPO, MEDTL_FAULTS=f"stall:step={_steps_per_epoch(records) + 1},seconds=5")
+    proc = _start(_train_args(records, run), env, launcher=[HOROVODRUN, "-np", "1", "-H", "localhost:1", "--gloo"])
     _wait_for_history(run, 1, proc, timeout=300)
     code, err, seconds = _stopped(proc, 60)
     assert code != 0 and seconds < 30, (code, seconds)
