@@ -415,7 +415,7 @@ class ModelConfig:
     batchnorm_momentum: float = -1.0
 
     def check(self) -> list[tuple[str, str]]:
-        if self.batchnorm_momentum >= 1:
+        if not self.batchnorm_momentum < 1:  # NaN too
             return [("batchnorm_momentum", f"must be below 1 (negative keeps each layer's own), got "
                                            f"{self.batchnorm_momentum}")]
         return []

@@ -178,12 +178,14 @@ def test_gradcam_points_at_the_finding(exported, other_site, tmp_path):
     for label in LABELS:
         found = np.array(shares[label])
         # How many maps have heat is the model's sensitivity, not Grad-CAM's; localisation is judged on at
-        # least 10 maps with heat (measured: none or one of ~40 empty per label).
-        assert studies[label] > 25 and len(found) >= 10, (label, len(found), studies[label])
+        # least 10 maps with heat, and half of the studies (measured: none or one of ~40 empty per label).
+        assert studies[label] > 25 and len(found) >= max(10, 0.5 * studies[label]), (label, len(found), studies[label])
         # The hottest quadrant, against chance (1 in 4), by a one-sided binomial test: a map that ignores the
         # finding, or is transposed, mirrored or offset, puts it elsewhere (measured: 100% of the maps).
         p_chance = binomtest(int(np.sum(hottest[label])), len(hottest[label]), 0.25, alternative="greater").pvalue
         assert p_chance < 0.01, (label, np.mean(hottest[label]), len(hottest[label]), p_chance)
+        # and in most maps (a bound below the 100% measured, which p < 0.01 alone would let fall to ~40%).
+        assert np.mean(hottest[label]) >= 0.75, (label, np.mean(hottest[label]))
         # Most of the map's mass in the finding's quadrant: its share against 0.5, by a one-sided signed-rank
         # test. Measured on 3 models (seeds 0, 3, 4): medians Disk 0.75-0.81, Ring 0.86-0.90; p10 0.61-0.84.
         # (At 64 px, a 2 x 2 map, two models trained alike put 0.40-0.49 there: the cells beside it were warm too.)

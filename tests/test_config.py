@@ -47,6 +47,8 @@ def test_batchnorm_momentum_of_1_is_refused():
     with pytest.raises(ConfigError, match=r"^'model.batchnorm_momentum' must be below 1 \(negative keeps each "
                                           r"layer's own\), got 1.0$"):
         load_config(raw={**MINIMAL, "model": {"batchnorm_momentum": 1.0}})
+    with pytest.raises(ConfigError, match=r"^'model.batchnorm_momentum' must be below 1 .*, got nan$"):
+        load_config(raw={**MINIMAL, "model": {"batchnorm_momentum": float("nan")}})
 
 
 def test_unknown_top_level_key():

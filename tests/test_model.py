@@ -81,6 +81,26 @@ def test_batchnorm_momentum_reaches_every_batchnorm_layer_and_the_training_step(
     assert own["head_bn_0"] == 0.99 and {m for n, m in own.items() if not n.startswith("head_")} == {0.999}
 
 
+def test_batchnorm_momentum_reaches_the_search_trial_and_the_simclr_model():
+    """Head trials on cached features and `medtl pretrain --method simclr` build their own models: the option
+    reaches their BatchNorm layers too, and by default leaves each layer's own."""
+    from medtl.models.contrastive import build_simclr_model
+    from medtl.search.space import Head
+    from medtl.search.trial import build_trial_model
+
+    cfg = _cfg("model.batchnorm_momentum=0.75", "model.head.dense=[8]", "model.head.batch_norm=true")
+
+    def momenta(model):
+        return {l.name: l.momentum for l in model.submodules if isinstance(l, tf.keras.layers.BatchNormalization)}
+
+    head = Head(cfg.model.head, 1e-3, "bce")
+    trial = momenta(build_trial_model((2, 2, 16), head, 2, False, cfg.model.batchnorm_momentum))
+    assert "head_bn_0" in trial and set(trial.values()) == {0.75}
+    assert set(momenta(build_trial_model((2, 2, 16), head, 2, False)).values()) == {0.99}
+    simclr = momenta(build_simclr_model(cfg, weights="none"))
+    assert "stem_bn" in simclr and set(simclr.values()) == {0.75}
+
+
 def test_phase_none_trains_only_the_head():
     cfg = _cfg()
     model = build_model(cfg, num_labels=3)

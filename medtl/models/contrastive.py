@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from medtl.config import Config
 from medtl.models.backbones import Preprocess, build_backbone, get_spec
-from medtl.models.build import Classifier
+from medtl.models.build import Classifier, set_batchnorm_momentum
 from medtl.tf import tf
 
 # Added to the logits of an anchor against itself, so it is never its own candidate.
@@ -89,4 +89,6 @@ def build_simclr_model(cfg: Config, weights: str | None = None) -> SimCLRModel:
     projection = tf.keras.layers.Dense(cfg.pretrain.projection_dim, dtype="float32", name="projection")(hidden)
     model = SimCLRModel(inputs, projection, name="medtl_simclr")
     model.temperature = float(cfg.pretrain.temperature)
+    if cfg.model.batchnorm_momentum >= 0:
+        set_batchnorm_momentum(model, cfg.model.batchnorm_momentum)
     return model

@@ -14,6 +14,7 @@ import numpy as np
 
 from medtl.config import Config
 from medtl.data.manifest import Manifest
+from medtl.models.build import set_batchnorm_momentum
 from medtl.models.heads import build_head
 from medtl.models.metrics import ranking_metrics
 from medtl.search.cache import SplitFeatures
@@ -40,11 +41,16 @@ def macro_auroc(labels: np.ndarray, probs: np.ndarray, mask: np.ndarray) -> floa
     return float(np.mean(values)) if values else math.nan
 
 
-def build_trial_model(feature_shape, head: Head, num_labels: int, pooled: bool) -> tf.keras.Model:
+def build_trial_model(feature_shape, head: Head, num_labels: int, pooled: bool,
+                      batchnorm_momentum: float = -1.0) -> tf.keras.Model:
+    """The head alone on cached features; its BatchNorm layers get model.batchnorm_momentum, as in build_model."""
     inputs = tf.keras.Input(tuple(feature_shape), name="features")
     # (batch, c) pooled by the cache as the head's first layer would, or (batch, h, w, c) -> (batch, L)
     logits = build_head(inputs, head.head, num_labels, pooled=pooled)
-    return tf.keras.Model(inputs, logits, name="head_trial")
+    model = tf.keras.Model(inputs, logits, name="head_trial")
+    if batchnorm_momentum >= 0:
+        set_batchnorm_momentum(model, batchnorm_momentum)
+    return model
 
 
 def build_train_step(model: tf.keras.Model, loss_fn, optimizer):
@@ -89,7 +95,7 @@ def train_on_cache(cfg: Config, head: Head, manifest: Manifest, train: SplitFeat
     seed = head_seed(cfg.seed, head)
     tf.keras.utils.set_random_seed(seed)
     key = head.head.pooled_start() if pooled else "maps"
-    model = build_trial_model(feature_shape, head, manifest.num_labels, pooled)
+    model = build_trial_model(feature_shape, head, manifest.num_labels, pooled, cfg.model.batchnorm_momentum)
     n = len(train.labels)
     batch_size = min(cfg.train.batch_size, n)
     steps = n // batch_size
