@@ -112,7 +112,10 @@ def _print_summary(demo: DemoResult, head_phase: str) -> None:
     cal = summary.get("calibration") or {}
     if cal.get("method", "none") != "none":
         pooled = cal["micro"]
+        # Pooling mixes rare and common findings; the worst single label is the figure a reviewer checks.
+        worst = max(cal["labels"], key=lambda name: cal["labels"][name]["ece_after"] or 0.0)
         print(f"calibration ({cal['method']}, fitted on val): test ECE {fmt(pooled['ece_before'])} before, "
-              f"{fmt(pooled['ece_after'])} after (all labels pooled)")
+              f"{fmt(pooled['ece_after'])} after (all labels pooled); worst label after: {worst} "
+              f"{fmt(cal['labels'][worst]['ece_after'])}")
     print(f"base: {os.path.abspath(demo.base_weights)}")
     print(f"report: {os.path.abspath(result.report_path)}")

@@ -253,6 +253,13 @@ def test_internal_report_has_saliency_and_the_export_carries_its_figures(interna
         assert carried.labels[label]["auroc"] == m["labels"][label]["auroc"]
         assert carried.labels[label]["auroc_ci"] == m["labels"][label]["auroc_ci"]
     assert read_meta(exported).run_folder == os.path.abspath(run)
+    # A healthy run: it learns what it is shown (test macro AUROC well above chance) and its train and val
+    # AUROCs climb together, so the overfitting flag stays quiet.
+    assert m["macro"]["auroc"] > 0.9, m["macro"]
+    found = m["overfitting"]
+    assert found["note"] == "" and not found["flagged"] and found["remedies"] == [], found
+    assert found["gap_at_best"] <= 0.1 and found["gap_at_last"] <= 0.1
+    assert "No sign of overfitting" in page
 
 
 def _check_saliency_examples(m: dict, preds: dict) -> None:

@@ -83,6 +83,14 @@ def test_demo_end_to_end(tmp_path):
     keep = preds["mask"] > 0
     y, p = preds["labels"][keep], preds["probs"][keep]
     assert float(ece.group(2)) == pytest.approx(_ece(y, p, metrics["calibration_bins"]), abs=5e-4)
+    worst = re.search(r"worst label after: (\w+) ([\d.]+)", r.stdout)
+    assert worst, r.stdout
+    per_label = {}
+    for i, name in enumerate(preds["label_names"]):
+        k = preds["mask"][:, i] > 0
+        per_label[str(name)] = _ece(preds["labels"][k, i], preds["probs"][k, i], metrics["calibration_bins"])
+    assert worst.group(1) == max(per_label, key=per_label.get)
+    assert float(worst.group(2)) == pytest.approx(per_label[worst.group(1)], abs=5e-4)
 
     r = run_cli("evaluate", "--workdir", run, "--split", "holdout", "--out", tmp_path / "other")
     assert r.returncode == 2 and "split 'holdout' is not in" in r.stderr

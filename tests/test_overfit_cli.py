@@ -1,7 +1,7 @@
 """Overfitting you can see, through the CLI: a deliberately overfitting tiny run (a handful of train images,
 no augmentation, no dropout, a linear probe on a frozen random base) logs train AUROC beside val's (history.jsonl, TensorBoard train/
 and validation/), and `medtl evaluate` flags it and names the remedies it did not use. The healthy side (the
-flag quiet) is checked on test_evaluate_cli's shared run."""
+flag quiet) is checked on a run that learns, test_clinical_cli's."""
 import json
 import os
 
@@ -14,7 +14,7 @@ from conftest import JOBS, run_cli
 pytestmark = pytest.mark.slow
 
 SMOKE = os.path.join(JOBS, "smoke.yaml")
-EPOCHS = 15
+EPOCHS = 8
 
 
 @pytest.fixture(scope="module")

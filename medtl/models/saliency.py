@@ -19,12 +19,21 @@ OVERLAY_FLOOR = 0.1
 OVERLAY_ALPHA = 0.6
 
 
-def build_feature_model(model: tf.keras.Model) -> tf.keras.Model:
-    """images -> ((batch, h, w, c) backbone feature map, (batch, L) logits), sharing the classifier's weights."""
+def build_feature_models(model: tf.keras.Model) -> tuple[tf.keras.Model, tf.keras.Model]:
+    """(images -> (batch, h, w, c) backbone feature map, that map -> (batch, L) logits), sharing the classifier's
+    weights. The head is rebuilt on its own input so that a label's gradient is taken through the head alone:
+    taken through the whole classifier, TensorFlow walked the backbone's ops for every label, which made an
+    EfficientNetB0 export spend half its time tracing Grad-CAM."""
+    base = model.get_layer(LAYER)
     # The classifier calls its base once: node 0 is that call, in the classifier's graph (the base's
     # own `.output` is the tensor inside the base).
-    features = model.get_layer(LAYER).get_output_at(0)
-    return tf.keras.Model(model.inputs, [features, model.output], name="medtl_gradcam")
+    features = base.get_output_at(0)
+    extractor = tf.keras.Model(model.inputs, features, name="medtl_gradcam_features")
+    head_input = tf.keras.Input(features.shape[1:], dtype=features.dtype, name="feature_map")
+    x = head_input
+    for layer in model.layers[model.layers.index(base) + 1:]:  # medtl's heads are a chain (models.heads)
+        x = layer(x)
+    return extractor, tf.keras.Model(head_input, x, name="medtl_gradcam_head")
 
 
 def upsampling_matrix(cells: int, size: int) -> np.ndarray:
@@ -48,15 +57,15 @@ class GradCam:
     """Grad-CAM maps of a Keras classifier: `GradCam(model)(images, tta)`."""
 
     def __init__(self, model: tf.keras.Model):
-        self.feature_model = build_feature_model(model)
+        self.extractor, self.head = build_feature_models(model)
         size = model.input_shape[1]
-        _, h, w, _ = self.feature_model.outputs[0].shape
+        _, h, w, _ = self.extractor.output.shape
         self.rows = tf.constant(upsampling_matrix(h, size))  # (size, h)
         self.columns = tf.constant(upsampling_matrix(w, size))  # (size, w)
 
     def _maps(self, images):
         """(batch, size, size, L) Grad-CAM maps at the input's pixels, before scaling."""
-        raw, _ = raw_maps(self.feature_model, images)
+        raw, _ = raw_maps(self.extractor, self.head, images)
         return tf.einsum("yi,bijl,xj->byxl", self.rows, raw, self.columns)
 
     def __call__(self, images, tta: str = "none"):
@@ -73,14 +82,12 @@ class GradCam:
         return tf.math.divide_no_nan(maps, peak)
 
 
-def raw_maps(feature_model: tf.keras.Model, images):
+def raw_maps(extractor: tf.keras.Model, head: tf.keras.Model, images):
     """(batch, h, w, L) float32 Grad-CAM maps on the feature map, before scaling, and (batch, L) logits."""
+    features = extractor(images, training=False)
     with tf.GradientTape(persistent=True) as tape:
-        # Watching the input records every op after it, so the map's gradient exists even when
-        # the model's variables are frozen; tape.gradient then only walks the head, back to the map.
-        tape.watch(images)
-        features, logits = feature_model(images, training=False)
-        logits = tf.cast(logits, tf.float32)
+        tape.watch(features)
+        logits = tf.cast(head(features, training=False), tf.float32)
         per_label = [logits[:, k] for k in range(logits.shape[-1])]
     maps = []
     for target in per_label:

@@ -20,7 +20,7 @@ from medtl.evaluate.external import ExternalValidation, build_mapping, exact_map
 from medtl.evaluate.run import Source, evaluate, with_evaluate_overrides
 from medtl.evaluate.subgroups import check_subgroup_fields
 from medtl.serve.card import CARD_MD
-from medtl.serve.meta import ExportMeta, check_saliency, read_meta
+from medtl.serve.meta import ExportMeta, check_saliency, load_savedmodel, read_meta
 from medtl.train.rundir import RunDir, SplitMetrics
 
 FIXED_SETTINGS = ("evaluate.threshold_policy", "evaluate.target", "evaluate.tta", "evaluate.calibration")
@@ -62,7 +62,7 @@ def export_source(model_dir: str, records: str, split: str, overrides: list[str]
     internal, internal_source = internal_test_metrics(meta)
     from medtl.tf import tf
 
-    loaded = tf.saved_model.load(model_dir)
+    loaded = load_savedmodel(model_dir)
     signature = loaded.signatures["predict_images"]
     # The model's own probabilities, calibrated by the report (as the SavedModel does); older exports lack them.
     # Under a label map the report's labels are the records', so the SavedModel's calibrated output is used.

@@ -35,7 +35,7 @@ from medtl.evaluate.run import load_or_tune
 from medtl.models.saliency import LAYER as GRADCAM_LAYER
 from medtl.models.saliency import GradCam, build_gradcam_fn
 from medtl.serve import card as model_card
-from medtl.serve.meta import META_FILE, ExportMeta, write_meta
+from medtl.serve.meta import META_FILE, ExportMeta, load_savedmodel, write_meta
 from medtl.tf import tf
 from medtl.train.rundir import Calibration, RunDir, RunOutput, load_run
 from medtl.utils.log import log
@@ -104,7 +104,8 @@ class ExportModule(tf.Module):
 
     The SavedModel tracks the model's variables, not the Keras model: serving only needs the
     signatures, and tracking the model made tf.saved_model.save serialise every Keras layer and
-    trace its gradients (an EfficientNetB0 run's export took 70 s on 2 cores, now 28 s).
+    trace its gradients (an EfficientNetB0 run's export took 70 s on 2 cores, then 28 s; docs/export-predict.md
+    has the later figures).
     """
 
     def __init__(self, model: tf.keras.Model, meta: ExportMeta, meta_path: str):
@@ -210,7 +211,10 @@ def export_run(workdir: str, out: str, overrides: list[str] | None = None, inten
     tf.saved_model.save(module, os.path.join(staging, "model"), signatures={
         "serving_default": module.predict_bytes, "predict_bytes": module.predict_bytes,
         "predict_images": module.predict_images, "metadata": module.metadata,
-        "saliency_images": module.saliency_images, "saliency_bytes": module.saliency_bytes})
+        "saliency_images": module.saliency_images, "saliency_bytes": module.saliency_bytes},
+        # Serving never differentiates the signatures (Grad-CAM's gradients are inside them); tracing every
+        # op's gradient function for the SavedModel took about a fifth of an export's time.
+        options=tf.saved_model.SaveOptions(experimental_custom_gradients=False))
     os.makedirs(out, exist_ok=True)
     for name in os.listdir(os.path.join(staging, "model")):
         os.replace(os.path.join(staging, "model", name), os.path.join(out, name))
@@ -271,7 +275,7 @@ def _verify(out: str, model: tf.keras.Model, meta: ExportMeta) -> None:
     rng = np.random.default_rng(0)
     size, channels = meta.image_size, meta.channels
     images = tf.constant(rng.uniform(0, 255, (2, size, size, channels)).astype(np.float32))
-    loaded = tf.saved_model.load(out)
+    loaded = load_savedmodel(out)
     got = loaded.signatures["predict_images"](images=images)["probabilities"].numpy()
     want = tf.sigmoid(model(images, training=False)).numpy()
     if meta.tta == "flip":

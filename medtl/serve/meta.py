@@ -135,3 +135,28 @@ def read_meta(model_dir: str) -> ExportMeta:
         return ExportMeta.from_dict(raw)
     except (KeyError, TypeError, ValueError) as exc:
         raise MedtlError(f"{path} lacks or garbles {exc}; re-export the run with `medtl export`") from None
+
+
+class _NoGradientWarning:
+    """Drops absl's "unsaved custom gradients" warning: exports leave gradient functions out on purpose
+    (serving never differentiates them; medtl.serve.export), so the warning says nothing to a user."""
+
+    @staticmethod
+    def filter(record) -> bool:
+        return "with ops with unsaved custom gradients" not in record.getMessage()
+
+
+def load_savedmodel(model_dir: str):
+    """The export's SavedModel, loaded with TensorFlow (keep the returned object: signatures do not own the
+    variables)."""
+    import logging
+
+    from medtl.tf import tf
+
+    absl = logging.getLogger("absl")
+    quiet = _NoGradientWarning()
+    absl.addFilter(quiet)
+    try:
+        return tf.saved_model.load(model_dir)
+    finally:
+        absl.removeFilter(quiet)

@@ -23,7 +23,7 @@ import re
 
 from medtl.data import decode, deid
 from medtl.errors import MedtlError
-from medtl.serve.meta import ExportMeta, check_saliency, read_meta
+from medtl.serve.meta import ExportMeta, check_saliency, load_savedmodel, read_meta
 from medtl.utils.log import log
 from medtl.utils.progress import Progress
 
@@ -87,7 +87,7 @@ def predict_files(model_dir: str, images: str, out: str, batch_size: int = 32, i
     name, clear = _namer(base, ids_only, salt_file)
     from medtl.tf import tf
 
-    loaded = tf.saved_model.load(model_dir)  # keep a reference: signatures do not own the variables
+    loaded = load_savedmodel(model_dir)  # keep a reference: signatures do not own the variables
     signature = loaded.signatures["saliency_bytes" if saliency_dir else "predict_bytes"]
     names = meta.label_names
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
