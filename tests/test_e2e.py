@@ -83,7 +83,7 @@ def test_demo_end_to_end(tmp_path):
     keep = preds["mask"] > 0
     y, p = preds["labels"][keep], preds["probs"][keep]
     assert float(ece.group(2)) == pytest.approx(_ece(y, p, metrics["calibration_bins"]), abs=5e-4)
-    worst = re.search(r"worst label after: (\w+) ([\d.]+)", r.stdout)
+    worst = re.search(r"worst label after: (.+?) ([\d.]+)$", r.stdout, re.M)
     assert worst, r.stdout
     per_label = {}
     for i, name in enumerate(preds["label_names"]):

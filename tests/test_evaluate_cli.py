@@ -277,6 +277,8 @@ def test_predict_png_dicom_and_bad_files(exported, studies, tmp_path):
     r = run_cli("predict", "--model", exported, "--images", folder, "--out", tmp_path / "preds.csv")
     assert r.returncode == 0, r.stderr
     assert "predict: 6 of 8 files predicted, 2 could not be decoded" in r.stderr
+    # The export leaves custom gradients out on purpose; TensorFlow's warning about it is not the user's concern.
+    assert "unsaved custom gradients" not in r.stderr
     rows = {row["file"]: row for row in csv.DictReader(open(tmp_path / "preds.csv"))}
     assert len(rows) == 8
     assert rows["notes.txt"]["status"] == "error" and rows["notes.txt"]["reason"].startswith("not_dicom")

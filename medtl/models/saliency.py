@@ -30,9 +30,14 @@ def build_feature_models(model: tf.keras.Model) -> tuple[tf.keras.Model, tf.kera
     features = base.get_output_at(0)
     extractor = tf.keras.Model(model.inputs, features, name="medtl_gradcam_features")
     head_input = tf.keras.Input(features.shape[1:], dtype=features.dtype, name="feature_map")
-    x = head_input
+    x, previous = head_input, base
     for layer in model.layers[model.layers.index(base) + 1:]:  # medtl's heads are a chain (models.heads)
-        x = layer(x)
+        if layer.inbound_nodes[0].inbound_layers is not previous:
+            raise ValueError(f"Grad-CAM needs a head that is a chain of layers after {LAYER!r}; "
+                             f"{layer.name!r} does not take {previous.name!r}'s output")
+        x, previous = layer(x), layer
+    if previous.get_output_at(0) is not model.output:
+        raise ValueError(f"Grad-CAM needs the classifier's output to be its last layer's, {previous.name!r}")
     return extractor, tf.keras.Model(head_input, x, name="medtl_gradcam_head")
 
 

@@ -104,8 +104,8 @@ class ExportModule(tf.Module):
 
     The SavedModel tracks the model's variables, not the Keras model: serving only needs the
     signatures, and tracking the model made tf.saved_model.save serialise every Keras layer and
-    trace its gradients (an EfficientNetB0 run's export took 70 s on 2 cores, then 28 s; docs/export-predict.md
-    has the later figures).
+    trace its gradients (an EfficientNetB0 run's export took 70 s on 2 cores, then 28 s, before Grad-CAM's
+    signatures were added; docs/export-predict.md has the figures since).
     """
 
     def __init__(self, model: tf.keras.Model, meta: ExportMeta, meta_path: str):
@@ -212,8 +212,8 @@ def export_run(workdir: str, out: str, overrides: list[str] | None = None, inten
         "serving_default": module.predict_bytes, "predict_bytes": module.predict_bytes,
         "predict_images": module.predict_images, "metadata": module.metadata,
         "saliency_images": module.saliency_images, "saliency_bytes": module.saliency_bytes},
-        # Serving never differentiates the signatures (Grad-CAM's gradients are inside them); tracing every
-        # op's gradient function for the SavedModel took about a fifth of an export's time.
+        # Serving never differentiates the signatures (Grad-CAM's gradients are inside them); tracing the
+        # gradients of tf.custom_gradient ops (EfficientNet's swish) took about a fifth of an export's time.
         options=tf.saved_model.SaveOptions(experimental_custom_gradients=False))
     os.makedirs(out, exist_ok=True)
     for name in os.listdir(os.path.join(staging, "model")):
