@@ -431,7 +431,7 @@ def test_export_and_predict_return_the_reports_calibrated_probabilities(clinical
         np.testing.assert_allclose(got, preds["probs"][row_of[salted_hash(salt, row["file"])]], atol=1e-5)
 
 
-def test_model_card_and_run_index(clinical_export, clinical_report, overconfident, studies):
+def test_model_card_and_run_index(clinical_export, clinical_report, overconfident, studies, tmp_path):
     from medtl.serve.card import read_card
 
     card, m = read_card(clinical_export), _metrics(clinical_report)
@@ -460,6 +460,8 @@ def test_model_card_and_run_index(clinical_export, clinical_report, overconfiden
         assert f'href="{link}"' in index, link
     assert "<polyline" in index  # the training curves
     assert [o.kind for o in RunDir(overconfident).outputs()] == ["report", "export"]
+    probe = chromium_probe(os.path.join(overconfident, "index.html"), tmp_path)  # and it renders
+    assert probe["errors"] == [] and "<polyline" in probe["dom"] and f'href="{card_link}"' in probe["dom"]
 
 
 def test_report_renders_in_headless_chromium(report, clinical_report, tmp_path):
