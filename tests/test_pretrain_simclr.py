@@ -19,9 +19,9 @@ SIMCLR_SET = ("--set", "pretrain.method=simclr",
 HEAD_ONLY_SET = ("--set", "phases=[{name: head, epochs: 1, learning_rate: 0.001, trainable: none}]")
 
 
-def _pretrain(records, run, *extra, launcher=None):
+def _pretrain(records, run, *extra, launcher=None, env=None):
     return run_cli("pretrain", "--config", TINY, "--workdir", run, "--set", f"data.records={records}",
-                   *SIMCLR_SET, *extra, launcher=launcher)
+                   *SIMCLR_SET, *extra, launcher=launcher, env=env)
 
 
 def _loss(positive, negatives, temperature):
@@ -111,8 +111,7 @@ def test_simclr_bad_inputs(records, tmp_path):
 
 @pytest.mark.slow
 def test_pretrain_simclr_on_unlabeled_dicoms_writes_a_base_that_train_starts_from(records, tmp_path):
-    """Resuming mid-run is `medtl train`'s code (RunDir, the phase plan, the epoch checkpoint); it is not
-    repeated here, to keep this file's time down (a run killed in epoch 2 resumed after epoch 1 when built)."""
+    """SimCLR on an unlabeled DICOM archive, killed in its second epoch and resumed; then train from its base."""
     from medtl.data.manifest import read_manifest
     from medtl.data.synth import synthesize
 
@@ -127,19 +126,31 @@ def test_pretrain_simclr_on_unlabeled_dicoms_writes_a_base_that_train_starts_fro
                               f"data.records={unlabeled}", "--set", "pretrain.method=supervised"),
                       f"records folder {unlabeled} is unlabeled", "simclr")
 
+    # Two epochs, the process killed (SIGKILL, no clean-up) at the second step of the second; the same command
+    # then resumes after epoch 1 and runs epoch 2 alone.
     run = str(tmp_path / "pre")
-    result = _pretrain(unlabeled, run)
+    two_epochs = ("--set", "phases=[{name: all, epochs: 2, learning_rate: 0.001, trainable: all, "
+                           "train_batch_norm: true}]")
+    steps = read_manifest(unlabeled, unlabeled_ok=True).records("train") // 8  # train.batch_size 8, whole batches
+    killed = _pretrain(unlabeled, run, *two_epochs, env=cli_env(MEDTL_FAULTS=f"kill:rank=0,step={steps + 1}"))
+    out = killed.stdout + killed.stderr
+    assert killed.returncode != 0 and f"SIGKILLs itself before global step {steps + 1}" in out, out[-3000:]
+    assert f"{2 * 8 - 2} negatives per anchor gathered from 1 rank(s)" in out
+    assert "simclr epoch 1 (phase 'all' 1/2): contrastive loss" in out and "positive-pair top-1" in out
+    base = os.path.join(run, "base.weights.h5")
+    assert not os.path.exists(base)
+    result = _pretrain(unlabeled, run, *two_epochs)
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-3000:]
-    assert f"{2 * 8 - 2} negatives per anchor gathered from 1 rank(s)" in out
-    assert "simclr epoch 1 (phase 'all' 1/1): contrastive loss" in out and "positive-pair top-1" in out
-    base = os.path.join(run, "base.weights.h5")
+    assert f"pretrain: resuming {run} after epoch 1" in out
+    assert "simclr epoch 2 (phase 'all' 2/2)" in out and "simclr epoch 1 (" not in out
     assert result.stdout.strip().splitlines()[-1] == base
     meta = json.load(open(base + ".json"))
-    assert meta["method"] == "simclr" and meta["epochs"] == 1 and meta["backbone"] == "MobileNetV3Small"
+    assert meta["method"] == "simclr" and meta["epochs"] == 2 and meta["backbone"] == "MobileNetV3Small"
     assert meta["records_digest"] == read_manifest(unlabeled, unlabeled_ok=True).digest()
     rows = [json.loads(line) for line in open(os.path.join(run, "history.jsonl"))]
-    assert len(rows) == 1 and math.isfinite(rows[0]["loss"]) and rows[0]["negatives_per_anchor"] == 14
+    assert [row["epoch"] for row in rows] == [0, 1]  # each epoch once
+    assert all(math.isfinite(row["loss"]) and row["negatives_per_anchor"] == 14 for row in rows)
 
     # The labeled job at another input size than the pretraining's: the base loads, with one warning.
     target = run_cli("train", "--config", TINY, "--workdir", str(tmp_path / "target"), "--set",
