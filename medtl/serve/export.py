@@ -105,7 +105,7 @@ class ExportModule(tf.Module):
     The SavedModel tracks the model's variables, not the Keras model: serving only needs the
     signatures, and tracking the model made tf.saved_model.save serialise every Keras layer and
     trace its gradients (an EfficientNetB0 run's export took 70 s on 2 cores, then 28 s, before Grad-CAM's
-    signatures were added; docs/export-predict.md has the figures since).
+    signatures were added; docs/benchmarks.md has the figures since).
     """
 
     def __init__(self, model: tf.keras.Model, meta: ExportMeta, meta_path: str):

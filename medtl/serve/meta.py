@@ -137,13 +137,10 @@ def read_meta(model_dir: str) -> ExportMeta:
         raise MedtlError(f"{path} lacks or garbles {exc}; re-export the run with `medtl export`") from None
 
 
-class _NoGradientWarning:
-    """Drops absl's "unsaved custom gradients" warning: exports leave gradient functions out on purpose
-    (serving never differentiates them; medtl.serve.export), so the warning says nothing to a user."""
-
-    @staticmethod
-    def filter(record) -> bool:
-        return "with ops with unsaved custom gradients" not in record.getMessage()
+def _not_the_gradient_warning(record) -> bool:
+    """False for absl's "unsaved custom gradients" warning: exports leave those gradients out on purpose
+    (serving never differentiates a signature; medtl.serve.export), so the warning says nothing to a user."""
+    return "with ops with unsaved custom gradients" not in record.getMessage()
 
 
 def load_savedmodel(model_dir: str):
@@ -154,9 +151,8 @@ def load_savedmodel(model_dir: str):
     from medtl.tf import tf
 
     absl = logging.getLogger("absl")
-    quiet = _NoGradientWarning()
-    absl.addFilter(quiet)
+    absl.addFilter(_not_the_gradient_warning)
     try:
         return tf.saved_model.load(model_dir)
     finally:
-        absl.removeFilter(quiet)
+        absl.removeFilter(_not_the_gradient_warning)
