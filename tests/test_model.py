@@ -101,36 +101,6 @@ def test_batchnorm_momentum_reaches_the_search_trial_and_the_simclr_model():
     assert "stem_bn" in simclr and set(simclr.values()) == {0.75}
 
 
-def test_recalibrated_batchnorm_holds_the_average_statistics_of_its_inputs():
-    """recalibrate_batchnorm gives each trainable BatchNorm layer the mean of the batch means and batch
-    (biased) variances of what it sees, computed here with numpy from the layer before it; a frozen
-    BatchNorm keeps its statistics, and every layer keeps its momentum."""
-    from medtl.models.build import recalibrate_batchnorm
-
-    rng = np.random.default_rng(0)
-    inputs = tf.keras.Input((6,))
-    frozen = tf.keras.layers.BatchNormalization(name="frozen_bn")
-    frozen.trainable = False
-    dense = tf.keras.layers.Dense(4, name="into_bn")
-    bn = tf.keras.layers.BatchNormalization(name="bn")
-    model = tf.keras.Model(inputs, tf.keras.layers.Dense(2, name="out")(bn(dense(frozen(inputs)))))
-    frozen.moving_mean.assign([1.0] * 6)
-    frozen.moving_variance.assign([4.0] * 6)
-    x = (3.0 + 2.0 * rng.normal(size=(96, 6))).astype(np.float32)
-    batches = [x[i:i + 32] for i in range(0, 96, 32)]
-    assert recalibrate_batchnorm(model, iter(batches)) == 1
-    w, b = dense.get_weights()
-    seen = [((xb - 1.0) / np.sqrt(4.0 + frozen.epsilon)) @ w + b for xb in batches]  # the frozen layer's output
-    np.testing.assert_allclose(bn.moving_mean.numpy(), np.mean([h.mean(0) for h in seen], 0), rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(bn.moving_variance.numpy(), np.mean([h.var(0) for h in seen], 0), rtol=1e-4)
-    np.testing.assert_allclose(frozen.moving_mean.numpy(), 1.0)
-    np.testing.assert_allclose(frozen.moving_variance.numpy(), 4.0)
-    assert (bn.momentum, frozen.momentum) == (0.99, 0.99)
-    # Without a trainable BatchNorm there is nothing to do, and the batches are not read.
-    plain = tf.keras.Sequential([tf.keras.Input((6,)), tf.keras.layers.Dense(2)])
-    assert recalibrate_batchnorm(plain, (1 / 0 for _ in range(1))) == 0
-
-
 def test_phase_none_trains_only_the_head():
     cfg = _cfg()
     model = build_model(cfg, num_labels=3)

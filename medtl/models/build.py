@@ -119,35 +119,5 @@ def set_batchnorm_momentum(model: tf.keras.Model, momentum: float) -> None:
             layer.momentum = momentum
 
 
-def recalibrate_batchnorm(model: tf.keras.Model, batches) -> int:
-    """Set the moving mean and variance of every trainable BatchNorm layer to their average over
-    `batches` (inputs of `model`), by forward passes in training mode with the weights unchanged, as
-    torch.optim.swa_utils.update_bn does. Returns the number of layers set (0: nothing to do, and
-    `batches` is not read). Frozen BatchNorm layers (a frozen base's) run in inference mode and keep theirs.
-
-    A moving average with Keras' momentum 0.99 still holds 47% of its start after 75 steps, so a head
-    with BatchNorm validated after one short epoch is scored with statistics that are not its own."""
-    layers = [layer for layer in model.submodules
-              if isinstance(layer, tf.keras.layers.BatchNormalization) and layer.trainable]
-    if not layers:
-        return 0
-    momenta = [layer.momentum for layer in layers]
-    for layer in layers:
-        layer.moving_mean.assign(tf.zeros_like(layer.moving_mean))
-        layer.moving_variance.assign(tf.ones_like(layer.moving_variance))
-    seen = 0
-    try:
-        for x in batches:
-            n = int(x.shape[0])
-            for layer in layers:  # read at call time in eager mode: a running mean weighted by batch size
-                layer.momentum = seen / (seen + n)
-            model(x, training=True)
-            seen += n
-    finally:
-        for layer, momentum in zip(layers, momenta):
-            layer.momentum = momentum
-    return len(layers)
-
-
 def get_base(model: tf.keras.Model) -> tf.keras.Model:
     return model.get_layer("backbone")

@@ -14,7 +14,7 @@ import numpy as np
 
 from medtl.config import Config
 from medtl.data.manifest import Manifest
-from medtl.models.build import recalibrate_batchnorm, set_batchnorm_momentum
+from medtl.models.build import set_batchnorm_momentum
 from medtl.models.heads import build_head
 from medtl.models.metrics import ranking_metrics
 from medtl.search.cache import SplitFeatures
@@ -70,11 +70,7 @@ def run_epochs(model, cfg: Config, head: Head, manifest: Manifest, steps_per_epo
                batches: Callable[[int], Iterator], val_probs: Callable[[], tuple],
                on_epoch: Callable[[int, float], bool]) -> list[float]:
     """Train `model` (its trainable part) for up to `epochs`; after each, on_epoch(epoch, val AUROC)
-    returns False to stop. batches(epoch) yields (x, labels, mask); val_probs() -> (labels, probs, mask).
-
-    Before each validation, a head with BatchNorm gets the moving statistics of its current weights
-    on that epoch's training batches (recalibrate_batchnorm): a rung after one short epoch then
-    ranks what the head has learned, not how far its moving averages have caught up."""
+    returns False to stop. batches(epoch) yields (x, labels, mask); val_probs() -> (labels, probs, mask)."""
     from medtl.models.losses import build_loss
     from medtl.train.loop import build_optimizer
 
@@ -86,7 +82,6 @@ def run_epochs(model, cfg: Config, head: Head, manifest: Manifest, steps_per_epo
     for epoch in range(epochs):
         for x, y, mask in batches(epoch):
             step(x, y, mask)
-        recalibrate_batchnorm(model, (x for x, _, _ in batches(epoch)))
         labels, probs, mask = val_probs()
         history.append(macro_auroc(labels, probs, mask))
         if not on_epoch(epoch + 1, history[-1]):
