@@ -208,7 +208,8 @@ class EpochMetrics(tf.keras.callbacks.Callback):
         if not images:
             return None, 0
         dist.reached(f"train AUROC after epoch {epoch + 1}")
-        out = predict_split(self.model, self.cfg, self.manifest, "train", self.ctx, sample=images)
+        # logits=True: the function validation traced already (sigmoid applied by predict_split).
+        out = predict_split(self.model, self.cfg, self.manifest, "train", self.ctx, sample=images, logits=True)
         macro = summary_metrics(out["labels"], out["probs"], self.label_names, out["mask"])["macro"]["auroc"]
         return macro, len(out["probs"])
 
@@ -234,13 +235,14 @@ class PhaseTracker(tf.keras.callbacks.Callback):
             return  # a partial epoch is never committed
         logs = logs or {}
         value = float(logs.get("val_auroc", math.nan))
+        best_files = []  # copies of this epoch's checkpoint (commit_epoch serialises the weights once)
         if not math.isnan(value) and value > self.best:
             self.best, self.best_epoch = value, epoch
             self.weights = [w.copy() for w in self.model.get_weights()]
-            self.run.save_weights(self.model, self.phase_path)
+            best_files.append(self.phase_path)
             if self.state.overall_best is None or value > self.state.overall_best:
                 self.state.overall_best = value
-                self.run.save_weights(self.model, self.run.best_weights)
+                best_files.append(self.run.best_weights)
         in_phase = epoch - self.phase_start + 1
         stale = epoch - self.best_epoch
         early = bool(self.phase.early_stopping_patience) and stale >= self.phase.early_stopping_patience
@@ -257,7 +259,7 @@ class PhaseTracker(tf.keras.callbacks.Callback):
         for key, value in self.metrics.extra.items():
             row[key] = {k: _clean(v) for k, v in value.items()} if isinstance(value, dict) else _clean(value)
         # Written by rank 0 only; every rank's state names the same last checkpoint for its messages.
-        self.run.commit_epoch(self.model, state, row, self.keep)
+        self.run.commit_epoch(self.model, state, row, self.keep, also=tuple(best_files))
 
     def restore_best(self) -> None:
         """Leave the model at the phase's best weights, on every rank."""

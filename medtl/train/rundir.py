@@ -318,8 +318,9 @@ class RunDir:
             fs.write_text_atomic(self._file(CHECKPOINT_DIR, self.STATE),
                                  json.dumps(asdict(state), indent=2, sort_keys=True))
 
-    def commit_epoch(self, model, state: RunState, history_row: dict, keep: int) -> None:
-        """At an epoch end: checkpoint, history line, then the state pointer; prune old epochs.
+    def commit_epoch(self, model, state: RunState, history_row: dict, keep: int, also: tuple[str, ...] = ()) -> None:
+        """At an epoch end: checkpoint, copies of it to the paths in `also` (best weights: the same
+        variables, serialised once), history line, then the state pointer; prune old epochs.
         Updates `state` (checkpoint name, history lines) on every rank, so all name the same file."""
         name = epoch_weights_name(state.epochs_done - 1)
         state.checkpoint = name
@@ -327,6 +328,8 @@ class RunDir:
         if not self.primary:
             return
         save_weights_atomic(model, self.checkpoint(name))
+        for path in also:
+            fs.copy_atomic(self.checkpoint(name), path)
         faults.in_checkpoint(state.epochs_done - 1)
         with open(self._file(self.HISTORY), "a", encoding="utf-8") as fh:
             fh.write(json.dumps(history_row, sort_keys=True) + "\n")
@@ -339,11 +342,6 @@ class RunDir:
         for old in epochs[:-keep]:
             if old != state.checkpoint:
                 os.remove(os.path.join(folder, old))
-
-    def save_weights(self, model, path: str) -> None:
-        """Best weights (best_weights, phase_weights(...)) of the primary rank's model."""
-        if self.primary:
-            save_weights_atomic(model, path)
 
     # ------------------------------------------------------------------ history
 

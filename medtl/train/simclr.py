@@ -74,9 +74,8 @@ class ContrastiveEpochs(tf.keras.callbacks.Callback):
                **self.last, "lr": lr, "seconds": seconds, "images_per_second": images_per_second,
                "ranks": self.ctx.size, "negatives_per_anchor": self.negatives,
                "skipped_steps_total": int(self.model.nonfinite_total.numpy())}
-        self.run.commit_epoch(self.model, state, row, self.keep)
-        if state.phase_done:
-            self.run.save_weights(self.model, self.run.phase_weights(self.index, self.phase.name))
+        self.run.commit_epoch(self.model, state, row, self.keep,
+                              also=(self.run.phase_weights(self.index, self.phase.name),) if state.phase_done else ())
 
 
 def train_simclr(cfg: Config, workdir: str):

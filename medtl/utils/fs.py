@@ -143,6 +143,19 @@ def atomic_path(path: str, tmp: str | None = None):
         os.replace(tmp, path)
 
 
+def copy_atomic(src: str, dst: str) -> None:
+    """Copy a file; readers of `dst` see the old file or the whole new one (local copies are synced)."""
+    if is_remote(src) or is_remote(dst):
+        ensure_filesystem(dst if is_remote(dst) else src)
+        _gfile().copy(src, dst + ".tmp", overwrite=True)
+        rename(dst + ".tmp", dst)
+        return
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+
+
 def sha256(path: str) -> str:
     digest = hashlib.sha256()
     if not _local(path):
