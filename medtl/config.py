@@ -611,6 +611,8 @@ class SearchConfig:
     reduction_factor: int = 3
     # Epochs of the first rung; later rungs are min_epochs x reduction_factor^k, the last one phase 1's epochs.
     min_epochs: int = 1
+    # A trial whose first-rung val AUROC lies more than this many robust standard deviations (1.4826 x MAD) below the median of the first rung's scores is a failed start (an unlucky initialisation): it runs once more with a new initialisation. 0 turns this off; it needs 8 first-rung scores.
+    restart_below: float = 4.0
     # Subset transfer: fractions of the train split's patients (nested, e.g. [0.1, 0.3, 1.0]) to run the search on, each against the largest; [] searches the whole split once. `--fractions` sets it.
     fractions: tuple[float, ...] = ()
     # Subset transfer: the top-k overlap compares the best k heads of each fraction with the largest fraction's.
@@ -629,6 +631,8 @@ class SearchConfig:
             problems.append(("reduction_factor", f"must be >= 2, got {self.reduction_factor}"))
         if self.min_epochs < 1:
             problems.append(("min_epochs", f"must be >= 1, got {self.min_epochs}"))
+        if not self.restart_below >= 0:
+            problems.append(("restart_below", f"must be >= 0 (0 turns restarts off), got {self.restart_below}"))
         if not self.feature_cache.strip():
             problems.append(("feature_cache", "must be a folder, got ''"))
         return problems

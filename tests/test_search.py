@@ -15,7 +15,7 @@ from medtl.config import load_config
 from medtl.data.manifest import read_manifest
 from medtl.errors import ConfigError
 from medtl.evaluate.curve import read_learning_curve
-from medtl.search.run import halving_cost, plan_search
+from medtl.search.run import failed_starts, halving_cost, plan_search
 from medtl.search.space import defaults_from, load_space, parse_space
 
 from conftest import JOBS, assert_user_error, cli_env, run_cli
@@ -83,6 +83,21 @@ def test_budget_plan():
         plan_search(cfg, space, 0.1)
     with pytest.raises(ConfigError, match="min_epochs"):
         plan_search(load_config(SMOKE, ["phases.0.epochs=9", "search.min_epochs=10"]), space, 8)
+
+
+def test_failed_starts_are_far_below_the_first_rungs_median():
+    # Nine first-rung scores: median 0.83; absolute deviations 0.13, 0.03, 0.02, 0.01, 0, 0.01, 0.02, 0.03,
+    # 0.04 have median 0.02, so one robust standard deviation is 1.4826 x 0.02 = 0.029652. Trial 8's 0.70
+    # is 0.13 / 0.029652 = 4.38 of them under the median; the next lowest, 0.80, is 1.01.
+    scores = {i: 0.80 + 0.01 * i for i in range(8)} | {8: 0.70}
+    assert failed_starts(scores, 4.0) == [8]
+    assert failed_starts(scores, 4.5) == []
+    assert failed_starts(scores, 0.0) == []  # search.restart_below: 0 turns restarts off
+    assert failed_starts({i: scores[i] for i in (1, 2, 3, 4, 5, 6, 8)}, 1.0) == []  # 7 scores: too few to tell
+    assert failed_starts({i: 0.8 for i in range(9)} | {9: 0.5}, 4.0) == []  # no spread to measure against
+    assert failed_starts(scores | {9: float("nan")}, 4.0) == [8]  # an undefined AUROC is left out
+    with pytest.raises(ConfigError, match="restart_below"):
+        load_config(SMOKE, ["search.restart_below=-1"])
 
 
 # ----------------------------------------------------------------------------- bad input through the CLI
@@ -187,6 +202,42 @@ def test_search_resumes_reuses_the_cache_and_its_config_trains(records, tmp_path
     assert trained["epochs"] == 3
     saved = yaml.safe_load((tmp_path / "train" / "config.yaml").read_text())
     assert saved["model"]["head"]["pooling"] == board[0]["pooling"]
+
+
+# One linear head at 12 learning rates: logistic regression on fixed features, so every start ends near the
+# same fit and the first-rung scores sit close together.
+LR_SPACE = """\
+heads:
+  gap: [{global_pool: avg}]
+learning_rate: [1.0e-2, 1.1e-2, 1.2e-2, 1.3e-2, 1.4e-2, 1.5e-2, 1.6e-2, 1.7e-2, 1.8e-2, 1.9e-2, 2.0e-2, 2.1e-2]
+"""
+
+
+@pytest.mark.slow
+def test_a_failed_start_is_restarted_once_with_a_new_initialisation(records, tmp_path):
+    """Trial 3's first attempt is made to fail (MEDTL_FAULTS failed_start: it trains away from the labels).
+    Once 8 trials have a first-rung score, its score lies far under theirs; the search queues it once more
+    with a new initialisation, which learns like the others, and reports the restart."""
+    space, run = tmp_path / "lr.yaml", tmp_path / "search"
+    space.write_text(LR_SPACE)
+    r = search_cli(records, run, "--set", "train.batch_size=4", space=space, budget=8,
+                   env=cli_env(MEDTL_FAULTS="failed_start:step=3"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    with open(run / "leaderboard.csv") as fh:
+        board = {int(row["trial"]): row for row in csv.DictReader(fh)}
+    failed, restarts = board[3], [row for row in board.values() if row["restart_of"]]
+    assert [row["restart_of"] for row in restarts] == ["3"], r.stderr[-3000:]
+    again = restarts[0]
+    assert int(again["trial"]) == 8  # queued once trials 0-7 had their first-rung scores, then run first
+    assert again["head"] == failed["head"] and failed["state"] == "pruned"
+    others = sorted(float(row["val_auroc_1ep"]) for n, row in board.items() if n not in (3, 8))
+    assert float(failed["val_auroc_1ep"]) < 0.5 < others[0]  # trained away from the labels, the others towards
+    assert float(again["val_auroc_1ep"]) >= others[0]  # the new start learns like the others
+    assert (f"trial 3: {failed['head']}: first-rung val macro AUROC {float(failed['val_auroc_1ep']):.4f} lies over "
+            "4 robust standard deviations under the median of 8 trials") in r.stderr
+    summary = json.loads((run / "search_summary.json").read_text())
+    assert summary["restarts"] == 1 and summary["spent_full_trainings"] <= 8 + 1e-9
+    assert "1 failed start(s) restarted with a new initialisation" in (run / "search.html").read_text()
 
 
 def _kendall_by_pairs(a: list, b: list) -> float:

@@ -184,7 +184,8 @@ def run(cfg: Config, space_path: str, records: str | None, n: int, trial_epochs:
         every = exhaustive(seeded, space, manifest, train, val, index)
         exhaustive_s = time.perf_counter() - start
         best_key, chosen = _ranking(every)[0], summary["best"]["head"]
-        row = {"seed": seed, "explored": summary["explored"], "spent": summary["spent_full_trainings"],
+        row = {"seed": seed, "explored": summary["explored"], "restarts": summary["restarts"],
+               "spent": summary["spent_full_trainings"],
                "search_s": search_s, "exhaustive_s": exhaustive_s, "chosen": chosen,
                "chosen_auroc": every[chosen]["auroc"], "rank": 1 + sum(v["auroc"] > every[chosen]["auroc"]
                                                                      for v in every.values()),
@@ -229,11 +230,13 @@ def format_report(cfg: Config, space, index, budget, extraction, trial_epochs, c
         f"  ratio base-in-loop / cache: {base_s / cached_s:.1f}x (goal >= 20x)",
         f"  search with a budget of {budget:g} full trainings (N/4) against all {space.size} heads x "
         f"{cfg.phases[0].epochs} epochs, per seed:",
-        "| seed | explored | spent | search s | exhaustive s | selected (val AUROC, rank) | exhaustive best | gap |",
-        "| ---: | ---: | ---: | ---: | ---: | --- | --- | ---: |",
+        "| seed | explored | restarts | spent | search s | exhaustive s | selected (val AUROC, rank) | exhaustive best "
+        "| gap |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | ---: |",
     ]
     for r in per_seed:
-        lines.append(f"| {r['seed']} | {r['explored']} of {space.size} | {r['spent']:.2f} | {r['search_s']:.1f} | "
+        lines.append(f"| {r['seed']} | {r['explored']} of {space.size} | {r['restarts']} | {r['spent']:.2f} | "
+                     f"{r['search_s']:.1f} | "
                      f"{r['exhaustive_s']:.1f} | {r['chosen']} ({r['chosen_auroc']:.4f}, {r['rank']}) | "
                      f"{r['best']} ({r['best_auroc']:.4f}) | {r['gap']:.4f} |")
     met = sum(r["gap"] <= GOAL_GAP for r in per_seed)

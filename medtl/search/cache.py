@@ -57,6 +57,7 @@ def cache_meta(cfg: Config, manifest: Manifest) -> dict:
             "dtype": cfg.search.cache_dtype}
     if cfg.search.augmented_copies:
         meta["augment"] = to_tree(cfg.data.augment)
+    if cfg.search.augmented_copies or weights == "none":  # the augmentation's draws, a random base's weights
         meta["seed"] = cfg.seed
     return meta
 
@@ -87,6 +88,10 @@ def _build_extractor(cfg: Config):
     size, channels = cfg.data.image_size, cfg.data.channels
     inputs = tf.keras.Input((size, size, channels), name="image")
     x = Preprocess(get_spec(cfg.model.backbone).preprocess, name="preprocess")(inputs)
+    if cfg.model.weights == "none":
+        # A random base is drawn from the seed: every rank of an extraction, and every extraction under the
+        # same cache key, gets the same weights (unseeded, each process drew its own base).
+        tf.keras.utils.set_random_seed(cfg.seed)
     base = build_backbone(cfg.model.backbone, cfg.model.weights, size, channels)
     base.trainable = False
     maps = base(x, training=False)  # (batch, h, w, c)

@@ -23,10 +23,11 @@ import dataclasses
 import json
 import os
 import socket
+import statistics
 import time
 
 from medtl import dist
-from medtl.config import Config, HeadConfig
+from medtl.config import Config, HeadConfig, SearchConfig
 from medtl.data.manifest import Manifest
 from medtl.errors import ConfigError, MedtlError, RunFailure
 from medtl.search.space import SearchSpace, check_heads_fit, defaults_from, load_space
@@ -37,6 +38,9 @@ STORAGE_ENV = "MEDTL_SEARCH_STORAGE"
 DEFAULT_STUDY = "medtl-head-search"
 # Without a heartbeat for this long, another worker's RUNNING trial is taken as dead and retried.
 HEARTBEAT_SECONDS, GRACE_SECONDS = 30, 120
+# First-rung scores needed before a failed start can be told from the spread (search.restart_below).
+RESTART_MIN_SCORES = 8
+MAD_TO_SD = 1.4826  # a normal distribution's standard deviation is 1.4826 x its median absolute deviation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,9 +155,58 @@ def recover_interrupted(study) -> int:
         if w_host != host or not w_pid.isdigit() or (int(w_pid) != me and _alive(int(w_pid))):
             continue  # another live worker's trial (or another host's: the heartbeat covers those)
         study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
-        study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
+        attrs = {"retry_of": t.number}
+        if "restart_of" in t.user_attrs:  # a failed start's restart keeps its new initialisation
+            attrs["restart_of"] = t.user_attrs["restart_of"]
+        study.enqueue_trial(t.params, user_attrs=attrs)
         retried += 1
     return retried
+
+
+def failed_starts(scores: dict[int, float], below: float) -> list[int]:
+    """Trial numbers whose first-rung score lies more than `below` robust standard deviations
+    (MAD_TO_SD x the median absolute deviation) under the median of `scores` (trial number -> score).
+    Empty while fewer than RESTART_MIN_SCORES scores are known, or when they do not spread."""
+    import numpy as np
+
+    finite = {n: v for n, v in scores.items() if np.isfinite(v)}
+    if below <= 0 or len(finite) < RESTART_MIN_SCORES:
+        return []
+    values = np.array(list(finite.values()))
+    median = float(np.median(values))
+    spread = MAD_TO_SD * float(np.median(np.abs(values - median)))
+    if spread <= 0:
+        return []
+    return sorted(n for n, v in finite.items() if (median - v) / spread > below)
+
+
+def queue_restarts(study, first_rung: int, below: float, tag: str = "") -> int:
+    """Queue one restart, with a new initialisation, for each pruned trial that failed to start.
+
+    Successive halving prunes by one score per head; at the first rung that score also carries the
+    luck of the head's initialisation. First-rung scores of heads trained alike sit close together
+    (a median absolute deviation of ~0.005 AUROC in docs/benchmarks.md), and a start that went wrong
+    lands far below them, where one more try tells the head from its initialisation. A restart is
+    never restarted itself; a trial the search promoted needs no second try."""
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    scores = {t.number: t.intermediate_values[first_rung] for t in trials
+              if first_rung in t.intermediate_values and t.state in (TrialState.COMPLETE, TrialState.PRUNED)}
+    restarted = {t.user_attrs.get("restart_of") for t in trials} - {None}
+    by_number = {t.number: t for t in trials}
+    queued = 0
+    for number in failed_starts(scores, below):
+        t = by_number[number]
+        if t.state != TrialState.PRUNED or "restart_of" in t.user_attrs or number in restarted:
+            continue
+        study.enqueue_trial(t.params, user_attrs={"restart_of": number})
+        log(f"trial {number}{tag}: {t.user_attrs.get('head', '?')}: first-rung val macro AUROC "
+            f"{scores[number]:.4f} lies over {below:g} robust standard deviations under the median of "
+            f"{len(scores)} trials ({statistics.median(scores.values()):.4f}): a failed start; "
+            "queued once more with a new initialisation")
+        queued += 1
+    return queued
 
 
 def _spent(trials) -> int:
@@ -256,7 +309,8 @@ def _run_study(cfg, space, plan, storage_url, study_name, manifest, train, val, 
     ran = 0
     while True:
         trials = study.get_trials(deepcopy=False)
-        begun = [t for t in trials if t.state not in (TrialState.FAIL, TrialState.WAITING)]
+        begun = [t for t in trials if t.state not in (TrialState.FAIL, TrialState.WAITING)
+                 and "restart_of" not in t.user_attrs]  # heads drawn: a restart spends budget, not a draw
         waiting = [t for t in trials if t.state == TrialState.WAITING]  # interrupted trials queued again
         if _spent(trials) + cfg.search.min_epochs > plan.budget_epochs:
             break
@@ -264,6 +318,7 @@ def _run_study(cfg, space, plan, storage_url, study_name, manifest, train, val, 
             break
         study.optimize(objective, n_trials=1)
         ran += 1
+        queue_restarts(study, plan.rungs[0], cfg.search.restart_below, tag)
     log(f"search{tag}: {ran} trial(s) run by this worker; spent "
         f"{_spent(study.get_trials(deepcopy=False)) / plan.full_epochs:.2f} of {plan.budget_epochs / plan.full_epochs:g} full trainings")
     return study
@@ -271,7 +326,7 @@ def _run_study(cfg, space, plan, storage_url, study_name, manifest, train, val, 
 
 def learning_curve(cfg, space, plan, runs, manifest, train, val, index):
     """The largest fraction's best head, trained for the full schedule at every fraction (a trial's full-
-    schedule score where the fraction's search has one: heads are seeded by themselves, so it is the same)."""
+    schedule score where the fraction's search has one: heads are seeded by themselves and their attempt)."""
     from medtl.evaluate.curve import CurvePoint, LearningCurve
     from medtl.search.report import best_trial
     from medtl.search.trial import train_on_cache
@@ -281,13 +336,14 @@ def learning_curve(cfg, space, plan, runs, manifest, train, val, index):
     if best is None:
         return None
     head = space.head(best.params)
+    attempt = 1 if "restart_of" in best.user_attrs else 0
     points = []
     for run in runs:
         score = full_schedule_score(run.study, head.key(), plan.full_epochs)
         if score is None:
             part = train if run.subset.images == len(train.labels) else train.select(run.subset.rows)
             score = train_on_cache(cfg, head, manifest, part, val, index["feature_shape"], bool(index["meta"]["pooled"]),
-                                   plan.full_epochs, lambda epoch, auroc: True)[-1]
+                                   plan.full_epochs, lambda epoch, auroc: True, attempt)[-1]
         points.append(CurvePoint(run.fraction, run.subset.images, run.subset.patients, float(score)))
         log(f"search: learning curve of {head.key()}: fraction {run.fraction:g} ({run.subset.images} train images) "
             f"val macro AUROC {score:.4f}")
@@ -313,6 +369,7 @@ def build_objective(cfg: Config, space: SearchSpace, plan: Plan, study, manifest
     def objective(trial):
         params = {k: trial.suggest_categorical(k, list(v)) for k, v in space.searched.items()}
         head = space.head(params)
+        attempt = 1 if "restart_of" in trial.user_attrs else 0  # a failed start's restart: a new initialisation
         trial.set_user_attr("worker", worker)
         trial.set_user_attr("head", head.key())
         trial.set_user_attr("epochs", 0)
@@ -338,8 +395,11 @@ def build_objective(cfg: Config, space: SearchSpace, plan: Plan, study, manifest
                 return False
             return True
 
-        history = train_on_cache(cfg, head, manifest, train, val, index["feature_shape"], pooled,
-                                 plan.full_epochs, on_epoch)
+        trained = head
+        if not attempt and faults.failed_start(trial.number):
+            trained = dataclasses.replace(head, learning_rate=-head.learning_rate)
+        history = train_on_cache(cfg, trained, manifest, train, val, index["feature_shape"], pooled,
+                                 plan.full_epochs, on_epoch, attempt)
         trial.set_user_attr("seconds", time.monotonic() - start)
         if stop["reason"]:
             trial.set_user_attr("stopped", stop["reason"])
@@ -355,6 +415,8 @@ def _check_same_search(study, cfg: Config, space: SearchSpace, plan: Plan, subse
               "budget_epochs": plan.budget_epochs, "trials": plan.trials,
               "reduction_factor": cfg.search.reduction_factor, "sampler": cfg.search.sampler,
               "seed": cfg.seed, "backbone": cfg.model.backbone, "image_size": cfg.data.image_size}
+    if cfg.search.restart_below != SearchConfig().restart_below:  # older studies keep their fingerprint
+        search["restart_below"] = cfg.search.restart_below
     if subset.fraction != 1.0:  # the whole split's study keeps the fingerprint searches had before subsets
         search.update(fraction=subset.fraction, subset=subset.digest)
     fingerprint = json.dumps(search, sort_keys=True)

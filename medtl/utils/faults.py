@@ -13,6 +13,8 @@ Set MEDTL_FAULTS to ';'-separated faults, each `kind:key=value,...`:
                                 allgather, allgather_objects or allreduce_mean; e.g. weights_fingerprint), once
   kill_in_checkpoint:epoch=E    rank 0 SIGKILLs itself after writing epoch E's weights, before the pointer
   kill_trial:step=N,epoch=E     `medtl search` SIGKILLs itself after epoch E of trial number N
+  failed_start:step=N           `medtl search`'s trial number N trains at minus its learning rate (away from
+                                the labels: a start far below the others), unless it is a restart
   kill_in_finalize:step=N       ingest finalize SIGKILLs itself once N shards have their final names (N = all
                                 shards: before quarantine.csv and manifest.json are written)
   kill_in_cleanup:step=N        ingest finalize SIGKILLs itself after writing the manifest, once N part folders
@@ -127,6 +129,11 @@ def in_trial(trial_number: int, epoch: int) -> None:
     for fault in active("kill_trial"):
         if fault.step == trial_number and fault.epoch == epoch:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+def failed_start(trial_number: int) -> bool:
+    """Whether trial number N of a search is to train away from the labels, if scheduled."""
+    return any(fault.step == trial_number for fault in active("failed_start"))
 
 
 def in_finalize(kind: str, done: int) -> None:
