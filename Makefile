@@ -93,9 +93,10 @@ demo: venv
 
 # The whole suite, slow end-to-end tests (real CLI, 2-rank horovodrun and mpirun, headless Chromium) and the
 # reliability suite included, on 2 pytest-xdist workers (a test file stays on one worker, so its
-# module fixtures are built once). It ends with the reliability summary table.
+# module fixtures are built once), longest files first (tests/conftest.py's FILE_SECONDS; xdist would otherwise
+# reorder files by test count). It ends with the reliability summary table.
 PYTEST_WORKERS ?= 2
-PYTEST_XDIST = -n $(PYTEST_WORKERS) --dist loadfile --durations=25
+PYTEST_XDIST = -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=25
 test: test-venv test-deps
 	MEDTL_RELIABILITY_REPORT=$(RELIABILITY_SUMMARY) $(BIN)/python -m pytest $(PYTEST_XDIST) $(PYTEST_ARGS)
 

@@ -85,6 +85,35 @@ def test_budget_plan():
         plan_search(load_config(SMOKE, ["phases.0.epochs=9", "search.min_epochs=10"]), space, 8)
 
 
+def test_a_failed_start_is_queued_once_and_a_restart_never(tmp_path):
+    import optuna
+    from optuna.distributions import CategoricalDistribution
+    from optuna.trial import TrialState, create_trial
+
+    from medtl.search.run import queue_restarts
+    from medtl.search.space import Head
+    from medtl.search.trial import head_seed
+
+    study = optuna.create_study(direction="maximize")
+    dist = {"learning_rate": CategoricalDistribution([0.01, 0.02])}
+
+    def add(score, **attrs):
+        study.add_trial(create_trial(state=TrialState.PRUNED, params={"learning_rate": 0.01}, distributions=dist,
+                                     intermediate_values={1: score}, user_attrs={"head": "h", **attrs}))
+
+    for i in range(8):
+        add(0.80 + 0.01 * i)
+    add(0.50)  # trial 8: a failed start
+    assert queue_restarts(study, 1, 4.0) == 1 and queue_restarts(study, 1, 4.0) == 0  # queued once
+    waiting = study.get_trials(states=(TrialState.WAITING,))
+    assert [t.user_attrs["restart_of"] for t in waiting] == [8]
+    add(0.40, restart_of=4)  # a restart that failed too is not restarted again
+    add(0.45, stopped="budget")  # nor a trial the budget stopped
+    assert queue_restarts(study, 1, 4.0) == 0
+    head = Head(load_config(SMOKE).model.head, 0.01, "bce")
+    assert head_seed(0, head, 1) != head_seed(0, head) == head_seed(0, head, 0)  # a restart starts elsewhere
+
+
 def test_failed_starts_are_far_below_the_first_rungs_median():
     # Nine first-rung scores: median 0.83; absolute deviations 0.13, 0.03, 0.02, 0.01, 0, 0.01, 0.02, 0.03,
     # 0.04 have median 0.02, so one robust standard deviation is 1.4826 x 0.02 = 0.029652. Trial 8's 0.70
@@ -215,28 +244,29 @@ learning_rate: [1.0e-2, 1.1e-2, 1.2e-2, 1.3e-2, 1.4e-2, 1.5e-2, 1.6e-2, 1.7e-2, 
 
 @pytest.mark.slow
 def test_a_failed_start_is_restarted_once_with_a_new_initialisation(records, tmp_path):
-    """Trial 3's first attempt is made to fail (MEDTL_FAULTS failed_start: it trains away from the labels).
-    Once 8 trials have a first-rung score, its score lies far under theirs; the search queues it once more
-    with a new initialisation, which learns like the others, and reports the restart."""
+    """Trial 10's first attempt is made to fail (MEDTL_FAULTS failed_start: it trains away from the labels).
+    Its first-rung score lies far under the other 10; the search queues it once more with a new
+    initialisation, which learns like the others, and reports the restart. The restart runs while one head
+    of the grid is left, where Optuna's grid sampler looks up a grid point that a restart does not have."""
     space, run = tmp_path / "lr.yaml", tmp_path / "search"
     space.write_text(LR_SPACE)
-    r = search_cli(records, run, "--set", "train.batch_size=4", space=space, budget=8,
-                   env=cli_env(MEDTL_FAULTS="failed_start:step=3"))
+    r = search_cli(records, run, "--set", "train.batch_size=4", space=space, budget=9,
+                   env=cli_env(MEDTL_FAULTS="failed_start:step=10"))
     assert r.returncode == 0, r.stderr[-3000:]
     with open(run / "leaderboard.csv") as fh:
         board = {int(row["trial"]): row for row in csv.DictReader(fh)}
-    failed, restarts = board[3], [row for row in board.values() if row["restart_of"]]
-    assert [row["restart_of"] for row in restarts] == ["3"], r.stderr[-3000:]
+    failed, restarts = board[10], [row for row in board.values() if row["restart_of"]]
+    assert [(row["trial"], row["restart_of"]) for row in restarts] == [("11", "10")], r.stderr[-3000:]
     again = restarts[0]
-    assert int(again["trial"]) == 8  # queued once trials 0-7 had their first-rung scores, then run first
     assert again["head"] == failed["head"] and failed["state"] == "pruned"
-    others = sorted(float(row["val_auroc_1ep"]) for n, row in board.items() if n not in (3, 8))
+    others = sorted(float(row["val_auroc_1ep"]) for n, row in board.items() if n not in (10, 11))
     assert float(failed["val_auroc_1ep"]) < 0.5 < others[0]  # trained away from the labels, the others towards
     assert float(again["val_auroc_1ep"]) >= others[0]  # the new start learns like the others
-    assert (f"trial 3: {failed['head']}: first-rung val macro AUROC {float(failed['val_auroc_1ep']):.4f} lies over "
-            "4 robust standard deviations under the median of 8 trials") in r.stderr
+    assert (f"trial 10: {failed['head']}: first-rung val macro AUROC {float(failed['val_auroc_1ep']):.4f} lies "
+            "over 4 robust standard deviations under the median of 11 trials") in r.stderr
     summary = json.loads((run / "search_summary.json").read_text())
-    assert summary["restarts"] == 1 and summary["spent_full_trainings"] <= 8 + 1e-9
+    assert summary["restarts"] == 1 and summary["spent_full_trainings"] <= 9 + 1e-9
+    assert summary["explored"] == 12 and len(board) == 13  # the last head ran after the restart
     assert "1 failed start(s) restarted with a new initialisation" in (run / "search.html").read_text()
 
 

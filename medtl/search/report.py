@@ -138,7 +138,7 @@ def write_outputs(cfg, space, plan, runs, workdir: str, index: dict, extracted: 
     all_epochs = sum(r["epochs"] for r in rows)
     summary = {
         "space_size": space.size, "planned_trials": plan.trials, "explored": len({r["head"] for r in mine}),
-        "trials": len(mine), "restarts": sum(r["restart_of"] != "" for r in mine), "rungs": list(plan.rungs), "full_epochs": plan.full_epochs,
+        "trials": len(mine), "restarts": len({r["restart_of"] for r in mine} - {""}), "rungs": list(plan.rungs), "full_epochs": plan.full_epochs,
         "budget_full_trainings": plan.budget_epochs / plan.full_epochs,
         "spent_full_trainings": epochs / plan.full_epochs,
         "best": None, "importances": importances, "feature_cache": folder,

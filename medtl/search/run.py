@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import socket
 import statistics
 import time
 
 from medtl import dist
-from medtl.config import Config, HeadConfig, SearchConfig
+from medtl.config import Config, HeadConfig
 from medtl.data.manifest import Manifest
 from medtl.errors import ConfigError, MedtlError, RunFailure
 from medtl.search.space import SearchSpace, check_heads_fit, defaults_from, load_space
@@ -192,13 +193,15 @@ def queue_restarts(study, first_rung: int, below: float, tag: str = "") -> int:
 
     trials = study.get_trials(deepcopy=False)
     scores = {t.number: t.intermediate_values[first_rung] for t in trials
-              if first_rung in t.intermediate_values and t.state in (TrialState.COMPLETE, TrialState.PRUNED)}
+              if first_rung in t.intermediate_values and t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+              and math.isfinite(t.intermediate_values[first_rung])}
     restarted = {t.user_attrs.get("restart_of") for t in trials} - {None}
     by_number = {t.number: t for t in trials}
     queued = 0
     for number in failed_starts(scores, below):
         t = by_number[number]
-        if t.state != TrialState.PRUNED or "restart_of" in t.user_attrs or number in restarted:
+        if (t.state != TrialState.PRUNED or t.user_attrs.get("stopped") == "budget" or "restart_of" in t.user_attrs
+                or number in restarted):
             continue
         study.enqueue_trial(t.params, user_attrs={"restart_of": number})
         log(f"trial {number}{tag}: {t.user_attrs.get('head', '?')}: first-rung val macro AUROC "
@@ -209,8 +212,31 @@ def queue_restarts(study, first_rung: int, below: float, tag: str = "") -> int:
     return queued
 
 
+def _restarted_already(study, trial) -> bool:
+    """Whether another worker queued and began the same restart first (two workers can both queue it)."""
+    from optuna.trial import TrialState
+
+    return any(t.number < trial.number and t.user_attrs.get("restart_of") == trial.user_attrs["restart_of"]
+               and t.state not in (TrialState.FAIL, TrialState.WAITING) for t in study.get_trials(deepcopy=False))
+
+
 def _spent(trials) -> int:
     return sum(int(t.user_attrs.get("epochs", 0)) for t in trials)
+
+
+def _grid_sampler_class():
+    import optuna
+
+    class GridSampler(optuna.samplers.GridSampler):
+        """Optuna's grid sampler, for a study that also runs enqueued trials (a killed trial's retry, a failed
+        start's restart): those have no grid point, and Optuna's after_trial looks one up when a single grid
+        point is left (a KeyError that ends the search)."""
+
+        def after_trial(self, study, trial, state, values) -> None:
+            if "grid_id" in study._storage.get_trial_system_attrs(trial._trial_id):
+                super().after_trial(study, trial, state, values)
+
+    return GridSampler
 
 
 def build_sampler(cfg: Config, space: SearchSpace):
@@ -218,7 +244,7 @@ def build_sampler(cfg: Config, space: SearchSpace):
 
     seed = cfg.seed
     if cfg.search.sampler == "grid":
-        return optuna.samplers.GridSampler({k: list(v) for k, v in space.searched.items()}, seed=seed)
+        return _grid_sampler_class()({k: list(v) for k, v in space.searched.items()}, seed=seed)
     if cfg.search.sampler == "tpe":
         return optuna.samplers.TPESampler(seed=seed, multivariate=True)
     return optuna.samplers.RandomSampler(seed=seed)
@@ -296,7 +322,7 @@ def _run_study(cfg, space, plan, storage_url, study_name, manifest, train, val, 
                                                      reduction_factor=cfg.search.reduction_factor)
     study = optuna.create_study(storage=open_storage(storage_url), study_name=study_name, direction="maximize",
                                 sampler=build_sampler(cfg, space), pruner=pruner, load_if_exists=True)
-    _check_same_search(study, cfg, space, plan, subset)
+    restart_below = _check_same_search(study, cfg, space, plan, subset)
     retried = recover_interrupted(study)
     done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
     if done:
@@ -308,6 +334,7 @@ def _run_study(cfg, space, plan, storage_url, study_name, manifest, train, val, 
     objective = build_objective(cfg, space, plan, study, manifest, train, val, index, tag)
     ran = 0
     while True:
+        queue_restarts(study, plan.rungs[0], restart_below, tag)  # also those a killed run had not queued
         trials = study.get_trials(deepcopy=False)
         begun = [t for t in trials if t.state not in (TrialState.FAIL, TrialState.WAITING)
                  and "restart_of" not in t.user_attrs]  # heads drawn: a restart spends budget, not a draw
@@ -318,7 +345,6 @@ def _run_study(cfg, space, plan, storage_url, study_name, manifest, train, val, 
             break
         study.optimize(objective, n_trials=1)
         ran += 1
-        queue_restarts(study, plan.rungs[0], cfg.search.restart_below, tag)
     log(f"search{tag}: {ran} trial(s) run by this worker; spent "
         f"{_spent(study.get_trials(deepcopy=False)) / plan.full_epochs:.2f} of {plan.budget_epochs / plan.full_epochs:g} full trainings")
     return study
@@ -339,7 +365,7 @@ def learning_curve(cfg, space, plan, runs, manifest, train, val, index):
     attempt = 1 if "restart_of" in best.user_attrs else 0
     points = []
     for run in runs:
-        score = full_schedule_score(run.study, head.key(), plan.full_epochs)
+        score = full_schedule_score(run.study, head.key(), plan.full_epochs, attempt)
         if score is None:
             part = train if run.subset.images == len(train.labels) else train.select(run.subset.rows)
             score = train_on_cache(cfg, head, manifest, part, val, index["feature_shape"], bool(index["meta"]["pooled"]),
@@ -373,6 +399,10 @@ def build_objective(cfg: Config, space: SearchSpace, plan: Plan, study, manifest
         trial.set_user_attr("worker", worker)
         trial.set_user_attr("head", head.key())
         trial.set_user_attr("epochs", 0)
+        trial.set_user_attr("attempt", attempt)
+        if attempt and _restarted_already(study, trial):
+            trial.set_user_attr("stopped", "duplicate restart")
+            raise optuna.TrialPruned()
         stop = {"reason": ""}
         start = time.monotonic()
 
@@ -409,21 +439,26 @@ def build_objective(cfg: Config, space: SearchSpace, plan: Plan, study, manifest
     return objective
 
 
-def _check_same_search(study, cfg: Config, space: SearchSpace, plan: Plan, subset) -> None:
-    """A study continues only the search it was started with (same space, rungs, budget, cache, subset)."""
+def _check_same_search(study, cfg: Config, space: SearchSpace, plan: Plan, subset) -> float:
+    """A study continues only the search it was started with (same space, rungs, budget, cache, subset,
+    restarts); returns the search.restart_below it runs with."""
     search = {"space": space.fingerprint(), "rungs": plan.rungs,
               "budget_epochs": plan.budget_epochs, "trials": plan.trials,
               "reduction_factor": cfg.search.reduction_factor, "sampler": cfg.search.sampler,
               "seed": cfg.seed, "backbone": cfg.model.backbone, "image_size": cfg.data.image_size}
-    if cfg.search.restart_below != SearchConfig().restart_below:  # older studies keep their fingerprint
-        search["restart_below"] = cfg.search.restart_below
     if subset.fraction != 1.0:  # the whole split's study keeps the fingerprint searches had before subsets
         search.update(fraction=subset.fraction, subset=subset.digest)
-    fingerprint = json.dumps(search, sort_keys=True)
+    legacy = json.dumps(search, sort_keys=True)  # a study started before failed starts were restarted
+    fingerprint = json.dumps(search | {"restart_below": cfg.search.restart_below}, sort_keys=True)
     found = study.user_attrs.get("search")
     if found is None:
         study.set_user_attr("search", fingerprint)
+    elif found == legacy:
+        log(f"search: the study '{study.study_name}' was started before medtl restarted failed starts; "
+            "it continues without restarts")
+        return 0.0
     elif found != fingerprint:
         raise MedtlError(f"the study '{study.study_name}' in this storage was started with another search "
                          "(space, budget, rungs, sampler, seed or backbone differ); use a new --workdir or "
                          "--study-name, or the original settings to resume it")
+    return cfg.search.restart_below
