@@ -114,6 +114,38 @@ def test_a_failed_start_is_queued_once_and_a_restart_never(tmp_path):
     assert head_seed(0, head, 1) != head_seed(0, head) == head_seed(0, head, 0)  # a restart starts elsewhere
 
 
+def test_a_study_resumes_only_with_its_restart_setting_and_old_studies_without_restarts():
+    import types
+
+    import optuna
+    from optuna.distributions import CategoricalDistribution
+    from optuna.trial import TrialState, create_trial
+
+    from medtl.errors import MedtlError
+    from medtl.search.run import _check_same_search, _restarted_already
+
+    cfg = load_config(SMOKE, ["phases.0.epochs=2"])
+    space = load_space(TINY, defaults())
+    plan, whole = plan_search(cfg, space, 2), types.SimpleNamespace(fraction=1.0, digest="")
+    new = optuna.create_study()
+    assert _check_same_search(new, cfg, space, plan, whole) == 4.0  # a new study records its setting
+    with pytest.raises(MedtlError, match="search.restart_below"):
+        _check_same_search(new, load_config(SMOKE, ["phases.0.epochs=2", "search.restart_below=0"]), space, plan, whole)
+    old_fingerprint = json.loads(new.user_attrs["search"])
+    del old_fingerprint["restart_below"]  # what studies recorded before restarts
+    old = optuna.create_study()
+    old.set_user_attr("search", json.dumps(old_fingerprint, sort_keys=True))
+    assert _check_same_search(old, cfg, space, plan, whole) == 0.0  # resumes as it began: no restarts
+
+    dist = {"learning_rate": CategoricalDistribution([0.01])}
+    for attrs in ({"restart_of": 8, "stopped": "duplicate restart"}, {"restart_of": 8}):
+        old.add_trial(create_trial(state=TrialState.PRUNED, params={"learning_rate": 0.01}, distributions=dist,
+                                   user_attrs=attrs))
+        began = _restarted_already(old, types.SimpleNamespace(number=99, user_attrs={"restart_of": 8}))
+        assert began == ("stopped" not in attrs)  # a skipped duplicate does not count as the restart
+    assert _check_same_search(old, cfg, space, plan, whole) == 4.0  # a study that restarted already goes on
+
+
 def test_failed_starts_are_far_below_the_first_rungs_median():
     # Nine first-rung scores: median 0.83; absolute deviations 0.13, 0.03, 0.02, 0.01, 0, 0.01, 0.02, 0.03,
     # 0.04 have median 0.02, so one robust standard deviation is 1.4826 x 0.02 = 0.029652. Trial 8's 0.70

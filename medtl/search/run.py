@@ -217,7 +217,8 @@ def _restarted_already(study, trial) -> bool:
     from optuna.trial import TrialState
 
     return any(t.number < trial.number and t.user_attrs.get("restart_of") == trial.user_attrs["restart_of"]
-               and t.state not in (TrialState.FAIL, TrialState.WAITING) for t in study.get_trials(deepcopy=False))
+               and t.state not in (TrialState.FAIL, TrialState.WAITING)
+               and t.user_attrs.get("stopped") != "duplicate restart" for t in study.get_trials(deepcopy=False))
 
 
 def _spent(trials) -> int:
@@ -334,13 +335,13 @@ def _run_study(cfg, space, plan, storage_url, study_name, manifest, train, val, 
     objective = build_objective(cfg, space, plan, study, manifest, train, val, index, tag)
     ran = 0
     while True:
+        if _spent(study.get_trials(deepcopy=False)) + cfg.search.min_epochs > plan.budget_epochs:
+            break
         queue_restarts(study, plan.rungs[0], restart_below, tag)  # also those a killed run had not queued
         trials = study.get_trials(deepcopy=False)
         begun = [t for t in trials if t.state not in (TrialState.FAIL, TrialState.WAITING)
                  and "restart_of" not in t.user_attrs]  # heads drawn: a restart spends budget, not a draw
         waiting = [t for t in trials if t.state == TrialState.WAITING]  # interrupted trials queued again
-        if _spent(trials) + cfg.search.min_epochs > plan.budget_epochs:
-            break
         if len(begun) >= plan.trials and not waiting:
             break
         study.optimize(objective, n_trials=1)
@@ -454,11 +455,13 @@ def _check_same_search(study, cfg: Config, space: SearchSpace, plan: Plan, subse
     if found is None:
         study.set_user_attr("search", fingerprint)
     elif found == legacy:
+        if any("restart_of" in t.user_attrs for t in study.get_trials(deepcopy=False)):
+            return cfg.search.restart_below  # a development build's study, restarts on with the default
         log(f"search: the study '{study.study_name}' was started before medtl restarted failed starts; "
             "it continues without restarts")
         return 0.0
     elif found != fingerprint:
         raise MedtlError(f"the study '{study.study_name}' in this storage was started with another search "
-                         "(space, budget, rungs, sampler, seed or backbone differ); use a new --workdir or "
-                         "--study-name, or the original settings to resume it")
+                         "(space, budget, rungs, sampler, seed, backbone or search.restart_below differ); use a new "
+                         "--workdir or --study-name, or the original settings to resume it")
     return cfg.search.restart_below
