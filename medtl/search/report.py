@@ -138,7 +138,8 @@ def write_outputs(cfg, space, plan, runs, workdir: str, index: dict, extracted: 
     all_epochs = sum(r["epochs"] for r in rows)
     summary = {
         "space_size": space.size, "planned_trials": plan.trials, "explored": len({r["head"] for r in mine}),
-        "trials": len(mine), "restarts": len({r["restart_of"] for r in mine} - {""}), "rungs": list(plan.rungs), "full_epochs": plan.full_epochs,
+        "trials": len(mine), "restarts": len({r["restart_of"] for r in mine} - {""}),
+        "rungs": list(plan.rungs), "full_epochs": plan.full_epochs,
         "budget_full_trainings": plan.budget_epochs / plan.full_epochs,
         "spent_full_trainings": epochs / plan.full_epochs,
         "best": None, "importances": importances, "feature_cache": folder,
@@ -225,8 +226,8 @@ def write_leaderboard(path: str, runs, space: SearchSpace, plan) -> list[dict]:
         trials = sorted((t for t in run.study.get_trials(deepcopy=False) if t.intermediate_values), key=ranking_key)
         for rank, t in enumerate(trials, 1):
             rows.append(_leaderboard_row(t, rank, run, space, plan))
-    fields = ["fraction", "train_images", "rank", "trial", "restart_of", "state", "epochs", "cost_full_trainings", "seconds",
-              "val_auroc_last", *[f"val_auroc_{r}ep" for r in plan.rungs], *space.choices, "head"]
+    fields = ["fraction", "train_images", "rank", "trial", "restart_of", "state", "epochs", "cost_full_trainings",
+              "seconds", "val_auroc_last", *[f"val_auroc_{r}ep" for r in plan.rungs], *space.choices, "head"]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\r\n")
     writer.writeheader()

@@ -357,13 +357,13 @@ def learning_curve(cfg, space, plan, runs, manifest, train, val, index):
     from medtl.evaluate.curve import CurvePoint, LearningCurve
     from medtl.search.report import best_trial
     from medtl.search.trial import train_on_cache
-    from medtl.search.transfer import full_schedule_score
+    from medtl.search.transfer import attempt_of, full_schedule_score
 
     best, _ = best_trial(runs[-1].study, plan)
     if best is None:
         return None
     head = space.head(best.params)
-    attempt = 1 if "restart_of" in best.user_attrs else 0
+    attempt = attempt_of(best)
     points = []
     for run in runs:
         score = full_schedule_score(run.study, head.key(), plan.full_epochs, attempt)
@@ -385,6 +385,7 @@ def build_objective(cfg: Config, space: SearchSpace, plan: Plan, study, manifest
     stop when pruned, at the full schedule, or when the study's budget is spent."""
     import optuna
 
+    from medtl.search.transfer import attempt_of
     from medtl.search.trial import train_on_cache
 
     pooled = bool(index["meta"]["pooled"])
@@ -396,11 +397,10 @@ def build_objective(cfg: Config, space: SearchSpace, plan: Plan, study, manifest
     def objective(trial):
         params = {k: trial.suggest_categorical(k, list(v)) for k, v in space.searched.items()}
         head = space.head(params)
-        attempt = 1 if "restart_of" in trial.user_attrs else 0  # a failed start's restart: a new initialisation
+        attempt = attempt_of(trial)  # a failed start's restart trains a new initialisation
         trial.set_user_attr("worker", worker)
         trial.set_user_attr("head", head.key())
         trial.set_user_attr("epochs", 0)
-        trial.set_user_attr("attempt", attempt)
         if attempt and _restarted_already(study, trial):
             trial.set_user_attr("stopped", "duplicate restart")
             raise optuna.TrialPruned()
