@@ -611,12 +611,18 @@ class SearchConfig:
     reduction_factor: int = 3
     # Epochs of the first rung; later rungs are min_epochs x reduction_factor^k, the last one phase 1's epochs.
     min_epochs: int = 1
-    # A trial whose first-rung val AUROC lies more than this many robust standard deviations (1.4826 x MAD) below the median of the first rung's scores is a failed start (an unlucky initialisation): it runs once more with a new initialisation. 0 turns this off; it needs 8 first-rung scores.
-    restart_below: float = 4.0
+    # A trial pruned at the first rung whose val AUROC there lies more than this many robust standard deviations (1.4826 x MAD) below the median of the first rung's scores is a failed start: it trains one more epoch and is judged again against the first rung (a second look). 0 turns this off; it needs 8 first-rung scores.
+    second_look_below: float = 4.0
     # Subset transfer: fractions of the train split's patients (nested, e.g. [0.1, 0.3, 1.0]) to run the search on, each against the largest; [] searches the whole split once. `--fractions` sets it.
     fractions: tuple[float, ...] = ()
     # Subset transfer: the top-k overlap compares the best k heads of each fraction with the largest fraction's.
     top_k: int = 5
+
+    @classmethod
+    def check_raw(cls, raw: dict, prefix: str) -> None:
+        if "restart_below" in raw:  # the key of medtl 2026-12-05
+            raise ConfigError(f"'{prefix}.restart_below' is now '{prefix}.second_look_below': a failed start trains "
+                              "one more epoch and is judged again instead of restarting; rename the key")
 
     def check(self) -> list[tuple[str, str]]:
         problems = []
@@ -631,8 +637,9 @@ class SearchConfig:
             problems.append(("reduction_factor", f"must be >= 2, got {self.reduction_factor}"))
         if self.min_epochs < 1:
             problems.append(("min_epochs", f"must be >= 1, got {self.min_epochs}"))
-        if not self.restart_below >= 0:
-            problems.append(("restart_below", f"must be >= 0 (0 turns restarts off), got {self.restart_below}"))
+        if not self.second_look_below >= 0:
+            problems.append(("second_look_below", f"must be >= 0 (0 turns second looks off), got "
+                                                  f"{self.second_look_below}"))
         if not self.feature_cache.strip():
             problems.append(("feature_cache", "must be a folder, got ''"))
         return problems

@@ -6,6 +6,7 @@ import csv
 import html
 import json
 import os
+import re
 import sqlite3
 
 import pytest
@@ -85,80 +86,97 @@ def test_budget_plan():
         plan_search(load_config(SMOKE, ["phases.0.epochs=9", "search.min_epochs=10"]), space, 8)
 
 
-def test_a_failed_start_is_queued_once_and_a_restart_never(tmp_path):
+def test_a_second_look_judges_by_optunas_halving_rule_against_the_first_rung():
     import optuna
     from optuna.distributions import CategoricalDistribution
+    from optuna.pruners._successive_halving import _is_trial_promotable_to_next_rung
     from optuna.trial import TrialState, create_trial
 
-    from medtl.search.run import queue_restarts
-    from medtl.search.space import Head
-    from medtl.search.trial import head_seed
+    from medtl.search.run import first_rung_scores, promotable
+
+    others = [0.86, 0.85, 0.84, 0.83, 0.82, 0.81, 0.80, 0.79]
+    # 9 values with eta 3 keep the best 3: the third best of the others and the new value is 0.84.
+    assert promotable(0.84, others, 3) and not promotable(0.8399, others, 3)
+    assert promotable(0.83, others, 2) and not promotable(0.8299, others, 2)  # 9 // 2 = 4: among the best 4
+    assert promotable(0.1, [], 3)  # alone, as Optuna's pruner promotes its first trials
+    for value in (0.1, 0.8, 0.84, 0.9):  # the same answers as Optuna's own rule
+        for eta in (2, 3, 4):
+            assert promotable(value, others, eta) == _is_trial_promotable_to_next_rung(
+                value, others + [value], eta, optuna.study.StudyDirection.MAXIMIZE)
 
     study = optuna.create_study(direction="maximize")
-    dist = {"learning_rate": CategoricalDistribution([0.01, 0.02])}
-
-    def add(score, **attrs):
+    dist = {"learning_rate": CategoricalDistribution([0.01])}
+    for values in ({1: 0.8, 3: 0.85}, {1: 0.7}, {3: 0.9}, {1: float("nan")}):  # reached the rung, or not
         study.add_trial(create_trial(state=TrialState.PRUNED, params={"learning_rate": 0.01}, distributions=dist,
-                                     intermediate_values={1: score}, user_attrs={"head": "h", **attrs}))
-
-    for i in range(8):
-        add(0.80 + 0.01 * i)
-    add(0.50)  # trial 8: a failed start
-    assert queue_restarts(study, 1, 4.0) == 1 and queue_restarts(study, 1, 4.0) == 0  # queued once
-    waiting = study.get_trials(states=(TrialState.WAITING,))
-    assert [t.user_attrs["restart_of"] for t in waiting] == [8]
-    add(0.40, restart_of=4)  # a restart that failed too is not restarted again
-    add(0.45, stopped="budget")  # nor a trial the budget stopped
-    assert queue_restarts(study, 1, 4.0) == 0
-    head = Head(load_config(SMOKE).model.head, 0.01, "bce")
-    assert head_seed(0, head, 1) != head_seed(0, head) == head_seed(0, head, 0)  # a restart starts elsewhere
+                                     intermediate_values=values))
+    assert first_rung_scores(study.get_trials(), 1) == {0: 0.8, 1: 0.7}
+    assert first_rung_scores(study.get_trials(), 1, exclude=1) == {0: 0.8}
 
 
-def test_a_study_resumes_only_with_its_restart_setting_and_old_studies_without_restarts():
+def test_the_bench_replay_gives_the_first_rungs_failed_starts_their_second_look():
+    import numpy as np
+
+    from medtl.bench.search import _second_looks
+
+    # Ten heads' curves over 3 epochs. Heads 0-7 start at 0.80-0.87, heads 8 and 9 at 0.60 and 0.50: median
+    # 0.825, one robust SD 1.4826 x 0.025 = 0.037, and heads 8 and 9 lie 6.1 and 8.8 of them under it.
+    first = [0.80 + 0.01 * i for i in range(8)] + [0.60, 0.50]
+    second = [v + 0.01 for v in first[:8]] + [0.90, 0.70]  # head 8 a slow starter, head 9 cannot learn
+    curves = np.array([[a, b, b] for a, b in zip(first, second)])
+    order = np.argsort(-curves[:, 0], kind="stable")  # 7, 6, ..., 0, 8, 9
+    # eta 3 keeps 3 of 10. One epoch later head 8's 0.90 is among the best 3 of itself and the others' first
+    # epochs (0.80-0.87, 0.50: the third best is 0.86); head 9's 0.70 is not (0.80-0.87, 0.60: 0.85).
+    assert _second_looks(curves, order, 3, 1, 3, 3, 4.0).tolist() == [8]
+    assert _second_looks(curves, order, 3, 1, 2, 3, 4.0).tolist() == [8, 9]  # epoch 2 is a rung: judged there
+    assert _second_looks(curves, order, 3, 1, 3, 3, 0.0).tolist() == []  # second looks off
+    assert _second_looks(curves, order, 9, 1, 2, 3, 4.0).tolist() == [9]  # a kept head needs no second look
+
+
+def test_a_study_resumes_only_with_its_second_look_setting_and_old_studies_without_them():
     import types
 
     import optuna
-    from optuna.distributions import CategoricalDistribution
-    from optuna.trial import TrialState, create_trial
 
     from medtl.errors import MedtlError
-    from medtl.search.run import _check_same_search, _restarted_already
+    from medtl.search.run import _check_same_search
 
     cfg = load_config(SMOKE, ["phases.0.epochs=2"])
     space = load_space(TINY, defaults())
     plan, whole = plan_search(cfg, space, 2), types.SimpleNamespace(fraction=1.0, digest="")
     new = optuna.create_study()
     assert _check_same_search(new, cfg, space, plan, whole) == 4.0  # a new study records its setting
-    with pytest.raises(MedtlError, match="search.restart_below"):
-        _check_same_search(new, load_config(SMOKE, ["phases.0.epochs=2", "search.restart_below=0"]), space, plan, whole)
-    old_fingerprint = json.loads(new.user_attrs["search"])
-    del old_fingerprint["restart_below"]  # what studies recorded before restarts
+    assert _check_same_search(new, cfg, space, plan, whole) == 4.0  # and resumes with it
+    with pytest.raises(MedtlError, match="search.second_look_below"):
+        _check_same_search(new, load_config(SMOKE, ["phases.0.epochs=2", "search.second_look_below=0"]), space,
+                           plan, whole)
+    fingerprint = json.loads(new.user_attrs["search"])
+    del fingerprint["second_look_below"]  # what studies recorded before second looks
     old = optuna.create_study()
-    old.set_user_attr("search", json.dumps(old_fingerprint, sort_keys=True))
-    assert _check_same_search(old, cfg, space, plan, whole) == 0.0  # resumes as it began: no restarts
-
-    dist = {"learning_rate": CategoricalDistribution([0.01])}
-    for attrs in ({"restart_of": 8, "stopped": "duplicate restart"}, {"restart_of": 8}):
-        old.add_trial(create_trial(state=TrialState.PRUNED, params={"learning_rate": 0.01}, distributions=dist,
-                                   user_attrs=attrs))
-        began = _restarted_already(old, types.SimpleNamespace(number=99, user_attrs={"restart_of": 8}))
-        assert began == ("stopped" not in attrs)  # a skipped duplicate does not count as the restart
-    assert _check_same_search(old, cfg, space, plan, whole) == 4.0  # a study that restarted already goes on
+    old.set_user_attr("search", json.dumps(fingerprint, sort_keys=True))
+    assert _check_same_search(old, cfg, space, plan, whole) == 0.0  # resumes as it began: no second looks
+    restarted = optuna.create_study()  # a study of medtl 2026-12-05, which restarted failed starts instead
+    restarted.set_user_attr("search", json.dumps(fingerprint | {"restart_below": 4.0}, sort_keys=True))
+    with pytest.raises(MedtlError, match="restarted failed starts .* a new --workdir or --study-name"):
+        _check_same_search(restarted, cfg, space, plan, whole)
 
 
-def test_failed_starts_are_far_below_the_first_rungs_median():
+def test_failed_starts_are_far_below_the_first_rungs_median(tmp_path):
     # Nine first-rung scores: median 0.83; absolute deviations 0.13, 0.03, 0.02, 0.01, 0, 0.01, 0.02, 0.03,
     # 0.04 have median 0.02, so one robust standard deviation is 1.4826 x 0.02 = 0.029652. Trial 8's 0.70
     # is 0.13 / 0.029652 = 4.38 of them under the median; the next lowest, 0.80, is 1.01.
     scores = {i: 0.80 + 0.01 * i for i in range(8)} | {8: 0.70}
     assert failed_starts(scores, 4.0) == [8]
     assert failed_starts(scores, 4.5) == []
-    assert failed_starts(scores, 0.0) == []  # search.restart_below: 0 turns restarts off
+    assert failed_starts(scores, 0.0) == []  # search.second_look_below: 0 turns second looks off
     assert failed_starts({i: scores[i] for i in (1, 2, 3, 4, 5, 6, 8)}, 1.0) == []  # 7 scores: too few to tell
     assert failed_starts({i: 0.8 for i in range(9)} | {9: 0.5}, 4.0) == []  # no spread to measure against
     assert failed_starts(scores | {9: float("nan")}, 4.0) == [8]  # an undefined AUROC is left out
-    with pytest.raises(ConfigError, match="restart_below"):
-        load_config(SMOKE, ["search.restart_below=-1"])
+    with pytest.raises(ConfigError, match="second_look_below"):
+        load_config(SMOKE, ["search.second_look_below=-1"])
+    renamed = tmp_path / "job.yaml"  # the key of medtl 2026-12-05, when failed starts were restarted
+    renamed.write_text(yaml.safe_dump(yaml.safe_load(open(SMOKE)) | {"search": {"restart_below": 4}}))
+    with pytest.raises(ConfigError, match="'search.restart_below' is now 'search.second_look_below'.*rename the key"):
+        load_config(str(renamed))
 
 
 # ----------------------------------------------------------------------------- bad input through the CLI
@@ -212,25 +230,26 @@ def finished_heads(workdir) -> list[str]:
 @pytest.mark.slow
 def test_search_resumes_reuses_the_cache_and_its_config_trains(records, tmp_path):
     run1, cache = tmp_path / "search1", tmp_path / "features"
-    # 1. Killed in the middle of trial 1 (after its first epoch), as a node loss would.
-    r = search_cli(records, run1, budget=4, env=cli_env(MEDTL_FAULTS="kill_trial:step=1,epoch=1"))
+    # 1. Killed in the middle of trial 2 (after its first epoch), as a node loss would.
+    r = search_cli(records, run1, budget=4, env=cli_env(MEDTL_FAULTS="kill_trial:step=2,epoch=1"))
     assert r.returncode == -9, r.stderr
     assert "extracting EfficientNetB0 features" in r.stderr and "trial 0:" in r.stderr
     before = finished_heads(run1)
-    assert [(n, s) for n, s, _ in before] == [(0, "COMPLETE"), (1, "RUNNING")]
+    assert [n for n, _, _ in before] == [0, 1, 2] and before[0][1] == "COMPLETE" and before[2][1] == "RUNNING"
 
-    # 2. The same command resumes: trial 0 is kept, trial 1's head runs again, no head twice.
+    # 2. The same command resumes: trials 0 and 1 are kept, trial 2's head runs again, no head twice. The
+    # retry has no grid point and finishes with one grid point left, where Optuna's grid sampler looks one up.
     r = search_cli(records, run1, budget=4)
     assert r.returncode == 0, r.stderr
-    assert "resuming study 'medtl-head-search': 1 finished trial(s) kept, 1 interrupted trial(s) queued again" \
+    assert "resuming study 'medtl-head-search': 2 finished trial(s) kept, 1 interrupted trial(s) queued again" \
         in r.stderr
     assert "reusing the feature cache" in r.stderr and "extracting" not in r.stderr
-    assert "trial 0:" not in r.stderr and "trial 2:" in r.stderr  # trial 2 is trial 1's head again
+    assert "trial 1:" not in r.stderr and "trial 3:" in r.stderr  # trial 3 is trial 2's head again
     after = finished_heads(run1)
-    assert after[0] == before[0]
+    assert after[:2] == before[:2]
     done = [h for _, s, h in after if s in ("COMPLETE", "PRUNED")]
     assert len(done) == len(set(done)) == 4, r.stderr  # all 4 heads, each finished once
-    assert [s for n, s, _ in after if n == 1] == ["FAIL"] and [h for n, _, h in after if n == 2] == [before[1][2]]
+    assert [s for n, s, _ in after if n == 2] == ["FAIL"] and [h for n, _, h in after if n == 3] == [before[2][2]]
 
     # 3. Outputs: leaderboard, HTML with progress and importance, the best head as a job config.
     with open(run1 / "leaderboard.csv") as fh:
@@ -275,31 +294,37 @@ learning_rate: [1.0e-2, 1.1e-2, 1.2e-2, 1.3e-2, 1.4e-2, 1.5e-2, 1.6e-2, 1.7e-2, 
 
 
 @pytest.mark.slow
-def test_a_failed_start_is_restarted_once_with_a_new_initialisation(records, tmp_path):
-    """Trial 10's first attempt is made to fail (MEDTL_FAULTS failed_start: it trains away from the labels).
-    Its first-rung score lies far under the other 10; the search queues it once more with a new
-    initialisation, which learns like the others, and reports the restart. The restart runs while one head
-    of the grid is left, where Optuna's grid sampler looks up a grid point that a restart does not have."""
+def test_failed_starts_get_a_second_look_that_promotes_a_slow_starter_only(records, tmp_path):
+    """Two trials start far below the others (MEDTL_FAULTS). Trial 9 trains away from the labels throughout
+    (failed_start); trial 10 reports 0 after its first epoch and 1 after its second (slow_start). Each gets
+    one more epoch and is judged again against the first rung's scores: trial 9 is pruned after it, trial 10
+    is promoted and trains on. Rungs at 1 and 3 epochs, so the second look (2) is not a rung; the budget
+    leaves room for every head."""
     space, run = tmp_path / "lr.yaml", tmp_path / "search"
     space.write_text(LR_SPACE)
-    r = search_cli(records, run, "--set", "train.batch_size=4", space=space, budget=9,
-                   env=cli_env(MEDTL_FAULTS="failed_start:step=10"))
+    r = search_cli(records, run, "--set", "train.batch_size=4", "--set", "phases.0.epochs=3", space=space, budget=12,
+                   env=cli_env(MEDTL_FAULTS="failed_start:step=9;slow_start:step=10"))
     assert r.returncode == 0, r.stderr[-3000:]
     with open(run / "leaderboard.csv") as fh:
         board = {int(row["trial"]): row for row in csv.DictReader(fh)}
-    failed, restarts = board[10], [row for row in board.values() if row["restart_of"]]
-    assert [(row["trial"], row["restart_of"]) for row in restarts] == [("11", "10")], r.stderr[-3000:]
-    again = restarts[0]
-    assert again["head"] == failed["head"] and failed["state"] == "pruned"
-    others = sorted(float(row["val_auroc_1ep"]) for n, row in board.items() if n not in (10, 11))
-    assert float(failed["val_auroc_1ep"]) < 0.5 < others[0]  # trained away from the labels, the others towards
-    assert float(again["val_auroc_1ep"]) >= others[0]  # the new start learns like the others
-    assert (f"trial 10: {failed['head']}: first-rung val macro AUROC {float(failed['val_auroc_1ep']):.4f} lies "
-            "over 4 robust standard deviations under the median of 11 trials") in r.stderr
+    looks = {n: row["second_look"] for n, row in board.items() if row["second_look"]}
+    assert len(board) == 12 and looks == {9: "pruned", 10: "promoted"}, r.stderr[-3000:]
+    failing, slow = board[9], board[10]
+    first = {n: float(row["val_auroc_1ep"]) for n, row in board.items()}
+    assert first[9] < 0.5 <= min(v for n, v in first.items() if n < 9) and first[10] == 0.0
+    assert (failing["state"], failing["epochs"]) == ("pruned", "2")  # one epoch more, then pruned
+    assert (slow["state"], slow["epochs"]) == ("complete", "3")  # promoted: on to the full schedule
+    for n, row in ((9, failing), (10, slow)):
+        assert (f"trial {n}: {row['head']}: first-rung val macro AUROC {first[n]:.4f} lies over 4 robust standard "
+                f"deviations under the median of {n + 1} trials") in r.stderr
+    assert (f"trial 9: {failing['head']}: second look after 2 epoch(s): val macro AUROC "
+            f"{float(failing['val_auroc_last']):.4f}, pruned\n") in r.stderr
+    assert (f"trial 10: {slow['head']}: second look after 2 epoch(s): val macro AUROC 1.0000, promoted: a slow "
+            "starter\n") in r.stderr
     summary = json.loads((run / "search_summary.json").read_text())
-    assert summary["restarts"] == 1 and summary["spent_full_trainings"] <= 9 + 1e-9
-    assert summary["explored"] == 12 and len(board) == 13  # the last head ran after the restart
-    assert "1 failed start(s) restarted with a new initialisation" in (run / "search.html").read_text()
+    assert summary["second_looks"] == {"promoted": 1, "pruned": 1}
+    assert summary["spent_full_trainings"] == pytest.approx(sum(int(row["epochs"]) for row in board.values()) / 3)
+    assert "2 failed start(s) given a second look one epoch later, 1 promoted" in (run / "search.html").read_text()
 
 
 def _kendall_by_pairs(a: list, b: list) -> float:

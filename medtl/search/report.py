@@ -59,7 +59,7 @@ def _table(rows: list[dict], columns: list[str]) -> str:
 
 
 def write_html(path: str, summary: dict, rows: list[dict], plan, importances: dict, figures: dict) -> None:
-    cols = ["fraction", "rank", "trial", "restart_of", "state", "epochs", "val_auroc_last",
+    cols = ["fraction", "rank", "trial", "state", "second_look", "epochs", "val_auroc_last",
             *[f"val_auroc_{r}ep" for r in plan.rungs], "head"]
     imp = (f'<img src="data:image/png;base64,{plots.search_importances(importances)}">' + _table(
         [{"parameter": k, "importance": f"{v:.3f}"} for k, v in importances.items()], ["parameter", "importance"])
@@ -72,7 +72,7 @@ td,th{{border:1px solid #ccc;padding:2px 6px;text-align:left}}</style></head><bo
 <h1>Head search</h1>
 <p>{summary['space_size']} heads in the space; {summary['explored']} explored for a budget of
 {summary['budget_full_trainings']:g} full trainings ({summary['spent_full_trainings']:.2f} spent)
-{_on_fraction(summary)}{_restarts(summary)}. Best: <b>{html.escape(best['head'] if best else 'none')}</b>
+{_on_fraction(summary)}{_second_looks(summary)}. Best: <b>{html.escape(best['head'] if best else 'none')}</b>
 (val macro AUROC {best['val_auroc'] if best else float('nan'):.4f} at {best['epochs'] if best else 0} epochs).</p>
 <p>Cost: feature extraction {cost['extraction_seconds']:.1f} s
 ({'this run' if cost['extracted_this_run'] else 'an earlier run; reused'}); head trials
@@ -85,10 +85,10 @@ td,th{{border:1px solid #ccc;padding:2px 6px;text-align:left}}</style></head><bo
     fs.write_text_atomic(path, text)
 
 
-def _restarts(summary: dict) -> str:
-    n = summary["restarts"]
-    return (f"; {n} failed start(s) restarted with a new initialisation (the leaderboard's restart_of column)"
-            if n else "")
+def _second_looks(summary: dict) -> str:
+    looks = summary["second_looks"]
+    return (f"; {looks['promoted'] + looks['pruned']} failed start(s) given a second look one epoch later, "
+            f"{looks['promoted']} promoted (the leaderboard's second_look column)" if any(looks.values()) else "")
 
 
 def _on_fraction(summary: dict) -> str:
@@ -138,7 +138,8 @@ def write_outputs(cfg, space, plan, runs, workdir: str, index: dict, extracted: 
     all_epochs = sum(r["epochs"] for r in rows)
     summary = {
         "space_size": space.size, "planned_trials": plan.trials, "explored": len({r["head"] for r in mine}),
-        "trials": len(mine), "restarts": len({r["restart_of"] for r in mine} - {""}),
+        "trials": len(mine),
+        "second_looks": {k: sum(r["second_look"] == k for r in mine) for k in ("promoted", "pruned")},
         "rungs": list(plan.rungs), "full_epochs": plan.full_epochs,
         "budget_full_trainings": plan.budget_epochs / plan.full_epochs,
         "spent_full_trainings": epochs / plan.full_epochs,
@@ -226,7 +227,7 @@ def write_leaderboard(path: str, runs, space: SearchSpace, plan) -> list[dict]:
         trials = sorted((t for t in run.study.get_trials(deepcopy=False) if t.intermediate_values), key=ranking_key)
         for rank, t in enumerate(trials, 1):
             rows.append(_leaderboard_row(t, rank, run, space, plan))
-    fields = ["fraction", "train_images", "rank", "trial", "restart_of", "state", "epochs", "cost_full_trainings",
+    fields = ["fraction", "train_images", "rank", "trial", "state", "second_look", "epochs", "cost_full_trainings",
               "seconds", "val_auroc_last", *[f"val_auroc_{r}ep" for r in plan.rungs], *space.choices, "head"]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\r\n")
@@ -240,8 +241,9 @@ def _leaderboard_row(t, rank: int, run, space: SearchSpace, plan) -> dict:
     last = max(t.intermediate_values)
     epochs = int(t.user_attrs.get("epochs", last))
     row = {"fraction": run.fraction, "train_images": run.subset.images, "rank": rank, "trial": t.number,
-           "restart_of": t.user_attrs.get("restart_of", ""),  # a failed start's second initialisation
            "state": t.state.name.lower() if t.state.name != "PRUNED" else t.user_attrs.get("stopped", "pruned"),
+           # a failed start's second look, one epoch after the first rung: promoted or pruned
+           "second_look": t.user_attrs.get("second_look", "") if t.user_attrs.get("second_look") != "pending" else "",
            "epochs": epochs, "cost_full_trainings": round(epochs / plan.full_epochs, 4),
            "seconds": round(float(t.user_attrs.get("seconds", 0.0)), 3),
            "val_auroc_last": round(t.intermediate_values[last], 5)}

@@ -39,8 +39,8 @@ STORAGE_ENV = "MEDTL_SEARCH_STORAGE"
 DEFAULT_STUDY = "medtl-head-search"
 # Without a heartbeat for this long, another worker's RUNNING trial is taken as dead and retried.
 HEARTBEAT_SECONDS, GRACE_SECONDS = 30, 120
-# First-rung scores needed before a failed start can be told from the spread (search.restart_below).
-RESTART_MIN_SCORES = 8
+# First-rung scores needed before a failed start can be told from the spread (search.second_look_below).
+FAILED_START_MIN_SCORES = 8
 MAD_TO_SD = 1.4826  # a normal distribution's standard deviation is 1.4826 x its median absolute deviation
 
 
@@ -156,10 +156,7 @@ def recover_interrupted(study) -> int:
         if w_host != host or not w_pid.isdigit() or (int(w_pid) != me and _alive(int(w_pid))):
             continue  # another live worker's trial (or another host's: the heartbeat covers those)
         study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
-        attrs = {"retry_of": t.number}
-        if "restart_of" in t.user_attrs:  # a failed start's restart keeps its new initialisation
-            attrs["restart_of"] = t.user_attrs["restart_of"]
-        study.enqueue_trial(t.params, user_attrs=attrs)
+        study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
         retried += 1
     return retried
 
@@ -167,11 +164,11 @@ def recover_interrupted(study) -> int:
 def failed_starts(scores: dict[int, float], below: float) -> list[int]:
     """Trial numbers whose first-rung score lies more than `below` robust standard deviations
     (MAD_TO_SD x the median absolute deviation) under the median of `scores` (trial number -> score).
-    Empty while fewer than RESTART_MIN_SCORES scores are known, or when they do not spread."""
+    Empty while fewer than FAILED_START_MIN_SCORES scores are known, or when they do not spread."""
     import numpy as np
 
     finite = {n: v for n, v in scores.items() if np.isfinite(v)}
-    if below <= 0 or len(finite) < RESTART_MIN_SCORES:
+    if below <= 0 or len(finite) < FAILED_START_MIN_SCORES:
         return []
     values = np.array(list(finite.values()))
     median = float(np.median(values))
@@ -181,44 +178,18 @@ def failed_starts(scores: dict[int, float], below: float) -> list[int]:
     return sorted(n for n, v in finite.items() if (median - v) / spread > below)
 
 
-def queue_restarts(study, first_rung: int, below: float, tag: str = "") -> int:
-    """Queue one restart, with a new initialisation, for each pruned trial that failed to start.
-
-    Successive halving prunes by one score per head; at the first rung that score also carries the
-    luck of the head's initialisation. First-rung scores of heads trained alike sit close together
-    (a median absolute deviation of ~0.005 AUROC in docs/benchmarks.md), and a start that went wrong
-    lands far below them, where one more try tells the head from its initialisation. A restart is
-    never restarted itself; a trial the search promoted needs no second try."""
-    from optuna.trial import TrialState
-
-    trials = study.get_trials(deepcopy=False)
-    scores = {t.number: t.intermediate_values[first_rung] for t in trials
-              if first_rung in t.intermediate_values and t.state in (TrialState.COMPLETE, TrialState.PRUNED)
-              and math.isfinite(t.intermediate_values[first_rung])}
-    restarted = {t.user_attrs.get("restart_of") for t in trials} - {None}
-    by_number = {t.number: t for t in trials}
-    queued = 0
-    for number in failed_starts(scores, below):
-        t = by_number[number]
-        if (t.state != TrialState.PRUNED or t.user_attrs.get("stopped") == "budget" or "restart_of" in t.user_attrs
-                or number in restarted):
-            continue
-        study.enqueue_trial(t.params, user_attrs={"restart_of": number})
-        log(f"trial {number}{tag}: {t.user_attrs.get('head', '?')}: first-rung val macro AUROC "
-            f"{scores[number]:.4f} lies over {below:g} robust standard deviations under the median of "
-            f"{len(scores)} trials ({statistics.median(scores.values()):.4f}): a failed start; "
-            "queued once more with a new initialisation")
-        queued += 1
-    return queued
+def first_rung_scores(trials, first_rung: int, exclude: int | None = None) -> dict[int, float]:
+    """Trial number -> val AUROC at the first rung, for every trial that reached it (running ones too,
+    as Optuna's pruner counts them), but `exclude`."""
+    return {t.number: float(t.intermediate_values[first_rung]) for t in trials
+            if first_rung in t.intermediate_values and t.number != exclude
+            and math.isfinite(t.intermediate_values[first_rung])}
 
 
-def _restarted_already(study, trial) -> bool:
-    """Whether another worker queued and began the same restart first (two workers can both queue it)."""
-    from optuna.trial import TrialState
-
-    return any(t.number < trial.number and t.user_attrs.get("restart_of") == trial.user_attrs["restart_of"]
-               and t.state not in (TrialState.FAIL, TrialState.WAITING)
-               and t.user_attrs.get("stopped") != "duplicate restart" for t in study.get_trials(deepcopy=False))
+def promotable(value: float, others: list[float], eta: int) -> bool:
+    """Optuna's successive-halving rule: `value` is among the best 1/eta of itself and `others`."""
+    ranked = sorted(others + [value], reverse=True)
+    return value >= ranked[max(len(ranked) // eta - 1, 0)]
 
 
 def _spent(trials) -> int:
@@ -229,9 +200,9 @@ def _grid_sampler_class():
     import optuna
 
     class GridSampler(optuna.samplers.GridSampler):
-        """Optuna's grid sampler, for a study that also runs enqueued trials (a killed trial's retry, a failed
-        start's restart): those have no grid point, and Optuna's after_trial looks one up when a single grid
-        point is left (a KeyError that ends the search)."""
+        """Optuna's grid sampler, for a study that also runs enqueued trials (a killed trial's retry): those
+        have no grid point, and Optuna's after_trial looks one up when a single grid point is left (a
+        KeyError that ends the search)."""
 
         def after_trial(self, study, trial, state, values) -> None:
             if "grid_id" in study._storage.get_trial_system_attrs(trial._trial_id):
@@ -323,7 +294,7 @@ def _run_study(cfg, space, plan, storage_url, study_name, manifest, train, val, 
                                                      reduction_factor=cfg.search.reduction_factor)
     study = optuna.create_study(storage=open_storage(storage_url), study_name=study_name, direction="maximize",
                                 sampler=build_sampler(cfg, space), pruner=pruner, load_if_exists=True)
-    restart_below = _check_same_search(study, cfg, space, plan, subset)
+    second_look_below = _check_same_search(study, cfg, space, plan, subset)
     retried = recover_interrupted(study)
     done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
     if done:
@@ -332,15 +303,13 @@ def _run_study(cfg, space, plan, storage_url, study_name, manifest, train, val, 
     log(f"search{tag}: {space.size} heads in the space, budget {plan.budget_epochs / plan.full_epochs:g} full "
         f"trainings ({plan.budget_epochs:g} epochs of {plan.full_epochs}), rungs at {', '.join(map(str, plan.rungs))} "
         f"epochs (keep 1/{cfg.search.reduction_factor}), up to {plan.trials} trials, sampler {cfg.search.sampler}")
-    objective = build_objective(cfg, space, plan, study, manifest, train, val, index, tag)
+    objective = build_objective(cfg, space, plan, study, manifest, train, val, index, tag, second_look_below)
     ran = 0
     while True:
         if _spent(study.get_trials(deepcopy=False)) + cfg.search.min_epochs > plan.budget_epochs:
             break
-        queue_restarts(study, plan.rungs[0], restart_below, tag)  # also those a killed run had not queued
         trials = study.get_trials(deepcopy=False)
-        begun = [t for t in trials if t.state not in (TrialState.FAIL, TrialState.WAITING)
-                 and "restart_of" not in t.user_attrs]  # heads drawn: a restart spends budget, not a draw
+        begun = [t for t in trials if t.state not in (TrialState.FAIL, TrialState.WAITING)]
         waiting = [t for t in trials if t.state == TrialState.WAITING]  # interrupted trials queued again
         if len(begun) >= plan.trials and not waiting:
             break
@@ -353,24 +322,23 @@ def _run_study(cfg, space, plan, storage_url, study_name, manifest, train, val, 
 
 def learning_curve(cfg, space, plan, runs, manifest, train, val, index):
     """The largest fraction's best head, trained for the full schedule at every fraction (a trial's full-
-    schedule score where the fraction's search has one: heads are seeded by themselves and their attempt)."""
+    schedule score where the fraction's search has one: heads are seeded by themselves, so it is the same)."""
     from medtl.evaluate.curve import CurvePoint, LearningCurve
     from medtl.search.report import best_trial
     from medtl.search.trial import train_on_cache
-    from medtl.search.transfer import attempt_of, full_schedule_score
+    from medtl.search.transfer import full_schedule_score
 
     best, _ = best_trial(runs[-1].study, plan)
     if best is None:
         return None
     head = space.head(best.params)
-    attempt = attempt_of(best)
     points = []
     for run in runs:
-        score = full_schedule_score(run.study, head.key(), plan.full_epochs, attempt)
+        score = full_schedule_score(run.study, head.key(), plan.full_epochs)
         if score is None:
             part = train if run.subset.images == len(train.labels) else train.select(run.subset.rows)
             score = train_on_cache(cfg, head, manifest, part, val, index["feature_shape"], bool(index["meta"]["pooled"]),
-                                   plan.full_epochs, lambda epoch, auroc: True, attempt)[-1]
+                                   plan.full_epochs, lambda epoch, auroc: True)[-1]
         points.append(CurvePoint(run.fraction, run.subset.images, run.subset.patients, float(score)))
         log(f"search: learning curve of {head.key()}: fraction {run.fraction:g} ({run.subset.images} train images) "
             f"val macro AUROC {score:.4f}")
@@ -380,34 +348,59 @@ def learning_curve(cfg, space, plan, runs, manifest, train, val, index):
 
 
 def build_objective(cfg: Config, space: SearchSpace, plan: Plan, study, manifest: Manifest, train, val, index: dict,
-                    tag: str = ""):
+                    tag: str = "", second_look_below: float = 0.0):
     """The Optuna objective: train the trial's head on the cache epoch by epoch, report val AUROC,
-    stop when pruned, at the full schedule, or when the study's budget is spent."""
+    stop when pruned, at the full schedule, or when the study's budget is spent.
+
+    A second look: the first rung's score also carries the luck of a head's first epoch. Heads trained
+    alike score close together there (a median absolute deviation of ~0.005 AUROC in docs/benchmarks.md);
+    a head whose score the pruner rejects and which lies more than `second_look_below` robust standard
+    deviations under the median is a failed start. It trains one more epoch and is judged again, by the
+    same rule, against the first rung's scores (by the pruner instead, if that epoch is a rung itself):
+    a slow starter goes on, a head that cannot learn is pruned one epoch later."""
     import optuna
 
-    from medtl.search.transfer import attempt_of
     from medtl.search.trial import train_on_cache
 
     pooled = bool(index["meta"]["pooled"])
     worker = _worker_id()
+    first = plan.rungs[0]
+    eta = cfg.search.reduction_factor
 
     def spent_now() -> int:
         return _spent(study.get_trials(deepcopy=False))
 
+    def failed_start(trial, auroc: float) -> dict[int, float] | None:
+        """The first rung's scores if this trial's is a failed start among them, else None."""
+        if second_look_below <= 0 or first == plan.full_epochs:
+            return None
+        scores = first_rung_scores(study.get_trials(deepcopy=False), first, exclude=trial.number)
+        scores[trial.number] = auroc
+        return scores if trial.number in failed_starts(scores, second_look_below) else None
+
     def objective(trial):
         params = {k: trial.suggest_categorical(k, list(v)) for k, v in space.searched.items()}
         head = space.head(params)
-        attempt = attempt_of(trial)  # a failed start's restart trains a new initialisation
         trial.set_user_attr("worker", worker)
         trial.set_user_attr("head", head.key())
         trial.set_user_attr("epochs", 0)
-        if attempt and _restarted_already(study, trial):
-            trial.set_user_attr("stopped", "duplicate restart")
-            raise optuna.TrialPruned()
         stop = {"reason": ""}
         start = time.monotonic()
 
+        def second_look(epoch: int, auroc: float) -> bool:
+            """The epoch after a failed start: whether the trial goes on."""
+            if epoch in plan.rungs:  # the pruner judges it at this rung, against the trials that reached it
+                going_on = not trial.should_prune()
+            else:
+                others = first_rung_scores(study.get_trials(deepcopy=False), first, exclude=trial.number)
+                going_on = promotable(auroc, list(others.values()), eta)
+            trial.set_user_attr("second_look", "promoted" if going_on else "pruned")
+            log(f"trial {trial.number}{tag}: {head.key()}: second look after {epoch} epoch(s): val macro AUROC "
+                f"{auroc:.4f}, " + ("promoted: a slow starter" if going_on else "pruned"))
+            return going_on
+
         def on_epoch(epoch: int, auroc: float) -> bool:
+            auroc = faults.trial_score(trial.number, epoch, auroc)
             trial.report(auroc, epoch)
             trial.set_user_attr("epochs", epoch)
             trial.set_user_attr("seconds", time.monotonic() - start)
@@ -418,19 +411,29 @@ def build_objective(cfg: Config, space: SearchSpace, plan: Plan, study, manifest
                     f"{spent_now() / plan.full_epochs:.2f}/{plan.budget_epochs / plan.full_epochs:g} full trainings")
             if epoch == plan.full_epochs:
                 return False
-            if trial.should_prune():
-                stop["reason"] = "pruned"
-                return False
+            if trial.user_attrs.get("second_look") == "pending" and epoch == first + 1:
+                if not second_look(epoch, auroc):
+                    stop["reason"] = "pruned"
+                    return False
+            elif trial.should_prune():
+                scores = failed_start(trial, auroc) if epoch == first else None
+                if scores is None:
+                    stop["reason"] = "pruned"
+                    return False
+                trial.set_user_attr("second_look", "pending")
+                log(f"trial {trial.number}{tag}: {head.key()}: first-rung val macro AUROC {auroc:.4f} lies over "
+                    f"{second_look_below:g} robust standard deviations under the median of {len(scores)} trials "
+                    f"({statistics.median(scores.values()):.4f}): a failed start; one more epoch before it is judged")
             if spent_now() >= plan.budget_epochs:
                 stop["reason"] = "budget"
                 return False
             return True
 
         trained = head
-        if not attempt and faults.failed_start(trial.number):
+        if faults.failed_start(trial.number):
             trained = dataclasses.replace(head, learning_rate=-head.learning_rate)
         history = train_on_cache(cfg, trained, manifest, train, val, index["feature_shape"], pooled,
-                                 plan.full_epochs, on_epoch, attempt)
+                                 plan.full_epochs, on_epoch)
         trial.set_user_attr("seconds", time.monotonic() - start)
         if stop["reason"]:
             trial.set_user_attr("stopped", stop["reason"])
@@ -442,26 +445,28 @@ def build_objective(cfg: Config, space: SearchSpace, plan: Plan, study, manifest
 
 def _check_same_search(study, cfg: Config, space: SearchSpace, plan: Plan, subset) -> float:
     """A study continues only the search it was started with (same space, rungs, budget, cache, subset,
-    restarts); returns the search.restart_below it runs with."""
+    second looks); returns the search.second_look_below it runs with."""
     search = {"space": space.fingerprint(), "rungs": plan.rungs,
               "budget_epochs": plan.budget_epochs, "trials": plan.trials,
               "reduction_factor": cfg.search.reduction_factor, "sampler": cfg.search.sampler,
               "seed": cfg.seed, "backbone": cfg.model.backbone, "image_size": cfg.data.image_size}
     if subset.fraction != 1.0:  # the whole split's study keeps the fingerprint searches had before subsets
         search.update(fraction=subset.fraction, subset=subset.digest)
-    legacy = json.dumps(search, sort_keys=True)  # a study started before failed starts were restarted
-    fingerprint = json.dumps(search | {"restart_below": cfg.search.restart_below}, sort_keys=True)
+    legacy = json.dumps(search, sort_keys=True)  # a study started before medtl took second looks
+    fingerprint = json.dumps(search | {"second_look_below": cfg.search.second_look_below}, sort_keys=True)
     found = study.user_attrs.get("search")
     if found is None:
         study.set_user_attr("search", fingerprint)
     elif found == legacy:
-        if any("restart_of" in t.user_attrs for t in study.get_trials(deepcopy=False)):
-            return cfg.search.restart_below  # a development build's study, restarts on with the default
-        log(f"search: the study '{study.study_name}' was started before medtl restarted failed starts; "
-            "it continues without restarts")
+        log(f"search: the study '{study.study_name}' was started before medtl took second looks at failed "
+            "starts; it continues without them")
         return 0.0
+    elif "restart_below" in json.loads(found):
+        raise MedtlError(f"the study '{study.study_name}' in this storage restarted failed starts with a new "
+                         "initialisation (medtl of 2026-12-05, search.restart_below), which this medtl replaced by "
+                         "a second look (search.second_look_below); use a new --workdir or --study-name")
     elif found != fingerprint:
         raise MedtlError(f"the study '{study.study_name}' in this storage was started with another search "
-                         "(space, budget, rungs, sampler, seed, backbone or search.restart_below differ); use a new "
-                         "--workdir or --study-name, or the original settings to resume it")
-    return cfg.search.restart_below
+                         "(space, budget, rungs, sampler, seed, backbone or search.second_look_below differ); use a "
+                         "new --workdir or --study-name, or the original settings to resume it")
+    return cfg.search.second_look_below

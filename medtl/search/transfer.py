@@ -69,16 +69,9 @@ def compare_rankings(ranking: list[str], reference: list[str], k: int) -> Agreem
     return Agreement(len(common), None if math.isnan(tau) else float(tau), k, overlap)
 
 
-def attempt_of(trial) -> int:
-    """Which initialisation of its head a trial trained: 0 the first, 1 a failed start's restart."""
-    return 1 if "restart_of" in trial.user_attrs else 0
-
-
-def full_schedule_score(study, head_key: str, full_epochs: int, attempt: int = 0) -> float | None:
-    """The head's val AUROC after the full schedule in this study, when a trial of it from the same
-    initialisation (first attempt, or a failed start's restart) got there."""
+def full_schedule_score(study, head_key: str, full_epochs: int) -> float | None:
+    """The head's val AUROC after the full schedule in this study, when a trial of it got there."""
     for t in study.get_trials(deepcopy=False):
-        if (t.user_attrs.get("head") == head_key and full_epochs in t.intermediate_values
-                and attempt_of(t) == attempt):
+        if t.user_attrs.get("head") == head_key and full_epochs in t.intermediate_values:
             return float(t.intermediate_values[full_epochs])
     return None

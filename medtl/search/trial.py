@@ -24,10 +24,9 @@ from medtl.tf import tf
 VAL_CHUNK = 512
 
 
-def head_seed(seed: int, head: Head, attempt: int = 0) -> int:
-    """Initialisation and shuffling depend on the head (and on the attempt, for a failed start's
-    restart), not on when its trial runs."""
-    digest = hashlib.sha256((f"{seed}:{head.key()}" + (f":restart{attempt}" if attempt else "")).encode()).digest()
+def head_seed(seed: int, head: Head) -> int:
+    """Initialisation and shuffling depend on the head, not on when its trial runs."""
+    digest = hashlib.sha256(f"{seed}:{head.key()}".encode()).digest()
     return int.from_bytes(digest[:4], "little")
 
 
@@ -91,10 +90,9 @@ def run_epochs(model, cfg: Config, head: Head, manifest: Manifest, steps_per_epo
 
 
 def train_on_cache(cfg: Config, head: Head, manifest: Manifest, train: SplitFeatures, val: SplitFeatures,
-                   feature_shape, pooled: bool, epochs: int, on_epoch: Callable[[int, float], bool],
-                   attempt: int = 0) -> list[float]:
+                   feature_shape, pooled: bool, epochs: int, on_epoch: Callable[[int, float], bool]) -> list[float]:
     """A head trial on cached features: epoch e trains on copy e mod (1 + augmented copies)."""
-    seed = head_seed(cfg.seed, head, attempt)
+    seed = head_seed(cfg.seed, head)
     tf.keras.utils.set_random_seed(seed)
     key = head.head.pooled_start() if pooled else "maps"
     model = build_trial_model(feature_shape, head, manifest.num_labels, pooled, cfg.model.batchnorm_momentum)

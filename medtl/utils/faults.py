@@ -14,7 +14,10 @@ Set MEDTL_FAULTS to ';'-separated faults, each `kind:key=value,...`:
   kill_in_checkpoint:epoch=E    rank 0 SIGKILLs itself after writing epoch E's weights, before the pointer
   kill_trial:step=N,epoch=E     `medtl search` SIGKILLs itself after epoch E of trial number N
   failed_start:step=N           `medtl search`'s trial number N trains at minus its learning rate (away from
-                                the labels: a start far below the others), unless it is a restart
+                                the labels: a start far below the others, which never learns)
+  slow_start:step=N             `medtl search`'s trial number N reports val AUROC 0 after its first epoch and 1
+                                after its second (a start far below the others, then far above), whatever it
+                                scored; its training and later scores are its own
   kill_in_finalize:step=N       ingest finalize SIGKILLs itself once N shards have their final names (N = all
                                 shards: before quarantine.csv and manifest.json are written)
   kill_in_cleanup:step=N        ingest finalize SIGKILLs itself after writing the manifest, once N part folders
@@ -134,6 +137,14 @@ def in_trial(trial_number: int, epoch: int) -> None:
 def failed_start(trial_number: int) -> bool:
     """Whether trial number N of a search is to train away from the labels, if scheduled."""
     return any(fault.step == trial_number for fault in active("failed_start"))
+
+
+def trial_score(trial_number: int, epoch: int, score: float) -> float:
+    """The val AUROC trial number N of a search reports after `epoch` (1-based): 0 and 1 after its first two
+    epochs if a slow start is scheduled for it, else `score`."""
+    if epoch in (1, 2) and any(fault.step == trial_number for fault in active("slow_start")):
+        return float(epoch - 1)
+    return score
 
 
 def in_finalize(kind: str, done: int) -> None:
