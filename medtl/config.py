@@ -611,7 +611,7 @@ class SearchConfig:
     reduction_factor: int = 3
     # Epochs of the first rung; later rungs are min_epochs x reduction_factor^k, the last one phase 1's epochs.
     min_epochs: int = 1
-    # A trial pruned at the first rung whose val AUROC there lies more than this many robust standard deviations (1.4826 x MAD) below the median of the first rung's scores is a failed start: it trains one more epoch and is judged again against the first rung (a second look). 0 turns this off; it needs 8 first-rung scores.
+    # A trial pruned at the first rung whose val AUROC there lies more than this many robust standard deviations (1.4826 x MAD) below the median of the first rung's scores is a failed start: it trains one more epoch and is judged again against the first rung (a second look). 0 turns this off; it needs 8 first-rung scores and a first rung at least 2 epochs short of the full schedule.
     second_look_below: float = 4.0
     # Subset transfer: fractions of the train split's patients (nested, e.g. [0.1, 0.3, 1.0]) to run the search on, each against the largest; [] searches the whole split once. `--fractions` sets it.
     fractions: tuple[float, ...] = ()

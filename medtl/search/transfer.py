@@ -25,21 +25,23 @@ class FractionRun:
     study: object
 
 
-def ranking_key(trial) -> tuple:
-    """The leaderboard's order: most epochs, then best val AUROC at the last epoch, then trial number."""
-    last = max(trial.intermediate_values)
-    epochs = int(trial.user_attrs.get("epochs", last))
-    return (-epochs, -trial.intermediate_values[last], trial.number)
+def ranking_key(trial, rungs: tuple[int, ...]) -> tuple:
+    """The leaderboard's order: highest rung reached, then best val AUROC there, then trial number. Epochs
+    past a rung (a second look, a budget stop between rungs) do not rank a trial above those it met there."""
+    reached = [r for r in rungs if r in trial.intermediate_values]
+    top = max(reached) if reached else max(trial.intermediate_values)  # killed before the first rung
+    value = trial.intermediate_values[top]
+    return (-top, -value if not math.isnan(value) else math.inf, trial.number)
 
 
-def head_ranking(study) -> list[str]:
+def head_ranking(study, rungs: tuple[int, ...]) -> list[str]:
     """Head keys of the study's finished trials, best first (a head retried after a kill counts once)."""
     from optuna.trial import TrialState
 
     finished = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
                 if t.intermediate_values and not math.isnan(t.intermediate_values[max(t.intermediate_values)])]
     ranking: list[str] = []
-    for t in sorted(finished, key=ranking_key):
+    for t in sorted(finished, key=lambda t: ranking_key(t, rungs)):
         if t.user_attrs["head"] not in ranking:
             ranking.append(t.user_attrs["head"])
     return ranking
