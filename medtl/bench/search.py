@@ -104,7 +104,8 @@ def _second_looks(curves, order, keep: int, rung: int, next_rung: int, eta: int,
     from medtl.search.run import failed_starts, promotable
 
     first = {int(h): float(curves[h, rung - 1]) for h in order}
-    looked = [h for h in failed_starts(first, below) if h not in set(order[:keep].tolist())]
+    kept = set(order[:keep].tolist())
+    looked = [h for h in failed_starts(first, below) if h not in kept]
     if next_rung == rung + 1:
         return np.array(looked, dtype=order.dtype)
     return np.array([h for h in looked if promotable(float(curves[h, rung]), [v for k, v in first.items() if k != h],

@@ -245,7 +245,7 @@ def _leaderboard_row(t, rank: int, run, space: SearchSpace, plan) -> dict:
     row = {"fraction": run.fraction, "train_images": run.subset.images, "rank": rank, "trial": t.number,
            "state": t.state.name.lower() if t.state.name != "PRUNED" else t.user_attrs.get("stopped", "pruned"),
            # a failed start's second look, one epoch after the first rung: promoted or pruned
-           "second_look": t.user_attrs.get("second_look", "") if t.user_attrs.get("second_look") != "pending" else "",
+           "second_look": t.user_attrs.get("second_look", ""),
            "epochs": epochs, "cost_full_trainings": round(epochs / plan.full_epochs, 4),
            "seconds": round(float(t.user_attrs.get("seconds", 0.0)), 3),
            "val_auroc_last": round(t.intermediate_values[last], 5)}

@@ -386,7 +386,7 @@ def build_objective(cfg: Config, space: SearchSpace, plan: Plan, study, manifest
         trial.set_user_attr("worker", worker)
         trial.set_user_attr("head", head.key())
         trial.set_user_attr("epochs", 0)
-        stop = {"reason": ""}
+        stop = {"reason": "", "second_look_at": 0}  # the epoch of a failed start's second look, once it is due
         start = time.monotonic()
 
         def second_look(epoch: int, auroc: float) -> bool:
@@ -413,7 +413,7 @@ def build_objective(cfg: Config, space: SearchSpace, plan: Plan, study, manifest
                     f"{spent_now() / plan.full_epochs:.2f}/{plan.budget_epochs / plan.full_epochs:g} full trainings")
             if epoch == plan.full_epochs:
                 return False
-            if trial.user_attrs.get("second_look") == "pending" and epoch == first + 1:
+            if epoch == stop["second_look_at"]:
                 if not second_look(epoch, auroc):
                     stop["reason"] = "pruned"
                     return False
@@ -422,7 +422,7 @@ def build_objective(cfg: Config, space: SearchSpace, plan: Plan, study, manifest
                 if scores is None:
                     stop["reason"] = "pruned"
                     return False
-                trial.set_user_attr("second_look", "pending")
+                stop["second_look_at"] = epoch + 1
                 log(f"trial {trial.number}{tag}: {head.key()}: first-rung val macro AUROC {auroc:.4f} lies over "
                     f"{second_look_below:g} robust standard deviations under the median of {len(scores)} trials "
                     f"({statistics.median(scores.values()):.4f}): a failed start; one more epoch before it is judged")
