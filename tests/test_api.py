@@ -1,5 +1,6 @@
 """medtl.api without the CLI: ingest -> train -> evaluate -> export -> predict in this process, typed results
 that agree with the artefacts on disk, and the API's own errors. The CLI over it is tests/test_cli*.py."""
+import dataclasses
 import json
 import os
 import shutil
@@ -10,7 +11,7 @@ import pytest
 
 from medtl import api
 from medtl.config import load_config
-from medtl.errors import MedtlError
+from medtl.errors import MedtlError, RunFailure
 
 from conftest import REPO
 
@@ -78,6 +79,19 @@ def test_evaluate_export_predict(trained, studies, tmp_path):
     exported = api.export(trained.workdir, str(tmp_path / "model"))
     assert exported.label_names == tuple(metrics["labels"]) and exported.image_size == 64
     assert exported.thresholds == {n: row["threshold"] for n, row in metrics["labels"].items()}
+
+    # The export's own check passes on its model and fails when the SavedModel is not the Keras model's
+    # map: here the check is told of a calibration the SavedModel does not apply.
+    from medtl.serve.export import _verify
+    from medtl.serve.meta import read_meta
+    from medtl.train.rundir import Calibration, load_run
+    _, _, model = load_run(trained.workdir)
+    meta = read_meta(exported.out)
+    _verify(exported.out, model, meta)
+    shifted = Calibration("platt", meta.tta, "val", 1,
+                          {n: {"params": {"slope": 1.0, "intercept": 2.0}} for n in meta.label_names})
+    with pytest.raises(RunFailure, match="does not reproduce the Keras model "):
+        _verify(exported.out, model, dataclasses.replace(meta, calibration=shifted))
 
     # The export on the same records: same split, same images.
     records = load_config(os.path.join(trained.workdir, "config.yaml")).data.records

@@ -270,6 +270,9 @@ def _with_saliency_and_internal_test(meta: ExportMeta, run: RunDir) -> ExportMet
                                internal_test=test)
 
 
+VERIFY_ATOL = 1e-4
+
+
 def _verify(out: str, model: tf.keras.Model, meta: ExportMeta) -> None:
     """Reload the SavedModel and check it reproduces the Keras model on a random batch."""
     rng = np.random.default_rng(0)
@@ -281,7 +284,10 @@ def _verify(out: str, model: tf.keras.Model, meta: ExportMeta) -> None:
     if meta.tta == "flip":
         want = (want + tf.sigmoid(model(tf.image.flip_left_right(images), training=False)).numpy()) / 2
     want = cal.apply_calibration(meta.calibration, want, meta.label_names)
-    if not np.allclose(got, want, atol=1e-5):
+    # The SavedModel's graph is optimised (fused kernels, another summation order), so float32 probabilities
+    # differ in the fifth decimal on some CPUs (1.2e-5 on an AMX machine); a missing calibration or TTA
+    # differs by far more than 1e-4.
+    if not np.allclose(got, want, atol=VERIFY_ATOL):
         raise RunFailure(f"the SavedModel in {out} does not reproduce the Keras model "
                          f"(max difference {np.abs(got - want).max():.2g}); please report this")
     _verify_saliency(out, loaded, model, meta, images)
