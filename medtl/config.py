@@ -19,6 +19,7 @@ import yaml
 
 from medtl import jobfiles
 from medtl.data.fields import SAFE_FIELDS
+from medtl.data.device_augment import check_device_policy
 from medtl.data.policy import check_policy
 from medtl.data.subsets import fractions_problem
 from medtl.errors import ConfigError
@@ -141,6 +142,9 @@ DEFAULT_AUGMENT: tuple[Transform, ...] = (
 )
 
 
+AUGMENT_ON = ("cpu", "device")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     # Folder (or s3:// / gs:// prefix) holding the shards and manifest.json written by `medtl ingest`.
@@ -157,6 +161,11 @@ class DataConfig:
     # Training augmentation: albumentations transforms applied in order to each training image (never
     # to val/test); [] turns it off. The default suits chest radiographs (see docs/training.md, Augmentation).
     augment: tuple[Transform, ...] = DEFAULT_AUGMENT
+    # Where training augments: cpu (albumentations in the input pipeline, any transform) or device (the same
+    # policy as batched TensorFlow ops in the training step, on the GPU when there is one, with the scaling and
+    # gray to RGB; the input pipeline then only reads, decodes and batches). device runs HorizontalFlip, Affine,
+    # RandomBrightnessContrast, RandomGamma, GaussNoise and CLAHE; see docs/training.md, Augmentation on the device.
+    augment_on: str = "cpu"
     # Keep decoded, resized images (before augmentation) after the first pass: none, memory, or a
     # folder for cache files on local disk. For datasets that fit; see docs/training.md, Input pipeline.
     cache: str = "none"
@@ -179,6 +188,8 @@ class DataConfig:
             problems.append(("cache", "must be none, memory or a folder, got ''"))
         if not 0 < self.train_fraction <= 1:
             problems.append(("train_fraction", f"must be in (0, 1], got {self.train_fraction}"))
+        if self.augment_on not in AUGMENT_ON:
+            problems.append(("augment_on", f"must be one of {', '.join(AUGMENT_ON)}, got {self.augment_on!r}"))
         return problems
 
 
@@ -747,6 +758,8 @@ class Config:
             if self.data.augment:
                 problems.extend((f"data.{key}", message) for key, message in check_policy(self.data.augment,
                                                                                          self.data.image_size))
+                if self.data.augment_on == "device":
+                    problems.extend((f"data.{key}", message) for key, message in check_device_policy(self.data.augment))
             problems.extend(self._head_shape_problems())
         if self.pretrain.method == "simclr" and self.data.image_size >= min_size:
             policy = self.pretrain.view_policy(self.data.image_size, self.data.augment)

@@ -33,7 +33,15 @@ def test_bench_synthesises_its_source_and_measures_every_stage(tmp_path):
         assert key in r.stdout
     assert re.search(r"^\(c-raw\)/\(b-raw\) = .* goal >= 0.9: ", r.stdout, re.M)
     assert re.search(r"^\(b-raw\)/\(a-raw\) = .* goal >= 0.5: ", r.stdout, re.M) and "goal >= 3" in r.stdout
-    for encoding, stage, goal in (("png", "c", "goal <= 4: "), ("raw", "c-raw", "goal <= 1.5: ")):
+    # data.augment_on: device: the input pipeline's part, against the read limit and the CPU pipeline without
+    # augmentation, and the training step's part measured on this CPU.
+    assert re.search(r"^\(c-dev\)/\(a-raw\) = .* goal >= 0.5: ", r.stdout, re.M)
+    assert re.search(r"^\(c-dev\)/\(b-raw\) = .* goal >= 0.9: ", r.stdout, re.M)
+    step = re.search(r"run here on this CPU it costs ([\d.]+) ms per image with the policy, ([\d.]+) ms without",
+                     r.stdout)
+    assert step and float(step.group(1)) > float(step.group(2)) > 0, r.stdout
+    for encoding, stage, goal in (("png", "c", "goal <= 4: "), ("raw", "c-raw", "goal <= 1.5: "),
+                                  (r"raw, augmentation on the device", "c-dev", "goal <= 1.5: ")):
         assert re.search(rf"^{encoding}: one 470 img/s GPU \(A100\) needs 470 / [\d.]+ = [\d.]+ cores at \({stage}\)"
                          rf"\s+{goal}", r.stdout, re.M), r.stdout
         assert re.search(rf"^{encoding}: one 1000 img/s GPU \(H100 class\) needs", r.stdout, re.M)

@@ -37,7 +37,9 @@ GOAL_AUGMENT_RATIO = 0.9  # (c)/(b), both encodings
 GOAL_BASELINE_RATIO = 3.0  # (c)/(d)
 GOAL_READ_RATIO = 0.5  # (b-raw)/(a-raw): decode-free shards near the read limit
 # Cores per reference GPU at (c): decode-free shards, and PNG shards (the goal before raw shards existed).
-GOAL_CORES_PER_GPU = {"raw": 1.5, "png": 4.0}
+GOAL_CORES_PER_GPU = {"raw": 1.5, "png": 4.0, "raw, augmentation on the device": 1.5}
+# The stage whose per-core rate gives each encoding's cores per GPU.
+STAGE_OF_ENCODING = {"png": "c", "raw": "c-raw", "raw, augmentation on the device": "c-dev"}
 DISK_IMAGES = 500_000  # the disk figure printed per encoding
 
 STAGES = {
@@ -49,11 +51,13 @@ STAGES = {
     "a-raw": "raw: read + parse",
     "b-raw": "raw: + decode_raw + reshape",
     "c-raw": "raw: + default augmentation",
+    "c-dev": "raw: augmentation on the device, CPU part",
 }
 # (top, bottom, goal or None): the ratios printed, in order.
 RATIOS = (("b", "a", None), ("c", "a", None), ("c", "b", GOAL_AUGMENT_RATIO), ("c", "d", GOAL_BASELINE_RATIO),
           ("c", "e", None), ("b-raw", "a-raw", GOAL_READ_RATIO), ("c-raw", "a-raw", None),
           ("c-raw", "b-raw", GOAL_AUGMENT_RATIO), ("b-raw", "b", None), ("c-raw", "c", None),
+          ("c-dev", "a-raw", GOAL_READ_RATIO), ("c-dev", "b-raw", GOAL_AUGMENT_RATIO), ("c-dev", "c-raw", None),
           ("c1", "b", None), ("c2", "b", None))
 # With --alternatives: other ways to run the augmentation, to re-check the choice of (c).
 ALTERNATIVES = {
@@ -205,9 +209,42 @@ def _encoding_streams(cfg, manifest: Manifest, suffix: str) -> dict:
         ds = ds.map(build_parse_fn(manifest), num_parallel_calls=AUTOTUNE, deterministic=False)
         return _batch_sizes(ds.batch(cfg.train.batch_size).prefetch(AUTOTUNE))
 
-    return {"a" + suffix: parse_only,
-            "b" + suffix: lambda: _batch_sizes(build_dataset(plain, "train", manifest=manifest)),
-            "c" + suffix: lambda: _batch_sizes(build_dataset(cfg, "train", manifest=manifest))}
+    streams = {"a" + suffix: parse_only,
+               "b" + suffix: lambda: _batch_sizes(build_dataset(plain, "train", manifest=manifest)),
+               "c" + suffix: lambda: _batch_sizes(build_dataset(cfg, "train", manifest=manifest))}
+    if suffix == "-raw":  # data.augment_on: device: what the input pipeline still does (read, parse, batch)
+        streams["c-dev"] = lambda: _batch_sizes(build_dataset(on_device(cfg), "train", manifest=manifest))
+    return streams
+
+
+def on_device(cfg):
+    import dataclasses
+
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, augment_on="device"))
+
+
+def device_step_costs(cfg, manifest: Manifest, batches: int = 4) -> dict:
+    """CPU ms per image, in this process, of data.augment_on: device's step inputs (scale, the policy as
+    TensorFlow ops, gray to the model's channels) on one batch of the device stream, with the policy and
+    without it. In training this runs in the training step, on the GPU when there is one."""
+    import dataclasses
+
+    from medtl.data.pipeline import build_dataset, build_step_inputs_fn
+    from medtl.tf import tf
+
+    device = on_device(cfg)
+    images = next(iter(build_dataset(device, "train", manifest=manifest)))[0]
+
+    def cost(step_cfg) -> float:
+        fn = tf.function(build_step_inputs_fn(step_cfg, 0, 0))
+        fn(images, tf.constant(0, tf.int64)).numpy()  # traced
+        start = time.process_time()
+        for b in range(batches):
+            fn(images, tf.constant(b + 1, tf.int64)).numpy()
+        return (time.process_time() - start) * 1e3 / (batches * int(images.shape[0]))
+
+    plain = dataclasses.replace(device, data=dataclasses.replace(device.data, augment=()))
+    return {"policy": cost(device), "plain": cost(plain)}
 
 
 def stage_streams(sources: dict, pngs: list[str], alternatives: bool = False) -> dict:
@@ -390,7 +427,7 @@ def summarise(runs: dict[str, list[Run]]) -> dict:
             out[f"{top}/{bottom}"] = {k: out[top][k] / out[bottom][k] for k in ("img_s", "per_core")}
     out["cores_per_gpu"] = {encoding: {gpu: rate / out[stage]["per_core"]
                                        for gpu, rate in GPU_IMAGES_PER_SECOND.items()}
-                            for encoding, stage in (("png", "c"), ("raw", "c-raw")) if stage in out}
+                            for encoding, stage in STAGE_OF_ENCODING.items() if stage in out}
     return out
 
 
@@ -423,7 +460,9 @@ def _ratio_lines(result: dict) -> list[str]:
 
 def _cores_lines(result: dict) -> list[str]:
     lines = []
-    for encoding, stage in (("png", "c"), ("raw", "c-raw")):
+    for encoding, stage in STAGE_OF_ENCODING.items():
+        if stage not in result:
+            continue
         per_core = result[stage]["per_core"]
         for gpu, rate in GPU_IMAGES_PER_SECOND.items():
             cores = result["cores_per_gpu"][encoding][gpu]
@@ -463,8 +502,19 @@ def _augment_lines(result: dict) -> list[str]:
     return lines
 
 
+def _device_lines(result: dict) -> list[str]:
+    costs = result.get("device_step")
+    if not costs or "c-dev" not in result:
+        return []
+    return [f"augmentation on the device (data.augment_on: device): the training step scales, augments and makes "
+            f"the channels; run here on this CPU it costs {costs['policy']:.3f} ms per image with the policy, "
+            f"{costs['plain']:.3f} ms without it (on a GPU it runs beside the model's step, "
+            f"{1e3 / GPU_IMAGES_PER_SECOND[REFERENCE_GPU]:.2f} ms per image at "
+            f"{GPU_IMAGES_PER_SECOND[REFERENCE_GPU]:g} img/s; not measured here)"]
+
+
 def report(result: dict, header: list[str], stored: dict, image_size: int) -> str:
-    augment = _augment_lines(result)
+    augment = _augment_lines(result) + _device_lines(result)
     return "\n".join(header + [""] + _stage_lines(result) + [""] + _storage_lines(stored, image_size) + [""]
                      + _ratio_lines(result) + _cores_lines(result) + ([""] + augment if augment else []))
 
@@ -511,7 +561,7 @@ def _header(opt: BenchOptions, sources: dict, pngs: list[str]) -> list[str]:
             f"{png.stored_image_size} px {png.bit_depth}-bit png shards ({png.records('train')} train records in "
             f"{png_cfg.data.records}; (d) and (e) read {len(pngs)} of them as PNG files); (a-raw)-(c-raw) read "
             f"{raw.stored_image_size} px {raw.bit_depth}-bit raw shards ({raw.records('train')} train records in "
-            f"{raw_cfg.data.records})",
+            f"{raw_cfg.data.records}; (c-dev) too, with data.augment_on: device)",
             f"machine: {_machine()}; load average before: {_load()}",
             f"{opt.rounds} round(s) x {opt.seconds:g} s per stage; medians over rounds"]
 
@@ -537,6 +587,7 @@ def _run(opt: BenchOptions, work: str) -> dict:
     result = summarise(runs)
     if sources["raw"][0].data.augment:
         result["augment_costs"] = augment_costs(*sources["raw"])
+        result["device_step"] = device_step_costs(*sources["raw"])
     stored = {encoding: storage(manifest, opt.image_size) for encoding, (_, manifest) in sources.items()}
     result["storage"] = stored
     print(report(result, header, stored, opt.image_size), flush=True)

@@ -456,6 +456,32 @@ def build_model_input_fn(channels: int):
     return model_input_fn
 
 
+def device_step(cfg: Config) -> bool:
+    """Whether training streams leave scaling, augmentation and channels to the training step
+    (data.augment_on: device)."""
+    return cfg.data.augment_on == "device"
+
+
+def build_step_inputs_fn(cfg: Config, rank: int, first_epoch: int):
+    """For data.augment_on: device, the training step's first op: (batch of a device-step stream, step) ->
+    the model's input. Stored uint8/uint16 pixels (or float32 in [0, 255]) are scaled to [0, 255], augmented
+    by the policy as TensorFlow ops (medtl.data.device_augment), seeded by (seed, rank, first_epoch) and the
+    step, and turned into the model's channels. It runs where the step runs: on the GPU when there is one."""
+    from medtl.data.device_augment import build_device_augment
+
+    augment = build_device_augment(cfg.data.augment, _seed(cfg.seed, rank, first_epoch)) if cfg.data.augment else None
+    channels = cfg.data.channels
+
+    def step_inputs_fn(images, step):
+        scale = {tf.uint16: 255.0 / 65535.0, tf.uint8: 1.0}.get(images.dtype, 1.0)
+        images = tf.cast(images, tf.float32) * scale if scale != 1.0 else tf.cast(images, tf.float32)
+        if augment is not None:
+            images = augment(images, step)
+        return to_channels(images, channels)
+
+    return step_inputs_fn
+
+
 def build_dataset(cfg: Config, split: str, rank: int = 0, num_ranks: int = 1, manifest: Manifest | None = None,
                   training: bool | None = None, first_epoch: int = 0, with_ids: bool = False,
                   image_only: bool = False) -> tf.data.Dataset:
@@ -471,11 +497,18 @@ def build_dataset(cfg: Config, split: str, rank: int = 0, num_ranks: int = 1, ma
         raise ValueError("with_ids and image_only exclude each other")
     manifest = manifest or read_manifest(cfg.data.records, unlabeled_ok=image_only)
     training = split == "train" if training is None else training
-    augment = training and bool(cfg.data.augment)
+    on_device = training and device_step(cfg) and not image_only
+    augment = training and bool(cfg.data.augment) and not on_device
     deterministic = cfg.data.deterministic or not training
     if with_ids and training:
         raise ValueError("with_ids is for eval streams")
     ds = build_decoded(cfg, manifest, split, rank, num_ranks, training, augment, first_epoch, with_ids)
+    if on_device:  # the training step scales, augments and makes the channels (build_step_inputs_fn)
+        ds = ds.shuffle(cfg.data.shuffle_buffer, seed=_seed(cfg.seed, rank, first_epoch), reshuffle_each_iteration=True)
+        ds = ds.repeat().batch(cfg.train.batch_size, drop_remainder=True)
+        options = tf.data.Options()
+        options.deterministic = deterministic
+        return ds.with_options(options).prefetch(AUTOTUNE)
     if training:
         ds = ds.shuffle(cfg.data.shuffle_buffer, seed=_seed(cfg.seed, rank, first_epoch),
                         reshuffle_each_iteration=True)

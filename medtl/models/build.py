@@ -29,6 +29,9 @@ class Classifier(tf.keras.Model):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.reduce_gradients = None  # list of gradients -> their average over ranks
+        # (batch, step) -> the model's input, run first in each training step (data.augment_on: device: the
+        # stream's stored pixels scaled, augmented and turned into the model's channels on the device).
+        self.prepare_inputs = None
         # XLA for the forward/backward pass only: Horovod's collectives have no XLA kernels,
         # so under Horovod the allreduce stays outside the compiled cluster.
         self.jit_gradients = False
@@ -49,6 +52,8 @@ class Classifier(tf.keras.Model):
 
     def train_step(self, data):
         x, y, sample_weight = tf.keras.utils.unpack_x_y_sample_weight(data)
+        if self.prepare_inputs is not None:
+            x = self.prepare_inputs(x, self.optimizer.iterations)
         scaled = isinstance(self.optimizer, tf.keras.mixed_precision.LossScaleOptimizer)
         if self.jit_gradients:
             if self._xla_gradients is None:

@@ -125,7 +125,7 @@ def train_with_base(cfg: Config, head: Head, manifest: Manifest, epochs: int,
     from medtl.search.space import with_head
     from medtl.train.phases import apply_phase
 
-    cfg = dataclasses.replace(with_head(cfg, head), data=dataclasses.replace(cfg.data, augment=()))
+    cfg = dataclasses.replace(with_head(cfg, head), data=dataclasses.replace(cfg.data, augment=(), augment_on="cpu"))
     tf.keras.utils.set_random_seed(head_seed(cfg.seed, head))
     model = build_model(cfg, manifest.num_labels)
     apply_phase(model, cfg, cfg.phases[0])  # base frozen, BatchNorm in inference mode

@@ -20,7 +20,8 @@ from medtl.config import Config
 from medtl.data import verify
 from medtl.data.manifest import (Manifest, check_input_size, check_train_split, check_val_split, oversize_warning,
                                  read_manifest)
-from medtl.data.pipeline import build_dataset, pipeline_errors, records_in, split_size
+from medtl.data.pipeline import (build_dataset, build_step_inputs_fn, device_step, pipeline_errors, records_in,
+                                 split_size)
 from medtl.errors import MedtlError, RunFailure
 from medtl.models.build import build_model, set_precision
 from medtl.models.heads import describe_head
@@ -240,6 +241,7 @@ def _run_phases(ctx, cfg, run: RunDir, manifest, state, model, loss, steps, sign
             callbacks.append(cb.TensorBoardWriter(run, metrics, guard))
         callbacks.append(cb.StopOnSigterm(sigterm, state, phase.name, steps))  # last: after an epoch's commit
         train_ds = build_dataset(cfg, "train", ctx.rank, ctx.size, manifest, first_epoch=first_epoch)
+        model.prepare_inputs = build_step_inputs_fn(cfg, ctx.rank, first_epoch) if device_step(cfg) else None
         train_ds = faults.corrupt_inputs(train_ds, ctx.rank, first_epoch * steps)
         try:
             with pipeline_errors():  # a shard check failing inside tf.data: one line naming the shard

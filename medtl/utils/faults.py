@@ -83,7 +83,10 @@ def corrupt_inputs(ds, rank: int, first_step: int):
             bad = tf.logical_or(bad, tf.equal(step, s))
         for s in nan_from:
             bad = tf.logical_or(bad, step >= s)
-        image = tf.where(bad, tf.fill(tf.shape(batch[0]), float("nan")), batch[0])
+        image = batch[0]
+        if not image.dtype.is_floating:  # stored pixels of a device-step stream: as float32 in [0, 255]
+            image = tf.cast(image, tf.float32) * (255.0 / image.dtype.max)
+        image = tf.where(bad, tf.fill(tf.shape(image), float("nan")), image)
         return (image,) + tuple(batch[1:])
 
     return ds.enumerate().map(inject_fn)

@@ -1,0 +1,217 @@
+"""The augmentation policy as batched TensorFlow ops, for `data.augment_on: device`: the training step runs
+it on the accelerator, so the input pipeline's CPU cores only read, parse and batch (docs/training.md,
+Augmentation on the device).
+
+Each transform reads its arguments from albumentations' own object for the policy entry (so the ranges are
+albumentations' after its validation and normalisation) and draws its values per image from stateless
+random ops seeded by (seed, step): a step's augmentation does not depend on which device or thread runs it.
+Images are (batch, size, size, 1) float32 in [0, 255]; each transform ends clipped to [0, 255], like
+albumentations' uint8 arithmetic (without its rounding to integers).
+
+Supported: HorizontalFlip, Affine (rotate, scale, translate_percent, keep_ratio; bilinear, constant 0
+border, as albumentations' defaults), RandomBrightnessContrast, RandomGamma, GaussNoise and CLAHE (OpenCV's
+algorithm: tile histograms clipped and redistributed, lookup tables interpolated bilinearly between tile
+centres). Other transforms, or other arguments, are refused when the config is loaded (check_device_policy).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+from medtl.data.policy import TransformLike, instantiate
+
+# Transform -> the config arguments the device implementation honours (p everywhere).
+SUPPORTED: dict[str, frozenset[str]] = {
+    "HorizontalFlip": frozenset({"p"}),
+    "Affine": frozenset({"rotate", "scale", "translate_percent", "keep_ratio", "p"}),
+    "RandomBrightnessContrast": frozenset({"brightness_limit", "contrast_limit", "brightness_by_max", "p"}),
+    "RandomGamma": frozenset({"gamma_limit", "p"}),
+    "GaussNoise": frozenset({"std_range", "mean_range", "p"}),
+    "CLAHE": frozenset({"clip_limit", "tile_grid_size", "p"}),
+}
+
+
+def check_device_policy(policy: Sequence[TransformLike]) -> list[tuple[str, str]]:
+    """(key, message) for each transform or argument data.augment_on: device cannot run."""
+    problems = []
+    for i, t in enumerate(policy):
+        if t.name not in SUPPORTED:
+            problems.append((f"augment.{i}", f"{t.name} has no device implementation (data.augment_on: device runs "
+                                             f"{', '.join(SUPPORTED)}); remove it or use data.augment_on: cpu"))
+            continue
+        extra = sorted(set(t.kwargs()) - SUPPORTED[t.name])
+        if extra:
+            problems.append((f"augment.{i}", f"{t.name}: argument(s) {', '.join(extra)} not supported on the device "
+                                             f"(it takes {', '.join(sorted(SUPPORTED[t.name]))}); remove them or use "
+                                             "data.augment_on: cpu"))
+    return problems
+
+
+def _uniform(seed, shape, low, high):
+    from medtl.tf import tf
+
+    return tf.random.stateless_uniform(shape, seed, minval=float(low), maxval=float(high), dtype=tf.float32)
+
+
+def _applied(seed, batch, p: float):
+    """(batch, 1, 1, 1) bool: which images the transform applies to."""
+    from medtl.tf import tf
+
+    return tf.reshape(tf.random.stateless_uniform([batch], seed) < float(p), (-1, 1, 1, 1))
+
+
+def _flip(images, seed, batch, t):
+    from medtl.tf import tf
+
+    return tf.where(_applied(seed, batch, t.p), tf.reverse(images, axis=[2]), images)
+
+
+def _affine(images, seed, batch, t):
+    """Forward map: translate . centre . rotate . scale . uncentre; ImageProjectiveTransformV3 takes its inverse
+    (output pixel -> input pixel)."""
+    from medtl.tf import tf
+
+    height, width = int(images.shape[1]), int(images.shape[2])
+    s = tf.random.experimental.stateless_split(seed, 6)
+    angle = _uniform(s[0], [batch], *t.rotate) * (math.pi / 180.0)
+    sx = _uniform(s[1], [batch], *t.scale["x"])
+    sy = sx if t.keep_ratio else _uniform(s[2], [batch], *t.scale["y"])
+    tx = _uniform(s[3], [batch], *t.translate_percent["x"]) * width
+    ty = _uniform(s[4], [batch], *t.translate_percent["y"]) * height
+    cx, cy = (width - 1) / 2.0, (height - 1) / 2.0
+    cos, sin = tf.cos(angle), tf.sin(angle)
+    # Forward linear part A = R(angle) S(sx, sy), albumentations' rotation matrix [[cos, sin], [-sin, cos]];
+    # offset b = c + t - A c.
+    a00, a01, a10, a11 = cos * sx, sin * sy, -sin * sx, cos * sy
+    b0 = cx + tx - (a00 * cx + a01 * cy)
+    b1 = cy + ty - (a10 * cx + a11 * cy)
+    det = a00 * a11 - a01 * a10
+    i00, i01, i10, i11 = a11 / det, -a01 / det, -a10 / det, a00 / det
+    j0, j1 = -(i00 * b0 + i01 * b1), -(i10 * b0 + i11 * b1)
+    zeros = tf.zeros_like(angle)
+    transforms = tf.stack([i00, i01, j0, i10, i11, j1, zeros, zeros], axis=1)
+    warped = tf.raw_ops.ImageProjectiveTransformV3(images=images, transforms=transforms,
+                                                    output_shape=tf.constant([height, width], tf.int32),
+                                                    fill_value=tf.constant(0.0), interpolation="BILINEAR",
+                                                    fill_mode="CONSTANT")
+    return tf.where(_applied(s[5], batch, t.p), tf.clip_by_value(warped, 0.0, 255.0), images)
+
+
+def _brightness_contrast(images, seed, batch, t):
+    from medtl.tf import tf
+
+    s = tf.random.experimental.stateless_split(seed, 3)
+    alpha = tf.reshape(1.0 + _uniform(s[0], [batch], *t.contrast_limit), (-1, 1, 1, 1))
+    beta = tf.reshape(_uniform(s[1], [batch], *t.brightness_limit), (-1, 1, 1, 1))
+    offset = beta * 255.0 if t.brightness_by_max else beta * tf.reduce_mean(images, axis=[1, 2, 3], keepdims=True)
+    out = tf.clip_by_value(images * alpha + offset, 0.0, 255.0)
+    return tf.where(_applied(s[2], batch, t.p), out, images)
+
+
+def _gamma(images, seed, batch, t):
+    from medtl.tf import tf
+
+    s = tf.random.experimental.stateless_split(seed, 2)
+    low, high = t.gamma_limit
+    gamma = tf.reshape(_uniform(s[0], [batch], low / 100.0, high / 100.0), (-1, 1, 1, 1))
+    out = 255.0 * tf.pow(images / 255.0, gamma)
+    return tf.where(_applied(s[1], batch, t.p), out, images)
+
+
+def _noise(images, seed, batch, t):
+    from medtl.tf import tf
+
+    s = tf.random.experimental.stateless_split(seed, 4)
+    std = tf.reshape(_uniform(s[0], [batch], *t.std_range) * 255.0, (-1, 1, 1, 1))
+    mean = tf.reshape(_uniform(s[1], [batch], *t.mean_range) * 255.0, (-1, 1, 1, 1))
+    noise = tf.random.stateless_normal(tf.shape(images), s[2]) * std + mean
+    out = tf.clip_by_value(images + noise, 0.0, 255.0)
+    return tf.where(_applied(s[3], batch, t.p), out, images)
+
+
+def clahe(images, clip_limits, tile_grid_size: tuple[int, int]):
+    """OpenCV's CLAHE on (batch, h, w, 1) float32 [0, 255] images (rounded to 8-bit levels for the
+    histograms, as OpenCV's 8-bit CLAHE sees them), one clip limit per image: (batch, h, w, 1) float32."""
+    from medtl.tf import tf
+
+    batch = tf.shape(images)[0]
+    height, width = int(images.shape[1]), int(images.shape[2])
+    tiles_y, tiles_x = int(tile_grid_size[1]), int(tile_grid_size[0])
+    rounded = tf.clip_by_value(tf.round(images[..., 0]), 0.0, 255.0)  # (b, h, w) 8-bit levels as float32
+    levels = tf.cast(rounded, tf.int32)
+    pad_y, pad_x = (-height) % tiles_y, (-width) % tiles_x
+    padded = tf.pad(rounded, [[0, 0], [0, pad_y], [0, pad_x]], mode="REFLECT") if pad_y or pad_x else rounded
+    tile_h, tile_w = (height + pad_y) // tiles_y, (width + pad_x) // tiles_x
+    area = tile_h * tile_w
+    # Histograms of every tile of every image: bincount of (tile index * 256 + level). The tiles are cut
+    # in float32: oneDNN's int32 transpose needs AVX-512 and logs an error line on other CPUs.
+    tiled = tf.reshape(padded, (batch, tiles_y, tile_h, tiles_x, tile_w))
+    tiled = tf.cast(tf.reshape(tf.transpose(tiled, (0, 1, 3, 2, 4)), (batch * tiles_y * tiles_x, area)), tf.int32)
+    tile_ids = tf.range(batch * tiles_y * tiles_x)[:, None] * 256
+    hist = tf.math.bincount(tf.reshape(tiled + tile_ids, [-1]), minlength=batch * tiles_y * tiles_x * 256,
+                            maxlength=batch * tiles_y * tiles_x * 256)
+    hist = tf.reshape(hist, (batch, tiles_y * tiles_x, 256))
+    # OpenCV: clip = max(int(clipLimit * area / 256), 1); the excess is spread evenly, the remainder one
+    # count at a time every 256 / remainder bins.
+    clip = tf.maximum(tf.cast(clip_limits * area / 256.0, tf.int32), 1)[:, None, None]
+    excess = tf.reduce_sum(tf.maximum(hist - clip, 0), axis=-1, keepdims=True)
+    hist = tf.minimum(hist, clip) + excess // 256
+    residual = excess % 256
+    step = tf.maximum(256 // tf.maximum(residual, 1), 1)
+    bins = tf.range(256)[None, None, :]
+    hist += tf.cast(tf.logical_and(bins % step == 0, bins // step < residual), tf.int32)
+    lut = tf.cast(tf.cumsum(hist, axis=-1), tf.float32) * (255.0 / area)
+    lut = tf.clip_by_value(tf.round(lut), 0.0, 255.0)  # (b, tiles, 256): OpenCV's saturate_cast<uchar>
+    lut = tf.reshape(lut, (batch, tiles_y, tiles_x, 256))
+    # Each pixel: the four nearest tiles' mappings, weighted bilinearly by the distance to their centres.
+    ty = tf.range(height, dtype=tf.float32) / tile_h - 0.5
+    tx = tf.range(width, dtype=tf.float32) / tile_w - 0.5
+    y1, x1 = tf.floor(ty), tf.floor(tx)
+    wy, wx = ty - y1, tx - x1
+    y1, x1 = tf.cast(y1, tf.int32), tf.cast(x1, tf.int32)
+    y2, x2 = tf.minimum(y1 + 1, tiles_y - 1), tf.minimum(x1 + 1, tiles_x - 1)
+    y1, x1 = tf.maximum(y1, 0), tf.maximum(x1, 0)
+
+    def mapped(rows, cols):
+        index = (rows[:, None] * tiles_x + cols[None, :]) * 256  # (h, w)
+        flat = tf.reshape(lut, (batch, tiles_y * tiles_x * 256))
+        return tf.gather(flat, index[None] + levels, batch_dims=1)
+
+    top = mapped(y1, x1) * (1.0 - wx)[None, None, :] + mapped(y1, x2) * wx[None, None, :]
+    bottom = mapped(y2, x1) * (1.0 - wx)[None, None, :] + mapped(y2, x2) * wx[None, None, :]
+    out = top * (1.0 - wy)[None, :, None] + bottom * wy[None, :, None]
+    return tf.round(out)[..., None]
+
+
+def _clahe(images, seed, batch, t):
+    from medtl.tf import tf
+
+    s = tf.random.experimental.stateless_split(seed, 2)
+    applied = _applied(s[1], batch, t.p)
+    limits = _uniform(s[0], [batch], *t.clip_limit)
+    return tf.where(applied, clahe(images, limits, t.tile_grid_size), images)
+
+
+_APPLY: dict[str, Callable] = {"HorizontalFlip": _flip, "Affine": _affine,
+                               "RandomBrightnessContrast": _brightness_contrast, "RandomGamma": _gamma,
+                               "GaussNoise": _noise, "CLAHE": _clahe}
+
+
+def build_device_augment(policy: Sequence[TransformLike], seed: int) -> Callable:
+    """augment(images (b, h, w, 1) float32 in [0, 255], step int64) -> augmented images: the policy's transforms
+    in order, image by image applied with their p, seeded by (seed, step)."""
+    from medtl.tf import tf
+
+    transforms: list[tuple[str, Any]] = [(t.name, instantiate(t)) for t in policy]
+    base = tf.constant([int(seed) % (1 << 31), 0], tf.int64)
+
+    def augment(images, step):
+        batch = tf.shape(images)[0]
+        seeds = tf.random.experimental.stateless_split(base + tf.stack([tf.constant(0, tf.int64),
+                                                                        tf.cast(step, tf.int64)]),
+                                                       max(len(transforms), 1))
+        for index, (name, t) in enumerate(transforms):
+            images = _APPLY[name](images, seeds[index], batch, t)
+        return images
+
+    return augment
