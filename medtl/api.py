@@ -205,14 +205,19 @@ def ingest_finalize(options: IngestOptions, num_workers: int) -> IngestResult:
     return _ingest_result(options.out, ingest_module.finalize(options, num_workers))
 
 
-def _log_devices(precision: str) -> None:
+def _log_devices(precision: str, augment_on: str = "cpu", augment: bool = False) -> None:
     from medtl.env import devices_in_use
 
     devices = devices_in_use()
     log(f"train: devices in use: {', '.join(devices)}")
-    if precision == "mixed_float16" and not any(d.startswith("GPU") for d in devices):
+    gpu = any(d.startswith("GPU") for d in devices)
+    if precision == "mixed_float16" and not gpu:
         warning("train.precision is mixed_float16 but no GPU is visible; float16 runs slower than float32 "
                 "on a CPU (set train.precision=float32)")
+    if augment_on == "device" and augment and not gpu:
+        warning("data.augment_on is device but no GPU is visible: the augmentation policy runs on the CPU in the "
+                "training step, many times slower than albumentations in the input pipeline "
+                "(docs/benchmarks.md); set data.augment_on=cpu on machines without a GPU")
 
 
 def train(config: ConfigLike, workdir: str, overrides: typing.Sequence[str] = (),
@@ -226,7 +231,7 @@ def train(config: ConfigLike, workdir: str, overrides: typing.Sequence[str] = ()
 
     ctx = dist.init(cfg.train.stall_shutdown_seconds)  # first, so that only rank 0 logs and keeps the log copy
     with copy_to_run_folder(workdir) as log_path:
-        _log_devices(cfg.train.precision)
+        _log_devices(cfg.train.precision, cfg.data.augment_on, bool(cfg.data.augment))
         summary = train_phases(cfg, workdir, until_phase=until_phase)
     return TrainResult(workdir=workdir, best_val_auroc=summary["best_val_auroc"], epochs=summary["epochs"],
                        ranks=ctx.size, stopped_after_phase=summary.get("stopped_after_phase"),

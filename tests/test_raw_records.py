@@ -113,6 +113,42 @@ def test_raw_records_train_evaluate_and_export_taking_png_and_jpeg(raw_records, 
     np.testing.assert_allclose(from_jpeg, from_png, atol=0.02)  # 8-bit, lossy: close, not equal
 
 
+@pytest.mark.slow
+def test_augmentation_on_the_device_trains_what_the_cpu_stream_does(raw_records, tmp_path):
+    """data.augment_on: device moves the scaling, the policy and the channels into the training step. Without
+    a policy, and deterministic, it trains to the same weights as the CPU stream (the same pixels reach the
+    model); with the default policy (Affine, brightness/contrast, gamma, CLAHE, noise) the weights differ, and
+    the run evaluates like any other."""
+    def train(name, *sets):
+        run = tmp_path / name
+        r = run_cli("train", "--config", TINY, "--workdir", run, "--set", f"data.records={raw_records}",
+                    "--set", "phases.0.epochs=1", "--set", "data.deterministic=true", *sets, "--until-phase", "head")
+        assert r.returncode == 0, r.stderr[-3000:]
+        with open(run / "train_summary.json") as fh:
+            return run, r.stderr, json.load(fh)["weights_fingerprint"]["head"]
+
+    _, cpu_log, cpu = train("cpu", "--set", "data.augment=[]")
+    assert "augmentation on the device" not in cpu_log
+    _, plain_log, plain = train("device-plain", "--set", "data.augment=[]", "--set", "data.augment_on=device")
+    assert plain == cpu
+    assert "train: data.augment_on: device: the training step scales the stored pixels and makes 3 channels " \
+           "(no augmentation policy)" in plain_log
+    config = tmp_path / "default-policy.yaml"
+    config.write_text("\n".join(line for line in open(TINY).read().splitlines()
+                                if not line.startswith(("  augment:", "    - Affine"))))
+    # With XLA on: the step's forward/backward pass is compiled, the augmentation (no XLA kernel for its
+    # ImageProjectiveTransformV3) runs outside it.
+    run, log, augmented = train("device", "--config", config, "--set", "data.augment_on=device",
+                                "--set", "train.jit_compile=true")
+    assert augmented != plain
+    assert "data.augment_on is device but no GPU is visible" in log and "no GPU is visible" not in plain_log
+    assert "train: data.augment_on: device: the training step scales the stored pixels, applies Affine, " \
+           "RandomBrightnessContrast, RandomGamma, CLAHE, GaussNoise and makes 3 channels" in log
+    r = run_cli("evaluate", "--workdir", run, "--split", "test", "--out", tmp_path / "report",
+                "--set", "evaluate.bootstrap=0")
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
 def _damage_first_record(folder: str, cut: int) -> str:
     """Cut `cut` bytes off the image of the first record of the first train shard and rewrite the shard,
     with its size and SHA-256 updated in manifest.json (so only the record check can find it)."""

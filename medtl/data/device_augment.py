@@ -76,8 +76,9 @@ def _affine(images, seed, batch, t):
     angle = _uniform(s[0], [batch], *t.rotate) * (math.pi / 180.0)
     sx = _uniform(s[1], [batch], *t.scale["x"])
     sy = sx if t.keep_ratio else _uniform(s[2], [batch], *t.scale["y"])
-    tx = _uniform(s[3], [batch], *t.translate_percent["x"]) * width
-    ty = _uniform(s[4], [batch], *t.translate_percent["y"]) * height
+    shift = t.translate_percent or {"x": (0.0, 0.0), "y": (0.0, 0.0)}  # None: not given, no translation
+    tx = _uniform(s[3], [batch], *shift["x"]) * width
+    ty = _uniform(s[4], [batch], *shift["y"]) * height
     cx, cy = (width - 1) / 2.0, (height - 1) / 2.0
     cos, sin = tf.cos(angle), tf.sin(angle)
     # Forward linear part A = R(angle) S(sx, sy), albumentations' rotation matrix [[cos, sin], [-sin, cos]];
@@ -129,9 +130,26 @@ def _noise(images, seed, batch, t):
     return tf.where(_applied(s[3], batch, t.p), out, images)
 
 
-def clahe(images, clip_limits, tile_grid_size: tuple[int, int]):
+def tile_histograms(tiles, deterministic: bool):
+    """(n, pixels) float32 levels in 0..255 -> (n, 256) int32 counts. bincount (of tile index * 256 + level) is
+    the fast way, but TensorFlow refuses it on a GPU under op determinism (data.deterministic); then the
+    counts come from where each level starts in each tile's sorted levels."""
+    from medtl.tf import tf
+
+    n = tf.shape(tiles)[0]
+    if deterministic:
+        ordered = tf.cast(tf.sort(tiles, axis=-1), tf.int32)
+        starts = tf.searchsorted(ordered, tf.tile(tf.range(257)[None], [n, 1]), side="left")
+        return starts[:, 1:] - starts[:, :-1]
+    ids = tf.cast(tiles, tf.int32) + tf.range(n)[:, None] * 256
+    counts = tf.math.bincount(tf.reshape(ids, [-1]), minlength=n * 256, maxlength=n * 256)
+    return tf.reshape(counts, (n, 256))
+
+
+def clahe(images, clip_limits, tile_grid_size: tuple[int, int], deterministic: bool = False):
     """OpenCV's CLAHE on (batch, h, w, 1) float32 [0, 255] images (rounded to 8-bit levels for the
-    histograms, as OpenCV's 8-bit CLAHE sees them), one clip limit per image: (batch, h, w, 1) float32."""
+    histograms, as OpenCV's 8-bit CLAHE sees them), one clip limit per image: (batch, h, w, 1) float32.
+    `deterministic` (TensorFlow's op determinism is on) counts the histograms without bincount."""
     from medtl.tf import tf
 
     batch = tf.shape(images)[0]
@@ -143,14 +161,10 @@ def clahe(images, clip_limits, tile_grid_size: tuple[int, int]):
     padded = tf.pad(rounded, [[0, 0], [0, pad_y], [0, pad_x]], mode="REFLECT") if pad_y or pad_x else rounded
     tile_h, tile_w = (height + pad_y) // tiles_y, (width + pad_x) // tiles_x
     area = tile_h * tile_w
-    # Histograms of every tile of every image: bincount of (tile index * 256 + level). The tiles are cut
-    # in float32: oneDNN's int32 transpose needs AVX-512 and logs an error line on other CPUs.
+    # The tiles are cut in float32: oneDNN's int32 transpose needs AVX-512 and logs an error line on other CPUs.
     tiled = tf.reshape(padded, (batch, tiles_y, tile_h, tiles_x, tile_w))
-    tiled = tf.cast(tf.reshape(tf.transpose(tiled, (0, 1, 3, 2, 4)), (batch * tiles_y * tiles_x, area)), tf.int32)
-    tile_ids = tf.range(batch * tiles_y * tiles_x)[:, None] * 256
-    hist = tf.math.bincount(tf.reshape(tiled + tile_ids, [-1]), minlength=batch * tiles_y * tiles_x * 256,
-                            maxlength=batch * tiles_y * tiles_x * 256)
-    hist = tf.reshape(hist, (batch, tiles_y * tiles_x, 256))
+    tiled = tf.reshape(tf.transpose(tiled, (0, 1, 3, 2, 4)), (batch * tiles_y * tiles_x, area))
+    hist = tf.reshape(tile_histograms(tiled, deterministic), (batch, tiles_y * tiles_x, 256))
     # OpenCV: clip = max(int(clipLimit * area / 256), 1); the excess is spread evenly, the remainder one
     # count at a time every 256 / remainder bins.
     clip = tf.maximum(tf.cast(clip_limits * area / 256.0, tf.int32), 1)[:, None, None]
@@ -183,23 +197,24 @@ def clahe(images, clip_limits, tile_grid_size: tuple[int, int]):
     return tf.round(out)[..., None]
 
 
-def _clahe(images, seed, batch, t):
+def _clahe(images, seed, batch, t, deterministic: bool):
     from medtl.tf import tf
 
     s = tf.random.experimental.stateless_split(seed, 2)
     applied = _applied(s[1], batch, t.p)
     limits = _uniform(s[0], [batch], *t.clip_limit)
-    return tf.where(applied, clahe(images, limits, t.tile_grid_size), images)
+    return tf.where(applied, clahe(images, limits, t.tile_grid_size, deterministic), images)
 
 
 _APPLY: dict[str, Callable] = {"HorizontalFlip": _flip, "Affine": _affine,
                                "RandomBrightnessContrast": _brightness_contrast, "RandomGamma": _gamma,
-                               "GaussNoise": _noise, "CLAHE": _clahe}
+                               "GaussNoise": _noise, "CLAHE": _clahe}  # CLAHE also takes `deterministic`
 
 
-def build_device_augment(policy: Sequence[TransformLike], seed: int) -> Callable:
+def build_device_augment(policy: Sequence[TransformLike], seed: int, deterministic: bool = False) -> Callable:
     """augment(images (b, h, w, 1) float32 in [0, 255], step int64) -> augmented images: the policy's transforms
-    in order, image by image applied with their p, seeded by (seed, step)."""
+    in order, image by image applied with their p, seeded by (seed, step). `deterministic`: only ops TensorFlow
+    runs deterministically on a GPU under op determinism (data.deterministic)."""
     from medtl.tf import tf
 
     transforms: list[tuple[str, Any]] = [(t.name, instantiate(t)) for t in policy]
@@ -211,7 +226,10 @@ def build_device_augment(policy: Sequence[TransformLike], seed: int) -> Callable
                                                                         tf.cast(step, tf.int64)]),
                                                        max(len(transforms), 1))
         for index, (name, t) in enumerate(transforms):
-            images = _APPLY[name](images, seeds[index], batch, t)
+            if name == "CLAHE":
+                images = _clahe(images, seeds[index], batch, t, deterministic)
+            else:
+                images = _APPLY[name](images, seeds[index], batch, t)
         return images
 
     return augment

@@ -469,7 +469,8 @@ def build_step_inputs_fn(cfg: Config, rank: int, first_epoch: int):
     step, and turned into the model's channels. It runs where the step runs: on the GPU when there is one."""
     from medtl.data.device_augment import build_device_augment
 
-    augment = build_device_augment(cfg.data.augment, _seed(cfg.seed, rank, first_epoch)) if cfg.data.augment else None
+    augment = (build_device_augment(cfg.data.augment, _seed(cfg.seed, rank, first_epoch), cfg.data.deterministic)
+               if cfg.data.augment else None)
     channels = cfg.data.channels
 
     def step_inputs_fn(images, step):

@@ -173,6 +173,11 @@ def train(cfg: Config, workdir: str, until_phase: str | None = None) -> dict:
         f"{steps} steps per epoch, {cfg.model.backbone} at {cfg.data.image_size} px, {cfg.train.precision}, "
         f"loss {cfg.train.loss.name}")
     log(f"train: head {describe_head(model, cfg.model.head)}")
+    if device_step(cfg):
+        applies = f", applies {', '.join(t.name for t in cfg.data.augment)}" if cfg.data.augment else ""
+        channels = f"makes {cfg.data.channels} channel{'s' if cfg.data.channels > 1 else ''}"
+        log(f"train: data.augment_on: device: the training step scales the stored pixels{applies} and {channels}"
+            + ("" if cfg.data.augment else " (no augmentation policy)"))
     if state.epochs_done:
         log(f"train: resuming {workdir} after epoch {state.epochs_done} (phase {state.phase_index + 1}, "
             f"checkpoint {state.checkpoint}, written by {state.ranks} rank(s))")
@@ -215,10 +220,13 @@ def _run_phases(ctx, cfg, run: RunDir, manifest, state, model, loss, steps, sign
             _restore_previous_best(ctx, model, run, cfg, index)
         trainable = apply_phase(model, cfg, phase)
         learning_rate = phase.learning_rate * dist.lr_scale(ctx, cfg.train.lr_scaling)
+        # XLA for the whole step, or only for its forward/backward pass when the step also holds what XLA cannot
+        # compile: Horovod's allreduce, or the device augmentation's ImageProjectiveTransformV3.
+        xla_outside = ctx.distributed or device_step(cfg)
         model.compile(optimizer=build_optimizer(phase, learning_rate, steps), loss=loss,
-                      jit_compile=cfg.train.jit_compile and not ctx.distributed)
+                      jit_compile=cfg.train.jit_compile and not xla_outside)
         model.reduce_gradients = dist.gradient_reducer(ctx, cfg.train.fp16_allreduce)
-        model.jit_gradients = cfg.train.jit_compile and ctx.distributed
+        model.jit_gradients = cfg.train.jit_compile and xla_outside
         model._xla_gradients = None  # retrace for this phase's trainable variables
         model.optimizer.build(model.trainable_variables)
         if done_in_phase and ctx.primary:
