@@ -36,14 +36,17 @@ def test_bench_synthesises_its_source_and_measures_every_stage(tmp_path):
     # data.augment_on: device: the input pipeline's part, against the read limit and the CPU pipeline without
     # augmentation, and the training step's part measured on this CPU.
     assert re.search(r"^\(c-dev\)/\(a-raw\) = .* goal >= 0.5: ", r.stdout, re.M)
-    assert re.search(r"^\(c-dev\)/\(b-raw\) = .* goal >= 0.9: ", r.stdout, re.M)
+    # Its augmentation is not in the input pipeline at all: against (b-raw) it is for reference, not a goal.
+    assert re.search(r"^\(c-dev\)/\(b-raw\) = .* \(for reference\)$", r.stdout, re.M)
     step = re.search(r"run here on this CPU it costs ([\d.]+) ms per image with the policy, ([\d.]+) ms without",
                      r.stdout)
     assert step and float(step.group(1)) > float(step.group(2)) > 0, r.stdout
     for encoding, stage, goal in (("png", "c", "goal <= 4: "), ("raw", "c-raw", "goal <= 1.5: "),
                                   (r"raw, augmentation on the device", "c-dev", "goal <= 1.5: ")):
+        caveat = r" \(if the GPU keeps that rate with the augmentation on it: not measured here\)" if stage == "c-dev" \
+            else ""
         assert re.search(rf"^{encoding}: one 470 img/s GPU \(A100\) needs 470 / [\d.]+ = [\d.]+ cores at \({stage}\)"
-                         rf"\s+{goal}", r.stdout, re.M), r.stdout
+                         rf"{caveat}\s+{goal}", r.stdout, re.M), r.stdout
         assert re.search(rf"^{encoding}: one 1000 img/s GPU \(H100 class\) needs", r.stdout, re.M)
     # Pixels decoded per pixel used: (64 / 48)^2 for the png shards; none for raw ones at the input size.
     assert "png: 64 px stored for a 48 px input: 1.78 decoded, 1.78 read per pixel used" in r.stdout

@@ -71,6 +71,16 @@ def test_clahe_is_opencvs_on_a_size_the_tiles_do_not_divide():
         assert diff.max() <= 1 and diff.mean() < 0.01
 
 
+def test_clahe_pads_like_opencv_when_only_one_side_needs_it():
+    """A 4 x 8 grid on 100 px: 100 is a multiple of 4, not of 8, and OpenCV pads both sides by a remainder tile."""
+    import cv2
+
+    image = np.random.default_rng(4).integers(40, 200, (1, 100, 100, 1), dtype=np.uint8)
+    want = cv2.createCLAHE(clipLimit=2.5, tileGridSize=(4, 8)).apply(image[0, ..., 0])
+    got = clahe(tf.constant(image, tf.float32), tf.constant([2.5]), (4, 8)).numpy()[0, ..., 0]
+    assert np.abs(got - want).max() <= 1 and np.abs(got - want).mean() < 0.01
+
+
 def test_probabilities_noise_and_seeding():
     grey = np.full((400, 16, 16, 1), 128.0, np.float32)
     brighten = [_t("RandomBrightnessContrast", brightness_limit=(0.2, 0.2), contrast_limit=(0, 0), p=0.3)]

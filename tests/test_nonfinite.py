@@ -59,3 +59,30 @@ def test_an_infinite_input_value_is_enough():
     images = np.random.default_rng(1).uniform(0, 255, (4, 16, 16, 3)).astype(np.float32)
     images[2, 5, 5, 1] = np.inf
     assert _fit_one_batch(model, images) == (1, False)
+
+
+def test_a_nan_batch_is_skipped_when_the_device_step_prepares_the_inputs():
+    """data.augment_on: device: the check looks at the stream's batch before the step's preparation, which
+    may make a NaN image finite (here a map that zeroes non-finite pixels); the real policy with CLAHE on every
+    image neither fails on NaN pixels nor hides them."""
+    from medtl.config import Transform
+    from medtl.data.device_augment import build_device_augment
+
+    gray = np.random.default_rng(2).uniform(0, 255, (4, 16, 16, 1)).astype(np.float32)
+    gray[1, 3, 3, 0] = np.nan
+    hiding = _conv_bn_relu_classifier()
+    hiding.compile(optimizer=tf.keras.optimizers.SGD(0.1), loss=tf.keras.losses.BinaryCrossentropy(True))
+    hiding.prepare_inputs = lambda x, step: tf.image.grayscale_to_rgb(tf.where(tf.math.is_finite(x), x, 0.0))
+    assert _fit_one_batch(hiding, gray) == (1, False)
+
+    policy = (Transform("CLAHE", (("clip_limit", (2, 2)), ("tile_grid_size", (4, 4)), ("p", 1.0))),
+              Transform("Affine", (("rotate", (-5, 5)), ("p", 1.0))))
+    augment = build_device_augment(policy, 0)
+    out = augment(tf.constant(gray), tf.constant(0, tf.int64)).numpy()
+    assert np.isnan(out[1]).any() and np.isfinite(np.delete(out, 1, axis=0)).all()
+    real = _conv_bn_relu_classifier()
+    real.compile(optimizer=tf.keras.optimizers.SGD(0.1), loss=tf.keras.losses.BinaryCrossentropy(True))
+    real.prepare_inputs = lambda x, step: tf.image.grayscale_to_rgb(augment(x, step))
+    assert _fit_one_batch(real, gray) == (1, False)
+    gray[1, 3, 3, 0] = 7.0
+    assert _fit_one_batch(real, gray) == (1, True)  # a finite batch is applied (the count stays 1)

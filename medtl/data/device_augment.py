@@ -20,6 +20,8 @@ from typing import Any, Callable, Sequence
 
 from medtl.data.policy import TransformLike, instantiate
 
+# One random algorithm on every device (auto_select may differ under XLA or on another device).
+ALG = "philox"
 # Transform -> the config arguments the device implementation honours (p everywhere).
 SUPPORTED: dict[str, frozenset[str]] = {
     "HorizontalFlip": frozenset({"p"}),
@@ -50,14 +52,14 @@ def check_device_policy(policy: Sequence[TransformLike]) -> list[tuple[str, str]
 def _uniform(seed, shape, low, high):
     from medtl.tf import tf
 
-    return tf.random.stateless_uniform(shape, seed, minval=float(low), maxval=float(high), dtype=tf.float32)
+    return tf.random.stateless_uniform(shape, seed, minval=float(low), maxval=float(high), dtype=tf.float32, alg=ALG)
 
 
 def _applied(seed, batch, p: float):
     """(batch, 1, 1, 1) bool: which images the transform applies to."""
     from medtl.tf import tf
 
-    return tf.reshape(tf.random.stateless_uniform([batch], seed) < float(p), (-1, 1, 1, 1))
+    return tf.reshape(tf.random.stateless_uniform([batch], seed, alg=ALG) < float(p), (-1, 1, 1, 1))
 
 
 def _flip(images, seed, batch, t):
@@ -72,7 +74,7 @@ def _affine(images, seed, batch, t):
     from medtl.tf import tf
 
     height, width = int(images.shape[1]), int(images.shape[2])
-    s = tf.random.experimental.stateless_split(seed, 6)
+    s = tf.random.experimental.stateless_split(seed, 6, alg=ALG)
     angle = _uniform(s[0], [batch], *t.rotate) * (math.pi / 180.0)
     sx = _uniform(s[1], [batch], *t.scale["x"])
     sy = sx if t.keep_ratio else _uniform(s[2], [batch], *t.scale["y"])
@@ -101,7 +103,7 @@ def _affine(images, seed, batch, t):
 def _brightness_contrast(images, seed, batch, t):
     from medtl.tf import tf
 
-    s = tf.random.experimental.stateless_split(seed, 3)
+    s = tf.random.experimental.stateless_split(seed, 3, alg=ALG)
     alpha = tf.reshape(1.0 + _uniform(s[0], [batch], *t.contrast_limit), (-1, 1, 1, 1))
     beta = tf.reshape(_uniform(s[1], [batch], *t.brightness_limit), (-1, 1, 1, 1))
     offset = beta * 255.0 if t.brightness_by_max else beta * tf.reduce_mean(images, axis=[1, 2, 3], keepdims=True)
@@ -112,7 +114,7 @@ def _brightness_contrast(images, seed, batch, t):
 def _gamma(images, seed, batch, t):
     from medtl.tf import tf
 
-    s = tf.random.experimental.stateless_split(seed, 2)
+    s = tf.random.experimental.stateless_split(seed, 2, alg=ALG)
     low, high = t.gamma_limit
     gamma = tf.reshape(_uniform(s[0], [batch], low / 100.0, high / 100.0), (-1, 1, 1, 1))
     out = 255.0 * tf.pow(images / 255.0, gamma)
@@ -122,10 +124,10 @@ def _gamma(images, seed, batch, t):
 def _noise(images, seed, batch, t):
     from medtl.tf import tf
 
-    s = tf.random.experimental.stateless_split(seed, 4)
+    s = tf.random.experimental.stateless_split(seed, 4, alg=ALG)
     std = tf.reshape(_uniform(s[0], [batch], *t.std_range) * 255.0, (-1, 1, 1, 1))
     mean = tf.reshape(_uniform(s[1], [batch], *t.mean_range) * 255.0, (-1, 1, 1, 1))
-    noise = tf.random.stateless_normal(tf.shape(images), s[2]) * std + mean
+    noise = tf.random.stateless_normal(tf.shape(images), s[2], alg=ALG) * std + mean
     out = tf.clip_by_value(images + noise, 0.0, 255.0)
     return tf.where(_applied(s[3], batch, t.p), out, images)
 
@@ -155,10 +157,15 @@ def clahe(images, clip_limits, tile_grid_size: tuple[int, int], deterministic: b
     batch = tf.shape(images)[0]
     height, width = int(images.shape[1]), int(images.shape[2])
     tiles_y, tiles_x = int(tile_grid_size[1]), int(tile_grid_size[0])
-    rounded = tf.clip_by_value(tf.round(images[..., 0]), 0.0, 255.0)  # (b, h, w) 8-bit levels as float32
+    finite = tf.math.is_finite(images)
+    # (b, h, w) 8-bit levels as float32; a non-finite pixel counts as 0 here and is given back unchanged at the
+    # end, so that the training step's check still sees it (and no NaN becomes an index).
+    rounded = tf.clip_by_value(tf.round(tf.where(finite, images, 0.0)[..., 0]), 0.0, 255.0)
     levels = tf.cast(rounded, tf.int32)
-    pad_y, pad_x = (-height) % tiles_y, (-width) % tiles_x
-    padded = tf.pad(rounded, [[0, 0], [0, pad_y], [0, pad_x]], mode="REFLECT") if pad_y or pad_x else rounded
+    # OpenCV pads both sides by a whole remainder tile as soon as either side is not a multiple of its tiles.
+    pad = height % tiles_y or width % tiles_x
+    pad_y, pad_x = (tiles_y - height % tiles_y, tiles_x - width % tiles_x) if pad else (0, 0)
+    padded = tf.pad(rounded, [[0, 0], [0, pad_y], [0, pad_x]], mode="REFLECT") if pad else rounded
     tile_h, tile_w = (height + pad_y) // tiles_y, (width + pad_x) // tiles_x
     area = tile_h * tile_w
     # The tiles are cut in float32: oneDNN's int32 transpose needs AVX-512 and logs an error line on other CPUs.
@@ -194,13 +201,13 @@ def clahe(images, clip_limits, tile_grid_size: tuple[int, int], deterministic: b
     top = mapped(y1, x1) * (1.0 - wx)[None, None, :] + mapped(y1, x2) * wx[None, None, :]
     bottom = mapped(y2, x1) * (1.0 - wx)[None, None, :] + mapped(y2, x2) * wx[None, None, :]
     out = top * (1.0 - wy)[None, :, None] + bottom * wy[None, :, None]
-    return tf.round(out)[..., None]
+    return tf.where(finite, tf.round(out)[..., None], images)
 
 
 def _clahe(images, seed, batch, t, deterministic: bool):
     from medtl.tf import tf
 
-    s = tf.random.experimental.stateless_split(seed, 2)
+    s = tf.random.experimental.stateless_split(seed, 2, alg=ALG)
     applied = _applied(s[1], batch, t.p)
     limits = _uniform(s[0], [batch], *t.clip_limit)
     return tf.where(applied, clahe(images, limits, t.tile_grid_size, deterministic), images)
@@ -224,7 +231,7 @@ def build_device_augment(policy: Sequence[TransformLike], seed: int, determinist
         batch = tf.shape(images)[0]
         seeds = tf.random.experimental.stateless_split(base + tf.stack([tf.constant(0, tf.int64),
                                                                         tf.cast(step, tf.int64)]),
-                                                       max(len(transforms), 1))
+                                                       max(len(transforms), 1), alg=ALG)
         for index, (name, t) in enumerate(transforms):
             if name == "CLAHE":
                 images = _clahe(images, seeds[index], batch, t, deterministic)

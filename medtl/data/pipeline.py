@@ -503,7 +503,11 @@ def build_dataset(cfg: Config, split: str, rank: int = 0, num_ranks: int = 1, ma
     deterministic = cfg.data.deterministic or not training
     if with_ids and training:
         raise ValueError("with_ids is for eval streams")
-    ds = build_decoded(cfg, manifest, split, rank, num_ranks, training, augment, first_epoch, with_ids)
+    # 8-bit images through the shuffle buffer when augmenting: what albumentations takes on the CPU, and on the
+    # device a quarter of float32's bytes (raw shards at the input size keep their stored pixels instead).
+    quantise = augment or (on_device and bool(cfg.data.augment)
+                           and not keeps_stored_pixels(manifest, cfg.data.image_size, False))
+    ds = build_decoded(cfg, manifest, split, rank, num_ranks, training, quantise, first_epoch, with_ids)
     if on_device:  # the training step scales, augments and makes the channels (build_step_inputs_fn)
         ds = ds.shuffle(cfg.data.shuffle_buffer, seed=_seed(cfg.seed, rank, first_epoch), reshuffle_each_iteration=True)
         ds = ds.repeat().batch(cfg.train.batch_size, drop_remainder=True)

@@ -52,8 +52,11 @@ class Classifier(tf.keras.Model):
 
     def train_step(self, data):
         x, y, sample_weight = tf.keras.utils.unpack_x_y_sample_weight(data)
+        inputs_finite = _all_finite(tf.nest.flatten(x))  # before any preparation can hide a NaN
         if self.prepare_inputs is not None:
-            x = self.prepare_inputs(x, self.optimizer.iterations)
+            # The step's draws: applied plus skipped steps, which grows by at least one every step (a skipped
+            # step does not move the optimizer's counter; a loss-scale skip moves both).
+            x = self.prepare_inputs(x, self.optimizer.iterations + self.nonfinite_total)
         scaled = isinstance(self.optimizer, tf.keras.mixed_precision.LossScaleOptimizer)
         if self.jit_gradients:
             if self._xla_gradients is None:
@@ -64,7 +67,8 @@ class Classifier(tf.keras.Model):
         variables = self.trainable_variables
         # () 1.0 when this rank's inputs or loss are not finite; averaged with the gradients,
         # so it is > 0 on every rank as soon as one rank's batch is bad.
-        bad_batch = tf.cast(tf.logical_not(_all_finite(tf.nest.flatten(x) + [loss])), tf.float32)
+        bad_batch = tf.cast(tf.logical_not(tf.logical_and(inputs_finite, _all_finite(tf.nest.flatten(x) + [loss]))),
+                            tf.float32)
         if self.reduce_gradients is not None:
             *grads, bad_batch = self.reduce_gradients(list(grads) + [bad_batch])
         batch_ok = tf.equal(bad_batch, 0.0)
