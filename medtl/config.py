@@ -19,8 +19,7 @@ import yaml
 
 from medtl import jobfiles
 from medtl.data.fields import SAFE_FIELDS
-from medtl.data.device_augment import check_device_policy
-from medtl.data.policy import check_policy
+from medtl.data.policy import check_device_policy, check_policy
 from medtl.data.subsets import fractions_problem
 from medtl.errors import ConfigError
 from medtl.models.specs import BACKBONES, feature_map_size, spatial_size

@@ -138,3 +138,23 @@ def test_mixed_float16_without_gpu_warns(capsys):
     err = capsys.readouterr().err
     assert "medtl: train: devices in use: CPU" in err
     assert "medtl: warning: train.precision is mixed_float16 but no GPU is visible" in err
+
+
+def test_a_diverged_checkpoint_is_one_error_not_a_traceback(trained, tmp_path):
+    """Weights that are not finite make NaN predictions: evaluate says so in one line naming the checkpoint
+    (it used to end in scikit-learn's traceback from the calibration fit)."""
+    import numpy as np
+
+    from medtl.train.rundir import load_run
+
+    workdir = tmp_path / "diverged"
+    shutil.copytree(trained.workdir, workdir, ignore=shutil.ignore_patterns("reports", "thresholds.json",
+                                                                            "calibration.json"))
+    _, _, model = load_run(str(workdir))
+    layer = model.get_layer("logits")
+    layer.set_weights([np.full_like(w, np.nan) for w in layer.get_weights()])
+    best = workdir / "checkpoints" / "best.weights.h5"
+    model.save_weights(str(best))
+    with pytest.raises(RunFailure, match=rf"^{best} predicts non-finite probabilities \(NaN or infinity\) for \d+ "
+                                         r"of \d+ records of split 'val': its weights are not finite"):
+        api.evaluate(str(workdir), out=str(tmp_path / "report"))

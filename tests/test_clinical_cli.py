@@ -1,8 +1,9 @@
 """Grad-CAM and external validation through the real CLI, on a model trained where each finding is known.
 
 Synthetic studies with two findings drawn where the test knows: a filled disk (Disk) and a ring (Ring),
-anywhere in training images, on backgrounds of varied exposure. `medtl train` learns them (ResNet50V2 at
-128 px, whose 4 x 4 feature map gives each quadrant 2 x 2 cells; one short phase with BatchNorm training);
+anywhere in training images, on backgrounds of varied exposure. `medtl train` learns them (MobileNetV2 at
+128 px, whose 4 x 4 feature map gives each quadrant 2 x 2 cells; one phase of 4 epochs with BatchNorm training;
+ResNet50V2 learned them in 2 epochs but took 2.5 times as long);
 in the maps of new studies whose disk sits in the top-left quadrant and ring in the top-right, the
 finding's quadrant must be the hottest, and hold most of the map. Another "site" names Disk "Solid Disk", has no Ring and a label of its own; a label
 map scores the export there, beside the internal test set.
@@ -31,9 +32,9 @@ QUADRANT = {"Disk": (slice(0, SIZE // 2), slice(0, SIZE // 2)), "Ring": (slice(0
 JOB = f"""
 seed: 0
 data: {{records: "", image_size: {SIZE}, channels: 3, shuffle_buffer: 1024, augment: []}}
-model: {{backbone: ResNet50V2, weights: none, batchnorm_momentum: 0.9, head: {{pooling: avg, dense: [], dropout: 0.0}}}}
+model: {{backbone: MobileNetV2, weights: none, batchnorm_momentum: 0.9, head: {{pooling: avg, dense: [], dropout: 0.0}}}}
 train: {{batch_size: 16, precision: float32}}
-phases: [{{name: all, epochs: 2, learning_rate: 1.0e-3, trainable: all, train_batch_norm: true}}]
+phases: [{{name: all, epochs: 4, learning_rate: 1.0e-3, trainable: all, train_batch_norm: true}}]
 evaluate: {{bootstrap: 200, saliency_examples: 2}}
 """
 
@@ -187,7 +188,8 @@ def test_gradcam_points_at_the_finding(exported, other_site, tmp_path):
         # and in most maps (a bound below the 100% measured, which p < 0.01 alone would let fall to ~40%).
         assert np.mean(hottest[label]) >= 0.75, (label, np.mean(hottest[label]))
         # Most of the map's mass in the finding's quadrant: its share against 0.5, by a one-sided signed-rank
-        # test. Measured on 3 models (seeds 0, 3, 4): medians Disk 0.75-0.81, Ring 0.86-0.90; p10 0.61-0.84.
+        # test. Measured on 3 models (seeds 0, 3, 4): medians Disk 0.60-0.65, Ring 0.58-0.70; p10 0.48-0.63;
+        # the hottest quadrant was the finding's in 100% of the maps, and every map had heat.
         # (At 64 px, a 2 x 2 map, two models trained alike put 0.40-0.49 there: the cells beside it were warm too.)
         p_most = wilcoxon(found - 0.5, alternative="greater").pvalue
         assert p_most < 0.01, (label, np.percentile(found, [10, 50, 90]), p_most)

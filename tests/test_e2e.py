@@ -14,7 +14,7 @@ import pytest
 from medtl.config import load_config
 from medtl.data.manifest import read_manifest
 
-from conftest import JOBS, run_cli
+from conftest import JOBS, REPO, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -24,9 +24,11 @@ def test_demo_end_to_end(tmp_path):
     from medtl.models.basefile import read_meta
 
     out = tmp_path / "demo"
-    smoke = os.path.join(JOBS, "smoke.yaml")
-    r = run_cli("demo", "--out", out, "--config", smoke, "--pretrain-config", smoke, "--n", 160, "--archive-n", 120,
+    # The reliability suite's tiny job (MobileNetV3Small at 64 px): the demo's plumbing is under test here.
+    tiny = os.path.join(REPO, "tests", "reliability", "tiny.yaml")
+    r = run_cli("demo", "--out", out, "--config", tiny, "--pretrain-config", tiny, "--n", 160, "--archive-n", 120,
                 "--seed", 3, "--set", "train.batch_size=8", "--set", "evaluate.bootstrap=100",
+                "--set", "phases.0.epochs=1", "--set", "phases.1.epochs=1",
                 "--set", "pretrain.method=supervised", "--set", "evaluate.calibration=platt")
     assert r.returncode == 0, r.stderr[-3000:]
     for step in ("demo 1-2/6: synthesising an archive of 120 studies and a target set of 160 studies",

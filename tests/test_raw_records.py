@@ -113,40 +113,49 @@ def test_raw_records_train_evaluate_and_export_taking_png_and_jpeg(raw_records, 
     np.testing.assert_allclose(from_jpeg, from_png, atol=0.02)  # 8-bit, lossy: close, not equal
 
 
-@pytest.mark.slow
-def test_augmentation_on_the_device_trains_what_the_cpu_stream_does(raw_records, tmp_path):
-    """data.augment_on: device moves the scaling, the policy and the channels into the training step. Without
-    a policy, and deterministic, it trains to the same weights as the CPU stream (the same pixels reach the
-    model); with the default policy (Affine, brightness/contrast, gamma, CLAHE, noise) the weights differ, and
-    the run evaluates like any other."""
-    def train(name, *sets):
-        run = tmp_path / name
-        r = run_cli("train", "--config", TINY, "--workdir", run, "--set", f"data.records={raw_records}",
-                    "--set", "phases.0.epochs=1", "--set", "data.deterministic=true", *sets, "--until-phase", "head")
-        assert r.returncode == 0, r.stderr[-3000:]
-        with open(run / "train_summary.json") as fh:
-            return run, r.stderr, json.load(fh)["weights_fingerprint"]["head"]
+def test_the_device_step_gives_the_cpu_streams_pixels_without_a_policy(raw_records):
+    """data.augment_on: device: the stream's batches (stored uint16 pixels, one channel) through the training
+    step's preparation are exactly the CPU stream's model inputs, batch for batch; with a policy the step
+    applies it (the same as medtl.data.device_augment for the same seed and step)."""
+    import dataclasses
 
-    _, cpu_log, cpu = train("cpu", "--set", "data.augment=[]")
-    assert "augmentation on the device" not in cpu_log
-    _, plain_log, plain = train("device-plain", "--set", "data.augment=[]", "--set", "data.augment_on=device")
-    assert plain == cpu
-    assert "train: data.augment_on: device: the training step scales the stored pixels and makes 3 channels " \
-           "(no augmentation policy)" in plain_log
+    from medtl.config import load_config
+    from medtl.data.device_augment import build_device_augment
+    from medtl.data.pipeline import _seed, build_dataset, build_step_inputs_fn
+    from medtl.tf import tf
+
+    cpu = load_config(TINY, [f"data.records={raw_records}", "data.augment=[]", "data.deterministic=true"])
+    device = dataclasses.replace(cpu, data=dataclasses.replace(cpu.data, augment_on="device"))
+    prepare = build_step_inputs_fn(device, 0, 0)
+    for step, (want, got) in enumerate(zip(build_dataset(cpu, "train").take(3), build_dataset(device, "train"))):
+        assert got[0].dtype == tf.uint16 and got[0].shape[-1] == 1
+        np.testing.assert_array_equal(prepare(got[0], step).numpy(), want[0].numpy())
+        np.testing.assert_array_equal(got[1].numpy(), want[1].numpy())
+    policy = load_config(TINY, [f"data.records={raw_records}", "data.augment_on=device"])
+    images = next(iter(build_dataset(policy, "train")))[0]
+    scaled = tf.cast(images, tf.float32) * (255.0 / 65535.0)
+    augmented = build_device_augment(policy.data.augment, _seed(policy.seed, 0, 2))(scaled, tf.constant(5, tf.int64))
+    np.testing.assert_array_equal(build_step_inputs_fn(policy, 0, 2)(images, tf.constant(5, tf.int64)).numpy(),
+                                  tf.image.grayscale_to_rgb(augmented).numpy())
+
+
+@pytest.mark.slow
+def test_augmentation_on_the_device_trains_through_the_cli(raw_records, tmp_path):
+    """The default policy (Affine, brightness/contrast, gamma, CLAHE, noise) in the training step, with XLA on
+    (the step's forward/backward pass compiled, the augmentation outside it: ImageProjectiveTransformV3 has no
+    XLA kernel) and deterministic ops (CLAHE's histograms without bincount)."""
     config = tmp_path / "default-policy.yaml"
     config.write_text("\n".join(line for line in open(TINY).read().splitlines()
                                 if not line.startswith(("  augment:", "    - Affine"))))
-    # With XLA on: the step's forward/backward pass is compiled, the augmentation (no XLA kernel for its
-    # ImageProjectiveTransformV3) runs outside it.
-    run, log, augmented = train("device", "--config", config, "--set", "data.augment_on=device",
-                                "--set", "train.jit_compile=true")
-    assert augmented != plain
-    assert "data.augment_on is device but no GPU is visible" in log and "no GPU is visible" not in plain_log
-    assert "train: data.augment_on: device: the training step scales the stored pixels, applies Affine, " \
-           "RandomBrightnessContrast, RandomGamma, CLAHE, GaussNoise and makes 3 channels" in log
-    r = run_cli("evaluate", "--workdir", run, "--split", "test", "--out", tmp_path / "report",
-                "--set", "evaluate.bootstrap=0")
+    r = run_cli("train", "--config", config, "--workdir", tmp_path / "run", "--set", f"data.records={raw_records}",
+                "--set", "phases.0.epochs=1", "--set", "data.deterministic=true", "--set", "data.augment_on=device",
+                "--set", "train.jit_compile=true", "--until-phase", "head")
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "train: data.augment_on: device: the training step scales the stored pixels, applies Affine, " \
+           "RandomBrightnessContrast, RandomGamma, CLAHE, GaussNoise and makes 3 channels" in r.stderr
+    assert "data.augment_on is device but no GPU is visible" in r.stderr
+    with open(tmp_path / "run" / "history.jsonl") as fh:
+        assert len(fh.read().splitlines()) == 1
 
 
 def _damage_first_record(folder: str, cut: int) -> str:

@@ -11,7 +11,8 @@ albumentations' uint8 arithmetic (without its rounding to integers).
 Supported: HorizontalFlip, Affine (rotate, scale, translate_percent, keep_ratio; bilinear, constant 0
 border, as albumentations' defaults), RandomBrightnessContrast, RandomGamma, GaussNoise and CLAHE (OpenCV's
 algorithm: tile histograms clipped and redistributed, lookup tables interpolated bilinearly between tile
-centres). Other transforms, or other arguments, are refused when the config is loaded (check_device_policy).
+centres). Other transforms, or other arguments, are refused when the config is loaded
+(medtl.data.policy.check_device_policy, which needs no TensorFlow).
 """
 from __future__ import annotations
 
@@ -22,33 +23,6 @@ from medtl.data.policy import TransformLike, instantiate
 
 # One random algorithm on every device (auto_select may differ under XLA or on another device).
 ALG = "philox"
-# Transform -> the config arguments the device implementation honours (p everywhere).
-SUPPORTED: dict[str, frozenset[str]] = {
-    "HorizontalFlip": frozenset({"p"}),
-    "Affine": frozenset({"rotate", "scale", "translate_percent", "keep_ratio", "p"}),
-    "RandomBrightnessContrast": frozenset({"brightness_limit", "contrast_limit", "brightness_by_max", "p"}),
-    "RandomGamma": frozenset({"gamma_limit", "p"}),
-    "GaussNoise": frozenset({"std_range", "mean_range", "p"}),
-    "CLAHE": frozenset({"clip_limit", "tile_grid_size", "p"}),
-}
-
-
-def check_device_policy(policy: Sequence[TransformLike]) -> list[tuple[str, str]]:
-    """(key, message) for each transform or argument data.augment_on: device cannot run."""
-    problems = []
-    for i, t in enumerate(policy):
-        if t.name not in SUPPORTED:
-            problems.append((f"augment.{i}", f"{t.name} has no device implementation (data.augment_on: device runs "
-                                             f"{', '.join(SUPPORTED)}); remove it or use data.augment_on: cpu"))
-            continue
-        extra = sorted(set(t.kwargs()) - SUPPORTED[t.name])
-        if extra:
-            problems.append((f"augment.{i}", f"{t.name}: argument(s) {', '.join(extra)} not supported on the device "
-                                             f"(it takes {', '.join(sorted(SUPPORTED[t.name]))}); remove them or use "
-                                             "data.augment_on: cpu"))
-    return problems
-
-
 def _uniform(seed, shape, low, high):
     from medtl.tf import tf
 

@@ -1,4 +1,5 @@
-"""The augmentation policy's check against albumentations: names, arguments, one trial run.
+"""The augmentation policy's check against albumentations: names, arguments, one trial run; and what
+data.augment_on: device can run (medtl.data.device_augment).
 
 config.py calls it at load time, so a bad policy fails before any data is read. It imports
 albumentations on first use and never TensorFlow or medtl.config (transforms are duck-typed:
@@ -88,4 +89,31 @@ def check_policy(policy: Sequence[TransformLike], image_size: int) -> list[tuple
             problems.append((key, f"{t.name} turns a {image_size}x{image_size}x1 uint8 image into "
                                   f"{'x'.join(map(str, out.shape))} {out.dtype}; transforms must keep the size "
                                   "(images are resized to data.image_size before augmentation)"))
+    return problems
+
+
+# Transform -> the config arguments the device implementation honours (p everywhere).
+DEVICE_TRANSFORMS: dict[str, frozenset[str]] = {
+    "HorizontalFlip": frozenset({"p"}),
+    "Affine": frozenset({"rotate", "scale", "translate_percent", "keep_ratio", "p"}),
+    "RandomBrightnessContrast": frozenset({"brightness_limit", "contrast_limit", "brightness_by_max", "p"}),
+    "RandomGamma": frozenset({"gamma_limit", "p"}),
+    "GaussNoise": frozenset({"std_range", "mean_range", "p"}),
+    "CLAHE": frozenset({"clip_limit", "tile_grid_size", "p"}),
+}
+
+
+def check_device_policy(policy: Sequence[TransformLike]) -> list[tuple[str, str]]:
+    """(key, message) for each transform or argument data.augment_on: device cannot run."""
+    problems = []
+    for i, t in enumerate(policy):
+        if t.name not in DEVICE_TRANSFORMS:
+            problems.append((f"augment.{i}", f"{t.name} has no device implementation (data.augment_on: device runs "
+                                             f"{', '.join(DEVICE_TRANSFORMS)}); remove it or use data.augment_on: cpu"))
+            continue
+        extra = sorted(set(t.kwargs()) - DEVICE_TRANSFORMS[t.name])
+        if extra:
+            problems.append((f"augment.{i}", f"{t.name}: argument(s) {', '.join(extra)} not supported on the device "
+                                             f"(it takes {', '.join(sorted(DEVICE_TRANSFORMS[t.name]))}); remove them or use "
+                                             "data.augment_on: cpu"))
     return problems

@@ -20,7 +20,7 @@ import medtl
 from medtl import dist
 from medtl.config import Config, dump_config
 from medtl.data.manifest import Manifest
-from medtl.errors import MedtlError
+from medtl.errors import MedtlError, RunFailure
 from medtl.evaluate import report as rep
 from medtl.evaluate.bootstrap import bootstrap_distributions, percentile_interval
 from medtl.evaluate.calibration import apply_calibration, calibration_summary, fit_calibration
@@ -102,6 +102,15 @@ def _saved_tuning(run: RunDir, cfg: Config, digest: str, label_names) -> tuple |
     return thresholds, calibration if cfg.evaluate.calibration != "none" else None
 
 
+def check_finite(probs: np.ndarray, split: str, model: str) -> None:
+    """One line, not a scikit-learn traceback, when a model predicts NaN or infinity (a diverged checkpoint)."""
+    bad = ~np.isfinite(probs).all(axis=1)
+    if bad.any():
+        raise RunFailure(f"{model} predicts non-finite probabilities (NaN or infinity) for {int(bad.sum())} of "
+                         f"{len(probs)} records of split {split!r}: its weights are not finite or the run diverged; "
+                         "evaluate an earlier checkpoint or train again with a lower learning rate")
+
+
 def load_or_tune(run: RunDir, cfg: Config, manifest: Manifest, model,
                  ctx: dist.Context) -> tuple[Thresholds, Calibration | None]:
     """The run's calibration and thresholds for its best checkpoint, fitted again on val (all ranks
@@ -114,6 +123,7 @@ def load_or_tune(run: RunDir, cfg: Config, manifest: Manifest, model,
     check_split(manifest, TUNING_SPLIT, cfg.data.records, "tune the operating thresholds on")
     ev = cfg.evaluate
     val = predict_split(model, cfg, manifest, TUNING_SPLIT, ctx, tta=ev.tta)
+    check_finite(val["probs"], TUNING_SPLIT, run.best_weights)
     calibration, probs = None, val["probs"]
     if ev.calibration != "none":
         calibration = fit_calibration(ev.calibration, val["labels"], probs, val["mask"], manifest.labels,
@@ -309,6 +319,7 @@ def evaluate(source: Source, split: str, out: str, ctx: dist.Context) -> dict:
     curve = load_curve(source.cfg)
     log(f"evaluate: predicting split {split!r} on {ctx.size} rank(s)")
     preds = predict_split(source.model, source.cfg, source.manifest, split, ctx, tta=source.tta, with_ids=True)
+    check_finite(preds["probs"], split, source.run.best_weights if source.run else "the exported model")
     if not ctx.primary:
         return {}
     if source.external:
