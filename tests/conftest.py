@@ -191,19 +191,19 @@ _reliability_outcomes: dict[str, str] = {}  # node id -> passed / failed / skipp
 _session_started = [time.monotonic()]
 
 
-# Seconds each long test file takes on 2 CPU cores (per-file sums of `--durations=0` in the suite runs
-# of 2026-12-05, scaled to their 2500 s total; the machine varies by 40-90%, the order much less).
+# Seconds each long test file takes on 2 CPU cores (per-file sums of the 90 longest durations in the suite run
+# of 2026-12-05 22:50, files changed since then timed alone; the machine varies by 40-90%, the order much less).
 # `make test` runs files on 2 xdist workers, whole files each (--dist loadfile), in collection order,
 # so files are collected longest first: a long file started last would keep one worker busy while
 # the other idles (longest-processing-time-first scheduling). Files not listed keep their order after.
 FILE_SECONDS = {
-    "test_evaluate_cli.py": 295, "test_pretrain.py": 226, "reliability/test_ranks.py": 213,
-    "test_clinical_cli.py": 171, "reliability/test_leaks.py": 138, "test_overfit_cli.py": 100,
-    "test_e2e.py": 95, "test_exit_codes.py": 86, "reliability/test_checkpoints.py": 85, "test_search.py": 79,
-    "test_bench_train.py": 78, "test_pretrain_simclr.py": 74, "test_bench_pretrain.py": 70,
-    "test_raw_records.py": 62, "test_train_dist.py": 60, "reliability/test_ingest_faults.py": 58,
-    "test_until_phase.py": 56, "test_search_heads.py": 55, "test_api.py": 50, "test_saliency.py": 45,
-    "test_partitioned.py": 41, "reliability/test_shards.py": 41, "test_model.py": 40, "test_heads.py": 38,
+    "test_evaluate_cli.py": 295, "reliability/test_ranks.py": 268, "test_pretrain.py": 209,
+    "reliability/test_leaks.py": 127, "test_clinical_cli.py": 110, "test_bench_pretrain.py": 105,
+    "test_pretrain_simclr.py": 100, "test_search.py": 92, "test_raw_records.py": 85, "test_bench_train.py": 73,
+    "reliability/test_checkpoints.py": 72, "test_train_dist.py": 72, "test_exit_codes.py": 72, "test_api.py": 65,
+    "reliability/test_ingest_faults.py": 51, "test_e2e.py": 48, "test_overfit_cli.py": 45, "test_until_phase.py": 36,
+    "test_search_heads.py": 35, "test_bench.py": 34, "test_partitioned.py": 34, "reliability/test_shards.py": 29,
+    "test_nonfinite.py": 25, "test_pipeline.py": 20, "reliability/test_secrets.py": 19,
 }
 
 
