@@ -4,14 +4,16 @@ import os
 
 import pytest
 
-from conftest import JOBS, assert_user_error, run_cli
+from conftest import REPO, assert_user_error, run_cli
 
 pytestmark = pytest.mark.slow
 
 
 def _train(records, run, *extra):
-    return run_cli("train", "--config", os.path.join(JOBS, "smoke.yaml"), "--workdir", run,
-                   "--set", f"data.records={records}", "--set", "train.batch_size=8", *extra)
+    """The reliability suite's tiny job (MobileNetV3Small at 64 px, phases head and top), one epoch each."""
+    return run_cli("train", "--config", os.path.join(REPO, "tests", "reliability", "tiny.yaml"), "--workdir", run,
+                   "--set", f"data.records={records}", "--set", "train.batch_size=8", "--set", "phases.0.epochs=1",
+                   "--set", "phases.1.epochs=1", *extra)
 
 
 def _phases(run):
