@@ -275,13 +275,19 @@ def to_channels(images, channels: int):
     return tf.image.grayscale_to_rgb(images) if channels == 3 else images
 
 
+def _stored_scale(dtype) -> float:
+    """The factor from a stream's pixels to [0, 255]: stored 16-bit pixels are scaled, 8-bit and float32 ones
+    already are in [0, 255]."""
+    return 255.0 / 65535.0 if dtype == tf.uint16 else 1.0
+
+
 def _stream_to_channels(images, channels: int):
     """to_channels for tf.data, which always runs on the CPU: there an outer product with ones(1, 3) (exact:
     each value times 1.0) costs about 0.2 ms per 380 px image against 0.4-0.9 ms for grayscale_to_rgb's
     tile, about half of a decode-free stream's work (docs/benchmarks.md). The export keeps the tile: on a
     GPU, TF32 matmuls would round. uint16 images are stored 16-bit pixels (build_decode_fn's stored_pixels):
     the product scales them to [0, 255] with decode_stored's one float32 multiply, so the values are its own."""
-    scale = 255.0 / 65535.0 if images.dtype == tf.uint16 else 1.0
+    scale = _stored_scale(images.dtype)
     images = tf.cast(images, tf.float32)
     if channels != 3:
         return images * scale if scale != 1.0 else images
@@ -474,7 +480,7 @@ def build_step_inputs_fn(cfg: Config, rank: int, first_epoch: int):
     channels = cfg.data.channels
 
     def step_inputs_fn(images, step):
-        scale = {tf.uint16: 255.0 / 65535.0, tf.uint8: 1.0}.get(images.dtype, 1.0)
+        scale = _stored_scale(images.dtype)
         images = tf.cast(images, tf.float32) * scale if scale != 1.0 else tf.cast(images, tf.float32)
         if augment is not None:
             images = augment(images, step)
@@ -508,27 +514,25 @@ def build_dataset(cfg: Config, split: str, rank: int = 0, num_ranks: int = 1, ma
     quantise = augment or (on_device and bool(cfg.data.augment)
                            and not keeps_stored_pixels(manifest, cfg.data.image_size, False))
     ds = build_decoded(cfg, manifest, split, rank, num_ranks, training, quantise, first_epoch, with_ids)
-    if on_device:  # the training step scales, augments and makes the channels (build_step_inputs_fn)
-        ds = ds.shuffle(cfg.data.shuffle_buffer, seed=_seed(cfg.seed, rank, first_epoch), reshuffle_each_iteration=True)
-        ds = ds.repeat().batch(cfg.train.batch_size, drop_remainder=True)
-        options = tf.data.Options()
-        options.deterministic = deterministic
-        return ds.with_options(options).prefetch(AUTOTUNE)
     if training:
         ds = ds.shuffle(cfg.data.shuffle_buffer, seed=_seed(cfg.seed, rank, first_epoch),
                         reshuffle_each_iteration=True)
         # tf.data fuses shuffle + repeat into one op that refills the buffer from the next pass while
         # it drains: no stall at pass ends, but a pass's last records may come after the next pass's first.
-        ds = ds.repeat().enumerate()  # (position, (image, labels, mask)): positions seed augmentation
-        ds = ds.batch(cfg.train.batch_size, drop_remainder=True)
-        if augment:
-            ds = ds.map(build_augment_fn(cfg.data.augment, (cfg.seed, rank, first_epoch)),
-                        num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+        if on_device:  # the training step scales, augments and makes the channels (build_step_inputs_fn)
+            ds = ds.repeat().batch(cfg.train.batch_size, drop_remainder=True)
         else:
-            ds = ds.map(lambda positions, batch: batch)
+            ds = ds.repeat().enumerate()  # (position, (image, labels, mask)): positions seed augmentation
+            ds = ds.batch(cfg.train.batch_size, drop_remainder=True)
+            if augment:
+                ds = ds.map(build_augment_fn(cfg.data.augment, (cfg.seed, rank, first_epoch)),
+                            num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+            else:
+                ds = ds.map(lambda positions, batch: batch)
     else:
         ds = ds.batch(cfg.train.batch_size)
-    ds = ds.map(build_model_input_fn(cfg.data.channels), num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+    if not on_device:
+        ds = ds.map(build_model_input_fn(cfg.data.channels), num_parallel_calls=AUTOTUNE, deterministic=deterministic)
     if image_only:
         ds = ds.map(lambda images, labels, mask: images)  # (batch, size, size, channels)
     options = tf.data.Options()
