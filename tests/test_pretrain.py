@@ -142,7 +142,7 @@ def test_head_on_a_pretrained_base_beats_a_random_base(transfer_records, tmp_pat
     base_run = str(tmp_path / "base")
     r = run_cli("pretrain", "--config", TINY, "--workdir", base_run, "--set", f"data.records={transfer_records['archive']}",
                 "--set", "pretrain.method=supervised", *TRANSFER_JOB,
-                "--set", "phases=[{name: all, epochs: 6, learning_rate: 0.002, trainable: all, train_batch_norm: true}]")
+                "--set", "phases=[{name: all, epochs: 3, learning_rate: 0.002, trainable: all, train_batch_norm: true}]")
     assert r.returncode == 0, r.stderr[-3000:]
     base = os.path.join(base_run, "base.weights.h5")
     head = ("--set", "phases=[{name: head, epochs: 3, learning_rate: 0.003, trainable: none}]")
@@ -155,8 +155,8 @@ def test_head_on_a_pretrained_base_beats_a_random_base(transfer_records, tmp_pat
         scores[name] = _head_only_val_auroc(run)
     # The short from-scratch pretraining follows the float order of its ops: without data.deterministic it gave
     # 0.81 here, 0.63 on another machine, and 0.55 (a failure) in a suite run on 3 workers. Deterministic ops,
-    # measured: 0.86 against 0.52, the same to 4 digits with two busy loops beside it. The random base stays
-    # near chance.
+    # measured: 0.86 against 0.52 after 6 epochs of pretraining, the same to 4 digits with two busy loops beside
+    # it; after the 3 epochs here (to save suite time), 0.78 against 0.52. The random base stays near chance.
     assert scores["pretrained"] >= 0.6 and scores["pretrained"] >= scores["random"] + 0.05, scores
 
 
