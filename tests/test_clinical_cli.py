@@ -31,7 +31,7 @@ LABELS = ("Disk", "Ring")
 QUADRANT = {"Disk": (slice(0, SIZE // 2), slice(0, SIZE // 2)), "Ring": (slice(0, SIZE // 2), slice(SIZE // 2, None))}
 JOB = f"""
 seed: 0
-data: {{records: "", image_size: {SIZE}, channels: 3, shuffle_buffer: 1024, augment: []}}
+data: {{records: "", image_size: {SIZE}, channels: 3, shuffle_buffer: 1024, augment: [], deterministic: true}}
 model: {{backbone: MobileNetV2, weights: none, batchnorm_momentum: 0.9, head: {{pooling: avg, dense: [], dropout: 0.0}}}}
 train: {{batch_size: 16, precision: float32}}
 phases: [{{name: all, epochs: 4, learning_rate: 1.0e-3, trainable: all, train_batch_norm: true}}]
@@ -189,7 +189,10 @@ def test_gradcam_points_at_the_finding(exported, other_site, tmp_path):
         assert np.mean(hottest[label]) >= 0.75, (label, np.mean(hottest[label]))
         # Most of the map's mass in the finding's quadrant: its share against 0.5, by a one-sided signed-rank
         # test. Measured on 3 models (seeds 0, 3, 4): medians Disk 0.60-0.65, Ring 0.58-0.70; p10 0.48-0.63;
-        # the hottest quadrant was the finding's in 100% of the maps, and every map had heat.
+        # the hottest quadrant was the finding's in 100% of the maps, and every map had heat. Training follows
+        # the float order of its ops unless data.deterministic: one suite run's model put a median 0.50 of the
+        # Disk maps' mass there (p = 0.16; the hottest quadrant test passed). With deterministic ops (JOB):
+        # seeds 0 and 4 gave medians Disk 0.57 and 0.64, Ring 0.58 and 0.60, p <= 8e-9, seed 3 passed too.
         # (At 64 px, a 2 x 2 map, two models trained alike put 0.40-0.49 there: the cells beside it were warm too.)
         p_most = wilcoxon(found - 0.5, alternative="greater").pvalue
         assert p_most < 0.01, (label, np.percentile(found, [10, 50, 90]), p_most)
