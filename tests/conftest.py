@@ -24,6 +24,9 @@ def cli_env(**extra) -> dict:
     return env
 
 
+CLI_TIMES_ENV = "MEDTL_TEST_CLI_TIMES"  # FILE: one JSON line per `medtl` process run_cli starts (docs/testing.md)
+
+
 def run_cli(*args, env: dict | None = None, timeout: float = 900, cwd: str | None = None,
             launcher: list[str] | None = None) -> subprocess.CompletedProcess:
     """Run `medtl ARGS` the way a user does (a fresh process), capturing output."""
@@ -31,15 +34,12 @@ def run_cli(*args, env: dict | None = None, timeout: float = 900, cwd: str | Non
     t0 = time.monotonic()
     r = subprocess.run(cmd, capture_output=True, text=True, env=env or cli_env(), timeout=timeout,
                        cwd=cwd or REPO)
-    if os.environ.get(CLI_TIMES_ENV):  # where the suite's time goes (docs/testing.md)
+    if os.environ.get(CLI_TIMES_ENV):
         with open(os.environ[CLI_TIMES_ENV], "a") as fh:
             fh.write(json.dumps({"test": os.environ.get("PYTEST_CURRENT_TEST", ""), "args": [str(a) for a in args][:2],
                                  "launcher": bool(launcher), "s": round(time.monotonic() - t0, 2),
                                  "rc": r.returncode}) + "\n")
     return r
-
-
-CLI_TIMES_ENV = "MEDTL_TEST_CLI_TIMES"
 
 
 # The two launchers the 2-rank tests run under. horovodrun --gloo is the local way; mpirun is what the
